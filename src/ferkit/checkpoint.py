@@ -1,0 +1,49 @@
+"""Checkpoints: written atomically, read with a clear error when a file is missing or corrupt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .fileio import atomic_write
+from .models import build_model
+
+FORMAT = "ferkit-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable ferkit checkpoint; the message names it."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Save ``state`` (which must hold model, model_kwargs, classes and state_dict) atomically."""
+    return atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a ferkit checkpoint (no '{FORMAT}' marker)")
+    return state
+
+
+def model_from_checkpoint(path: str | Path, ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint in eval mode; uses the EMA weights when present and ``ema``."""
+    state = load_checkpoint(path)
+    model = build_model(state["model"], num_classes=len(state["classes"]), **state["model_kwargs"])
+    weights = state.get("ema_state_dict") if ema and state.get("ema_state_dict") else state["state_dict"]
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit model {state['model']!r} ({e})") from e
+    return model.eval(), state

@@ -1,0 +1,85 @@
+"""Training configuration: one typed dataclass, loadable from YAML and overridable from the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. ``ferkit train --help`` lists these with their help text."""
+
+    data: str = _opt("", "FER-2013 source: a .npz cache from `ferkit prepare`, fer2013.csv, or the image folder")
+    out: str = _opt("runs/ferkit_small", "output folder for checkpoints, metrics.csv, train.log and the report")
+    model: str = _opt("ferkit_small", "model name (see `ferkit models`), or timm:<arch>")
+    model_kwargs: dict = _opt({}, "extra model arguments as YAML, e.g. '{width: 0.5, dropout: 0.4}'")
+    init_weights: str = _opt("", "optional local file of initial (e.g. ImageNet) weights; never downloaded")
+    epochs: int = _opt(30, "maximum number of epochs")
+    batch_size: int = _opt(128, "global batch size (split across processes under torchrun)")
+    optimizer: str = _opt("sgd", "sgd (Nesterov momentum) or adamw", choices=["sgd", "adamw"])
+    lr: float = _opt(0.05, "initial (peak) learning rate")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(5e-4, "weight decay (not applied to norms and biases)")
+    schedule: str = _opt("cosine", "learning-rate schedule", choices=["cosine", "exponential", "plateau", "constant"])
+    warmup_epochs: float = _opt(1.0, "linear warm-up length (cosine and exponential)")
+    decay_rate: float = _opt(0.96, "exponential schedule: factor per epoch")
+    plateau_patience: int = _opt(3, "plateau schedule: epochs without improvement before the LR is halved")
+    min_lr_ratio: float = _opt(0.0, "cosine schedule: final LR as a fraction of the peak")
+    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
+    class_weights: bool = _opt(True, "weight the loss by dynamic class weights from the training label counts")
+    class_weight_power: float = _opt(0.5, "0 = uniform, 0.5 = square-root smoothed, 1 = fully 'balanced'")
+    class_weight_cap: float = _opt(0.0, "cap on any class weight (0 = no cap)")
+    sampler: str = _opt(
+        "random", "random shuffling, or a class-balanced weighted sampler", choices=["random", "balanced"]
+    )
+    augment: str = _opt("medium", "augmentation preset", choices=["none", "light", "medium", "strong"])
+    mixup: float = _opt(0.0, "mixup Beta parameter (0 = off)")
+    cutmix: float = _opt(0.0, "CutMix Beta parameter (0 = off)")
+    ema: float = _opt(0.0, "exponential moving average of weights, decay per step (0 = off, e.g. 0.999)")
+    patience: int = _opt(10, "early stopping: epochs without PublicTest improvement (0 = off)")
+    seed: int = _opt(0, "random seed; a run is reproducible on the same machine and device")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    amp: str = _opt(
+        "auto",
+        "mixed precision on CUDA: auto (bf16 if supported), bf16, fp16 or none",
+        choices=["auto", "bf16", "fp16", "none"],
+    )
+    channels_last: bool = _opt(True, "use the channels_last memory format on CUDA")
+    compile: bool = _opt(False, "torch.compile the model")
+    sync_bn: bool = _opt(False, "under torchrun: synchronise BatchNorm statistics across processes")
+    threads: int = _opt(0, "CPU threads for torch (0 = torch's default)")
+    train_limit: int = _opt(0, "use a fixed random subset of N training images (0 = all); for quick runs and tests")
+    val_limit: int = _opt(0, "use a fixed random subset of N PublicTest images (0 = all)")
+    max_steps: int = _opt(0, "stop after this many optimiser steps in total (0 = no limit)")
+    progress: bool = _opt(True, "show progress bars")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a YAML file of fields (unknown keys are an error) and apply ``overrides``."""
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields")
+        return cls.from_dict({**values, **overrides}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown config field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

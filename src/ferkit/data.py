@@ -1,0 +1,229 @@
+"""FER-2013 loading: the original CSV or the Kaggle image folders, into one cached array file.
+
+Data flows one way: files -> :class:`FERData` (uint8 images, labels, splits) -> batches.
+``prepare`` decodes once and writes an ``.npz`` cache (atomically) that loads in about a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .fileio import atomic_write
+
+CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+SPLITS: tuple[str, ...] = ("Training", "PublicTest", "PrivateTest")
+IMAGE_SIZE = 48
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+CSV_HEADER = ["emotion", "pixels", "Usage"]
+
+
+class DataError(ValueError):
+    """Raised when a data file or folder is not valid FER-2013; the message names the file."""
+
+
+@dataclass(frozen=True)
+class FERData:
+    """All of FER-2013 in memory: ``images`` (N, 48, 48) uint8, ``labels`` (N,) int64 in
+    :data:`CLASSES` order, ``splits`` (N,) uint8 index into :data:`SPLITS`, ``sources`` (N,) ids."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    sources: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Images and labels of one split (``Training``, ``PublicTest`` or ``PrivateTest``)."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        mask = self.splits == SPLITS.index(name)
+        return self.images[mask], self.labels[mask]
+
+    def subset(self, images: np.ndarray, labels: np.ndarray, n: int, seed: int = 0):
+        """A fixed random subset of ``n`` of the given images (all classes keep their share)."""
+        if not n or n >= len(labels):
+            return images, labels
+        idx = np.sort(np.random.default_rng(seed).permutation(len(labels))[:n])
+        return images[idx], labels[idx]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Number of images per split and class."""
+        out: dict[str, dict[str, int]] = {}
+        for s, split in enumerate(SPLITS):
+            labels = self.labels[self.splits == s]
+            out[split] = {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)}
+        return out
+
+
+def _split_of(name: str, top: str, index_in_class: int) -> int:
+    """Split of an image file: its ``Training_``/``PublicTest_``/``PrivateTest_`` prefix, else the
+    folder rule: ``train/`` is Training; in ``test/`` (or ``val/``) the files of each class, sorted by
+    name, alternate PublicTest (even positions) and PrivateTest (odd positions)."""
+    prefix = name.split("_", 1)[0]
+    if prefix in SPLITS:
+        return SPLITS.index(prefix)
+    if top == "train":
+        return 0
+    return 1 + index_in_class % 2
+
+
+def _decode(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L")
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable image ({e})") from e
+
+
+def load_folder(root: str | Path, progress: bool = True) -> FERData:
+    """Load the Kaggle layout ``root/{train,test}/<emotion>/*.jpg`` (``val/`` is read like ``test/``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    tops = [t for t in ("train", "test", "val") if (root / t).is_dir()]
+    if not tops:
+        raise DataError(f"{root}: expected a train/ and/or test/ folder with one folder per emotion")
+    files: list[Path] = []
+    labels: list[int] = []
+    splits: list[int] = []
+    for top in tops:
+        for cls_dir in sorted(p for p in (root / top).iterdir() if p.is_dir()):
+            if cls_dir.name.lower() not in CLASSES:
+                raise DataError(f"{cls_dir}: unknown class folder {cls_dir.name!r}; expected {', '.join(CLASSES)}")
+            names = sorted(p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            for i, p in enumerate(names):
+                files.append(p)
+                labels.append(CLASSES.index(cls_dir.name.lower()))
+                splits.append(_split_of(p.name, top, i))
+    if not files:
+        raise DataError(f"{root}: no images found under {', '.join(tops)}/<emotion>/")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        it = pool.map(_decode, files, chunksize=256)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=len(files), desc=f"decoding {root.name}", unit="img")
+        images = np.stack(list(it))
+    return FERData(
+        images=images,
+        labels=np.asarray(labels, dtype=np.int64),
+        splits=np.asarray(splits, dtype=np.uint8),
+        sources=np.asarray([str(p.relative_to(root)) for p in files]),
+    )
+
+
+def _parse_pixels(text: str, where: str) -> np.ndarray:
+    try:
+        values = np.array(text.split(), dtype=np.int64)
+    except ValueError as e:
+        raise DataError(f"{where}: pixels are not integers ({e})") from e
+    if values.size != IMAGE_SIZE * IMAGE_SIZE:
+        raise DataError(f"{where}: expected {IMAGE_SIZE * IMAGE_SIZE} pixel values, got {values.size}")
+    if values.min() < 0 or values.max() > 255:
+        raise DataError(f"{where}: pixel values must be in 0..255")
+    return values.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
+
+
+def load_csv(path: str | Path, progress: bool = True) -> FERData:
+    """Load the original ``fer2013.csv`` (``emotion,pixels,Usage``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    images, labels, splits, sources = [], [], [], []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        if header != CSV_HEADER:
+            raise DataError(f"{path}:1: expected header {','.join(CSV_HEADER)}, got {','.join(header)!r}")
+        rows = reader
+        if progress:
+            from tqdm import tqdm
+
+            rows = tqdm(reader, desc=f"parsing {path.name}", unit="row")
+        for row in rows:
+            where = f"{path}:{reader.line_num}"
+            if len(row) != 3:
+                raise DataError(f"{where}: expected 3 fields, got {len(row)}")
+            emotion, pixels, usage = (s.strip() for s in row)
+            if not emotion.isdigit() or int(emotion) >= len(CLASSES):
+                raise DataError(f"{where}: emotion must be 0..{len(CLASSES) - 1}, got {emotion!r}")
+            if usage not in SPLITS:
+                raise DataError(f"{where}: Usage must be one of {', '.join(SPLITS)}, got {usage!r}")
+            images.append(_parse_pixels(pixels, where))
+            labels.append(int(emotion))
+            splits.append(SPLITS.index(usage))
+            sources.append(f"{path.name}:{reader.line_num}")
+    if not images:
+        raise DataError(f"{path}: no data rows")
+    return FERData(
+        images=np.stack(images),
+        labels=np.asarray(labels, dtype=np.int64),
+        splits=np.asarray(splits, dtype=np.uint8),
+        sources=np.asarray(sources),
+    )
+
+
+def save_cache(data: FERData, out: str | Path) -> Path:
+    """Write ``data`` to an ``.npz`` file atomically (temp file in the same folder, then rename)."""
+    return atomic_write(
+        out,
+        lambda f: np.savez(
+            f,
+            images=data.images,
+            labels=data.labels,
+            splits=data.splits,
+            sources=data.sources,
+            classes=np.asarray(CLASSES),
+        ),
+    )
+
+
+def load_cache(path: str | Path) -> FERData:
+    """Load a cache written by :func:`save_cache`."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if tuple(z["classes"]) != CLASSES:
+                raise DataError(f"{path}: class order {tuple(z['classes'])} differs from {CLASSES}")
+            return FERData(z["images"], z["labels"], z["splits"], z["sources"])
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: not a ferkit data cache ({e}); rebuild it with `ferkit prepare`") from e
+
+
+def load_dataset(path: str | Path, progress: bool = True) -> FERData:
+    """Load FER-2013 from a cache (``.npz``), a ``fer2013.csv`` or a Kaggle image folder."""
+    path = Path(path)
+    if path.is_dir():
+        return load_folder(path, progress=progress)
+    if path.suffix == ".npz":
+        return load_cache(path)
+    if path.suffix == ".csv":
+        return load_csv(path, progress=progress)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    raise DataError(f"{path}: expected a folder, a .csv file or a .npz cache")
+
+
+def prepare(src: str | Path, out: str | Path, progress: bool = True) -> FERData:
+    """Decode ``src`` once and write the cache to ``out``."""
+    data = load_dataset(src, progress=progress)
+    save_cache(data, out)
+    return data

@@ -1,0 +1,240 @@
+"""Evaluation: probabilities (with optional test-time augmentation and ensembles), metrics, plots, JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import CLASSES
+
+TTA_MODES = ("none", "flip", "crops")
+
+
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Translate a batch by whole pixels, filling with the reflected border (a crop of a padded image)."""
+    if dy == 0 and dx == 0:
+        return x
+    p = max(abs(dy), abs(dx))
+    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    h, w = x.shape[-2:]
+    return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
+
+
+def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """Views of a batch for test-time augmentation: ``flip`` (2 views) or ``crops`` (ten-crop: the
+    centre and four corner crops of a 3-pixel-padded image, each also flipped)."""
+    if mode == "none":
+        return [x]
+    shifts = [(0, 0)] if mode == "flip" else [(0, 0), (-3, -3), (-3, 3), (3, -3), (3, 3)]
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {mode!r}; choose one of {', '.join(TTA_MODES)}")
+    views = [_shift(x, dy, dx) for dy, dx in shifts]
+    return views + [v.flip(-1) for v in views]
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 256, tta: str = "none"
+) -> np.ndarray:
+    """Class probabilities (N, 7) for uint8 images (N, 48, 48), averaged over TTA views."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i : i + batch_size]).to(device).unsqueeze(1).float().div_(255)
+        views = tta_views(x, tta)
+        probs = sum(F.softmax(model(v).float(), dim=1) for v in views) / len(views)
+        out.append(probs.cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), dtype=np.float32)
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """Accuracy, classification report, confusion matrix (counts and row-normalised) and one-vs-rest
+    ROC curves with AUC, as plain JSON-able values."""
+    from sklearn.metrics import auc, classification_report, confusion_matrix, roc_curve
+
+    labels = list(range(len(CLASSES)))
+    y_pred = probs.argmax(1)
+    report = classification_report(
+        y_true, y_pred, labels=labels, target_names=list(CLASSES), output_dict=True, zero_division=0
+    )
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    roc: dict[str, Any] = {}
+    for i, name in enumerate(CLASSES):
+        positives = y_true == i
+        if positives.all() or not positives.any():
+            continue
+        fpr, tpr, _ = roc_curve(positives, probs[:, i])
+        roc[name] = {"auc": float(auc(fpr, tpr)), "fpr": fpr.round(5).tolist(), "tpr": tpr.round(5).tolist()}
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float((y_pred == y_true).mean()),
+        "macro_f1": report["macro avg"]["f1-score"],
+        "weighted_f1": report["weighted avg"]["f1-score"],
+        "macro_auc": float(np.mean([r["auc"] for r in roc.values()])) if roc else float("nan"),
+        "report": report,
+        "confusion_matrix": cm.tolist(),
+        "confusion_matrix_normalized": (cm / np.maximum(cm.sum(1, keepdims=True), 1)).round(4).tolist(),
+        "roc": roc,
+    }
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(cm: np.ndarray, path: Path, normalized: bool, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1 if normalized else None)
+    ax.set(
+        xticks=range(len(CLASSES)),
+        yticks=range(len(CLASSES)),
+        xticklabels=CLASSES,
+        yticklabels=CLASSES,
+        xlabel="predicted",
+        ylabel="true",
+        title=title,
+    )
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    threshold = cm.max() / 2
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]:.2f}" if normalized else int(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if cm[i, j] > threshold else "black",
+            )
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_roc(roc: dict[str, Any], path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    for name, r in roc.items():
+        ax.plot(r["fpr"], r["tpr"], label=f"{name} (AUC {r['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training_curves(metrics_csv: Path, path: Path) -> None:
+    """Loss and accuracy per epoch (train vs PublicTest) from a run's ``metrics.csv``."""
+    import csv
+
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    col = {k: [float(r[k]) for r in rows] for k in rows[0]}
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(col["epoch"], col["train_loss"], label="train")
+    a1.plot(col["epoch"], col["val_loss"], label="PublicTest")
+    a1.set(xlabel="epoch", ylabel="loss", title="loss")
+    a2.plot(col["epoch"], col["train_acc"], label="train")
+    a2.plot(col["epoch"], col["val_acc"], label="PublicTest")
+    a2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for a in (a1, a2):
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(metrics: dict[str, Any], out: Path, name: str, meta: dict[str, Any]) -> Path:
+    """Write ``{name}.json`` and the confusion-matrix and ROC PNGs into ``out``; returns the JSON path."""
+    from .fileio import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{meta.get('model', 'model')} on {meta.get('split', '')}"
+    plot_confusion(np.array(metrics["confusion_matrix"]), out / f"{name}_confusion.png", False, title)
+    plot_confusion(
+        np.array(metrics["confusion_matrix_normalized"]), out / f"{name}_confusion_norm.png", True, title + " (recall)"
+    )
+    if metrics["roc"]:
+        plot_roc(metrics["roc"], out / f"{name}_roc.png", title)
+    payload = json.dumps({**meta, **metrics}, indent=1).encode()
+    return atomic_write(out / f"{name}.json", lambda f: f.write(payload))
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    """A short text table: accuracy, F1s and per-class precision/recall/F1/AUC."""
+    rep = metrics["report"]
+    lines = [
+        f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
+        f"weighted-F1 {metrics['weighted_f1']:.4f}  macro-AUC {metrics['macro_auc']:.4f}  (n={metrics['n']})",
+        f"{'class':<10}{'precision':>10}{'recall':>8}{'F1':>8}{'AUC':>8}{'support':>9}",
+    ]
+    for c in CLASSES:
+        r, a = rep[c], metrics["roc"].get(c, {}).get("auc", float("nan"))
+        lines.append(
+            f"{c:<10}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1-score']:>8.3f}{a:>8.3f}{int(r['support']):>9}"
+        )
+    return "\n".join(lines)
+
+
+def evaluate_checkpoints(
+    checkpoints: list[str | Path],
+    data_path: str | Path,
+    split: str = "PrivateTest",
+    out: str | Path | None = None,
+    tta: str = "none",
+    device: str = "auto",
+    batch_size: int = 512,
+    limit: int = 0,
+) -> dict[str, Any]:
+    """Evaluate one checkpoint, or an ensemble (mean of probabilities) of several, on ``split``.
+
+    Writes ``{split}[_tta-{mode}].json`` with confusion-matrix/ROC PNGs (and the training curves of a
+    single checkpoint's run when its ``metrics.csv`` is beside it) into ``out``."""
+    from .checkpoint import model_from_checkpoint
+    from .data import load_dataset
+    from .training import resolve_device
+
+    dev = resolve_device(device)
+    data = load_dataset(data_path)
+    images, labels = data.split(split)
+    images, labels = data.subset(images, labels, limit)
+    probs = np.zeros((len(labels), len(CLASSES)))
+    names = []
+    for ck in checkpoints:
+        model, state = model_from_checkpoint(ck)
+        probs += predict_proba(model.to(dev), images, device=dev, batch_size=batch_size, tta=tta)
+        names.append(state["model"])
+    probs /= len(checkpoints)
+    metrics = compute_metrics(labels, probs)
+    model_name = names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")"
+    meta = {"model": model_name, "checkpoints": [str(c) for c in checkpoints], "split": split, "tta": tta}
+    if out is not None:
+        out = Path(out)
+        name = split + ("" if tta == "none" else f"_tta-{tta}")
+        meta["report_json"] = str(write_report(metrics, out, name, meta))
+        run_metrics = Path(checkpoints[0]).parent / "metrics.csv"
+        if len(checkpoints) == 1 and run_metrics.exists():
+            plot_training_curves(run_metrics, out / "training_curves.png")
+    return {**meta, **metrics}

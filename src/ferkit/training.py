@@ -1,0 +1,350 @@
+"""The training loop: one function, CPU or CUDA, single process or torchrun/DDP.
+
+The training set lives on the device as uint8; each batch is gathered, augmented and fed to the
+model there, so no DataLoader workers are needed. Every epoch ends with a PublicTest evaluation,
+a metrics row, and atomic ``last.pt``/``best.pt`` checkpoints; ``resume=True`` continues from
+``last.pt`` exactly: batch order, augmentation and dropout are seeded from (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .augment import PRESETS, augment, class_weights, mix, sample_weights
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import CLASSES, load_dataset
+from .evaluate import predict_proba
+from .fileio import atomic_write
+from .models import build_model, load_init_weights
+
+log = logging.getLogger("ferkit.train")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA (this process's local GPU under torchrun) when available, else the CPU."""
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: only on CUDA; ``auto`` means bf16 where supported, else fp16."""
+    if device.type != "cuda" or cfg.amp == "none":
+        return None
+    if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def batch_indices(
+    n: int, batch_size: int, seed: int, epoch: int, weights: np.ndarray | None = None, rank: int = 0, world: int = 1
+) -> Iterator[torch.Tensor]:
+    """Index batches for one epoch (full batches only). ``weights``: sample with replacement (balanced
+    sampler). Under DDP each process takes every ``world``-th index of each global batch."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if weights is None:
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.multinomial(torch.as_tensor(weights), n, replacement=True, generator=g)
+    for i in range(n // batch_size):
+        yield order[i * batch_size : (i + 1) * batch_size][rank::world]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum or AdamW; no weight decay on norms and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the peak LR at optimiser step ``step`` (per-step schedules)."""
+    epoch = step / steps_per_epoch
+    if cfg.schedule in ("constant", "plateau"):
+        return 1.0
+    if epoch < cfg.warmup_epochs:
+        return (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "exponential":
+        return cfg.decay_rate ** (epoch - cfg.warmup_epochs)
+    if cfg.schedule == "cosine":
+        t = (epoch - cfg.warmup_epochs) / max(1e-8, cfg.epochs - cfg.warmup_epochs)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+def _setup_distributed(device_name: str) -> tuple[int, int, int]:
+    """Initialise torch.distributed when launched by torchrun; returns (rank, world, local_rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_nccl = torch.cuda.is_available() and device_name != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_nccl else "gloo")
+    return dist.get_rank(), world, local_rank
+
+
+def _setup_logging(out: Path, rank: int) -> None:
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    log.propagate = False
+    if rank == 0:
+        for h in (logging.FileHandler(out / "train.log"), logging.StreamHandler()):
+            h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            log.addHandler(h)
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train a model as ``cfg`` says; returns the final training state (best accuracy, epochs, paths)."""
+    rank, world, local_rank = _setup_distributed(cfg.device)
+    device = resolve_device(cfg.device, local_rank)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _setup_logging(out, rank)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+
+    data = load_dataset(cfg.data, progress=cfg.progress and rank == 0)
+    x_np, y_np = data.split("Training")
+    xv_np, yv_np = data.split("PublicTest")
+    x_np, y_np = data.subset(x_np, y_np, cfg.train_limit)
+    xv_np, yv_np = data.subset(xv_np, yv_np, cfg.val_limit)
+    if len(x_np) < cfg.batch_size:
+        raise ValueError(f"{len(x_np)} training images is fewer than one batch of {cfg.batch_size}")
+    x_train = torch.from_numpy(x_np).to(device)
+    y_train = torch.from_numpy(y_np).to(device)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes=len(CLASSES), **cfg.model_kwargs).to(device)
+    if cfg.init_weights:
+        n_loaded, n_skipped = load_init_weights(model, cfg.init_weights)
+        log.info("initial weights %s: %d tensors loaded, %d skipped", cfg.init_weights, n_loaded, n_skipped)
+    if world > 1 and cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = None
+    if cfg.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+
+    steps_per_epoch = len(x_np) // cfg.batch_size
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch))
+    plateau = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=cfg.plateau_patience)
+        if cfg.schedule == "plateau"
+        else None
+    )
+    dtype = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    weights = (
+        torch.tensor(
+            class_weights(y_np, len(CLASSES), cfg.class_weight_power, cfg.class_weight_cap or None),
+            dtype=torch.float32,
+            device=device,
+        )
+        if cfg.class_weights
+        else None
+    )
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    sampler_w = sample_weights(y_np, len(CLASSES)) if cfg.sampler == "balanced" else None
+    aug = replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
+
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best_acc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    if resume and (out / "last.pt").exists():
+        ck = load_checkpoint(out / "last.pt")
+        model.load_state_dict(ck["state_dict"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        if plateau is not None:
+            plateau.load_state_dict(ck["plateau"])
+        scaler.load_state_dict(ck["scaler"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema_module"])
+        state = ck["train_state"]
+        log.info("resumed from %s at epoch %d", out / "last.pt", state["epoch"])
+    elif resume:
+        log.info("no %s to resume from; starting a new run", out / "last.pt")
+
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    if state["epoch"] == 0 and rank == 0:
+        log.info(
+            "training %s on %s (%d processes): %d train / %d PublicTest images, %d steps/epoch",
+            cfg.model,
+            device,
+            world,
+            len(x_np),
+            len(xv_np),
+            steps_per_epoch,
+        )
+        if weights is not None:
+            log.info("class weights: %s", {c: round(w, 3) for c, w in zip(CLASSES, weights.tolist(), strict=True)})
+
+    def checkpoint_state() -> dict[str, Any]:
+        return {
+            "model": cfg.model,
+            "model_kwargs": cfg.model_kwargs,
+            "classes": list(CLASSES),
+            "input_size": 48,
+            "config": cfg.to_dict(),
+            "state_dict": model.state_dict(),
+            "ema_state_dict": ema.module.state_dict() if ema is not None else None,
+            "metrics": state["history"][-1] if state["history"] else {},
+        }
+
+    for epoch in range(state["epoch"], cfg.epochs):
+        if cfg.max_steps and state["step"] >= cfg.max_steps:
+            break
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout
+        g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + epoch)
+        rng = np.random.default_rng([cfg.seed, epoch])
+        net.train()
+        t0, seen = time.perf_counter(), 0
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        batches = batch_indices(len(x_np), cfg.batch_size, cfg.seed, epoch, sampler_w, rank, world)
+        bar = None
+        if cfg.progress and rank == 0:
+            from tqdm import tqdm
+
+            batches = bar = tqdm(
+                batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True
+            )
+        for i, idx in enumerate(batches):
+            idx = idx.to(device, non_blocking=True)
+            x = x_train[idx].unsqueeze(1).float().div_(255)
+            y = y_train[idx]
+            x = augment(x, aug, g)
+            x, ya, yb, lam = mix(x, y, aug, g, rng)
+            if device.type == "cuda" and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = net(x)
+                loss = criterion(logits, ya)
+                if lam < 1.0:
+                    loss = lam * loss + (1 - lam) * criterion(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            state["step"] += 1
+            seen += len(idx)
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.argmax(1) == ya).sum()
+            if bar is not None and (i % 10 == 0 or i == steps_per_epoch - 1):
+                bar.set_postfix(
+                    loss=f"{loss_sum.item() / seen:.3f}",
+                    acc=f"{correct.item() / seen:.3f}",
+                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                    img_s=f"{seen * world / (time.perf_counter() - t0):.0f}",
+                )
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                break
+        if bar is not None:
+            bar.close()
+        train_time = time.perf_counter() - t0
+        eval_model = ema.module if ema is not None else model
+        probs = predict_proba(eval_model, xv_np, device=device, batch_size=512)
+        val_acc = float((probs.argmax(1) == yv_np).mean())
+        val_loss = float(-np.log(probs[np.arange(len(yv_np)), yv_np] + 1e-12).mean())
+        if plateau is not None:
+            plateau.step(val_acc)
+        row = {
+            "epoch": epoch + 1,
+            "step": state["step"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum.item() / max(1, seen),
+            "train_acc": correct.item() / max(1, seen),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "epoch_time_s": train_time,
+            "img_per_s": seen * world / train_time,
+        }
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        improved = val_acc > state["best_acc"]
+        if improved:
+            state.update(best_acc=val_acc, best_epoch=epoch + 1, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        if rank == 0:
+            log.info(
+                "epoch %d: train loss %.4f acc %.4f | PublicTest loss %.4f acc %.4f%s | %.0f img/s",
+                epoch + 1,
+                row["train_loss"],
+                row["train_acc"],
+                val_loss,
+                val_acc,
+                " (best)" if improved else "",
+                row["img_per_s"],
+            )
+            _write_metrics(out / "metrics.csv", state["history"])
+            ck = checkpoint_state()
+            if improved:
+                save_checkpoint(out / "best.pt", ck)
+            save_checkpoint(
+                out / "last.pt",
+                {
+                    **ck,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "plateau": plateau.state_dict() if plateau is not None else None,
+                    "scaler": scaler.state_dict(),
+                    "ema_module": ema.state_dict() if ema is not None else None,
+                    "train_state": state,
+                },
+            )
+        if cfg.patience and state["bad_epochs"] >= cfg.patience:
+            if rank == 0:
+                log.info("early stopping: no PublicTest improvement for %d epochs", cfg.patience)
+            break
+    if rank == 0:
+        log.info(
+            "best PublicTest accuracy %.4f at epoch %d; checkpoint %s",
+            state["best_acc"],
+            state["best_epoch"],
+            out / "best.pt",
+        )
+    if world > 1:
+        dist.barrier()
+    return {**state, "best": str(out / "best.pt"), "last": str(out / "last.pt")}
