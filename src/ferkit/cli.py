@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from .config import TrainConfig
@@ -86,6 +87,93 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx, max_abs_diff, quantize_int8
+
+    metrics = {}
+    if args.report:
+        report = json.loads(Path(args.report).read_text())
+        metrics = {k: report[k] for k in ("accuracy", "macro_f1", "weighted_f1", "split", "tta") if k in report}
+    out = export_onnx(args.checkpoint, args.out, metrics)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    if args.check or args.int8:
+        from .data import load_dataset
+
+        images, _ = load_dataset(args.data).split("Training") if args.data else (None, None)
+        if images is None:
+            images = np.random.default_rng(0).integers(0, 256, (64, 48, 48), dtype=np.uint8)
+        sample = images[np.random.default_rng(0).permutation(len(images))[:512]]
+        print(f"max |onnx - torch| on {len(sample)} images: {max_abs_diff(out, args.checkpoint, sample):.2e}")
+        if args.int8:
+            q = quantize_int8(out, Path(args.out).with_name(Path(args.out).stem + "_int8.onnx"), sample)
+            print(f"wrote {q} ({q.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def _print_records(records, fmt: str) -> bool:
+    """Print prediction records as a table, JSON lines or CSV; returns whether any input failed."""
+    import csv
+
+    from .data import CLASSES
+
+    failed = False
+    writer = csv.writer(sys.stdout) if fmt == "csv" else None
+    if writer:
+        writer.writerow(["source", "frame", "face", "x", "y", "w", "h", "emotion", "confidence", *CLASSES, "error"])
+    elif fmt == "table":
+        print(f"{'source':<40}{'frame':>6}{'face':>5}  {'box (x,y,w,h)':<22}{'emotion':<10}{'conf':>6}")
+    for r in records:
+        failed |= r.error is not None
+        if fmt == "jsonl":
+            print(_json(r.to_dict()), flush=True)
+            continue
+        frame = "" if r.frame is None else r.frame
+        if r.error is not None:
+            if writer:
+                writer.writerow([r.source, frame, "", "", "", "", "", "", "", *[""] * len(CLASSES), r.error])
+            else:
+                print(f"{r.source:<40}{frame!s:>6}     ERROR: {r.error}")
+            continue
+        if not r.faces and fmt == "table":
+            print(f"{r.source:<40}{frame!s:>6}{'-':>5}  no face found")
+        for i, f in enumerate(r.faces):
+            if writer:
+                writer.writerow(
+                    [
+                        r.source,
+                        frame,
+                        i,
+                        *f.box,
+                        f.emotion,
+                        f"{f.confidence:.4f}",
+                        *(f"{f.scores[c]:.4f}" for c in CLASSES),
+                        "",
+                    ]
+                )
+            else:
+                print(f"{r.source:<40}{frame!s:>6}{i:>5}  {str(f.box):<22}{f.emotion:<10}{f.confidence:>6.2f}")
+    return failed
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import EmotionRecognizer
+    from .media import Record, predict_paths, video_frames
+
+    rec = EmotionRecognizer(args.model, backend=args.backend, detector=args.detector, margin=args.margin)
+    if args.webcam is not None:
+        records = (
+            Record(f"webcam:{args.webcam}", rec.predict(rgb, args.fallback), frame=i, time_s=t)
+            for i, t, rgb in video_frames(args.webcam, args.every)
+        )
+    elif args.paths:
+        records = predict_paths(
+            rec, args.paths, args.every, args.annotate, args.fallback, progress=not args.no_progress
+        )
+    else:
+        raise ValueError("give image/video/folder paths, or --webcam N")
+    return 1 if _print_records(records, args.format) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferkit", description="Facial expression recognition on FER-2013.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +238,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model registry with params and MFLOPs")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX (optionally int8)",
+        description="Write an ONNX model with class names and preprocessing in its metadata.",
+    )
+    p.add_argument("checkpoint", help="a .pt checkpoint from `ferkit train`")
+    p.add_argument("-o", "--out", required=True, help="the .onnx file to write")
+    p.add_argument("--report", help="evaluation JSON whose accuracy/F1 to store in the metadata")
+    p.add_argument("--check", action="store_true", help="print the max |ONNX - torch| difference")
+    p.add_argument("--int8", action="store_true", help="also write OUT_int8.onnx (static int8, calibrated)")
+    p.add_argument("--data", help="FER-2013 data for calibration and the check (default: random images)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "predict",
+        help="find faces and their emotions in images, folders, videos or a webcam",
+        description="Detect every face and score the 7 emotions. A bad input is reported and "
+        "the rest still processed; the exit code is 1 if any input failed.",
+    )
+    p.add_argument("paths", nargs="*", help="images, folders (searched recursively) and video files")
+    p.add_argument("--webcam", type=int, metavar="N", help="read camera N instead of files (Ctrl-C stops)")
+    p.add_argument("--model", help="an .onnx or .pt model (default: the shipped model)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="inference runtime")
+    p.add_argument("--detector", default="haar", help="haar, a YuNet .onnx file or a Haar .xml cascade")
+    p.add_argument("--margin", type=float, default=0.1, help="crop margin around each face box")
+    p.add_argument("--every", type=int, default=10, help="video: use every N-th frame (default: %(default)s)")
+    p.add_argument("--fallback", action="store_true", help="when no face is found, classify the whole image")
+    p.add_argument("--format", default="table", choices=["table", "jsonl", "csv"], help="output format")
+    p.add_argument("--annotate", metavar="DIR", help="write annotated images/videos into DIR")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

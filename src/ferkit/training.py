@@ -264,7 +264,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            if plateau is None:  # LambdaLR.step() would reset the LR that ReduceLROnPlateau lowered
+                scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
             state["step"] += 1

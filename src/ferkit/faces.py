@@ -1,0 +1,132 @@
+"""Face detection and cropping: image -> face boxes -> 48x48 grayscale crops, fully offline.
+
+The default detector is OpenCV's Haar cascade shipped inside ``opencv-python-headless<5`` (no download);
+``YuNetDetector`` uses OpenCV's ``FaceDetectorYN`` with a model file the user passes. Both downscale
+large images for detection and return boxes in the original image's pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+Box = tuple[int, int, int, int]  # x, y, width, height in original-image pixels
+
+
+class FaceDetector(Protocol):
+    """Anything that finds faces: ``detect(rgb) -> [(x, y, w, h), ...]``."""
+
+    def detect(self, rgb: np.ndarray) -> list[Box]: ...
+
+
+def _downscale(img: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    scale = min(1.0, max_side / max(img.shape[:2]))
+    if scale < 1.0:
+        img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+    return img, scale
+
+
+def _to_gray(rgb: np.ndarray) -> np.ndarray:
+    return rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def _rescale(boxes: np.ndarray, scale: float, shape: tuple[int, ...]) -> list[Box]:
+    out = []
+    h, w = shape[:2]
+    for x, y, bw, bh in np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / scale:
+        x0, y0 = max(0, round(x)), max(0, round(y))
+        x1, y1 = min(w, round(x + bw)), min(h, round(y + bh))
+        if x1 > x0 and y1 > y0:
+            out.append((x0, y0, x1 - x0, y1 - y0))
+    return sorted(out)  # left to right, a stable order for tables and tests
+
+
+class HaarDetector:
+    """OpenCV's frontal-face Haar cascade (bundled with OpenCV 4.x)."""
+
+    def __init__(
+        self,
+        cascade: str | Path | None = None,
+        scale_factor: float = 1.1,
+        min_neighbors: int = 5,
+        min_size: int = 24,
+        max_side: int = 1024,
+    ) -> None:
+        if cascade is None:
+            data = getattr(cv2, "data", None)
+            if data is None:
+                raise RuntimeError(
+                    "this OpenCV has no bundled Haar cascades (OpenCV 5 removed them): "
+                    "install opencv-python-headless<5 or pass a cascade/YuNet model file"
+                )
+            cascade = Path(data.haarcascades) / "haarcascade_frontalface_default.xml"
+        self.classifier = cv2.CascadeClassifier(str(cascade))
+        if self.classifier.empty():
+            raise RuntimeError(f"{cascade}: not a loadable Haar cascade file")
+        self.scale_factor, self.min_neighbors, self.min_size, self.max_side = (
+            scale_factor,
+            min_neighbors,
+            min_size,
+            max_side,
+        )
+
+    def detect(self, rgb: np.ndarray) -> list[Box]:
+        gray, scale = _downscale(_to_gray(rgb), self.max_side)
+        gray = cv2.equalizeHist(gray)
+        min_size = max(12, round(self.min_size * scale))
+        boxes = self.classifier.detectMultiScale(
+            gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(min_size, min_size)
+        )
+        return _rescale(boxes, scale, rgb.shape)
+
+
+class YuNetDetector:
+    """OpenCV's YuNet CNN face detector (``cv2.FaceDetectorYN``) from a local ``.onnx`` model file."""
+
+    def __init__(self, model_path: str | Path, score_threshold: float = 0.7, max_side: int = 1024) -> None:
+        if not Path(model_path).is_file():
+            raise FileNotFoundError(f"{model_path}: YuNet model file not found")
+        self.net = cv2.FaceDetectorYN.create(str(model_path), "", (320, 320), score_threshold)
+        self.max_side = max_side
+
+    def detect(self, rgb: np.ndarray) -> list[Box]:
+        img, scale = _downscale(rgb if rgb.ndim == 3 else cv2.cvtColor(rgb, cv2.COLOR_GRAY2RGB), self.max_side)
+        self.net.setInputSize((img.shape[1], img.shape[0]))
+        _, faces = self.net.detect(cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        return [] if faces is None else _rescale(faces[:, :4], scale, rgb.shape)
+
+
+def make_detector(spec: str | Path | FaceDetector | None = None) -> FaceDetector:
+    """``None``/``"haar"``: the bundled Haar cascade; a ``.onnx`` path: YuNet; an ``.xml`` path: that
+    cascade; an object with ``detect``: used as is."""
+    if spec is None or spec == "haar":
+        return HaarDetector()
+    if hasattr(spec, "detect"):
+        return spec  # type: ignore[return-value]
+    path = Path(str(spec))
+    if path.suffix == ".onnx":
+        return YuNetDetector(path)
+    if path.suffix == ".xml":
+        return HaarDetector(path)
+    raise ValueError(f"unknown face detector {spec!r}: use 'haar', a YuNet .onnx file or a cascade .xml file")
+
+
+def crop_faces(rgb: np.ndarray, boxes: list[Box], size: int = 48, margin: float = 0.1) -> np.ndarray:
+    """Square grayscale crops (N, size, size) uint8 around each box, widened by ``margin`` of the box size
+    on every side (FER-2013 faces include forehead and chin); borders are replicated past the image edge."""
+    gray = _to_gray(rgb)
+    crops = np.empty((len(boxes), size, size), dtype=np.uint8)
+    for i, (x, y, w, h) in enumerate(boxes):
+        side = max(w, h) * (1 + 2 * margin)
+        cx, cy = x + w / 2, y + h / 2
+        x0, y0 = round(cx - side / 2), round(cy - side / 2)
+        x1, y1 = x0 + round(side), y0 + round(side)
+        pad = max(0, -x0, -y0, x1 - gray.shape[1], y1 - gray.shape[0])
+        src = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE) if pad else gray
+        face = src[y0 + pad : y1 + pad, x0 + pad : x1 + pad]
+        interp = cv2.INTER_AREA if face.shape[0] > size else cv2.INTER_LINEAR
+        crops[i] = cv2.resize(face, (size, size), interpolation=interp)
+    return crops

@@ -1,0 +1,259 @@
+"""The public inference API: image -> faces -> crops -> model -> per-face emotion scores.
+
+``EmotionRecognizer`` serves the CLI, the web app and the tests. It runs an ONNX model on ONNX Runtime
+(no torch needed: the core install) or a training checkpoint on torch; by default the model shipped
+inside the package, so a fresh install predicts with no download.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from .data import CLASSES
+from .faces import Box, FaceDetector, crop_faces, make_detector
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_small.onnx"  # the shipped model: replace this file to upgrade
+MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
+
+ImageInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | Any  # Any: a PIL image
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; the message says which and why."""
+
+
+def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode a path, bytes, file object, PIL image or array into an RGB uint8 array (H, W, 3).
+
+    Applies EXIF orientation; flattens alpha onto white; converts palette, 16-bit, CMYK and float
+    images; refuses images over ``max_pixels`` pixels before decoding them."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(src, np.ndarray):
+        return _array_to_rgb(src)
+    name = str(src) if isinstance(src, (str, os.PathLike)) else "image"
+    if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
+        raise ImageError(f"{name}: no such file")
+    try:
+        if isinstance(src, Image.Image):
+            im = src
+        else:
+            im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+        im = ImageOps.exif_transpose(im)
+        return _pil_to_rgb(im)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file (unknown or unsupported format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: refused as a possible decompression bomb ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
+
+
+def _pil_to_rgb(im: Any) -> np.ndarray:
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _array_to_rgb(np.asarray(im))
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _array_to_rgb(a: np.ndarray) -> np.ndarray:
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)) or min(a.shape[:2]) == 0:
+        raise ImageError(f"array of shape {a.shape} is not an image (expected HxW, HxWx3 or HxWx4)")
+    if a.dtype != np.uint8:
+        a = a.astype(np.float64)
+        if a.max(initial=0) <= 1.0:
+            a = a * 255
+        elif a.max() > 255:
+            a = a / (65535.0 if a.max() <= 65535 else a.max()) * 255
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    if a.ndim == 2 or a.shape[2] == 1:
+        return np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)
+    return np.ascontiguousarray(a[..., :3])
+
+
+@dataclass
+class FaceResult:
+    """One detected face: its box (x, y, w, h) in the original image, the top emotion and all 7 scores."""
+
+    box: Box
+    emotion: str
+    confidence: float
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "box": list(self.box),
+            "emotion": self.emotion,
+            "confidence": round(self.confidence, 5),
+            "scores": {k: round(v, 5) for k, v in self.scores.items()},
+        }
+
+
+class OnnxBackend:
+    """An exported model on ONNX Runtime (CPU)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ValueError(f"{path}: not a loadable ONNX model ({e})") from e
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.info: dict[str, Any] = json.loads(meta.get("ferkit", "{}"))
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: x})[0]
+
+
+class TorchBackend:
+    """A training checkpoint (``.pt``) on torch."""
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        import torch
+
+        from .checkpoint import model_from_checkpoint
+
+        self.torch = torch
+        self.device = torch.device(device)
+        model, state = model_from_checkpoint(path)
+        self.model = model.to(self.device)
+        self.info = {"name": state["model"], "classes": state["classes"], **state.get("metrics", {})}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            logits = self.model(self.torch.from_numpy(x).to(self.device))
+            return self.torch.softmax(logits.float(), 1).cpu().numpy()
+
+
+class EmotionRecognizer:
+    """Find every face in an image and score the 7 emotions of each.
+
+    ``model``: an ``.onnx`` export or a ``.pt`` checkpoint (default: the shipped model).
+    ``backend``: ``auto`` (by file type), ``onnx`` or ``torch``. ``detector``: ``haar`` (default),
+    a YuNet ``.onnx`` path or any object with ``detect(rgb)``. ``margin``: crop margin around boxes."""
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        backend: str = "auto",
+        detector: str | Path | FaceDetector | None = None,
+        margin: float = 0.1,
+        threads: int | None = None,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
+        path = Path(model) if model is not None else DEFAULT_MODEL
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: model file not found")
+        if backend == "auto":
+            backend = "torch" if path.suffix in (".pt", ".pth") else "onnx"
+        if backend == "onnx":
+            self.backend: OnnxBackend | TorchBackend = OnnxBackend(path, threads)
+        elif backend == "torch":
+            self.backend = TorchBackend(path)
+        else:
+            raise ValueError(f"unknown backend {backend!r}: use auto, onnx or torch")
+        self.classes: tuple[str, ...] = tuple(self.backend.info.get("classes", CLASSES))
+        self.detector = make_detector(detector)
+        self.margin, self.max_pixels = margin, max_pixels
+        self.model_info = {
+            "name": self.backend.info.get("name", path.stem),
+            "classes": list(self.classes),
+            "accuracy": self.backend.info.get("accuracy"),
+            "path": str(path),
+            "backend": backend,
+        }
+
+    def classify_crops(self, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Probabilities (N, 7) for grayscale uint8 crops (N, 48, 48)."""
+        out = [
+            self.backend(crops[i : i + batch_size, None].astype(np.float32) / 255)
+            for i in range(0, len(crops), batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def _results(self, boxes: list[Box], probs: np.ndarray) -> list[FaceResult]:
+        results = []
+        for box, p in zip(boxes, probs, strict=True):
+            k = int(p.argmax())
+            results.append(
+                FaceResult(
+                    tuple(int(v) for v in box),
+                    self.classes[k],
+                    float(p[k]),  # type: ignore[arg-type]
+                    {c: float(v) for c, v in zip(self.classes, p, strict=True)},
+                )
+            )
+        return results
+
+    def predict(self, image: ImageInput, whole_image_fallback: bool = False) -> list[FaceResult]:
+        """Every face in ``image`` with its scores; ``[]`` when no face is found, unless
+        ``whole_image_fallback`` classifies the whole image as one face."""
+        rgb = load_image(image, self.max_pixels)
+        boxes = self.detector.detect(rgb)
+        if not boxes and whole_image_fallback:
+            boxes = [(0, 0, rgb.shape[1], rgb.shape[0])]
+            crops = crop_faces(rgb, boxes, margin=0.0)
+        else:
+            crops = crop_faces(rgb, boxes, margin=self.margin)
+        return self._results(boxes, self.classify_crops(crops))
+
+    def predict_batch(self, images: list[ImageInput], whole_image_fallback: bool = False) -> list[list[FaceResult]]:
+        """:meth:`predict` for several images, running the model once on all their faces."""
+        rgbs = [load_image(im, self.max_pixels) for im in images]
+        all_boxes, all_crops = [], []
+        for rgb in rgbs:
+            boxes = self.detector.detect(rgb)
+            margin = self.margin
+            if not boxes and whole_image_fallback:
+                boxes, margin = [(0, 0, rgb.shape[1], rgb.shape[0])], 0.0
+            all_boxes.append(boxes)
+            all_crops.append(crop_faces(rgb, boxes, margin=margin))
+        probs = self.classify_crops(np.concatenate(all_crops)) if all_crops else np.zeros((0, 7))
+        out, start = [], 0
+        for boxes in all_boxes:
+            out.append(self._results(boxes, probs[start : start + len(boxes)]))
+            start += len(boxes)
+        return out
+
+
+def annotate(rgb: np.ndarray, faces: list[FaceResult]) -> np.ndarray:
+    """A copy of ``rgb`` with every face boxed and labelled with its top emotion and confidence."""
+    import cv2
+
+    out = np.ascontiguousarray(rgb.copy())
+    thickness = max(1, round(max(out.shape[:2]) / 400))
+    font_scale = max(0.4, max(out.shape[:2]) / 1200)
+    for f in faces:
+        x, y, w, h = f.box
+        cv2.rectangle(out, (x, y), (x + w, y + h), (0, 200, 0), thickness)
+        label = f"{f.emotion} {f.confidence:.0%}"
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        ty = y - 4 if y - th - base - 4 >= 0 else y + h + th + 4
+        cv2.rectangle(out, (x, ty - th - base), (x + tw + 4, ty + base), (0, 200, 0), -1)
+        cv2.putText(out, label, (x + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thickness, cv2.LINE_AA)
+    return out

@@ -1,0 +1,157 @@
+"""Inputs for batch prediction: files, folders (recursively), videos and webcams -> per-image records.
+
+One bad input never stops a batch: it becomes a record with an ``error`` naming the file and reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .inference import EmotionRecognizer, FaceResult, ImageError, annotate
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+
+
+@dataclass
+class Record:
+    """The faces found in one image or video frame, or the error that stopped it."""
+
+    source: str
+    faces: list[FaceResult] = field(default_factory=list)
+    frame: int | None = None
+    time_s: float | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"source": self.source}
+        if self.frame is not None:
+            d.update(frame=self.frame, time_s=round(self.time_s or 0.0, 3))
+        if self.error is not None:
+            d["error"] = self.error
+        else:
+            d["faces"] = [f.to_dict() for f in self.faces]
+        return d
+
+
+def expand_paths(paths: list[str | Path]) -> list[Path]:
+    """Files as given (so a bad one gets reported), and folders searched recursively for images and videos."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+            )
+        else:
+            out.append(p)
+    return out
+
+
+def video_frames(source: str | int, every: int = 1) -> Iterator[tuple[int, float, np.ndarray]]:
+    """(frame index, time in seconds, RGB frame) for every ``every``-th frame of a video file or camera."""
+    import cv2
+
+    cap = cv2.VideoCapture(source)
+    if not cap.isOpened():
+        raise ImageError(f"{source}: cannot open as a video" + (" camera" if isinstance(source, int) else " file"))
+    fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
+    index = 0
+    try:
+        while True:
+            ok = cap.grab()
+            if not ok:
+                break
+            if index % every == 0:
+                ok, bgr = cap.retrieve()
+                if ok:
+                    yield index, index / fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            index += 1
+    finally:
+        cap.release()
+
+
+def video_frame_count(path: str | Path) -> int:
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+    cap.release()
+    return max(0, n)
+
+
+def _save_annotated(rgb: np.ndarray, faces: list[FaceResult], out_dir: Path, name: str) -> None:
+    import cv2
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out_dir / name), cv2.cvtColor(annotate(rgb, faces), cv2.COLOR_RGB2BGR))
+
+
+def predict_paths(
+    recognizer: EmotionRecognizer,
+    paths: list[str | Path],
+    every: int = 10,
+    annotate_dir: str | Path | None = None,
+    fallback: bool = False,
+    progress: bool = True,
+) -> Iterator[Record]:
+    """Run ``recognizer`` over images, folders and videos, one :class:`Record` per image or sampled frame."""
+    from tqdm import tqdm
+
+    from .inference import load_image
+
+    files = expand_paths(paths)
+    out_dir = Path(annotate_dir) if annotate_dir else None
+    for path in tqdm(files, desc="predicting", unit="file", disable=not progress or len(files) < 2):
+        if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file():
+            yield from _predict_video(recognizer, path, every, out_dir, fallback, progress)
+            continue
+        try:
+            rgb = load_image(path, recognizer.max_pixels)
+            faces = recognizer.predict(rgb, whole_image_fallback=fallback)
+        except (ImageError, OSError) as e:
+            yield Record(str(path), error=str(e))
+            continue
+        if out_dir is not None:
+            _save_annotated(rgb, faces, out_dir, path.stem + "_annotated.png")
+        yield Record(str(path), faces)
+
+
+def _predict_video(
+    recognizer: EmotionRecognizer, path: Path, every: int, out_dir: Path | None, fallback: bool, progress: bool
+) -> Iterator[Record]:
+    import cv2
+    from tqdm import tqdm
+
+    writer = None
+    total = video_frame_count(path)
+    bar = tqdm(total=total // every if total else None, desc=path.name, unit="frame", disable=not progress)
+    frames = 0
+    try:
+        for index, t, rgb in video_frames(str(path), every):
+            frames += 1
+            faces = recognizer.predict(rgb, whole_image_fallback=fallback)
+            bar.update()
+            if out_dir is not None:
+                if writer is None:
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    writer = cv2.VideoWriter(
+                        str(out_dir / f"{path.stem}_annotated.mp4"),
+                        cv2.VideoWriter_fourcc(*"mp4v"),
+                        30.0 / max(1, every),
+                        (rgb.shape[1], rgb.shape[0]),
+                    )
+                writer.write(cv2.cvtColor(annotate(rgb, faces), cv2.COLOR_RGB2BGR))
+            yield Record(str(path), faces, frame=index, time_s=t)
+        if frames == 0:
+            yield Record(str(path), error=f"{path}: no video frame could be decoded")
+    except ImageError as e:
+        yield Record(str(path), error=str(e))
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.release()
