@@ -26,6 +26,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.type in ("dict", dict):
             p.add_argument(flag, type=yaml.safe_load, metavar="YAML", **kw)
+        elif f.type in ("list", list):
+            p.add_argument(flag, nargs="*", **kw)
         else:
             typ = {"int": int, "float": float, "str": str}[str(f.type)]
             p.add_argument(flag, type=typ, choices=f.metadata.get("choices"), **kw)
@@ -134,7 +136,9 @@ def _print_records(records, fmt: str) -> bool:
             else:
                 print(f"{r.source:<40}{frame!s:>6}     ERROR: {r.error}")
             continue
-        if not r.faces and fmt == "table":
+        if not r.faces and writer:
+            writer.writerow([r.source, frame, "", "", "", "", "", "", "", *[""] * len(CLASSES), ""])
+        elif not r.faces:
             print(f"{r.source:<40}{frame!s:>6}{'-':>5}  no face found")
         for i, f in enumerate(r.faces):
             if writer:
@@ -172,6 +176,40 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         raise ValueError("give image/video/folder paths, or --webcam N")
     return 1 if _print_records(records, args.format) else 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from .card import render_model_card, update_readme
+
+    reports = [Path(r) for r in args.reports]
+    text = render_model_card(Path(args.run), Path(args.onnx), reports, args.command, args.hardware)
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out}")
+    if args.readme:
+        update_readme(Path(args.readme), reports)
+        print(f"updated the results table in {args.readme}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .app import AppSettings, serve
+    except ImportError as e:
+        raise ImportError(f"{e.name or e}: the web app needs its extra: pip install 'ferkit[app]'") from e
+
+    settings = AppSettings(
+        model=args.model,
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        max_concurrency=args.concurrency,
+        max_queue=args.queue,
+        queue_timeout_s=args.queue_timeout,
+        timeout_s=args.timeout,
+        threads=args.threads,
+        ui=not args.no_ui,
+    )
+    serve(settings, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="evaluate a fixed random subset of N images (0 = all)")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("card", help="write the model card (and README results) from evaluation JSON")
+    p.add_argument("--run", required=True, help="the training run folder (metrics.csv, best.pt)")
+    p.add_argument("--onnx", required=True, help="the shipped ONNX file")
+    p.add_argument("--reports", nargs="+", required=True, help="evaluation JSON files, the headline first")
+    p.add_argument("--command", required=True, help="the training command, quoted in the card")
+    p.add_argument("--hardware", default="2-core x86_64 CPU", help="where it was trained")
+    p.add_argument("--out", default="MODEL_CARD.md", help="card to write (default: %(default)s)")
+    p.add_argument("--readme", help="README whose results block to regenerate")
+    p.set_defaults(func=cmd_card)
+
     p = sub.add_parser("models", help="list the model registry with params and MFLOPs")
     p.set_defaults(func=cmd_models)
 
@@ -260,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="*", help="images, folders (searched recursively) and video files")
     p.add_argument("--webcam", type=int, metavar="N", help="read camera N instead of files (Ctrl-C stops)")
-    p.add_argument("--model", help="an .onnx or .pt model (default: the shipped model)")
+    p.add_argument(
+        "--model", action="append", help="an .onnx or .pt model; repeat for an ensemble (default: the shipped model)"
+    )
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="inference runtime")
     p.add_argument("--detector", default="haar", help="haar, a YuNet .onnx file or a Haar .xml cascade")
     p.add_argument("--margin", type=float, default=0.1, help="crop margin around each face box")
@@ -270,6 +320,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotate", metavar="DIR", help="write annotated images/videos into DIR")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the web app: UI at /, JSON API at /api/v1/predict, docs at /docs",
+        description="Serve the Gradio UI and the JSON API (POST /api/v1/predict, GET /healthz, /docs) "
+        "with uvicorn. Needs the app extra: pip install 'ferkit[app]'.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: %(default)s)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--model", help=".onnx or .pt model (default: the shipped model)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload (default: %(default)s)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, w x h (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=2, help="inferences at once (default: %(default)s)")
+    p.add_argument("--queue", type=int, default=32, help="requests that may wait; more get 503 (default: %(default)s)")
+    p.add_argument("--queue-timeout", type=float, default=10.0, help="seconds a request may wait (then 503)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds one inference may take (then 504)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads per inference (default: cores / concurrency)")
+    p.add_argument("--no-ui", action="store_true", help="serve the API only, without the Gradio UI")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

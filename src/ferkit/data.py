@@ -202,7 +202,7 @@ def load_cache(path: str | Path) -> FERData:
             return FERData(z["images"], z["labels"], z["splits"], z["sources"])
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError, TypeError) as e:  # TypeError: a .npy
         if isinstance(e, DataError):
             raise
         raise DataError(f"{path}: not a ferkit data cache ({e}); rebuild it with `ferkit prepare`") from e

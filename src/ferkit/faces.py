@@ -63,7 +63,10 @@ class HaarDetector:
                     "install opencv-python-headless<5 or pass a cascade/YuNet model file"
                 )
             cascade = Path(data.haarcascades) / "haarcascade_frontalface_default.xml"
-        self.classifier = cv2.CascadeClassifier(str(cascade))
+        try:
+            self.classifier = cv2.CascadeClassifier(str(cascade))
+        except (cv2.error, SystemError) as e:  # a malformed XML file: OpenCV raises SystemError
+            raise RuntimeError(f"{cascade}: not a loadable Haar cascade file ({e.__cause__ or e})") from e
         if self.classifier.empty():
             raise RuntimeError(f"{cascade}: not a loadable Haar cascade file")
         self.scale_factor, self.min_neighbors, self.min_size, self.max_side = (

@@ -79,7 +79,9 @@ def _pil_to_rgb(im: Any) -> np.ndarray:
 def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)) or min(a.shape[:2]) == 0:
         raise ImageError(f"array of shape {a.shape} is not an image (expected HxW, HxWx3 or HxWx4)")
-    if a.dtype != np.uint8:
+    if a.dtype == np.uint16:  # 16-bit: scale by the type's range, not by the values
+        a = (a.astype(np.float64) / 257).round().astype(np.uint8)
+    elif a.dtype != np.uint8:
         a = a.astype(np.float64)
         if a.max(initial=0) <= 1.0:
             a = a * 255
@@ -88,6 +90,9 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
         a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
     if a.ndim == 2 or a.shape[2] == 1:
         return np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)
+    if a.shape[2] == 4:  # flatten alpha onto white, as for PIL images and files
+        alpha = a[..., 3:].astype(np.float32) / 255
+        return np.rint(a[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
     return np.ascontiguousarray(a[..., :3])
 
 
@@ -112,6 +117,8 @@ class FaceResult:
 class OnnxBackend:
     """An exported model on ONNX Runtime (CPU)."""
 
+    kind = "onnx"
+
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
@@ -133,6 +140,8 @@ class OnnxBackend:
 class TorchBackend:
     """A training checkpoint (``.pt``) on torch."""
 
+    kind = "torch"
+
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
         import torch
 
@@ -150,50 +159,59 @@ class TorchBackend:
             return self.torch.softmax(logits.float(), 1).cpu().numpy()
 
 
+def _load_backend(path: Path, backend: str, threads: int | None) -> OnnxBackend | TorchBackend:
+    """``backend``: ``onnx``, ``torch`` or ``auto`` (torch for .pt/.pth files, else ONNX Runtime)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    if backend == "auto":
+        backend = "torch" if path.suffix in (".pt", ".pth") else "onnx"
+    if backend == "onnx":
+        return OnnxBackend(path, threads)
+    if backend == "torch":
+        return TorchBackend(path)
+    raise ValueError(f"unknown backend {backend!r}: use auto, onnx or torch")
+
+
 class EmotionRecognizer:
     """Find every face in an image and score the 7 emotions of each.
 
-    ``model``: an ``.onnx`` export or a ``.pt`` checkpoint (default: the shipped model).
+    ``model``: an ``.onnx`` export or a ``.pt`` checkpoint (default: the shipped model), or a list of them
+    to average as an ensemble.
     ``backend``: ``auto`` (by file type), ``onnx`` or ``torch``. ``detector``: ``haar`` (default),
     a YuNet ``.onnx`` path or any object with ``detect(rgb)``. ``margin``: crop margin around boxes."""
 
     def __init__(
         self,
-        model: str | Path | None = None,
+        model: str | Path | list[str | Path] | None = None,
         backend: str = "auto",
         detector: str | Path | FaceDetector | None = None,
         margin: float = 0.1,
         threads: int | None = None,
         max_pixels: int = MAX_PIXELS,
     ) -> None:
-        path = Path(model) if model is not None else DEFAULT_MODEL
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: model file not found")
-        if backend == "auto":
-            backend = "torch" if path.suffix in (".pt", ".pth") else "onnx"
-        if backend == "onnx":
-            self.backend: OnnxBackend | TorchBackend = OnnxBackend(path, threads)
-        elif backend == "torch":
-            self.backend = TorchBackend(path)
-        else:
-            raise ValueError(f"unknown backend {backend!r}: use auto, onnx or torch")
-        self.classes: tuple[str, ...] = tuple(self.backend.info.get("classes", CLASSES))
+        paths = [Path(m) for m in (model if isinstance(model, (list, tuple)) else [model or DEFAULT_MODEL])]
+        self.backends = [_load_backend(p, backend, threads) for p in paths]
+        infos = [b.info for b in self.backends]
+        self.classes: tuple[str, ...] = tuple(infos[0].get("classes", CLASSES))
+        if any(tuple(i.get("classes", CLASSES)) != self.classes for i in infos):
+            raise ValueError("ensemble members disagree on the class names or their order")
         self.detector = make_detector(detector)
         self.margin, self.max_pixels = margin, max_pixels
+        names = [i.get("name", p.stem) for i, p in zip(infos, paths, strict=True)]
         self.model_info = {
-            "name": self.backend.info.get("name", path.stem),
+            "name": names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")",
             "classes": list(self.classes),
-            "accuracy": self.backend.info.get("accuracy"),
-            "path": str(path),
-            "backend": backend,
+            "accuracy": infos[0].get("accuracy") if len(infos) == 1 else None,
+            "path": ", ".join(map(str, paths)),
+            "backend": ", ".join(sorted({b.kind for b in self.backends})),
         }
 
     def classify_crops(self, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Probabilities (N, 7) for grayscale uint8 crops (N, 48, 48)."""
-        out = [
-            self.backend(crops[i : i + batch_size, None].astype(np.float32) / 255)
-            for i in range(0, len(crops), batch_size)
-        ]
+        out = []
+        for i in range(0, len(crops), batch_size):
+            x = crops[i : i + batch_size, None].astype(np.float32) / 255
+            out.append(sum(b(x) for b in self.backends) / len(self.backends))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def _results(self, boxes: list[Box], probs: np.ndarray) -> list[FaceResult]:

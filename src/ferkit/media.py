@@ -56,6 +56,8 @@ def video_frames(source: str | int, every: int = 1) -> Iterator[tuple[int, float
     """(frame index, time in seconds, RGB frame) for every ``every``-th frame of a video file or camera."""
     import cv2
 
+    if every < 1:
+        raise ValueError(f"every must be at least 1, not {every}")
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
         raise ImageError(f"{source}: cannot open as a video" + (" camera" if isinstance(source, int) else " file"))
@@ -84,6 +86,17 @@ def video_frame_count(path: str | Path) -> int:
     return max(0, n)
 
 
+def _unique_name(name: str, used: set[str]) -> str:
+    """``name``, or ``stem_2.ext``, ``stem_3.ext``... if an earlier input already wrote it."""
+    stem, dot, ext = name.rpartition(".")
+    candidate, k = name, 1
+    while candidate in used:
+        k += 1
+        candidate = f"{stem}_{k}{dot}{ext}"
+    used.add(candidate)
+    return candidate
+
+
 def _save_annotated(rgb: np.ndarray, faces: list[FaceResult], out_dir: Path, name: str) -> None:
     import cv2
 
@@ -104,11 +117,15 @@ def predict_paths(
 
     from .inference import load_image
 
+    if every < 1:
+        raise ValueError(f"every must be at least 1, not {every}")
     files = expand_paths(paths)
     out_dir = Path(annotate_dir) if annotate_dir else None
+    used: set[str] = set()
     for path in tqdm(files, desc="predicting", unit="file", disable=not progress or len(files) < 2):
         if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file():
-            yield from _predict_video(recognizer, path, every, out_dir, fallback, progress)
+            name = _unique_name(f"{path.stem}_annotated.mp4", used)
+            yield from _predict_video(recognizer, path, every, out_dir, name, fallback, progress)
             continue
         try:
             rgb = load_image(path, recognizer.max_pixels)
@@ -117,12 +134,18 @@ def predict_paths(
             yield Record(str(path), error=str(e))
             continue
         if out_dir is not None:
-            _save_annotated(rgb, faces, out_dir, path.stem + "_annotated.png")
+            _save_annotated(rgb, faces, out_dir, _unique_name(f"{path.stem}_annotated.png", used))
         yield Record(str(path), faces)
 
 
 def _predict_video(
-    recognizer: EmotionRecognizer, path: Path, every: int, out_dir: Path | None, fallback: bool, progress: bool
+    recognizer: EmotionRecognizer,
+    path: Path,
+    every: int,
+    out_dir: Path | None,
+    out_name: str,
+    fallback: bool,
+    progress: bool,
 ) -> Iterator[Record]:
     import cv2
     from tqdm import tqdm
@@ -140,7 +163,7 @@ def _predict_video(
                 if writer is None:
                     out_dir.mkdir(parents=True, exist_ok=True)
                     writer = cv2.VideoWriter(
-                        str(out_dir / f"{path.stem}_annotated.mp4"),
+                        str(out_dir / out_name),
                         cv2.VideoWriter_fourcc(*"mp4v"),
                         30.0 / max(1, every),
                         (rgb.shape[1], rgb.shape[0]),

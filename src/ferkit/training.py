@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .augment import PRESETS, augment, class_weights, mix, sample_weights
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import CLASSES, load_dataset
 from .evaluate import predict_proba
@@ -92,6 +92,15 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
         t = (epoch - cfg.warmup_epochs) / max(1e-8, cfg.epochs - cfg.warmup_epochs)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+def distill_loss(logits: torch.Tensor, teachers: list[nn.Module], x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s distillation term: T^2 * KL(teacher || student) at temperature T, the teacher
+    being the mean of the teachers' softened probabilities."""
+    with torch.no_grad():
+        target = sum(torch.softmax(t(x).float() / temperature, 1) for t in teachers) / len(teachers)
+    log_p = torch.log_softmax(logits.float() / temperature, 1)
+    return nn.functional.kl_div(log_p, target, reduction="batchmean") * temperature**2
 
 
 def _setup_distributed(device_name: str) -> tuple[int, int, int]:
@@ -183,6 +192,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
     sampler_w = sample_weights(y_np, len(CLASSES)) if cfg.sampler == "balanced" else None
     aug = replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
+    teachers = [model_from_checkpoint(t)[0].to(device) for t in cfg.teacher]
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_acc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     if resume and (out / "last.pt").exists():
@@ -233,9 +243,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     for epoch in range(state["epoch"], cfg.epochs):
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             break
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout
-        g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + epoch)
-        rng = np.random.default_rng([cfg.seed, epoch])
+        epoch_seed = cfg.seed * 1_000_003 + epoch + 100_003 * rank  # each process its own random stream
+        torch.manual_seed(epoch_seed)  # dropout
+        g = torch.Generator(device).manual_seed(epoch_seed)  # augmentation
+        rng = np.random.default_rng([cfg.seed, epoch, rank])
         net.train()
         t0, seen = time.perf_counter(), 0
         loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -260,6 +271,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 loss = criterion(logits, ya)
                 if lam < 1.0:
                     loss = lam * loss + (1 - lam) * criterion(logits, yb)
+                if teachers:
+                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill_loss(
+                        logits, teachers, x, cfg.distill_temperature
+                    )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -284,6 +299,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if bar is not None:
             bar.close()
         train_time = time.perf_counter() - t0
+        if world > 1:  # report the loss and accuracy over the global batch, not this process's share
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(correct)
+            seen *= world
         eval_model = ema.module if ema is not None else model
         probs = predict_proba(eval_model, xv_np, device=device, batch_size=512)
         val_acc = float((probs.argmax(1) == yv_np).mean())
@@ -299,7 +318,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             "val_loss": val_loss,
             "val_acc": val_acc,
             "epoch_time_s": train_time,
-            "img_per_s": seen * world / train_time,
+            "img_per_s": seen / train_time,
         }
         state["history"].append(row)
         state["epoch"] = epoch + 1

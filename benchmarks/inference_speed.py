@@ -1,0 +1,286 @@
+"""Inference speed and accuracy of the shipped model: torch eager vs ONNX Runtime fp32 vs ONNX Runtime int8.
+
+Model only: faces/s at batch sizes 64 and 256, batch-1 latency (p50/p95) and accuracy / macro F1 on all of
+FER-2013 PrivateTest, so that the cost of int8 is measured next to its speed-up. The int8 model is made
+with ``ferkit.export.quantize_int8`` in a temp folder, calibrated on 512 Training crops. torch runs only
+when ``--checkpoint`` gives the training checkpoint (.pt) of the model.
+
+End to end: latency of ``EmotionRecognizer.predict`` (JPEG decode, Haar detection, crops, model) on a
+640x480 photo with one face and one with five, composed from real PrivateTest crops upscaled onto a
+canvas; crops are picked so that Haar finds exactly the intended faces (checked on the decoded JPEG).
+
+    .venv/bin/python benchmarks/inference_speed.py --checkpoint runs/ferkit_small/best.pt
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+from _common import (
+    DEFAULT_DATA,
+    base_parser,
+    ferkit_inputs,
+    latencies_ms,
+    machine_info,
+    predict_batched,
+    print_table,
+    scores,
+    summarize_ms,
+    threads_or_cores,
+    throughput,
+    warn_if_busy,
+    write_report,
+)
+
+from ferkit.data import CLASSES, SPLITS, load_dataset
+from ferkit.export import quantize_int8
+from ferkit.faces import crop_faces
+from ferkit.inference import DEFAULT_MODEL, EmotionRecognizer, OnnxBackend, TorchBackend, load_image
+
+PHOTO_SIZE = (640, 480)  # width, height
+# (x, y, side) of each face on the canvas
+LAYOUTS = {
+    1: [(220, 120, 200)],
+    5: [(40, 40, 130), (255, 40, 130), (470, 40, 130), (147, 290, 130), (362, 290, 130)],
+}
+
+
+def parse_args(argv: list[str] | None = None):
+    p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ONNX model (default: the shipped one)")
+    p.add_argument("--checkpoint", type=Path, help="training checkpoint of the same model, for the torch row")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="FER-2013 cache")
+    p.add_argument("--batch-sizes", default="64,256", help="comma-separated batch sizes for faces/s")
+    p.add_argument("--min-time", type=float, default=5.0, help="seconds of timed calls per throughput number")
+    p.add_argument("--latency-runs", type=int, default=300, help="batch-1 calls per latency number")
+    p.add_argument("--e2e-runs", type=int, default=100, help="EmotionRecognizer.predict calls per photo")
+    p.add_argument("--calibration", type=int, default=512, help="Training crops for int8 calibration")
+    p.add_argument("--limit", type=int, default=0, help="PrivateTest images for accuracy (0 = all 3,589)")
+    p.add_argument("--no-int8-e2e", action="store_true", help="end to end with the fp32 model only")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.min_time, args.latency_runs, args.e2e_runs = 0.2, 10, 5
+        args.calibration, args.limit = 64, args.limit or 256
+    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- model only
+
+
+def bench_backend(name: str, backend, crops: np.ndarray, labels: np.ndarray, args) -> tuple[dict, np.ndarray]:
+    print(f"{name}: accuracy on {len(crops)} PrivateTest crops ...", flush=True)
+    inputs = ferkit_inputs(crops)
+    probs = predict_batched(backend, inputs)
+    row: dict = {"backend": name, **scores(labels, probs)}
+    for b in args.batch_sizes:
+        x = inputs[np.arange(b) % len(inputs)]
+        r = throughput(lambda x=x: backend(x), b, min_time=args.min_time)
+        row[f"faces_per_s_b{b}"] = r["items_per_s"]
+        print(f"{name}: batch {b}: {r['items_per_s']:.0f} faces/s", flush=True)
+    lat = summarize_ms(latencies_ms(lambda i: backend(inputs[i % len(inputs)][None]), args.latency_runs))
+    row["b1_p50_ms"], row["b1_p95_ms"] = lat["p50_ms"], lat["p95_ms"]
+    row["b1_latency"] = lat
+    return row, probs
+
+
+# ---------------------------------------------------------------------------------------------- photos
+
+
+def _canvas(seed: int = 0) -> np.ndarray:
+    """A 640x480 RGB background: a soft gradient with mild sensor-like noise."""
+    w, h = PHOTO_SIZE
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = 95 + 60 * (yy / h) + 20 * (xx / w)
+    rgb = np.stack([base * 0.95, base, base * 1.05], -1) + rng.normal(0, 2.0, (h, w, 3))
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def _paste(canvas: np.ndarray, crop: np.ndarray, slot: tuple[int, int, int]) -> None:
+    x, y, side = slot
+    face = cv2.resize(crop, (side, side), interpolation=cv2.INTER_CUBIC)
+    canvas[y : y + side, x : x + side] = face[..., None]
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _detected_slots(detector, jpeg: bytes, slots: list[tuple[int, int, int]]) -> bool:
+    """True when Haar finds exactly one box per slot (box centre inside the slot) and nothing else."""
+    boxes = detector.detect(load_image(jpeg))
+    if len(boxes) != len(slots):
+        return False
+    hits = [0] * len(slots)
+    for bx, by, bw, bh in boxes:
+        cx, cy = bx + bw / 2, by + bh / 2
+        for k, (x, y, side) in enumerate(slots):
+            if x <= cx < x + side and y <= cy < y + side:
+                hits[k] += 1
+    return all(h == 1 for h in hits)
+
+
+def compose_photo(n_faces: int, detector, crops: np.ndarray, labels: np.ndarray, max_tries: int = 2000):
+    """A JPEG photo with ``n_faces`` PrivateTest faces that ``detector`` finds exactly; returns the
+    JPEG bytes, the RGB array and the chosen PrivateTest indices. Candidates alternate between classes."""
+    slots = LAYOUTS[n_faces]
+    rng = np.random.default_rng(n_faces)
+    per_class = [list(rng.permutation(np.flatnonzero(labels == c))) for c in range(len(CLASSES))]
+    order = [per_class[c][i] for i in range(max(map(len, per_class))) for c in range(7) if i < len(per_class[c])]
+    canvas, chosen, tries = _canvas(n_faces), [], 0
+    candidates = iter(order)
+    for k in range(len(slots)):
+        for idx in candidates:
+            tries += 1
+            if tries > max_tries:
+                raise RuntimeError(f"no {n_faces}-face photo that Haar detects exactly within {max_tries} crops")
+            trial = canvas.copy()
+            _paste(trial, crops[idx], slots[k])
+            if _detected_slots(detector, _jpeg(trial), slots[: k + 1]):
+                canvas, chosen = trial, [*chosen, int(idx)]
+                break
+        else:
+            raise RuntimeError(f"ran out of PrivateTest crops for face {k + 1} of the {n_faces}-face photo")
+    jpeg = _jpeg(canvas)
+    assert _detected_slots(detector, jpeg, slots)
+    return jpeg, canvas, chosen, tries
+
+
+def bench_end_to_end(recognizer: EmotionRecognizer, photos: dict, runs: int) -> list[dict]:
+    rows = []
+    for n, photo in photos.items():
+        faces = recognizer.predict(photo["jpeg"])
+        if len(faces) != n:
+            raise RuntimeError(f"expected {n} faces, EmotionRecognizer.predict found {len(faces)}")
+        total = summarize_ms(latencies_ms(lambda i, j=photo["jpeg"]: recognizer.predict(j), runs))
+        rgb = load_image(photo["jpeg"])
+        boxes = recognizer.detector.detect(rgb)
+        crops = crop_faces(rgb, boxes, margin=recognizer.margin)
+        decode = summarize_ms(latencies_ms(lambda i, j=photo["jpeg"]: load_image(j), runs))
+        detect = summarize_ms(latencies_ms(lambda i, rgb=rgb: recognizer.detector.detect(rgb), runs))
+        model = summarize_ms(latencies_ms(lambda i, c=crops: recognizer.classify_crops(c), runs))
+        rows.append(
+            {
+                "model": Path(recognizer.model_info["path"]).name,
+                "faces": n,
+                "p50_ms": total["p50_ms"],
+                "p95_ms": total["p95_ms"],
+                "decode_p50_ms": decode["p50_ms"],
+                "detect_p50_ms": detect["p50_ms"],
+                "model_p50_ms": model["p50_ms"],
+                "latency": total,
+                "predicted": [f.emotion for f in faces],
+            }
+        )
+        print(f"end to end, {n} face(s): p50 {total['p50_ms']:.1f} ms, p95 {total['p95_ms']:.1f} ms", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = threads_or_cores(args.threads)
+    cv2.setNumThreads(threads)
+    warn_if_busy(threads)
+    if not args.model.is_file():
+        sys.exit(f"{args.model}: ONNX model not found")
+
+    data = load_dataset(args.data, progress=False)
+    test_x, test_y = data.split("PrivateTest")
+    test_sources = data.sources[data.splits == SPLITS.index("PrivateTest")]
+    test_idx = np.arange(len(test_y))
+    if args.limit:
+        test_idx = np.sort(np.random.default_rng(0).permutation(len(test_y))[: args.limit])
+    crops, labels = test_x[test_idx], test_y[test_idx]
+    calib, _ = data.subset(*data.split("Training"), args.calibration, seed=1)
+
+    rows, probs = [], {}
+    with tempfile.TemporaryDirectory(prefix="ferkit-int8-") as tmp:
+        backends = {}
+        if args.checkpoint:
+            import torch
+
+            torch.set_num_threads(threads)
+            backends["torch eager fp32"] = TorchBackend(args.checkpoint)
+        backends["onnxruntime fp32"] = OnnxBackend(args.model, threads)
+        int8_path = Path(tmp) / (args.model.stem + "_int8.onnx")
+        print(f"quantizing to int8 (calibration: {len(calib)} Training crops) ...", flush=True)
+        quantize_int8(args.model, int8_path, calib)
+        backends["onnxruntime int8"] = OnnxBackend(int8_path, threads)
+        for name, backend in backends.items():
+            row, probs[name] = bench_backend(name, backend, crops, labels, args)
+            rows.append(row)
+        ref = probs["onnxruntime fp32"]
+        for row in rows:
+            p = probs[row["backend"]]
+            row["top1_agree_fp32"] = float((p.argmax(1) == ref.argmax(1)).mean())
+            row["max_abs_diff_fp32"] = float(np.abs(p - ref).max())
+
+        print("composing the test photos (Haar must find exactly the intended faces) ...", flush=True)
+        fp32 = EmotionRecognizer(args.model, threads=threads)
+        photos = {}
+        for n in LAYOUTS:
+            jpeg, rgb, chosen, tries = compose_photo(n, fp32.detector, crops, labels)
+            photos[n] = {"jpeg": jpeg, "privatetest_index": [int(test_idx[i]) for i in chosen], "tries": tries}
+            photos[n]["sources"] = [str(test_sources[test_idx[i]]) for i in chosen]
+            out = args.out_dir / f"inference_speed_photos{'_quick' if args.quick else ''}" / f"{n}face.jpg"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(jpeg)
+            photos[n]["file"] = str(out)
+        e2e = bench_end_to_end(fp32, photos, args.e2e_runs)
+        if not args.no_int8_e2e:
+            e2e += bench_end_to_end(EmotionRecognizer(int8_path, threads=threads), photos, args.e2e_runs)
+
+    print()
+    cols = ["backend", "accuracy", "macro_f1", *[f"faces_per_s_b{b}" for b in args.batch_sizes]]
+    print_table(
+        rows,
+        [*cols, "b1_p50_ms", "b1_p95_ms", "top1_agree_fp32"],
+        title=f"model only: {args.model.name}, {threads} threads, PrivateTest n={len(labels)}",
+    )
+    print()
+    print_table(
+        e2e,
+        ["model", "faces", "p50_ms", "p95_ms", "decode_p50_ms", "detect_p50_ms", "model_p50_ms"],
+        title=f"EmotionRecognizer.predict on a 640x480 JPEG, Haar detector, {args.e2e_runs} runs",
+    )
+    if args.quick:
+        print("(--quick: tiny settings, the numbers mean nothing)")
+
+    write_report(
+        "inference_speed",
+        {
+            "quick": args.quick,
+            "settings": {
+                "model": str(args.model),
+                "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+                "threads": threads,
+                "batch_sizes": args.batch_sizes,
+                "min_time_s": args.min_time,
+                "latency_runs": args.latency_runs,
+                "e2e_runs": args.e2e_runs,
+                "calibration_images": len(calib),
+                "privatetest_images": len(labels),
+            },
+            "model_only": rows,
+            "end_to_end": e2e,
+            "photos": {str(n): {k: v for k, v in p.items() if k != "jpeg"} for n, p in photos.items()},
+            "machine": machine_info(threads),
+        },
+        args.out_dir,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Regenerate the test photos in this folder. The tests only read the files written here; they never
+need FER-2013 or scikit-image.
+
+    .venv/bin/pip install scikit-image      # only to regenerate astronaut.jpg
+    .venv/bin/python tests/assets/make_assets.py [--fer2013 /work/shared/datasets/fer2013]
+
+Writes:
+
+* ``faces_canvas.jpg``: three real FER-2013 test faces (happy, surprise, neutral) upscaled to 120, 160 and
+  220 px and pasted onto a 640x480 grey gradient. Haar finds a face in only about half of upscaled
+  FER-2013 crops, so for each slot the script takes, in file-name order, the first face that the bundled
+  Haar detector finds on its own (exactly one box, IoU > 0.6 with the pasted square), then checks
+  that the whole canvas gives exactly three such boxes.
+* ``faces_canvas.json``: where each face was pasted (``boxes``: x, y, w, h; left to right), its
+  source file and class.
+* ``astronaut.jpg``: scikit-image's ``astronaut`` (NASA portrait of Eileen Collins, public domain),
+  with ``astronaut.json`` holding a hand-drawn box around her face (forehead to chin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ferkit.faces import HaarDetector
+
+HERE = Path(__file__).parent
+CANVAS_SIZE = (640, 480)  # width, height
+# (class folder, side in px, x, y): left to right, not overlapping
+SLOTS = [("happy", 120, 40, 60), ("surprise", 160, 210, 240), ("neutral", 220, 400, 40)]
+ASTRONAUT_FACE = (180, 68, 90, 97)  # x, y, w, h, drawn by hand
+
+
+def iou(a, b) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    iw = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    ih = max(0, min(ay + ah, by + bh) - max(ay, by))
+    inter = iw * ih
+    return inter / (aw * ah + bw * bh - inter)
+
+
+def background() -> np.ndarray:
+    w, h = CANVAS_SIZE
+    yy, xx = np.mgrid[0:h, 0:w]
+    g = 70 + 80 * (xx / w) + 40 * (yy / h)
+    return np.repeat(g[..., None], 3, axis=2).astype(np.uint8)
+
+
+def paste(canvas: np.ndarray, face: np.ndarray, side: int, x: int, y: int) -> None:
+    big = cv2.resize(face, (side, side), interpolation=cv2.INTER_CUBIC)
+    canvas[y : y + side, x : x + side] = big[..., None]
+
+
+def pick_face(folder: Path, side: int, x: int, y: int, detector: HaarDetector) -> tuple[Path, np.ndarray]:
+    for path in sorted(folder.glob("*.jpg")):
+        face = np.asarray(Image.open(path).convert("L"))
+        canvas = background()
+        paste(canvas, face, side, x, y)
+        boxes = detector.detect(canvas)
+        if len(boxes) == 1 and iou(boxes[0], (x, y, side, side)) > 0.6:
+            return path, face
+    raise RuntimeError(f"no face in {folder} that Haar detects at {side} px")
+
+
+def make_canvas(fer2013: Path) -> None:
+    detector = HaarDetector()
+    canvas, meta = background(), {"boxes": [], "sources": [], "classes": []}
+    for cls, side, x, y in SLOTS:
+        path, face = pick_face(fer2013 / "test" / cls, side, x, y, detector)
+        paste(canvas, face, side, x, y)
+        meta["boxes"].append([x, y, side, side])
+        meta["sources"].append(f"fer2013/test/{cls}/{path.name}")
+        meta["classes"].append(cls)
+    out = HERE / "faces_canvas.jpg"
+    Image.fromarray(canvas).save(out, quality=90)
+    found = detector.detect(np.asarray(Image.open(out).convert("RGB")))
+    assert len(found) == len(SLOTS), found
+    for box, placed in zip(found, meta["boxes"], strict=True):
+        assert iou(box, placed) > 0.6, (box, placed)
+    (HERE / "faces_canvas.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB): Haar boxes {found}")
+
+
+def make_astronaut() -> None:
+    from skimage import data
+
+    out = HERE / "astronaut.jpg"
+    Image.fromarray(data.astronaut()).save(out, quality=85)
+    found = HaarDetector().detect(np.asarray(Image.open(out).convert("RGB")))
+    assert len(found) == 1 and iou(found[0], ASTRONAUT_FACE) > 0.6, found
+    meta = {"boxes": [list(ASTRONAUT_FACE)], "source": "skimage.data.astronaut() (NASA, public domain)"}
+    (HERE / "astronaut.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB): Haar boxes {found}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fer2013", type=Path, default=Path("/work/shared/datasets/fer2013"))
+    args = parser.parse_args()
+    make_canvas(args.fer2013)
+    make_astronaut()

@@ -1,0 +1,147 @@
+"""ONNX export and int8 quantization (ferkit.export, ``ferkit export``): metadata, agreement of the ONNX
+and torch backends, and clear errors for bad model files. One small checkpoint is exported once."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from helpers_inference import ASTRONAUT, CANVAS, make_checkpoint, photo_crops
+
+from ferkit.checkpoint import CheckpointError
+from ferkit.cli import main
+from ferkit.data import CLASSES
+from ferkit.export import PREPROCESSING, export_onnx, max_abs_diff, quantize_int8
+from ferkit.inference import EmotionRecognizer
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # inside torch.onnx.export
+
+
+def session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def metadata(path: Path) -> dict:
+    return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["ferkit"])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    """A quarter-width ferkit_small checkpoint, its ONNX export and an int8 version of that."""
+    d = tmp_path_factory.mktemp("export")
+    ckpt = make_checkpoint(d / "best.pt")
+    model = export_onnx(ckpt, d / "model.onnx", metrics={"accuracy": 0.61, "macro_f1": 0.55})
+    int8 = quantize_int8(model, d / "model_int8.onnx", photo_crops(128, seed=0))
+    return {"pt": ckpt, "onnx": model, "int8": int8}
+
+
+@pytest.fixture(scope="module")
+def held_out() -> np.ndarray:
+    return photo_crops(200, seed=1)  # not the crops the BatchNorm statistics and calibration saw
+
+
+def test_metadata_has_classes_and_preprocessing(exported):
+    info = metadata(exported["onnx"])
+    assert info["classes"] == list(CLASSES)
+    assert info["preprocessing"] == PREPROCESSING
+    assert info["name"] == "ferkit_small" and info["input_size"] == 48
+    assert info["checkpoint"] == "best.pt"
+    assert info["accuracy"] == 0.61 and info["macro_f1"] == 0.55
+    assert PREPROCESSING in onnx.load(str(exported["onnx"])).doc_string
+    rec = EmotionRecognizer(exported["onnx"], threads=1)
+    assert rec.classes == CLASSES
+    assert rec.model_info["name"] == "ferkit_small" and rec.model_info["accuracy"] == 0.61
+
+
+def test_dynamic_batch_and_probabilities(exported, held_out):
+    sess = session(exported["onnx"])
+    assert [i.name for i in sess.get_inputs()] == ["image"]
+    for n in (1, 3, 64):
+        p = sess.run(None, {"image": held_out[:n, None].astype(np.float32) / 255})[0]
+        assert p.shape == (n, 7)
+        np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
+
+
+def test_onnx_agrees_with_torch(exported, held_out):
+    assert max_abs_diff(exported["onnx"], exported["pt"], held_out) < 1e-4
+    onnx_rec = EmotionRecognizer(exported["onnx"], threads=1)
+    torch_rec = EmotionRecognizer(exported["pt"], backend="torch")
+    p_onnx, p_torch = onnx_rec.classify_crops(held_out), torch_rec.classify_crops(held_out)
+    assert np.abs(p_onnx - p_torch).max() < 1e-4
+    assert p_torch.max(1).min() < 0.6 < p_torch.max(1).max()  # the test model does depend on its input
+    assert len(set(p_torch.argmax(1))) >= 2
+    for photo in (CANVAS, ASTRONAUT):
+        a, b = onnx_rec.predict(photo), torch_rec.predict(photo)
+        assert [f.box for f in a] == [f.box for f in b] and len(a) >= 1
+        for fa, fb in zip(a, b, strict=True):
+            assert list(fb.scores) == list(CLASSES)
+            assert np.abs(np.array(list(fa.scores.values())) - list(fb.scores.values())).max() < 1e-4
+
+
+def test_int8_model_mostly_agrees_with_fp32(exported, held_out):
+    qmodel = onnx.load(str(exported["int8"]))
+    assert any(n.op_type == "QuantizeLinear" for n in qmodel.graph.node)
+    info = metadata(exported["int8"])
+    assert info["quantization"] == "int8 static QDQ"
+    assert info["classes"] == list(CLASSES) and info["accuracy"] == 0.61
+    x = held_out[:, None].astype(np.float32) / 255
+    p32 = session(exported["onnx"]).run(None, {"image": x})[0]
+    p8 = session(exported["int8"]).run(None, {"image": x})[0]
+    assert (p32.argmax(1) == p8.argmax(1)).mean() >= 0.85
+    assert np.abs(p32 - p8).mean() < 0.05
+    faces = EmotionRecognizer(exported["int8"], threads=1).predict(ASTRONAUT)
+    assert len(faces) == 1  # the int8 softmax output is quantized too: steps of 1/255
+    assert sum(faces[0].scores.values()) == pytest.approx(1, abs=0.02)
+
+
+def test_bad_model_files_give_errors_naming_them(tmp_path, exported):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(exported["onnx"].read_bytes()[:500])  # truncated
+    with pytest.raises(ValueError, match=r"broken\.onnx: not a loadable ONNX model"):
+        EmotionRecognizer(broken)
+    half = tmp_path / "half.pt"
+    half.write_bytes(exported["pt"].read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"half\.pt: not a readable checkpoint"):
+        EmotionRecognizer(half)
+    with pytest.raises(CheckpointError, match=r"half\.pt"):
+        export_onnx(half, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+    import torch
+
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match=r"foreign\.pt: not a ferkit checkpoint"):
+        EmotionRecognizer(tmp_path / "foreign.pt", backend="torch")
+
+
+def test_cli_export_bad_checkpoint(tmp_path, capsys):
+    (tmp_path / "bad.pt").write_text("nope")
+    assert main(["export", str(tmp_path / "bad.pt"), "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "bad.pt" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "missing.pt: checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_export_with_report_check_and_int8(tmp_path, exported, capsys):
+    report = tmp_path / "eval.json"
+    report.write_text(json.dumps({"accuracy": 0.7, "macro_f1": 0.6, "split": "PrivateTest", "other": 1}))
+    out = tmp_path / "cli" / "m.onnx"
+    argv = ["export", str(exported["pt"]), "-o", str(out), "--report", str(report), "--check", "--int8"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert f"wrote {out}" in stdout
+    diff = float(re.search(r"max \|onnx - torch\| on \d+ images: (\S+)", stdout)[1])
+    assert diff < 1e-4
+    info = metadata(out)
+    assert info["accuracy"] == 0.7 and info["split"] == "PrivateTest" and "other" not in info
+    int8 = out.with_name("m_int8.onnx")
+    assert f"wrote {int8}" in stdout
+    assert metadata(int8)["quantization"] == "int8 static QDQ"
+    assert EmotionRecognizer(int8, threads=1).classes == CLASSES

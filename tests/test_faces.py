@@ -1,0 +1,131 @@
+"""Face detection on real photos and square grayscale face crops (ferkit.faces)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from helpers_inference import ASTRONAUT, CANVAS, iou, placed_boxes, read_rgb
+
+from ferkit.faces import HaarDetector, YuNetDetector, crop_faces, make_detector
+
+
+@pytest.fixture(scope="module")
+def haar() -> HaarDetector:
+    return HaarDetector()
+
+
+@pytest.mark.parametrize("photo", [CANVAS, ASTRONAUT], ids=["fer_canvas", "astronaut"])
+def test_haar_finds_the_faces_where_they_are(haar, photo):
+    boxes = haar.detect(read_rgb(photo))
+    expected = placed_boxes(photo)
+    assert len(boxes) == len(expected)
+    for box, placed in zip(boxes, expected, strict=True):  # both left to right
+        assert iou(box, placed) > 0.5, (box, placed)
+        assert all(isinstance(v, int) for v in box)
+
+
+def test_haar_accepts_grayscale_2d(haar):
+    gray = cv2.cvtColor(read_rgb(CANVAS), cv2.COLOR_RGB2GRAY)
+    assert haar.detect(gray) == haar.detect(read_rgb(CANVAS))
+
+
+def test_large_image_boxes_are_in_original_pixels():
+    """Images over max_side are downscaled for detection; the boxes come back in original pixels."""
+    big = cv2.resize(read_rgb(ASTRONAUT), (1536, 1536), interpolation=cv2.INTER_CUBIC)
+    boxes = HaarDetector(max_side=512).detect(big)  # detects at the photo's own 512 px
+    (x, y, w, h) = placed_boxes(ASTRONAUT)[0]
+    assert len(boxes) == 1
+    assert iou(boxes[0], (3 * x, 3 * y, 3 * w, 3 * h)) > 0.5
+
+
+def test_no_face_in_noise_or_flat_images(haar):
+    noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    assert haar.detect(noise) == []
+    assert haar.detect(np.full((100, 100, 3), 128, np.uint8)) == []
+    assert haar.detect(np.zeros((10, 10, 3), np.uint8)) == []  # smaller than the smallest face
+
+
+def test_make_detector():
+    assert isinstance(make_detector(None), HaarDetector)
+    assert isinstance(make_detector("haar"), HaarDetector)
+    cascade = Path(cv2.data.haarcascades) / "haarcascade_frontalface_alt.xml"
+    assert isinstance(make_detector(cascade), HaarDetector)
+
+    class Fixed:
+        def detect(self, rgb):
+            return [(0, 0, 5, 5)]
+
+    fixed = Fixed()
+    assert make_detector(fixed) is fixed
+    with pytest.raises(ValueError, match="unknown face detector"):
+        make_detector("mtcnn")
+    with pytest.raises(FileNotFoundError, match="yunet.onnx"):
+        make_detector("missing/yunet.onnx")
+    with pytest.raises(FileNotFoundError):
+        YuNetDetector("missing.onnx")
+
+
+def test_bad_cascade_file_is_named(tmp_path):
+    bad = tmp_path / "broken.xml"
+    bad.write_text("<opencv_storage>not a cascade</opencv_storage>")
+    with pytest.raises(RuntimeError, match="broken.xml"):
+        HaarDetector(bad)
+
+
+def test_crop_shape_dtype_and_size():
+    rgb = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    crops = crop_faces(rgb, [(10, 20, 30, 30), (50, 40, 60, 40), (0, 0, 160, 120)])
+    assert crops.shape == (3, 48, 48) and crops.dtype == np.uint8
+    assert crop_faces(rgb, [(10, 20, 30, 30)], size=64).shape == (1, 64, 64)
+    empty = crop_faces(rgb, [])
+    assert empty.shape == (0, 48, 48) and empty.dtype == np.uint8
+
+
+def test_crop_is_the_grayscale_box():
+    """With no margin, a 48x48 box is cut out exactly, in ITU-R 601 grayscale."""
+    rgb = np.random.default_rng(1).integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    crop = crop_faces(rgb, [(20, 30, 48, 48)], margin=0.0)[0]
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    np.testing.assert_array_equal(crop, gray[30:78, 20:68])
+    np.testing.assert_array_equal(crop_faces(gray, [(20, 30, 48, 48)], margin=0.0)[0], crop)  # 2-D input
+
+
+def test_margin_widens_the_crop():
+    """A white 40x40 box on black: no margin gives all white; a 25% margin shows black all round."""
+    rgb = np.zeros((200, 200, 3), np.uint8)
+    rgb[80:120, 60:100] = 255
+    box = (60, 80, 40, 40)
+    assert crop_faces(rgb, [box], margin=0.0)[0].min() == 255
+    wide = crop_faces(rgb, [box], margin=0.25)[0]  # 60 px around the box: 10 px (8 px at 48) black each side
+    assert wide[:, :6].max() == 0 and wide[:, -6:].max() == 0
+    assert wide[:6].max() == 0 and wide[-6:].max() == 0
+    assert wide[12:36, 12:36].min() == 255
+
+
+def test_non_square_box_gives_a_centred_square_crop():
+    rgb = np.zeros((200, 200, 3), np.uint8)
+    rgb[50:150, 90:110] = 255  # a tall 20x100 box
+    crop = crop_faces(rgb, [(90, 50, 20, 100)], margin=0.0)[0]  # 100x100 square centred on it
+    assert crop[:, 24].min() == 255 and crop[:, :18].max() == 0 and crop[:, 30:].max() == 0
+
+
+@pytest.mark.parametrize(
+    "box",
+    [(0, 0, 30, 30), (130, 90, 30, 30), (-5, -5, 20, 20), (150, 110, 40, 40), (0, 0, 160, 120)],
+    ids=["top_left", "bottom_right", "outside_top_left", "past_bottom_right", "whole_image"],
+)
+def test_boxes_at_the_edge_replicate_the_border(box):
+    """Columns hold their x coordinate: where the crop goes past the left edge it repeats column 0
+    (value 0), past the right edge the last column (value 159)."""
+    gray = np.tile(np.arange(160, dtype=np.uint8), (120, 1))
+    crop = crop_faces(gray, [box], margin=0.5)[0]
+    assert crop.shape == (48, 48)
+    x, _, w, _ = box
+    if x - 0.5 * w < 0:
+        assert (crop[:, 0] == 0).all()
+    if x + 1.5 * w > 160:
+        assert (crop[:, -1] == 159).all()
+    assert (np.diff(crop.astype(int), axis=1) >= 0).all()  # still a left-to-right ramp: no wrap-around

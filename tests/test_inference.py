@@ -1,0 +1,333 @@
+"""EmotionRecognizer and load_image: real photos, every input type and image mode, EXIF orientation,
+size limits, bad files and bad models (ferkit.inference, with the shipped model)."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers_inference import ASTRONAUT, CANVAS, iou, placed_boxes, read_rgb
+from PIL import Image
+
+from ferkit.checkpoint import CheckpointError
+from ferkit.data import CLASSES
+from ferkit.inference import DEFAULT_MODEL, MAX_PIXELS, EmotionRecognizer, FaceResult, ImageError, annotate, load_image
+
+
+@pytest.fixture(scope="module")
+def rec() -> EmotionRecognizer:
+    return EmotionRecognizer(threads=1)
+
+
+def check_scores(face: FaceResult) -> None:
+    assert list(face.scores) == list(CLASSES)  # all 7 classes, in the canonical order
+    p = np.array(list(face.scores.values()))
+    assert ((p >= 0) & (p <= 1)).all()
+    assert p.sum() == pytest.approx(1.0, abs=1e-4)
+    assert face.emotion == CLASSES[int(p.argmax())]
+    assert face.confidence == pytest.approx(p.max())
+
+
+def assert_same(a: list[FaceResult], b: list[FaceResult], tol: float = 1e-6) -> None:
+    assert [f.box for f in a] == [f.box for f in b]
+    for fa, fb in zip(a, b, strict=True):
+        assert fa.emotion == fb.emotion
+        np.testing.assert_allclose(list(fa.scores.values()), list(fb.scores.values()), atol=tol)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A valid-looking PNG that claims width x height (8-bit gray) but holds almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+# --- real photos ------------------------------------------------------------------------------
+
+
+def test_shipped_model_info(rec):
+    assert DEFAULT_MODEL.is_file()
+    assert rec.classes == CLASSES
+    assert rec.model_info["classes"] == list(CLASSES)
+    assert "onnx" in rec.model_info["backend"].lower()
+    assert Path(rec.model_info["path"]) == DEFAULT_MODEL
+
+
+@pytest.mark.parametrize("photo", [CANVAS, ASTRONAUT], ids=["fer_canvas", "astronaut"])
+def test_real_photo_faces_and_probabilities(rec, photo):
+    faces = rec.predict(photo)
+    expected = placed_boxes(photo)
+    assert len(faces) == len(expected)
+    for face, placed in zip(faces, expected, strict=True):
+        assert iou(face.box, placed) > 0.5, (face.box, placed)
+        check_scores(face)
+    json.dumps([f.to_dict() for f in faces])  # serialisable as is
+
+
+def test_smiles_are_happy(rec):
+    """A sanity check of the shipped model: the broad smiles (the astronaut; the FER-2013 'happy' face
+    on the canvas) come out happy."""
+    assert rec.predict(ASTRONAUT)[0].emotion == "happy"
+    assert rec.predict(CANVAS)[0].emotion == "happy"
+
+
+# --- input types ------------------------------------------------------------------------------
+
+
+def test_every_input_type_gives_the_same_result(rec):
+    ref = rec.predict(ASTRONAUT)
+    data = ASTRONAUT.read_bytes()
+    with Image.open(ASTRONAUT) as im:
+        pil = im.convert("RGB")
+    rgb = np.asarray(pil)
+    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    with open(ASTRONAUT, "rb") as f:
+        from_file = rec.predict(f)
+    inputs = [str(ASTRONAUT), data, bytearray(data), io.BytesIO(data), pil, rgb, rgba, Image.fromarray(rgba)]
+    for inp in [from_file, *map(rec.predict, inputs)]:
+        assert_same(inp, ref)
+    assert_same(rec.predict(rgb.astype(np.float32) / 255), ref, tol=1e-3)  # float in [0, 1]
+
+
+def test_gray_inputs_agree(rec):
+    gray = np.asarray(Image.open(CANVAS).convert("L"))
+    ref = rec.predict(gray)
+    assert len(ref) == 3
+    for inp in [np.repeat(gray[..., None], 3, axis=2), gray[..., None], Image.fromarray(gray)]:
+        assert_same(rec.predict(inp), ref)
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, "PNG")
+    assert_same(rec.predict(buf.getvalue()), ref)
+
+
+def test_predict_batch_equals_predict(rec):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    images = [CANVAS, ASTRONAUT, noise, ASTRONAUT.read_bytes()]
+    for fallback in (False, True):
+        batch = rec.predict_batch(images, whole_image_fallback=fallback)
+        assert len(batch) == len(images)
+        for image, faces in zip(images, batch, strict=True):
+            assert_same(faces, rec.predict(image, whole_image_fallback=fallback), tol=1e-5)
+    assert [len(f) for f in batch] == [3, 1, 1, 1]
+    assert rec.predict_batch([]) == []
+
+
+@pytest.mark.parametrize("shape", [(64, 80, 3), (10, 10, 3), (1, 1, 3), (300, 7)])
+def test_whole_image_fallback(rec, shape):
+    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    assert rec.predict(img) == []
+    faces = rec.predict(img, whole_image_fallback=True)
+    assert len(faces) == 1
+    assert faces[0].box == (0, 0, shape[1], shape[0])
+    check_scores(faces[0])
+
+
+def test_blank_image_has_no_face(rec):
+    assert rec.predict(np.full((480, 640, 3), 255, np.uint8)) == []
+
+
+def test_custom_detector_and_classify_crops(rec):
+    class Fixed:
+        def detect(self, rgb):
+            return [(0, 0, 20, 20), (30, 10, 25, 25)]
+
+    r = EmotionRecognizer(detector=Fixed(), threads=1)
+    faces = r.predict(np.random.default_rng(0).integers(0, 256, (60, 60), dtype=np.uint8))
+    assert [f.box for f in faces] == [(0, 0, 20, 20), (30, 10, 25, 25)]
+    assert rec.classify_crops(np.zeros((0, 48, 48), np.uint8)).shape == (0, 7)
+    probs = rec.classify_crops(np.random.default_rng(0).integers(0, 256, (5, 48, 48), dtype=np.uint8), batch_size=2)
+    assert probs.shape == (5, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+# --- image modes and orientation --------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied():
+    """A JPEG stored sideways with Orientation=6 (rotate 90 degrees clockwise to view) loads upright."""
+    upright = np.zeros((40, 60, 3), np.uint8)
+    upright[:12, :12] = (255, 0, 0)  # red block at the top left
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1)))  # 60 high, 40 wide
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", exif=exif, quality=95)
+    assert Image.open(io.BytesIO(buf.getvalue())).size == (40, 60)
+    rgb = load_image(buf.getvalue())
+    assert rgb.shape == (40, 60, 3)
+    assert rgb[:10, :10, 0].min() > 200 and rgb[:10, :10, 1:].max() < 60
+    assert np.abs(rgb.astype(int) - upright).mean() < 3
+
+
+def test_sideways_photo_with_exif_finds_the_face(rec, tmp_path):
+    upright = read_rgb(ASTRONAUT)
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=-1)))  # needs 90 degrees anticlockwise
+    exif = stored.getexif()
+    exif[0x0112] = 8
+    path = tmp_path / "sideways.jpg"
+    stored.save(path, exif=exif, quality=90)
+    assert rec.predict(np.asarray(stored)) == []  # Haar finds no sideways face ...
+    faces = rec.predict(path)  # ... but the EXIF tag turns it upright
+    assert len(faces) == 1 and iou(faces[0].box, placed_boxes(ASTRONAUT)[0]) > 0.5
+
+
+def test_rgba_is_flattened_onto_white():
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255  # opaque red
+    rgba[2:, :3, 3] = 0  # transparent
+    rgba[2:, 3:, 3] = 128  # half transparent
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, "PNG")
+    for src in [rgba, Image.fromarray(rgba), buf.getvalue()]:
+        rgb = load_image(src)
+        assert rgb.shape == (4, 6, 3) and rgb.dtype == np.uint8
+        np.testing.assert_array_equal(rgb[:2], np.broadcast_to([200, 0, 0], (2, 6, 3)))
+        np.testing.assert_array_equal(rgb[2:, :3], 255)
+        np.testing.assert_allclose(rgb[2:, 3:], np.broadcast_to([227, 127, 127], (2, 3, 3)), atol=1)
+
+
+def test_palette_images_load(tmp_path):
+    rgb = read_rgb(ASTRONAUT)[::4, ::4]
+    pal = Image.fromarray(rgb).quantize(32)
+    assert pal.mode == "P"
+    pal.save(tmp_path / "pal.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "pal.png"), np.asarray(pal.convert("RGB")))
+    pal.save(tmp_path / "pal.gif")
+    np.testing.assert_array_equal(load_image(tmp_path / "pal.gif"), np.asarray(pal.convert("RGB")))
+    pal.info["transparency"] = 0  # palette entry 0 transparent: those pixels become white
+    pal.save(tmp_path / "pal_t.png", transparency=0)
+    out = load_image(tmp_path / "pal_t.png")
+    idx = np.asarray(pal)
+    assert (out[idx == 0] == 255).all()
+    np.testing.assert_array_equal(out[idx != 0], np.asarray(pal.convert("RGB"))[idx != 0])
+
+
+def test_16_bit_images_load(tmp_path):
+    gray8 = np.asarray(Image.open(CANVAS).convert("L"))
+    gray16 = gray8.astype(np.uint16) * 257  # full 16-bit range
+    Image.fromarray(gray16).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")
+    out = load_image(tmp_path / "g16.png")
+    np.testing.assert_array_equal(out, np.repeat(gray8[..., None], 3, axis=2))
+    np.testing.assert_array_equal(load_image(gray16), out)  # a uint16 array too
+
+
+def test_cmyk_and_other_modes_load(tmp_path):
+    rgb = read_rgb(ASTRONAUT)[::4, ::4]
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    with Image.open(tmp_path / "cmyk.jpg") as im:
+        assert im.mode == "CMYK"
+    out = load_image(tmp_path / "cmyk.jpg")
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - rgb).mean() < 6
+    for mode in ["1", "L", "LA", "I", "F", "YCbCr", "RGBX"]:
+        im = Image.fromarray(rgb).convert(mode)
+        out = load_image(im)
+        assert out.shape == rgb.shape and out.dtype == np.uint8, mode
+
+
+def test_bad_arrays_are_refused():
+    for shape in [(5, 5, 2), (5,), (0, 5, 3), (2, 3, 4, 5)]:
+        with pytest.raises(ImageError, match="not an image"):
+            load_image(np.zeros(shape, np.uint8))
+
+
+def test_tiny_images_do_not_crash(rec, tmp_path):
+    Image.fromarray(np.full((10, 10, 3), 90, np.uint8)).save(tmp_path / "tiny.png")
+    assert rec.predict(tmp_path / "tiny.png") == []
+    assert len(rec.predict(tmp_path / "tiny.png", whole_image_fallback=True)) == 1
+
+
+# --- size limits and bad files ----------------------------------------------------------------
+
+
+def test_too_many_pixels_is_refused(tmp_path):
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((200, 300), np.uint8)).save(path)
+    small = EmotionRecognizer(max_pixels=50_000, threads=1)
+    with pytest.raises(ImageError, match=r"big\.png.*200 = 60,000 pixels, over the limit of 50,000"):
+        small.predict(path)
+    with pytest.raises(ImageError, match="over the limit"):
+        small.predict_batch([ASTRONAUT])
+    with pytest.raises(ImageError, match="over the limit of 1,000"):
+        load_image(Image.new("L", (40, 30)), max_pixels=1_000)
+    assert load_image(path, max_pixels=60_000).shape == (200, 300, 3)  # the limit itself is allowed
+
+
+def test_png_header_claiming_a_huge_size_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "claims_8000x8000.png"
+    path.write_bytes(png_header(8000, 8000))
+    with pytest.raises(ImageError, match=rf"claims_8000x8000\.png.*over the limit of {MAX_PIXELS:,}"):
+        load_image(path)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header(100_000, 100_000))  # past PIL's own decompression-bomb limit
+    with pytest.raises(ImageError, match=r"bomb\.png.*decompression bomb"):
+        load_image(path)
+
+
+@pytest.fixture
+def bad_files(tmp_path) -> dict[str, Path]:
+    data = ASTRONAUT.read_bytes()
+    files = {
+        "truncated.jpg": data[: len(data) // 3],
+        "cut_in_header.jpg": data[:600],
+        "garbled.jpg": data[:2] + bytes(range(256)) * 8 + data[2050:],
+        "text.jpg": b"this is not a picture\n",
+        "empty.jpg": b"",
+        "truncated.png": png_header(64, 64)[:40],
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    return {name: tmp_path / name for name in files}
+
+
+def test_bad_files_raise_image_error_naming_the_file(rec, bad_files):
+    for name, path in bad_files.items():
+        with pytest.raises(ImageError) as e:
+            load_image(path)
+        assert name in str(e.value)
+        assert "corrupt" in str(e.value) or "not an image" in str(e.value)
+        with pytest.raises(ImageError, match=name):
+            rec.predict(path)
+    with pytest.raises(ImageError, match=r"missing\.jpg: no such file"):
+        load_image(bad_files["empty.jpg"].parent / "missing.jpg")
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(bad_files["empty.jpg"].parent)  # a folder
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(b"GIF89a garbage")
+
+
+def test_bad_model_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.onnx"):
+        EmotionRecognizer(tmp_path / "nothere.onnx")
+    (tmp_path / "broken.onnx").write_bytes(b"\x08\x07 not a protobuf model")
+    with pytest.raises(ValueError, match=r"broken\.onnx: not a loadable ONNX model"):
+        EmotionRecognizer(tmp_path / "broken.onnx")
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(CheckpointError, match=r"broken\.pt: not a readable checkpoint"):
+        EmotionRecognizer(tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="unknown backend"):
+        EmotionRecognizer(DEFAULT_MODEL, backend="tensorflow")
+
+
+def test_annotate_draws_on_a_copy(rec):
+    rgb = read_rgb(ASTRONAUT)
+    before = rgb.copy()
+    faces = rec.predict(rgb)
+    out = annotate(rgb, faces)
+    np.testing.assert_array_equal(rgb, before)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    x, y, w, h = faces[0].box
+    assert (out[y, x : x + w] != rgb[y, x : x + w]).any()  # the box's top edge is drawn
+    np.testing.assert_array_equal(out[-50:], rgb[-50:])  # far from the face: untouched
+    edge = FaceResult((0, 0, 30, 30), "happy", 0.9, {})  # label below the box when no room above
+    assert annotate(rgb, [edge]).shape == rgb.shape

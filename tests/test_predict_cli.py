@@ -1,0 +1,230 @@
+"""``ferkit predict``: folders searched recursively, bad inputs reported without stopping the batch,
+table/JSON lines/CSV output, annotated images and videos (ferkit.cli, ferkit.media)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from helpers_inference import ASTRONAUT, CANVAS, iou, make_checkpoint, make_video, placed_boxes, read_rgb
+from PIL import Image
+
+from ferkit.cli import main
+from ferkit.data import CLASSES
+from ferkit.media import expand_paths
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["predict", *map(str, argv), "--no-progress"])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def jsonl(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    """Good images only, in nested folders: 1 face, 3 faces and no face."""
+    root = tmp_path_factory.mktemp("good")
+    shutil.copy(ASTRONAUT, root / "astronaut.jpg")
+    (root / "sub" / "deeper").mkdir(parents=True)
+    Image.open(CANVAS).save(root / "sub" / "deeper" / "canvas.png")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "sub" / "noise.bmp")
+    return root
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, good) -> Path:
+    """The good images plus a truncated JPEG, a text file named .png, an empty .JPG and a .txt file."""
+    root = tmp_path_factory.mktemp("mixed")
+    shutil.copytree(good, root, dirs_exist_ok=True)
+    (root / "bad").mkdir()
+    data = ASTRONAUT.read_bytes()
+    (root / "bad" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "bad" / "fake.png").write_text("not a picture")
+    (root / "sub" / "empty.JPG").write_bytes(b"")
+    (root / "notes.txt").write_text("ignored: not an image extension")
+    return root
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    return make_video(tmp_path_factory.mktemp("video") / "clip.mp4", n_frames=12, fps=10.0)
+
+
+def test_expand_paths(mixed):
+    files = [p.relative_to(mixed).as_posix() for p in expand_paths([mixed])]
+    assert files == sorted(files)
+    assert set(files) == {
+        "astronaut.jpg",
+        "sub/deeper/canvas.png",
+        "sub/noise.bmp",
+        "sub/empty.JPG",
+        "bad/truncated.jpg",
+        "bad/fake.png",
+    }
+    assert expand_paths([mixed / "notes.txt"]) == [mixed / "notes.txt"]  # named files are kept as given
+
+
+def test_all_good_folder_exits_0(capsys, good):
+    code, out, _ = run(capsys, good, "--format", "jsonl")
+    assert code == 0
+    records = {Path(r["source"]).name: r for r in jsonl(out)}
+    assert set(records) == {"astronaut.jpg", "canvas.png", "noise.bmp"}
+    assert all("error" not in r for r in records.values())
+    assert len(records["astronaut.jpg"]["faces"]) == 1
+    assert len(records["canvas.png"]["faces"]) == 3
+    assert records["noise.bmp"]["faces"] == []
+    for name, photo in [("astronaut.jpg", ASTRONAUT), ("canvas.png", CANVAS)]:
+        for placed, face in zip(placed_boxes(photo), records[name]["faces"], strict=True):
+            assert iou(face["box"], placed) > 0.5
+            assert list(face["scores"]) == list(CLASSES)
+            assert sum(face["scores"].values()) == pytest.approx(1, abs=1e-3)
+            assert face["emotion"] == max(face["scores"], key=face["scores"].get)
+
+
+def test_bad_inputs_are_reported_and_the_rest_processed(capsys, mixed):
+    code, out, _ = run(capsys, mixed, mixed / "missing.jpg", "--format", "jsonl")
+    assert code == 1
+    records = {Path(r["source"]).name: r for r in jsonl(out)}
+    assert set(records) == {
+        "astronaut.jpg",
+        "canvas.png",
+        "noise.bmp",
+        "truncated.jpg",
+        "fake.png",
+        "empty.JPG",
+        "missing.jpg",
+    }
+    assert len(records["astronaut.jpg"]["faces"]) == 1 and len(records["canvas.png"]["faces"]) == 3
+    reasons = {
+        "truncated.jpg": "corrupt or truncated",
+        "fake.png": "not an image file",
+        "empty.JPG": "not an image file",
+        "missing.jpg": "no such file",
+    }
+    for name, reason in reasons.items():
+        error = records[name]["error"]
+        assert records[name]["source"] in error and reason in error, error
+        assert "faces" not in records[name]
+
+
+def test_table_output(capsys, mixed):
+    code, out, _ = run(capsys, mixed)
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["source", "frame", "face"]
+    assert sum("ERROR:" in line for line in lines) == 3
+    assert any("truncated.jpg" in line and "ERROR:" in line and "corrupt" in line for line in lines)
+    assert any("noise.bmp" in line and "no face found" in line for line in lines)
+    assert sum("canvas.png" in line for line in lines) == 3
+
+
+def test_csv_output(capsys, mixed):
+    code, out, _ = run(capsys, mixed, "--format", "csv")
+    assert code == 1
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["source", "frame", "face", "x", "y", "w", "h", "emotion", "confidence", *CLASSES, "error"]
+    faces = [r for r in rows if not r["error"] and r["face"]]
+    errors = [r for r in rows if r["error"]]
+    no_face = [r for r in rows if not r["error"] and not r["face"]]
+    assert sorted(Path(r["source"]).name for r in faces) == ["astronaut.jpg"] + ["canvas.png"] * 3
+    assert [Path(r["source"]).name for r in no_face] == ["noise.bmp"]  # a row says it was processed
+    assert sorted(Path(r["source"]).name for r in errors) == ["empty.JPG", "fake.png", "truncated.jpg"]
+    canvas = [r for r in faces if r["source"].endswith("canvas.png")]
+    assert [r["face"] for r in canvas] == ["0", "1", "2"]
+    for row, placed in zip(canvas, placed_boxes(CANVAS), strict=True):
+        assert iou([int(row[k]) for k in "xywh"], placed) > 0.5
+    for r in faces:
+        scores = {c: float(r[c]) for c in CLASSES}
+        assert sum(scores.values()) == pytest.approx(1, abs=1e-3)
+        assert r["emotion"] == max(scores, key=scores.get)
+        assert float(r["confidence"]) == pytest.approx(scores[r["emotion"]], abs=1e-4)
+        assert r["frame"] == ""
+    for r in errors:
+        assert r["source"] in r["error"] and r["emotion"] == ""
+
+
+def test_annotate_writes_images(capsys, good, tmp_path):
+    out_dir = tmp_path / "annotated"
+    code, _, _ = run(capsys, good, "--annotate", out_dir)
+    assert code == 0
+    written = sorted(p.name for p in out_dir.iterdir())
+    assert written == ["astronaut_annotated.png", "canvas_annotated.png", "noise_annotated.png"]
+    annotated, original = read_rgb(out_dir / "canvas_annotated.png"), read_rgb(CANVAS)
+    assert annotated.shape == original.shape
+    green = annotated[..., 1].astype(int) - annotated[..., 0] > 100  # the canvas itself is grey
+    for x, y, w, h in placed_boxes(CANVAS):
+        assert green[y - 10 : y + h + 10, x - 10 : x + w + 10].any()
+    assert not green[440:, :200].any()  # far from every face
+
+
+def test_fallback_classifies_faceless_images(capsys, good):
+    code, out, _ = run(capsys, good / "sub" / "noise.bmp", "--fallback", "--format", "jsonl")
+    assert code == 0
+    (record,) = jsonl(out)
+    assert [f["box"] for f in record["faces"]] == [[0, 0, 64, 64]]
+
+
+def test_video_every_nth_frame(capsys, video, tmp_path):
+    out_dir = tmp_path / "annotated"
+    code, out, _ = run(capsys, video, "--every", "4", "--format", "jsonl", "--annotate", out_dir)
+    assert code == 0
+    records = jsonl(out)
+    assert [r["frame"] for r in records] == [0, 4, 8]
+    assert [r["time_s"] for r in records] == pytest.approx([0.0, 0.4, 0.8])
+    for r in records:
+        assert r["source"] == str(video) and len(r["faces"]) == 1
+        assert sum(r["faces"][0]["scores"].values()) == pytest.approx(1, abs=1e-3)
+    cap = cv2.VideoCapture(str(out_dir / "clip_annotated.mp4"))
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (256, 256)
+    cap.release()
+
+
+def test_video_in_csv_has_frame_numbers(capsys, video):
+    code, out, _ = run(capsys, video, "--every", "5", "--format", "csv")
+    assert code == 0
+    assert [r["frame"] for r in csv.DictReader(io.StringIO(out))] == ["0", "5", "10"]
+
+
+def test_corrupt_video_is_reported(capsys, video, tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    half = tmp_path / "half.mp4"
+    half.write_bytes(video.read_bytes()[:2000])
+    code, out, _ = run(capsys, bad, half, video, "--every", "6", "--format", "jsonl")
+    assert code == 1
+    records = jsonl(out)
+    errors = {Path(r["source"]).name: r["error"] for r in records if "error" in r}
+    assert set(errors) == {"broken.mp4", "half.mp4"}
+    for name, error in errors.items():
+        assert name in error and "video" in error
+    assert [r["frame"] for r in records if r["source"] == str(video)] == [0, 6]
+
+
+def test_torch_checkpoint_model(capsys, good, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "best.pt")
+    code, out, _ = run(capsys, good / "astronaut.jpg", "--model", ckpt, "--backend", "torch", "--format", "jsonl")
+    assert code == 0
+    (record,) = jsonl(out)
+    assert len(record["faces"]) == 1 and list(record["faces"][0]["scores"]) == list(CLASSES)
+
+
+def test_usage_errors_exit_2(capsys, good, video, tmp_path):
+    (tmp_path / "broken.onnx").write_bytes(b"junk")
+    code, out, err = run(capsys, good, "--model", tmp_path / "broken.onnx")
+    assert code == 2 and "broken.onnx" in err and out == ""
+    code, _, err = run(capsys)
+    assert code == 2 and "paths" in err
+    code, out, err = run(capsys, video, "--every", "0")
+    assert code == 2 and "every must be at least 1" in err
