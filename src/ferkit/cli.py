@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     cfg = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig.from_dict(overrides)
     if not cfg.data:
-        raise SystemExit("ferkit train: --data is required (or set `data:` in the --config file)")
+        raise ValueError("--data is required (or set `data:` in the --config file)")
     result = train(cfg, resume=args.resume)
     if args.evaluate and int(__import__("os").environ.get("RANK", "0")) == 0:
         _evaluate([result["best"]], cfg.data, "PrivateTest", Path(cfg.out) / "eval", args.tta, cfg.device)
@@ -198,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ImportError(f"{e.name or e}: the web app needs its extra: pip install 'ferkit[app]'") from e
 
     settings = AppSettings(
-        model=args.model,
+        model=args.model[0] if args.model and len(args.model) == 1 else args.model,
         max_upload_mb=args.max_upload_mb,
         max_pixels=args.max_pixels,
         max_concurrency=args.concurrency,
@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
-    p.add_argument("--model", help=".onnx or .pt model (default: the shipped model)")
+    p.add_argument("--model", nargs="+", help=".onnx or .pt model(s), several = ensemble (default: shipped)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload (default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, w x h (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=2, help="inferences at once (default: %(default)s)")

@@ -39,7 +39,7 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
     class_weights: bool = _opt(True, "weight the loss by dynamic class weights from the training label counts")
     class_weight_power: float = _opt(0.5, "0 = uniform, 0.5 = square-root smoothed, 1 = fully 'balanced'")
-    class_weight_cap: float = _opt(0.0, "cap on any class weight (0 = no cap)")
+    class_weight_cap: float = _opt(0.0, "cap on a class weight before the weights are scaled to average 1 (0 = no cap)")
     sampler: str = _opt(
         "random", "random shuffling, or a class-balanced weighted sampler", choices=["random", "balanced"]
     )

@@ -49,10 +49,15 @@ class FERData:
         return self.images[mask], self.labels[mask]
 
     def subset(self, images: np.ndarray, labels: np.ndarray, n: int, seed: int = 0):
-        """A fixed random subset of ``n`` of the given images (all classes keep their share)."""
+        """A fixed random, stratified subset of ``n`` of the given images: each class keeps its share."""
         if not n or n >= len(labels):
             return images, labels
-        idx = np.sort(np.random.default_rng(seed).permutation(len(labels))[:n])
+        perm = np.random.default_rng(seed).permutation(len(labels))
+        position = np.empty(len(labels))  # where each image falls within its class, in (0, 1)
+        for c in np.unique(labels):
+            members = perm[labels[perm] == c]
+            position[members] = (np.arange(len(members)) + 0.5) / len(members)
+        idx = np.sort(np.argsort(position, kind="stable")[:n])
         return images[idx], labels[idx]
 
     def counts(self) -> dict[str, dict[str, int]]:

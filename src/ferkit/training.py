@@ -125,6 +125,15 @@ def _setup_logging(out: Path, rank: int) -> None:
             log.addHandler(h)
 
 
+def _tensorboard(out: Path) -> Any:
+    """A TensorBoard writer into ``out/tb`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
@@ -150,6 +159,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     xv_np, yv_np = data.split("PublicTest")
     x_np, y_np = data.subset(x_np, y_np, cfg.train_limit)
     xv_np, yv_np = data.subset(xv_np, yv_np, cfg.val_limit)
+    if len(xv_np) == 0:
+        raise ValueError(f"{cfg.data}: no PublicTest images; they are needed to select the best epoch")
     if len(x_np) < cfg.batch_size:
         raise ValueError(f"{len(x_np)} training images is fewer than one batch of {cfg.batch_size}")
     x_train = torch.from_numpy(x_np).to(device)
@@ -240,6 +251,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             "metrics": state["history"][-1] if state["history"] else {},
         }
 
+    tb = _tensorboard(out) if rank == 0 else None
     for epoch in range(state["epoch"], cfg.epochs):
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             break
@@ -339,6 +351,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 row["img_per_s"],
             )
             _write_metrics(out / "metrics.csv", state["history"])
+            if tb is not None:
+                for key, value in row.items():
+                    tb.add_scalar(key, value, epoch + 1)
+                tb.flush()
             ck = checkpoint_state()
             if improved:
                 save_checkpoint(out / "best.pt", ck)
@@ -365,6 +381,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             state["best_epoch"],
             out / "best.pt",
         )
+    if tb is not None:
+        tb.close()
     if world > 1:
         dist.barrier()
     return {**state, "best": str(out / "best.pt"), "last": str(out / "last.pt")}

@@ -1,0 +1,25 @@
+"""Hugging Face Space entry point (Gradio SDK, ``app_file: app.py``): the ferkit web UI.
+
+Locally, ``python app.py`` serves the same UI; ``ferkit serve`` serves it together with the JSON API
+(``/api/v1/predict``, ``/docs``). Settings come from ``FERKIT_MODEL`` (model file; default: the shipped
+model) and ``FERKIT_MAX_UPLOAD_MB``.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+try:
+    import ferkit.app  # noqa: F401
+except ImportError:  # a Space runs this file from a checkout of the repository without installing it
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+from ferkit.app import AppSettings, build_demo, launch_options
+
+settings = AppSettings(
+    model=os.environ.get("FERKIT_MODEL") or None, max_upload_mb=float(os.environ.get("FERKIT_MAX_UPLOAD_MB", "10"))
+)
+demo = build_demo(settings)
+
+if __name__ == "__main__":
+    demo.launch(**launch_options(settings))

@@ -1,0 +1,197 @@
+"""Load benchmark of the web app's JSON API: N concurrent clients send a 640x480 one-face photo to
+``POST /api/v1/predict`` of a real ``ferkit serve`` process on loopback.
+
+    .venv/bin/python benchmarks/load_app.py                      # 8 clients, 1,000 requests
+    .venv/bin/python benchmarks/load_app.py --url http://host:7860 --requests 200
+
+Prints latency percentiles, throughput and errors; writes reports/load_app.json. The clients run on
+the same machine as the server and share its CPU, so on a small machine they slow the server down a
+little; compare numbers only between runs on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+ASTRONAUT = ROOT / "src" / "ferkit" / "assets" / "astronaut.jpg"
+
+
+def one_face_photo() -> bytes:
+    """The astronaut portrait (one face) scaled to 480x480 and centred on a 640x480 grey canvas, JPEG q90."""
+    face = Image.open(ASTRONAUT).convert("RGB").resize((480, 480), Image.BICUBIC)
+    canvas = Image.new("RGB", (640, 480), (128, 128, 128))
+    canvas.paste(face, (80, 0))
+    buf = io.BytesIO()
+    canvas.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def start_server(serve_args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen, str, Path]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = Path(tempfile.mkstemp(prefix="ferkit-load-", suffix=".log")[1])
+    cmd = [
+        sys.executable,
+        "-m",
+        "ferkit",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *serve_args,
+    ]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return proc, url, log
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise SystemExit(f"server not up after {timeout:g} s:\n{log.read_text()}")
+
+
+def run_load(url: str, photo: bytes, requests: int, clients: int) -> dict:
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    faces: Counter[int] = Counter()
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            while True:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                t0 = time.perf_counter()
+                try:
+                    r = c.post("/api/v1/predict", files={"file": ("photo.jpg", photo, "image/jpeg")})
+                    status = str(r.status_code)
+                    n = len(r.json()["faces"]) if r.status_code == 200 else -1
+                except httpx.HTTPError as e:
+                    status, n = type(e).__name__, -1
+                dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+                    statuses[status] += 1
+                    faces[n] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ms = np.asarray(latencies) * 1000
+    ok = statuses.get("200", 0)
+    return {
+        "requests": len(latencies),
+        "clients": clients,
+        "wall_s": round(wall, 2),
+        "throughput_rps": round(len(latencies) / wall, 2),
+        "ok": ok,
+        "errors": len(latencies) - ok,
+        "statuses": dict(statuses),
+        "faces_per_answer": {str(k): v for k, v in sorted(faces.items())},
+        "latency_ms": {
+            "p50": round(float(np.percentile(ms, 50)), 1),
+            "p95": round(float(np.percentile(ms, 95)), 1),
+            "p99": round(float(np.percentile(ms, 99)), 1),
+            "mean": round(float(ms.mean()), 1),
+            "min": round(float(ms.min()), 1),
+            "max": round(float(ms.max()), 1),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=1000, help="requests in all (default: %(default)s)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=20, help="requests first, not measured (default: %(default)s)")
+    parser.add_argument("--url", help="benchmark this running server instead of starting one")
+    parser.add_argument("--serve-args", default="", help="extra `ferkit serve` flags, e.g. '--concurrency 1'")
+    parser.add_argument("--out", default=str(ROOT / "reports" / "load_app.json"), help="JSON report")
+    args = parser.parse_args()
+
+    photo = one_face_photo()
+    proc = log = None
+    if args.url:
+        url = args.url.rstrip("/")
+    else:
+        proc, url, log = start_server(args.serve_args.split())
+    try:
+        health = httpx.get(f"{url}/healthz", timeout=10).json()
+        if args.warmup:
+            run_load(url, photo, args.warmup, min(args.clients, args.warmup))
+        load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        result = run_load(url, photo, args.requests, args.clients)
+        load2 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+    report = {
+        "benchmark": "POST /api/v1/predict, 640x480 JPEG with one face",
+        "photo_bytes": len(photo),
+        "server": url if args.url else f"ferkit serve {args.serve_args}".strip() + " (loopback)",
+        "model": health.get("model"),
+        "version": health.get("version"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_1m_before": load1,
+            "load_avg_1m_after": load2,
+        },
+        **result,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    lat = result["latency_ms"]
+    print(f"{report['benchmark']}: {result['requests']} requests, {result['clients']} clients, model {report['model']}")
+    print(f"{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'mean ms':>9}{'max ms':>8}{'req/s':>8}{'errors':>8}")
+    print(
+        f"{lat['p50']:>8.1f}{lat['p95']:>8.1f}{lat['p99']:>8.1f}{lat['mean']:>9.1f}{lat['max']:>8.1f}"
+        f"{result['throughput_rps']:>8.2f}{result['errors']:>8}"
+    )
+    print(
+        f"statuses {result['statuses']}, faces per answer {result['faces_per_answer']}, "
+        f"{os.cpu_count()} CPUs, load average {load1} -> {load2}"
+    )
+    print(f"wrote {args.out}")
+    if log is not None:
+        log.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

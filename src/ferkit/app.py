@@ -1,0 +1,630 @@
+"""ferkit's web app: a JSON API and a Gradio UI in one FastAPI app, both running the same recognizers.
+
+    ferkit serve                       # http://127.0.0.1:7860: UI at /, POST /api/v1/predict, /docs, /healthz
+    curl -F file=@photo.jpg http://127.0.0.1:7860/api/v1/predict
+
+:func:`create_app` builds the whole app; :func:`build_demo` the UI alone (the Hugging Face Space entry
+point, see ``app.py`` at the project root). Inference runs in worker threads, at most
+``max_concurrency`` at a time, each on its own :class:`~ferkit.inference.EmotionRecognizer` (OpenCV's
+face detector must not be shared between threads). Every error is answered as ``{"error": "..."}``:
+413 upload or image too large, 415 not an image, 400 corrupt image, 503 busy, 504 timed out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__
+from .inference import MAX_PIXELS, EmotionRecognizer, FaceResult, ImageError, annotate, load_image
+
+log = logging.getLogger("ferkit.app")
+
+MB = 1024 * 1024
+ASSETS_DIR = Path(__file__).parent / "assets"
+EXAMPLES = {"four faces": ASSETS_DIR / "faces_group.jpg", "astronaut": ASSETS_DIR / "astronaut.jpg"}  # label: photo
+MAX_FACE_PANELS = 6  # score panels shown in the UI; the summary table lists every face
+T = TypeVar("T")
+
+
+@dataclass
+class AppSettings:
+    """Limits and options of the web app (``ferkit serve --help`` lists them as flags)."""
+
+    model: str | list[str] | None = None  # .onnx or .pt file (a list: an ensemble); None: the shipped model
+    max_upload_mb: float = 10.0  # larger uploads are refused with 413
+    max_pixels: int = MAX_PIXELS  # images with more pixels (width x height) are refused with 413
+    max_concurrency: int = 2  # inferences running at once, one recognizer each
+    max_queue: int = 32  # requests that may wait for a free recognizer; more are refused with 503
+    queue_timeout_s: float = 10.0  # longest wait for a free recognizer before 503
+    timeout_s: float = 30.0  # longest decode + detect + classify of one image before 504
+    threads: int | None = None  # onnxruntime threads per recognizer (default: CPU cores / max_concurrency)
+    ui: bool = True  # mount the Gradio UI at /
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_mb", "max_pixels", "max_concurrency", "queue_timeout_s", "timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be 0 or more, got {self.max_queue!r}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MB)
+
+
+class ServiceError(Exception):
+    """A request the app refuses or cannot serve: an HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+def _mb(n: float) -> str:
+    return f"{n / MB:.1f} MB"
+
+
+def decode_image(src: bytes | np.ndarray, max_pixels: int) -> np.ndarray:
+    """:func:`~ferkit.inference.load_image` with HTTP statuses: 413 over ``max_pixels`` (checked from the
+    header, before decoding), 415 not an image, 400 empty, corrupt or truncated."""
+    if isinstance(src, np.ndarray):
+        if src.ndim >= 2 and src.shape[0] * src.shape[1] > max_pixels:
+            raise ServiceError(413, f"image is {src.shape[1]}x{src.shape[0]} pixels, over the limit of {max_pixels:,}")
+        try:
+            return load_image(src)
+        except ImageError as e:
+            raise ServiceError(400, str(e)) from None
+    if not src:
+        raise ServiceError(400, "empty upload: no image data")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(BytesIO(src)) as im:
+            w, h = im.size
+    except UnidentifiedImageError:
+        raise ServiceError(415, "not an image file (unknown or unsupported format)") from None
+    except Image.DecompressionBombError as e:
+        raise ServiceError(413, f"image refused as a possible decompression bomb ({e})") from None
+    except Exception:  # a header PIL recognises but cannot parse: load_image names the problem
+        pass
+    else:
+        if w * h > max_pixels:
+            raise ServiceError(413, f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+    try:
+        return load_image(src, max_pixels)
+    except ImageError as e:
+        msg = str(e).removeprefix("image: ")
+        raise ServiceError(413 if "over the limit" in msg or "bomb" in msg else 400, msg) from None
+
+
+@dataclass
+class Analysis:
+    """The result of one image: faces, image size, server time and (for the UI) the annotated image."""
+
+    faces: list[FaceResult]
+    width: int
+    height: int
+    elapsed_ms: float
+    annotated: np.ndarray | None = None
+
+
+class RecognizerService:
+    """The recognizers behind the API and the UI: bounded concurrency, a bounded queue and timeouts.
+
+    Each recognizer serves one image at a time. Work runs in worker threads; a request that waits longer
+    than ``queue_timeout_s`` for a recognizer gets 503, one whose inference takes longer than
+    ``timeout_s`` gets 504 (the thread cannot be stopped: its recognizer returns to the pool when it ends,
+    so a timed-out request never lets more than ``max_concurrency`` inferences run)."""
+
+    def __init__(self, recognizers: Sequence[EmotionRecognizer], settings: AppSettings | None = None) -> None:
+        if not recognizers:
+            raise ValueError("RecognizerService needs at least one recognizer")
+        self.recognizers = list(recognizers)
+        self.settings = settings or AppSettings()
+        self._free = list(self.recognizers)
+        self._slots: anyio.Semaphore | None = None  # created in the event loop on first use
+        self._waiting = 0
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: AppSettings | None = None,
+        recognizer: EmotionRecognizer | Sequence[EmotionRecognizer] | None = None,
+    ) -> RecognizerService:
+        """``max_concurrency`` recognizers of ``settings.model``, or the given recognizer(s) (one slot each)."""
+        settings = settings or AppSettings()
+        if recognizer is not None:
+            recs = list(recognizer) if isinstance(recognizer, (list, tuple)) else [recognizer]
+            return cls(recs, settings)
+        threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.max_concurrency)
+        recs = [EmotionRecognizer(settings.model, threads=threads) for _ in range(settings.max_concurrency)]
+        return cls(recs, settings)
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """Name, classes, accuracy and backend of the model (not its file path)."""
+        info = self.recognizers[0].model_info
+        return {k: info.get(k) for k in ("name", "classes", "accuracy", "backend")}
+
+    def _release(self, rec: EmotionRecognizer) -> None:
+        self._free.append(rec)
+        assert self._slots is not None
+        self._slots.release()
+
+    async def run(self, job: Callable[[EmotionRecognizer], T]) -> T:
+        """Run ``job(recognizer)`` in a worker thread once a recognizer is free."""
+        s = self.settings
+        if self._slots is None:
+            self._slots = anyio.Semaphore(len(self.recognizers))
+        if self._slots.value == 0 and self._waiting >= s.max_queue:
+            raise ServiceError(503, f"server busy: {self._waiting} requests already waiting", {"Retry-After": "1"})
+        self._waiting += 1
+        try:
+            with anyio.move_on_after(s.queue_timeout_s) as scope:
+                await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        if scope.cancelled_caught:
+            raise ServiceError(503, f"server busy: no free worker within {s.queue_timeout_s:g} s", {"Retry-After": "2"})
+        rec = self._free.pop()
+        token = anyio.lowlevel.current_token()
+        lock, state = threading.Lock(), {"started": False, "given_up": False}
+
+        def work() -> T:
+            with lock:
+                if state["given_up"]:  # timed out before this thread started: the caller released the slot
+                    raise RuntimeError("abandoned")
+                state["started"] = True
+            try:
+                return job(rec)
+            finally:
+                with contextlib.suppress(RuntimeError):  # RuntimeError: the event loop has stopped (shutdown)
+                    anyio.from_thread.run_sync(self._release, rec, token=token)
+
+        try:
+            with anyio.fail_after(s.timeout_s):
+                return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except TimeoutError:
+            raise ServiceError(504, f"inference took longer than {s.timeout_s:g} s") from None
+        finally:
+            with lock:
+                if not state["started"]:  # cancelled or timed out before the thread began
+                    state["given_up"] = True
+                    self._release(rec)
+
+    async def analyse(
+        self, image: bytes | np.ndarray | str | Path, fallback: bool = False, annotated: bool = False
+    ) -> Analysis:
+        """Decode ``image`` (bytes, an RGB/gray array, or a file path), find and classify every face;
+        ``fallback`` classifies the whole image when no face is found; ``annotated`` also draws them."""
+        t0 = time.perf_counter()
+        limit = self.settings.max_upload_bytes
+
+        def job(rec: EmotionRecognizer) -> tuple[tuple[int, ...], list[FaceResult], np.ndarray | None]:
+            data = image
+            if isinstance(data, (str, Path)):
+                size = os.path.getsize(data)
+                if size > limit:
+                    raise ServiceError(413, f"file is {_mb(size)}, over the upload limit of {_mb(limit)}")
+                data = Path(data).read_bytes()
+            rgb = decode_image(data, self.settings.max_pixels)
+            faces = rec.predict(rgb, whole_image_fallback=fallback)
+            return rgb.shape, faces, annotate(rgb, faces) if annotated else None
+
+        shape, faces, picture = await self.run(job)
+        return Analysis(faces, shape[1], shape[0], (time.perf_counter() - t0) * 1000, picture)
+
+
+# --------------------------------------------------------------------------------------------- the API
+
+
+class Face(BaseModel):
+    box: list[int] = Field(
+        description="x, y, width, height in the original image's pixels", examples=[[177, 66, 95, 95]]
+    )
+    emotion: str = Field(description="the most probable class", examples=["happy"])
+    confidence: float = Field(description="probability of that class", examples=[0.96])
+    scores: dict[str, float] = Field(description="probability of each of the 7 classes (they sum to 1)")
+
+
+class Prediction(BaseModel):
+    faces: list[Face] = Field(description="every face found, left to right; empty when none is found")
+    width: int = Field(description="image width in pixels (after EXIF rotation)")
+    height: int = Field(description="image height in pixels (after EXIF rotation)")
+    model: str = Field(description="name of the model that scored the faces")
+    elapsed_ms: float = Field(description="server time from the upload received to the answer")
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    model: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    classes: list[str]
+    accuracy: float | None = Field(description="PrivateTest accuracy recorded with the model, if any")
+    backend: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "empty, corrupt or truncated image"},
+    413: {"model": ErrorBody, "description": "upload too large, or image has too many pixels"},
+    415: {"model": ErrorBody, "description": "not an image file"},
+    422: {"model": ErrorBody, "description": "no `file` field in the form"},
+    503: {"model": ErrorBody, "description": "server busy: retry later"},
+    504: {"model": ErrorBody, "description": "inference timed out"},
+}
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``limit`` bytes with 413: at once when Content-Length says so, and
+    while reading otherwise (chunked uploads or a wrong Content-Length)."""
+
+    def __init__(self, app: ASGIApp, limit: int, shown_limit: int | None = None) -> None:
+        self.app, self.limit, self.shown_limit = app, limit, shown_limit or limit
+
+    async def _refuse(self, send: Send) -> None:
+        msg = f"upload too large: over the limit of {_mb(self.shown_limit)}"
+        response = JSONResponse({"error": msg}, status_code=413, headers={"Connection": "close"})
+        await response({"type": "http"}, _no_receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    return await self._refuse(send)
+        received, started = 0, False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge()
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, watched_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._refuse(send)
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised while reading an over-long body; an HTTPException so that form parsing passes it through."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "upload too large")
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(
+    recognizer: EmotionRecognizer | Sequence[EmotionRecognizer] | None = None,
+    settings: AppSettings | None = None,
+    **options: Any,
+) -> FastAPI:
+    """The web app: ``POST /api/v1/predict``, ``GET /api/v1/model``, ``GET /healthz``, ``/docs`` and (unless
+    ``ui=False``) the Gradio UI at ``/``.
+
+    ``recognizer``: one recognizer (then one inference at a time) or several; by default
+    ``max_concurrency`` recognizers of ``model``. ``options`` override fields of ``settings``
+    (:class:`AppSettings`), e.g. ``create_app(max_upload_mb=5, max_pixels=10_000_000)``."""
+    settings = dataclasses.replace(settings or AppSettings(), **options)
+    service = RecognizerService.from_settings(settings, recognizer)
+    info = service.model_info
+    app = FastAPI(
+        title="ferkit",
+        version=__version__,
+        description="Facial expression recognition: find every face in a photo and score 7 emotions "
+        f"({', '.join(info['classes'])}). Model: {info['name']}.",
+    )
+    app.state.service, app.state.settings = service, settings
+    # bodies may exceed the image by multipart headers, or by base64 in the UI's JSON (webcam frames);
+    # predict() checks the uploaded file itself against max_upload_bytes exactly
+    body_limit = settings.max_upload_bytes * 4 // 3 + 64 * 1024
+    app.add_middleware(BodySizeLimit, limit=body_limit, shown_limit=settings.max_upload_bytes)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, e: ServiceError) -> JSONResponse:
+        return _error(e.status, e.message, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if isinstance(e, _BodyTooLarge):
+            return _error(
+                413, f"upload too large: over the limit of {_mb(settings.max_upload_bytes)}", {"Connection": "close"}
+            )
+        return _error(e.status_code, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'][1:]) or 'request'}: {err['msg']}" for err in e.errors()
+        )
+        return _error(422, f"invalid request: {problems} (send the image as multipart field 'file')")
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, f"internal server error ({type(e).__name__})")
+
+    @app.post(
+        "/api/v1/predict",
+        response_model=Prediction,
+        responses=ERRORS,
+        tags=["api"],
+        summary="Find every face in an image and score its emotions",
+    )
+    async def predict(
+        file: UploadFile = File(description="the image: JPEG, PNG, WebP, BMP, GIF or TIFF"),
+        fallback: bool = Query(False, description="when no face is found, classify the whole image as one face"),
+    ) -> dict[str, Any]:
+        data = await file.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise ServiceError(413, f"upload too large: over the limit of {_mb(settings.max_upload_bytes)}")
+        a = await service.analyse(data, fallback=fallback)
+        return {
+            "faces": [f.to_dict() for f in a.faces],
+            "width": a.width,
+            "height": a.height,
+            "model": info["name"],
+            "elapsed_ms": round(a.elapsed_ms, 2),
+        }
+
+    @app.get("/api/v1/model", response_model=ModelInfo, tags=["api"], summary="The model behind the API")
+    async def model() -> dict[str, Any]:
+        return info
+
+    @app.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness check")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "model": info["name"]}
+
+    if settings.ui:
+        import gradio as gr
+
+        demo = build_ui(service)
+        app = gr.mount_gradio_app(
+            app,
+            demo,
+            path="/",
+            allowed_paths=[str(ASSETS_DIR)],
+            show_error=True,
+            max_file_size=settings.max_upload_bytes,
+            footer_links=["api"],
+        )
+    return app
+
+
+def serve(
+    settings: AppSettings | None = None, host: str = "127.0.0.1", port: int = 7860, log_level: str = "info"
+) -> None:
+    """Run the app with uvicorn until interrupted (``ferkit serve``)."""
+    import uvicorn
+
+    app = create_app(settings=settings)
+    where = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    print(
+        f"ferkit {__version__}: model {app.state.service.model_info['name']}; "
+        f"UI {where}/  API {where}/api/v1/predict  docs {where}/docs",
+        flush=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+
+
+# ---------------------------------------------------------------------------------------------- the UI
+
+
+def _accuracy_text(acc: float | None) -> str:
+    if acc is None:
+        return "not recorded"
+    return f"{acc:.1%}" if acc <= 1 else f"{acc:.1f}%"
+
+
+def _summary(a: Analysis, fallback_used: bool) -> str:
+    if not a.faces:
+        return (
+            f"**No face found** in this {a.width}×{a.height} image ({a.elapsed_ms:.0f} ms). Try a larger, "
+            "frontal face, or tick *classify the whole image*."
+        )
+    n = len(a.faces)
+    head = f"**{n} face{'s' * (n != 1)}** in this {a.width}×{a.height} image ({a.elapsed_ms:.0f} ms)"
+    if fallback_used:
+        head = f"No face found: **the whole {a.width}×{a.height} image** classified as one face ({a.elapsed_ms:.0f} ms)"
+    rows = ["| face | emotion | confidence | box (x, y, w, h) |", "|---:|---|---:|---|"]
+    rows += [
+        f"| {i} | {f.emotion} | {f.confidence:.0%} | {', '.join(map(str, f.box))} |" for i, f in enumerate(a.faces, 1)
+    ]
+    more = f"\n\nScores are shown for the first {MAX_FACE_PANELS} faces." if n > MAX_FACE_PANELS else ""
+    return head + "\n\n" + "\n".join(rows) + more
+
+
+def build_ui(service: RecognizerService) -> Any:
+    """The Gradio UI (a ``gr.Blocks``) on ``service``: photo upload, webcam snapshot or live stream,
+    examples; the annotated image and the 7 scores of each face."""
+    import gradio as gr
+
+    info, s = service.model_info, service.settings
+    examples = {label: path for label, path in EXAMPLES.items() if path.is_file()}
+    panels_off = [gr.update(visible=False, value=None) for _ in range(MAX_FACE_PANELS)]
+
+    def panel_updates(faces: list[FaceResult]) -> list[Any]:
+        ups = [
+            gr.update(visible=True, value=dict(f.scores), label=f"Face {i}: {f.emotion} {f.confidence:.0%}")
+            for i, f in enumerate(faces[:MAX_FACE_PANELS], 1)
+        ]
+        return ups + panels_off[len(ups) :]
+
+    async def on_photo(path: str | None, fallback: bool) -> list[Any]:
+        if not path:
+            return [None, "", *panels_off]
+        try:
+            a = await service.analyse(path, fallback=fallback, annotated=True)
+        except ServiceError as e:
+            raise gr.Error(e.message) from None
+        used = bool(fallback and a.faces and a.faces[0].box == (0, 0, a.width, a.height))
+        return [a.annotated, _summary(a, used), *panel_updates(a.faces)]
+
+    async def on_frame(frame: np.ndarray | None) -> tuple[Any, Any]:
+        if frame is None:
+            return None, None
+        try:
+            a = await service.analyse(frame, annotated=True)
+        except ServiceError:
+            return gr.skip(), gr.skip()  # busy or a bad frame: keep showing the last result
+        if not a.faces:
+            return a.annotated, None
+        face = max(a.faces, key=lambda f: f.box[2] * f.box[3])
+        return a.annotated, gr.update(value=dict(face.scores), label=f"Largest face: {face.emotion}")
+
+    header = (
+        "# ferkit: facial expression recognition\n"
+        f"Finds every face in a photo and scores 7 emotions ({', '.join(info['classes'])}). "
+        f"Model **{info['name']}** ({info['backend']}), FER-2013 PrivateTest accuracy "
+        f"**{_accuracy_text(info['accuracy'])}**. Faces are found by OpenCV's Haar cascade: frontal faces "
+        "of 24 px or more work best."
+    )
+    api_help = (
+        "The same model answers HTTP requests (when run with `ferkit serve`):\n\n"
+        "```bash\ncurl -F file=@photo.jpg 'http://127.0.0.1:7860/api/v1/predict'\n"
+        "curl -F file=@photo.jpg 'http://127.0.0.1:7860/api/v1/predict?fallback=true'  # no face: whole image\n```\n\n"
+        "Answer: `{faces: [{box, emotion, confidence, scores}], width, height, model, elapsed_ms}`. "
+        f"Limits: uploads up to {s.max_upload_mb:g} MB, images up to {s.max_pixels:,} pixels. "
+        "Interactive documentation: [/docs](/docs)."
+    )
+    with gr.Blocks(
+        title="ferkit: facial expression recognition", analytics_enabled=False, delete_cache=(1800, 3600)
+    ) as demo:
+        gr.Markdown(header, elem_id="ferkit-header")
+        with gr.Tab("Photo"):
+            with gr.Row():
+                with gr.Column():
+                    photo = gr.Image(
+                        label="Photo",
+                        type="filepath",
+                        image_mode=None,
+                        height=420,
+                        sources=["upload", "webcam", "clipboard"],
+                        elem_id="ferkit-photo",
+                    )
+                    fallback = gr.Checkbox(label="If no face is found, classify the whole image", value=False)
+                    button = gr.Button("Detect emotions", variant="primary")
+                    gr.Examples(
+                        [[str(p)] for p in examples.values()],
+                        inputs=photo,
+                        label="Examples: click one",
+                        example_labels=list(examples),
+                    )
+                with gr.Column():
+                    result = gr.Image(
+                        label="Faces found",
+                        type="numpy",
+                        interactive=False,
+                        height=420,
+                        format="jpeg",
+                        elem_id="ferkit-result",
+                    )
+                    summary = gr.Markdown(elem_id="ferkit-summary")
+            with gr.Row(equal_height=True):
+                panels = [
+                    gr.Label(
+                        num_top_classes=len(info["classes"]),
+                        visible=False,
+                        label=f"Face {i}",
+                        elem_id=f"ferkit-face-{i}",
+                        min_width=200,
+                    )
+                    for i in range(1, MAX_FACE_PANELS + 1)
+                ]
+            gr.on(
+                [photo.change, fallback.change, button.click],
+                on_photo,
+                inputs=[photo, fallback],
+                outputs=[result, summary, *panels],
+                api_name="predict",
+                concurrency_limit=s.max_concurrency,
+                concurrency_id="ferkit",
+            )
+        with gr.Tab("Webcam (live)"):
+            gr.Markdown("Allow the browser to use your camera; frames are analysed about twice a second.")
+            with gr.Row():
+                cam = gr.Image(
+                    label="Webcam", sources=["webcam"], streaming=True, type="numpy", height=360, elem_id="ferkit-cam"
+                )
+                cam_result = gr.Image(
+                    label="Live result", interactive=False, format="jpeg", height=360, elem_id="ferkit-cam-result"
+                )
+                cam_scores = gr.Label(
+                    num_top_classes=len(info["classes"]), label="Largest face", elem_id="ferkit-cam-scores"
+                )
+            cam.stream(
+                on_frame,
+                inputs=[cam],
+                outputs=[cam_result, cam_scores],
+                stream_every=0.5,
+                time_limit=300,
+                concurrency_limit=s.max_concurrency,
+                concurrency_id="ferkit",
+                api_name="predict_frame",
+                show_progress="hidden",
+            )
+        with gr.Tab("API"):
+            gr.Markdown(api_help)
+    return demo
+
+
+def build_demo(settings: AppSettings | None = None, **options: Any) -> Any:
+    """The UI alone (a ``gr.Blocks``), for ``demo.launch(**launch_options())``: the Hugging Face Space."""
+    settings = dataclasses.replace(settings or AppSettings(), **options)
+    return build_ui(RecognizerService.from_settings(settings))
+
+
+def launch_options(settings: AppSettings | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``demo.launch()`` matching ``settings`` (examples served, upload limit)."""
+    settings = settings or AppSettings()
+    return {"allowed_paths": [str(ASSETS_DIR)], "max_file_size": settings.max_upload_bytes, "show_error": True}

@@ -1,0 +1,354 @@
+"""The web app: its JSON API against a real ``ferkit serve`` process on loopback (real model, real
+photos), then the concurrency limits (busy, timeout) in-process with a deliberately slow stand-in."""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("gradio")
+httpx = pytest.importorskip("httpx")
+
+from appserver import running_server  # noqa: E402
+
+from ferkit.app import ASSETS_DIR, AppSettings, create_app  # noqa: E402
+from ferkit.data import CLASSES  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+MAX_UPLOAD_MB = 1  # small limits for the test server, so that "too large" inputs stay small
+MAX_PIXELS = 4_000_000
+PREDICT = "/api/v1/predict"
+
+
+@pytest.fixture(scope="module")
+def server() -> str:
+    with running_server(
+        "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-pixels", str(MAX_PIXELS), "--log-level", "warning"
+    ) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+def post_file(client, data: bytes, name: str = "photo.jpg", mime: str = "image/jpeg", **params):
+    return client.post(PREDICT, files={"file": (name, data, mime)}, params=params)
+
+
+def encode(img: np.ndarray | Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def no_face_image(w: int = 400, h: int = 300) -> bytes:
+    """A smooth colour gradient: nothing a face detector should fire on."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 128)], axis=-1).astype(np.uint8)
+    return encode(rgb)
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares ``width`` x ``height`` pixels (a decompression bomb's header):
+    IHDR, one short IDAT chunk, IEND."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(bytes(1000))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def iou(a, b) -> float:
+    iw = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def check_face(face: dict) -> None:
+    assert set(face) == {"box", "emotion", "confidence", "scores"}
+    assert len(face["box"]) == 4 and all(isinstance(v, int) for v in face["box"])
+    assert list(face["scores"]) == list(CLASSES)
+    assert sum(face["scores"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert face["emotion"] == max(face["scores"], key=face["scores"].get)
+    assert face["confidence"] == pytest.approx(face["scores"][face["emotion"]])
+
+
+def check_error(r, *statuses: int) -> str:
+    assert r.status_code in statuses, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and body["error"], body
+    return body["error"]
+
+
+# ------------------------------------------------------------------------------------ good inputs
+
+
+def test_health_model_docs_and_ui(client):
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["model"]
+    model = client.get("/api/v1/model").json()
+    assert model["name"] == health["model"] and model["classes"] == list(CLASSES)
+    assert "path" not in model  # no server file paths in public answers
+    assert client.get("/docs").status_code == 200
+    assert PREDICT in client.get("/openapi.json").json()["paths"]
+    ui = client.get("/")
+    assert ui.status_code == 200 and "gradio" in ui.text.lower()
+
+
+def test_one_face(client):
+    r = post_file(client, (ASSETS_DIR / "astronaut.jpg").read_bytes())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"faces", "width", "height", "model", "elapsed_ms"}
+    assert (body["width"], body["height"]) == (512, 512)
+    assert body["model"] == client.get("/healthz").json()["model"]
+    assert body["elapsed_ms"] > 0
+    assert len(body["faces"]) == 1
+    check_face(body["faces"][0])
+    assert iou(body["faces"][0]["box"], (180, 68, 90, 97)) > 0.6  # hand-drawn box around her face
+
+
+def test_several_faces(client):
+    r = post_file(client, (ASSETS_DIR / "faces_group.jpg").read_bytes())
+    assert r.status_code == 200, r.text
+    faces = r.json()["faces"]
+    assert len(faces) == 4
+    for face in faces:
+        check_face(face)
+    pasted = [(30, 150, 190, 190), (255, 40, 150, 150), (300, 320, 110, 110), (470, 80, 130, 130)]
+    assert [f["box"][0] for f in faces] == sorted(f["box"][0] for f in faces)  # left to right
+    for face, box in zip(faces, pasted, strict=True):
+        assert iou(face["box"], box) > 0.6
+
+
+def test_png_upload_with_any_mime_type(client):
+    rgb = np.asarray(Image.open(ASSETS_DIR / "astronaut.jpg").convert("RGB"))
+    r = post_file(client, encode(rgb, "PNG"), name="upload.bin", mime="application/octet-stream")
+    assert r.status_code == 200 and len(r.json()["faces"]) == 1
+
+
+def test_no_face(client):
+    r = post_file(client, no_face_image(), name="gradient.png", mime="image/png")
+    assert r.status_code == 200, r.text
+    assert r.json()["faces"] == []
+    assert (r.json()["width"], r.json()["height"]) == (400, 300)
+
+
+def test_no_face_with_fallback(client):
+    r = post_file(client, no_face_image(), name="gradient.png", mime="image/png", fallback="true")
+    assert r.status_code == 200, r.text
+    faces = r.json()["faces"]
+    assert len(faces) == 1 and faces[0]["box"] == [0, 0, 400, 300]
+    check_face(faces[0])
+
+
+def test_concurrent_requests(client, server):
+    data = (ASSETS_DIR / "astronaut.jpg").read_bytes()
+    results: list[int] = []
+
+    def worker():
+        with httpx.Client(base_url=server, timeout=60) as c:
+            for _ in range(3):
+                results.append(post_file(c, data).status_code)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 18
+
+
+# ------------------------------------------------------------------------------------- bad inputs
+
+
+def test_too_large_by_content_length(client):
+    error = check_error(post_file(client, b"\xff\xd8" + b"0" * 2 * MAX_UPLOAD_MB * 2**20), 413)
+    assert "too large" in error and "1.0 MB" in error
+
+
+def test_too_large_file_just_over_the_limit(client):
+    # the body fits the middleware's allowance for multipart headers; the file itself is over the limit
+    error = check_error(post_file(client, b"0" * (MAX_UPLOAD_MB * 2**20 + 10)), 413)
+    assert "too large" in error
+
+
+def test_too_large_chunked_without_content_length(client):
+    boundary = "ferkitboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
+
+    def body():  # a generator: httpx sends it chunked, with no Content-Length
+        yield head
+        for _ in range(3 * MAX_UPLOAD_MB * 16):
+            yield b"0" * 65536
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = client.post(PREDICT, content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert "content-length" not in r.request.headers
+    check_error(r, 413)
+
+
+@pytest.mark.parametrize(
+    "data,name",
+    [
+        (b"hello, this is plain text and no image", "notes.txt"),
+        (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n", "doc.pdf"),
+        (bytes(range(256)) * 20, "random.bin"),
+    ],
+)
+def test_not_an_image(client, data, name):
+    error = check_error(post_file(client, data, name=name, mime="application/octet-stream"), 415, 400)
+    assert "not an image" in error
+
+
+def test_corrupt_images(client):
+    jpeg = (ASSETS_DIR / "astronaut.jpg").read_bytes()
+    error = check_error(post_file(client, jpeg[: len(jpeg) // 2]), 400, 415)  # truncated JPEG
+    assert "truncated" in error or "corrupt" in error
+    png = encode(np.zeros((64, 64, 3), np.uint8))
+    broken = png[:40] + bytes(len(png) - 40)  # valid header, zeroed chunks
+    check_error(post_file(client, broken, name="broken.png", mime="image/png"), 400, 415)
+    check_error(post_file(client, b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, name="sig.png", mime="image/png"), 400, 415)
+
+
+def test_oversized_dimensions(client):
+    big = Image.new("L", (2100, 2000), 128)  # 4.2 M pixels > 4 M; a few kB as PNG
+    error = check_error(post_file(client, encode(big), name="big.png", mime="image/png"), 413)
+    assert "2100x2000" in error and "limit" in error
+
+
+@pytest.mark.parametrize("side", [3000, 10000, 30000])  # 9 M, 100 M (PIL warns), 900 M pixels (PIL refuses)
+def test_decompression_bomb(client, side):
+    error = check_error(post_file(client, png_bomb(side, side), name="bomb.png", mime="image/png"), 413)
+    assert f"{side}x{side}" in error or "bomb" in error
+
+
+def test_empty_file_and_missing_field(client):
+    check_error(post_file(client, b""), 400)
+    error = check_error(client.post(PREDICT, data={"other": "x"}), 422)
+    assert "file" in error
+    check_error(client.post(PREDICT, content=b"raw bytes", headers={"Content-Type": "image/jpeg"}), 422)
+
+
+def test_server_survived_bad_inputs(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert post_file(client, (ASSETS_DIR / "astronaut.jpg").read_bytes()).status_code == 200
+
+
+def test_cli_defaults_match_settings():
+    from ferkit.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    s = AppSettings()
+    assert (args.host, args.port) == ("127.0.0.1", 7860)
+    assert (args.max_upload_mb, args.max_pixels, args.concurrency, args.queue, args.queue_timeout, args.timeout) == (
+        s.max_upload_mb,
+        s.max_pixels,
+        s.max_concurrency,
+        s.max_queue,
+        s.queue_timeout_s,
+        s.timeout_s,
+    )
+
+
+# ---------------------------------------------- busy and timeout, in-process with a slow stand-in model
+
+
+class SlowRecognizer:
+    """Stands in for EmotionRecognizer: no faces, after waiting ``delay`` seconds."""
+
+    model_info = {"name": "slow-stand-in", "classes": list(CLASSES), "accuracy": None, "backend": "none"}
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.started, self.finished = delay, threading.Event(), threading.Event()
+
+    def predict(self, image, whole_image_fallback=False):
+        self.started.set()
+        time.sleep(self.delay)
+        self.finished.set()
+        return []
+
+
+@pytest.fixture
+def tiny_png() -> bytes:
+    return encode(np.full((32, 32, 3), 200, np.uint8))
+
+
+def test_timeout_is_504_and_frees_the_worker(tiny_png):
+    from fastapi.testclient import TestClient
+
+    slow = SlowRecognizer(delay=1.0)
+    with TestClient(create_app(slow, ui=False, timeout_s=0.2)) as c:
+        t0 = time.monotonic()
+        error = check_error(c.post(PREDICT, files={"file": ("a.png", tiny_png)}), 504)
+        assert "longer than" in error and time.monotonic() - t0 < 0.9
+        assert slow.finished.wait(5)
+        slow.delay = 0.0
+        time.sleep(0.1)  # the finished thread hands its recognizer back to the event loop
+        assert c.post(PREDICT, files={"file": ("a.png", tiny_png)}).status_code == 200
+
+
+@pytest.mark.parametrize("max_queue,queue_timeout_s", [(0, 10.0), (4, 0.2)])
+def test_busy_is_503(tiny_png, max_queue, queue_timeout_s):
+    from fastapi.testclient import TestClient
+
+    slow = SlowRecognizer(delay=1.0)
+    app = create_app(slow, ui=False, max_queue=max_queue, queue_timeout_s=queue_timeout_s, timeout_s=10)
+    with TestClient(app) as c:
+        first: list[int] = []
+        t = threading.Thread(
+            target=lambda: first.append(c.post(PREDICT, files={"file": ("a.png", tiny_png)}).status_code)
+        )
+        t.start()
+        assert slow.started.wait(5)
+        r = c.post(PREDICT, files={"file": ("b.png", tiny_png)})
+        error = check_error(r, 503)
+        assert "busy" in error and "retry-after" in r.headers
+        t.join()
+        assert first == [200]
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="max_concurrency"):
+        AppSettings(max_concurrency=0)
+    with pytest.raises(TypeError):
+        create_app(SlowRecognizer(0), no_such_option=1)
+
+
+def test_examples_are_shipped_and_small():
+    files = sorted(Path(ASSETS_DIR).glob("*.jpg"))
+    assert [f.name for f in files] == ["astronaut.jpg", "faces_group.jpg"]
+    assert all(f.stat().st_size < 100_000 for f in files)
+
+
+def test_unexpected_error_is_json_500(tiny_png):
+    from fastapi.testclient import TestClient
+
+    class Broken(SlowRecognizer):
+        def predict(self, image, whole_image_fallback=False):
+            raise RuntimeError("model exploded")
+
+    with TestClient(create_app(Broken(0), ui=False), raise_server_exceptions=False) as c:
+        r = c.post(PREDICT, files={"file": ("a.png", tiny_png)})
+        assert "RuntimeError" in check_error(r, 500) and "exploded" not in r.text  # no internals leaked
+        assert check_error(c.get("/no/such/page"), 404) == "Not Found"
+        assert c.get("/healthz").status_code == 200

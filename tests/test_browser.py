@@ -1,0 +1,118 @@
+"""The Gradio UI in a real browser: Debian's chromium driven by Playwright, against ``ferkit serve``.
+
+Needs ``apt-get install chromium`` and ``pip install playwright`` (never ``playwright install``: the
+system chromium is used); skipped when either is missing. Saves reports/app_screenshot.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from appserver import running_server  # noqa: E402
+
+from ferkit.app import ASSETS_DIR  # noqa: E402
+from ferkit.data import CLASSES  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("FERKIT_CHROMIUM", "/usr/bin/chromium")
+SCREENSHOT = Path(__file__).resolve().parents[1] / "reports" / "app_screenshot.png"
+TIMEOUT_MS = 60_000
+
+if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
+    pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+
+def write_y4m(image: Path, out: Path, frames: int = 10) -> Path:
+    """A short raw video (YUV4MPEG2, 4:2:0) of a still photo, for chromium's fake webcam."""
+    import numpy as np
+    from PIL import Image
+
+    ycbcr = np.asarray(Image.open(image).convert("RGB").convert("YCbCr"))
+    h, w = ycbcr.shape[:2]
+    y, cb, cr = (ycbcr[..., i] for i in range(3))
+    frame = b"FRAME\n" + y.tobytes() + cb[::2, ::2].tobytes() + cr[::2, ::2].tobytes()
+    out.write_bytes(f"YUV4MPEG2 W{w} H{h} F5:1 Ip A1:1 C420jpeg\n".encode() + frame * frames)
+    return out
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    camera = write_y4m(ASSETS_DIR / "faces_group.jpg", tmp_path_factory.mktemp("camera") / "faces.y4m")
+    with running_server("--log-level", "warning") as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-video-capture={camera}",
+            ],
+        )
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 900}, permissions=["camera"])
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url + "/", wait_until="domcontentloaded")
+            yield page
+        finally:
+            browser.close()
+
+
+def test_header_shows_model(page):
+    header = page.locator("#ferkit-header")
+    sync_api.expect(header).to_contain_text("facial expression recognition", timeout=TIMEOUT_MS)
+    sync_api.expect(header).to_contain_text("Model")
+    sync_api.expect(header).to_contain_text("PrivateTest accuracy")
+
+
+def test_example_click_runs_prediction(page):
+    page.get_by_text("astronaut", exact=True).first.click()
+    summary = page.locator("#ferkit-summary")
+    sync_api.expect(summary).to_contain_text("1 face", timeout=TIMEOUT_MS)
+    sync_api.expect(page.locator("#ferkit-face-1")).to_be_visible()
+    sync_api.expect(page.locator("#ferkit-face-2")).to_be_hidden()
+
+
+def test_upload_shows_every_face_and_scores(page):
+    page.locator("#ferkit-photo input[type=file]").set_input_files(str(ASSETS_DIR / "faces_group.jpg"))
+    summary = page.locator("#ferkit-summary")
+    sync_api.expect(summary).to_contain_text("4 faces", timeout=TIMEOUT_MS)
+    sync_api.expect(page.locator("#ferkit-result img")).to_be_visible()
+    for i in range(1, 5):
+        panel = page.locator(f"#ferkit-face-{i}")
+        sync_api.expect(panel).to_be_visible()
+        sync_api.expect(panel).to_contain_text(f"Face {i}")
+        for cls in CLASSES:  # all 7 probabilities of every face
+            sync_api.expect(panel).to_contain_text(cls)
+    sync_api.expect(page.locator("#ferkit-face-5")).to_be_hidden()
+    text = summary.inner_text()
+    assert any(cls in text for cls in CLASSES)
+    page.wait_for_timeout(500)  # let the result image finish painting
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_live_webcam_stream(page):
+    """The streaming tab on chromium's fake camera, which plays the four-faces photo."""
+    page.get_by_role("tab", name="Webcam (live)").click()
+    page.get_by_text("Click to Access Webcam").click()
+    page.get_by_role("button", name="capture photo").click()  # starts streaming
+    scores = page.locator("#ferkit-cam-scores")
+    sync_api.expect(scores).to_contain_text("Largest face:", timeout=TIMEOUT_MS)
+    for cls in CLASSES:
+        sync_api.expect(scores).to_contain_text(cls)
+    sync_api.expect(page.locator("#ferkit-cam-result img")).to_be_visible()
+    page.screenshot(path=str(SCREENSHOT.with_name("app_webcam_screenshot.png")), full_page=True)

@@ -1,0 +1,175 @@
+"""The ``ferkit`` command line, called in-process through ``cli.main``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from ferkit import cli
+from ferkit.checkpoint import load_checkpoint
+from ferkit.config import TrainConfig
+from ferkit.data import load_cache
+from ferkit.models import MODELS
+
+
+def _squash(text: str) -> str:
+    return "".join(text.split())
+
+
+def test_train_help_lists_every_config_field(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    flat = _squash(out)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out, flag
+        assert _squash(f.metadata["help"]) in flat, f.name
+        if f.type in ("bool", bool):
+            assert "--no-" + f.name.replace("_", "-") in out
+    for extra in ("--config", "--resume", "--evaluate", "--tta"):
+        assert extra in out
+
+
+def test_prepare_writes_cache(tmp_path, fer_folder, capsys):
+    out = tmp_path / "fer.npz"
+    assert cli.main(["prepare", str(fer_folder.root), "-o", str(out)]) == 0
+    data = load_cache(out)
+    assert len(data) == 49
+    assert {s: sum(c.values()) for s, c in data.counts().items()} == {
+        "Training": 21,
+        "PublicTest": 14,
+        "PrivateTest": 14,
+    }
+    printed = capsys.readouterr().out
+    assert f"wrote {out}: 49 images" in printed and "Training" in printed
+
+
+def test_prepare_csv(tmp_path, fer_csv):
+    out = tmp_path / "fer.npz"
+    assert cli.main(["prepare", str(fer_csv[0]), "-o", str(out)]) == 0
+    assert len(load_cache(out)) == len(fer_csv[1])
+
+
+@pytest.mark.parametrize("kind", ["missing", "bad_class", "bad_csv"])
+def test_prepare_bad_input_exit_2_names_path(tmp_path, capsys, kind):
+    out = tmp_path / "fer.npz"
+    if kind == "missing":
+        src = bad = tmp_path / "no_such_folder"
+    elif kind == "bad_class":
+        src = tmp_path
+        bad = tmp_path / "train" / "smiling"
+        bad.mkdir(parents=True)
+    else:
+        src = bad = tmp_path / "fer2013.csv"
+        src.write_text("a,b,c\n")
+    assert cli.main(["prepare", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ferkit prepare: error: ")
+    assert str(bad) in err
+    assert not out.exists()
+
+
+def test_models_lists_registry(capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in MODELS:
+        assert name in out
+    assert "timm:<arch>" in out
+
+
+def test_train_then_evaluate(tmp_path, synthetic_cache, capsys):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        str(synthetic_cache),
+        "--out",
+        str(out),
+        "--model-kwargs",
+        "{width: 0.25}",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--train-limit",
+        "32",
+        "--augment",
+        "none",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
+    assert cli.main(args) == 0
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    cfg = TrainConfig.from_dict(load_checkpoint(out / "last.pt")["config"])
+    assert (cfg.model_kwargs, cfg.epochs, cfg.batch_size, cfg.train_limit, cfg.progress) == (
+        {"width": 0.25},
+        1,
+        16,
+        32,
+        False,
+    )
+    report = json.loads((out / "eval" / "PrivateTest.json").read_text())  # --evaluate is on by default
+    assert report["split"] == "PrivateTest" and report["n"] == 28
+    assert "accuracy" in capsys.readouterr().out
+
+    eval_out = tmp_path / "eval2"
+    assert (
+        cli.main(
+            ["evaluate", str(out / "best.pt"), "--data", str(synthetic_cache), "--out", str(eval_out)]
+            + ["--split", "PublicTest", "--tta", "none", "flip", "--device", "cpu", "--limit", "14"]
+        )
+        == 0
+    )
+    for name in ("PublicTest.json", "PublicTest_tta-flip.json"):
+        assert json.loads((eval_out / name).read_text())["n"] == 14
+
+
+def test_train_with_config_file(tmp_path, synthetic_cache):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(
+        f"data: {synthetic_cache}\nout: {tmp_path / 'run'}\nmodel_kwargs: {{width: 0.25}}\nepochs: 1\n"
+        "batch_size: 16\ntrain_limit: 32\ndevice: cpu\nthreads: 1\nprogress: false\n"
+    )
+    # a command-line option overrides the file
+    assert cli.main(["train", "--config", str(cfg_file), "--epochs", "2", "--no-evaluate"]) == 0
+    assert (tmp_path / "run" / "last.pt").is_file() and not (tmp_path / "run" / "eval").exists()
+    assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
+
+
+def test_train_unknown_config_field(tmp_path, capsys):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("epoch: 3\n")
+    assert cli.main(["train", "--config", str(cfg_file)]) == 2
+    err = capsys.readouterr().err
+    assert str(cfg_file) in err and "epoch" in err
+
+
+def test_train_bad_data_path(tmp_path, capsys):
+    missing = tmp_path / "nothing.npz"
+    assert cli.main(["train", "--data", str(missing), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_train_requires_data(tmp_path, capsys):
+    assert cli.main(["train", "--out", str(tmp_path / "run")]) == 2
+    assert "ferkit train: error: --data is required" in capsys.readouterr().err
+
+
+def test_evaluate_missing_checkpoint(tmp_path, synthetic_cache, capsys):
+    missing = tmp_path / "none.pt"
+    assert cli.main(["evaluate", str(missing), "--data", str(synthetic_cache), "--device", "cpu"]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_bad_choice_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--schedule", "linear"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,354 @@
+"""Loading FER-2013 from image folders, fer2013.csv and the .npz cache, and the errors for bad input."""
+
+from __future__ import annotations
+
+import re
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import pixels_str, synthetic_data, synthetic_face, write_csv
+from PIL import Image
+
+from ferkit.data import (
+    CLASSES,
+    SPLITS,
+    DataError,
+    FERData,
+    _split_of,
+    load_cache,
+    load_csv,
+    load_dataset,
+    load_folder,
+    prepare,
+    save_cache,
+)
+
+
+def _by_source(data: FERData) -> dict[str, int]:
+    return {str(s): i for i, s in enumerate(data.sources)}
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def test_load_folder_with_prefixes(fer_folder):
+    data = load_folder(fer_folder.root, progress=False)
+    assert len(data) == len(fer_folder.expected) == 49
+    assert data.images.shape == (49, 48, 48) and data.images.dtype == np.uint8
+    assert data.labels.dtype == np.int64 and data.splits.dtype == np.uint8
+    index = _by_source(data)
+    assert set(index) == set(fer_folder.expected)
+    for rel, (label, split, img) in fer_folder.expected.items():
+        i = index[rel]
+        assert data.labels[i] == label, rel
+        assert data.splits[i] == split, rel
+        if rel in fer_folder.lossless:
+            np.testing.assert_array_equal(data.images[i], img)
+        else:  # JPEG: lossy, but close
+            assert np.abs(data.images[i].astype(int) - img).mean() < 6, rel
+    counts = data.counts()
+    assert counts["Training"] == dict.fromkeys(CLASSES, 3)
+    assert counts["PublicTest"] == dict.fromkeys(CLASSES, 2)
+    assert counts["PrivateTest"] == dict.fromkeys(CLASSES, 2)
+
+
+def test_load_folder_without_prefixes_follows_documented_split_rule(fer_folder_noprefix):
+    data = load_folder(fer_folder_noprefix.root, progress=False)
+    index = _by_source(data)
+    assert set(index) == set(fer_folder_noprefix.expected)
+    for rel, (label, split, img) in fer_folder_noprefix.expected.items():
+        i = index[rel]
+        assert (data.labels[i], data.splits[i]) == (label, split), rel
+        np.testing.assert_array_equal(data.images[i], img)
+    counts = data.counts()
+    # 5 test files per class, sorted by name: positions 0, 2, 4 PublicTest; 1, 3 PrivateTest
+    assert counts["Training"] == dict.fromkeys(CLASSES, 2)
+    assert counts["PublicTest"] == dict.fromkeys(CLASSES, 3)
+    assert counts["PrivateTest"] == dict.fromkeys(CLASSES, 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "top", "index", "expected"),
+    [
+        ("Training_1.jpg", "test", 1, "Training"),  # a prefix wins over the folder
+        ("PublicTest_7.jpg", "train", 0, "PublicTest"),
+        ("PrivateTest_7.jpg", "test", 0, "PrivateTest"),
+        ("img.jpg", "train", 5, "Training"),
+        ("img.jpg", "test", 0, "PublicTest"),
+        ("img.jpg", "test", 1, "PrivateTest"),
+        ("img.jpg", "test", 4, "PublicTest"),
+        ("img.jpg", "val", 3, "PrivateTest"),
+        ("Other_1.jpg", "test", 2, "PublicTest"),  # unknown prefix: folder rule
+    ],
+)
+def test_split_of(name, top, index, expected):
+    assert SPLITS[_split_of(name, top, index)] == expected
+
+
+def test_folder_details(tmp_path):
+    """val/ is read like test/; class folders are case-insensitive; other files are ignored; RGB and
+    other sizes are converted to 48x48 grayscale."""
+    img = synthetic_face(3, 0)
+    Image.fromarray(img).save(_mk(tmp_path / "train/Happy/Training_0.png"))
+    rgb = np.stack([np.full((64, 64), v, np.uint8) for v in (200, 100, 50)], -1)
+    Image.fromarray(rgb).save(_mk(tmp_path / "train/sad/Training_big.PNG"))
+    (tmp_path / "train/sad/notes.txt").write_text("not an image")
+    (tmp_path / "train/sad/sub").mkdir()
+    Image.fromarray(img).save(_mk(tmp_path / "val/angry/x0.png"))
+    Image.fromarray(img).save(_mk(tmp_path / "val/angry/x1.png"))
+    data = load_dataset(tmp_path, progress=False)
+    assert len(data) == 4
+    index = _by_source(data)
+    assert data.labels[index["train/Happy/Training_0.png"]] == CLASSES.index("happy")
+    big = data.images[index["train/sad/Training_big.PNG"]]
+    assert big.shape == (48, 48)
+    expected_gray = round(200 * 0.299 + 100 * 0.587 + 50 * 0.114)  # PIL's ITU-R 601-2 luma
+    assert np.abs(big.astype(int) - expected_gray).max() <= 1
+    assert data.splits[index["val/angry/x0.png"]] == SPLITS.index("PublicTest")
+    assert data.splits[index["val/angry/x1.png"]] == SPLITS.index("PrivateTest")
+
+
+def _mk(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_missing_folder_names_it(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=re.escape(str(missing))):
+        load_folder(missing)
+    with pytest.raises(DataError, match=re.escape(str(missing))):
+        load_dataset(missing)
+
+
+def test_folder_without_train_or_test(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match=re.escape(str(tmp_path)) + ".*train/"):
+        load_folder(tmp_path)
+
+
+def test_folder_without_images(tmp_path):
+    (tmp_path / "train/happy").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        load_folder(tmp_path, progress=False)
+
+
+def test_unknown_class_folder_names_it(tmp_path):
+    Image.fromarray(synthetic_face(0, 0)).save(_mk(tmp_path / "train/angry/Training_0.png"))
+    Image.fromarray(synthetic_face(0, 1)).save(_mk(tmp_path / "train/contempt/Training_1.png"))
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "train" / "contempt")) + ".*'contempt'"):
+        load_folder(tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "empty"])
+def test_corrupt_image_names_the_file(tmp_path, kind):
+    Image.fromarray(synthetic_face(0, 0)).save(_mk(tmp_path / "train/angry/Training_0.jpg"), quality=95)
+    bad = _mk(tmp_path / "train/fear/Training_bad.jpg")
+    if kind == "garbage":
+        bad.write_bytes(b"this is not a JPEG file" * 20)
+    elif kind == "truncated":
+        Image.fromarray(synthetic_face(2, 0)).save(bad, quality=95)
+        bad.write_bytes(bad.read_bytes()[:300])
+    else:
+        bad.write_bytes(b"")
+    with pytest.raises(DataError, match=re.escape(str(bad)) + ": unreadable image"):
+        load_folder(tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------- fer2013.csv
+
+
+def test_load_csv(fer_csv):
+    path, expected = fer_csv
+    data = load_csv(path, progress=False)
+    np.testing.assert_array_equal(data.images, expected.images)
+    np.testing.assert_array_equal(data.labels, expected.labels)
+    np.testing.assert_array_equal(data.splits, expected.splits)
+    np.testing.assert_array_equal(data.sources, expected.sources)
+    assert set(data.splits.tolist()) == {0, 1, 2}
+    # and through the dispatcher
+    np.testing.assert_array_equal(load_dataset(path, progress=False).images, expected.images)
+
+
+def test_csv_tolerates_spaces_and_crlf(tmp_path):
+    img = synthetic_face(4, 0)
+    path = tmp_path / "f.csv"
+    path.write_bytes(f"emotion, pixels, Usage\r\n 4 ,{pixels_str(img)}, PublicTest \r\n".encode())
+    data = load_csv(path, progress=False)
+    np.testing.assert_array_equal(data.images[0], img)
+    assert data.labels.tolist() == [4] and data.splits.tolist() == [1]
+
+
+def _good_row(label=0, usage="Training"):
+    return (str(label), pixels_str(synthetic_face(label, 0)), usage)
+
+
+def test_csv_wrong_header(tmp_path):
+    path = write_csv(tmp_path / "fer2013.csv", [_good_row()], header="label,pixels,Usage")
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: expected header emotion,pixels,Usage")):
+        load_csv(path, progress=False)
+
+
+def test_csv_empty_file(tmp_path):
+    path = tmp_path / "fer2013.csv"
+    path.write_text("")
+    with pytest.raises(DataError, match=re.escape(f"{path}:1")):
+        load_csv(path, progress=False)
+
+
+def test_csv_no_rows(tmp_path):
+    path = write_csv(tmp_path / "fer2013.csv", [])
+    with pytest.raises(DataError, match=re.escape(f"{path}: no data rows")):
+        load_csv(path, progress=False)
+
+
+def test_csv_missing_file(tmp_path):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "x.csv"))):
+        load_csv(tmp_path / "x.csv")
+
+
+@pytest.mark.parametrize(
+    ("pixels", "message"),
+    [
+        (" ".join(["7"] * 2303), "expected 2304 pixel values, got 2303"),
+        (" ".join(["7"] * 2305), "expected 2304 pixel values, got 2305"),
+        ("", "expected 2304 pixel values, got 0"),
+        (" ".join(["7"] * 2303 + ["x"]), "pixels are not integers"),
+        (" ".join(["7"] * 2303 + ["1.5"]), "pixels are not integers"),
+        (" ".join(["7"] * 2303 + ["256"]), "pixel values must be in 0..255"),
+        (" ".join(["-1"] + ["7"] * 2303), "pixel values must be in 0..255"),
+    ],
+)
+def test_csv_bad_pixels_name_file_and_line(tmp_path, pixels, message):
+    path = write_csv(tmp_path / "fer2013.csv", [_good_row(), _good_row(1), ("2", pixels, "Training"), _good_row(3)])
+    with pytest.raises(DataError, match=re.escape(f"{path}:4: {message}")):
+        load_csv(path, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (("7", "0 " * 2304, "Training"), "emotion must be 0..6, got '7'"),
+        (("-1", "0 " * 2304, "Training"), "emotion must be 0..6"),
+        (("happy", "0 " * 2304, "Training"), "emotion must be 0..6"),
+        (("1", "0 " * 2304, "Validation"), "Usage must be one of Training, PublicTest, PrivateTest"),
+        (("1", "0 " * 2304), "expected 3 fields, got 2"),
+    ],
+)
+def test_csv_bad_fields_name_file_and_line(tmp_path, row, message):
+    path = write_csv(tmp_path / "fer2013.csv", [_good_row(), row])
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: {message}")):
+        load_csv(path, progress=False)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def test_cache_round_trip_and_no_temp_file(tmp_path, fer_csv):
+    data = load_csv(fer_csv[0], progress=False)
+    out = tmp_path / "sub" / "fer.npz"
+    assert save_cache(data, out) == out
+    assert [p.name for p in out.parent.iterdir()] == ["fer.npz"]
+    back = load_cache(out)
+    for name in ("images", "labels", "splits", "sources"):
+        a, b = getattr(data, name), getattr(back, name)
+        assert a.dtype == b.dtype, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    back2 = load_dataset(out)
+    np.testing.assert_array_equal(back2.images, data.images)
+
+
+def test_save_cache_overwrites_atomically(tmp_path):
+    out = tmp_path / "fer.npz"
+    save_cache(synthetic_data({"Training": 1, "PublicTest": 0, "PrivateTest": 0}), out)
+    save_cache(synthetic_data({"Training": 2, "PublicTest": 1, "PrivateTest": 1}), out)
+    assert len(load_cache(out)) == 7 * 4
+    assert [p.name for p in tmp_path.iterdir()] == ["fer.npz"]
+
+
+def test_prepare_folder_writes_cache(tmp_path, fer_folder):
+    out = tmp_path / "prepared.npz"
+    data = prepare(fer_folder.root, out, progress=False)
+    back = load_cache(out)
+    np.testing.assert_array_equal(back.images, data.images)
+    assert back.counts() == data.counts()
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "empty", "npy", "missing_key", "wrong_classes"])
+def test_corrupt_cache_names_the_file(tmp_path, kind):
+    good = save_cache(synthetic_data({"Training": 1, "PublicTest": 1, "PrivateTest": 1}), tmp_path / "good.npz")
+    bad = tmp_path / "bad.npz"
+    if kind == "garbage":
+        bad.write_bytes(b"\x00garbage" * 100)
+    elif kind == "truncated":
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "npy":  # a single array, not an archive
+        with open(bad, "wb") as f:
+            np.save(f, np.zeros((2, 48, 48), np.uint8))
+    elif kind == "missing_key":
+        np.savez(bad, images=np.zeros((1, 48, 48), np.uint8), classes=np.asarray(CLASSES))
+    else:
+        np.savez(
+            bad,
+            images=np.zeros((1, 48, 48), np.uint8),
+            labels=np.zeros(1, np.int64),
+            splits=np.zeros(1, np.uint8),
+            sources=np.asarray(["a"]),
+            classes=np.asarray(sorted(CLASSES)),
+        )
+    with pytest.raises(DataError, match=re.escape(str(bad))):
+        load_cache(bad)
+    with pytest.raises(DataError, match=re.escape(str(bad))):
+        load_dataset(bad)
+
+
+def test_cache_with_bad_crc_is_an_error(tmp_path):
+    good = save_cache(synthetic_data({"Training": 1, "PublicTest": 1, "PrivateTest": 1}), tmp_path / "c.npz")
+    with zipfile.ZipFile(good) as z:
+        info = z.getinfo("images.npy")
+    raw = bytearray(good.read_bytes())
+    raw[info.header_offset + 200] ^= 0xFF  # flip bits inside the stored images array
+    good.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=re.escape(str(good))):
+        load_cache(good)
+
+
+def test_missing_cache(tmp_path):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "no.npz")) + ": no such file"):
+        load_cache(tmp_path / "no.npz")
+
+
+def test_load_dataset_rejects_other_files(tmp_path):
+    other = tmp_path / "fer.txt"
+    other.write_text("x")
+    with pytest.raises(DataError, match=re.escape(str(other)) + ": expected a folder"):
+        load_dataset(other)
+
+
+# ---------------------------------------------------------------- FERData
+
+
+def test_split_subset_counts():
+    data = synthetic_data({"Training": 4, "PublicTest": 2, "PrivateTest": 1})
+    x, y = data.split("PublicTest")
+    assert x.shape == (14, 48, 48) and np.bincount(y).tolist() == [2] * 7
+    with pytest.raises(ValueError, match="unknown split 'Validation'"):
+        data.split("Validation")
+    xs, ys = data.subset(*data.split("Training"), n=10, seed=3)
+    assert len(xs) == len(ys) == 10
+    xs2, ys2 = data.subset(*data.split("Training"), n=10, seed=3)
+    np.testing.assert_array_equal(xs, xs2)
+    xs3, _ = data.subset(*data.split("Training"), n=10, seed=4)
+    assert not np.array_equal(xs, xs3)
+    # each chosen image is one of the split's, with its own label
+    xt, yt = data.split("Training")
+    for img, label in zip(xs, ys, strict=True):
+        (match,) = np.flatnonzero((xt == img).all(axis=(1, 2)))
+        assert yt[match] == label
+    full, _ = data.subset(xt, yt, n=0)
+    assert full is xt
+    assert data.subset(xt, yt, n=1000)[0] is xt
+    assert sum(data.counts()["Training"].values()) == 28

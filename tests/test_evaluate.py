@@ -1,0 +1,158 @@
+"""Metrics, test-time augmentation, predictions and the written report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ferkit.data import CLASSES
+from ferkit.evaluate import (
+    compute_metrics,
+    evaluate_checkpoints,
+    format_summary,
+    plot_training_curves,
+    predict_proba,
+    tta_views,
+    write_report,
+)
+from ferkit.models import build_model
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _random_case(n=300, seed=0, drop_class=None):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 7, n)
+    if drop_class is not None:
+        y[y == drop_class] = (drop_class + 1) % 7
+    logits = rng.normal(size=(n, 7))
+    logits[np.arange(n), y] += 1.0  # better than chance, not perfect
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return y, probs
+
+
+@pytest.mark.parametrize("drop_class", [None, 1])
+def test_metrics_agree_with_each_other(drop_class):
+    y, probs = _random_case(drop_class=drop_class)
+    m = compute_metrics(y, probs)
+    cm = np.array(m["confusion_matrix"])
+    n = len(y)
+    assert m["n"] == n == cm.sum()
+    assert cm.shape == (7, 7)
+    assert m["accuracy"] == pytest.approx(np.trace(cm) / n)
+    assert m["accuracy"] == pytest.approx((probs.argmax(1) == y).mean())
+    assert cm.sum(1).tolist() == np.bincount(y, minlength=7).tolist()  # rows are true classes
+    assert cm.sum(0).tolist() == np.bincount(probs.argmax(1), minlength=7).tolist()  # columns predictions
+    rep = m["report"]
+    assert sum(rep[c]["support"] for c in CLASSES) == n
+    f1s = []
+    for i, c in enumerate(CLASSES):
+        row, col = cm[i].sum(), cm[:, i].sum()
+        recall = cm[i, i] / row if row else 0.0
+        precision = cm[i, i] / col if col else 0.0
+        assert rep[c]["recall"] == pytest.approx(recall), c
+        assert rep[c]["precision"] == pytest.approx(precision), c
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        assert rep[c]["f1-score"] == pytest.approx(f1), c
+        f1s.append(f1)
+        assert m["confusion_matrix_normalized"][i][i] == pytest.approx(recall, abs=1e-4)
+    assert m["macro_f1"] == pytest.approx(np.mean(f1s))
+    assert m["weighted_f1"] == pytest.approx(np.average(f1s, weights=cm.sum(1)))
+    roc_classes = [c for i, c in enumerate(CLASSES) if cm[i].sum() > 0]
+    assert sorted(m["roc"]) == sorted(roc_classes)
+    assert m["macro_auc"] == pytest.approx(np.mean([m["roc"][c]["auc"] for c in roc_classes]))
+    assert 0.5 < m["macro_auc"] < 1.0
+    for r in m["roc"].values():
+        assert r["fpr"][0] == 0 and r["tpr"][-1] == 1 and len(r["fpr"]) == len(r["tpr"])
+    json.dumps(m)  # plain JSON-able values
+
+
+def test_perfect_predictions():
+    y = np.repeat(np.arange(7), 5)
+    m = compute_metrics(y, np.eye(7)[y])
+    assert m["accuracy"] == 1.0 and m["macro_f1"] == 1.0 and m["macro_auc"] == 1.0
+    assert np.array_equal(np.array(m["confusion_matrix"]), np.diag(np.full(7, 5)))
+
+
+def test_tta_views():
+    x = torch.rand(3, 1, 48, 48)
+    assert len(tta_views(x, "none")) == 1 and tta_views(x, "none")[0] is x
+    flip = tta_views(x, "flip")
+    assert len(flip) == 2
+    assert torch.equal(flip[0], x) and torch.equal(flip[1], x.flip(-1))
+    crops = tta_views(x, "crops")
+    assert len(crops) == 10
+    assert all(v.shape == x.shape for v in crops)
+    assert torch.equal(crops[0], x)
+    for v, f in zip(crops[:5], crops[5:], strict=True):
+        assert torch.equal(f, v.flip(-1))
+    assert len({tuple(v.flatten()[:200].tolist()) for v in crops}) == 10  # all different
+    # each corner view is a 3-pixel shift of the image (a crop of the padded image)
+    shifted = [v for v in crops[1:5] if torch.equal(v[..., 3:, 3:], x[..., :-3, :-3])]
+    assert len(shifted) == 1
+    with pytest.raises(ValueError, match="unknown TTA mode"):
+        tta_views(x, "rotate")
+
+
+def test_predict_proba():
+    torch.manual_seed(0)
+    model = build_model("ferkit_small", width=0.25).train()
+    images = np.random.default_rng(0).integers(0, 256, (10, 48, 48), dtype=np.uint8)
+    p = predict_proba(model, images, batch_size=4)
+    assert p.shape == (10, 7) and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert model.training  # mode restored
+    p_again = predict_proba(model, images, batch_size=10)
+    np.testing.assert_allclose(p, p_again, atol=1e-6)  # eval mode: deterministic, batch-independent
+    for tta in ("flip", "crops"):
+        pt = predict_proba(model, images, batch_size=4, tta=tta)
+        assert pt.shape == (10, 7) and np.allclose(pt.sum(1), 1, atol=1e-5)
+        assert not np.allclose(pt, p)
+    # flip TTA is the mean of the plain and the mirrored predictions
+    mirrored = predict_proba(model, images[:, :, ::-1].copy(), batch_size=4)
+    np.testing.assert_allclose(predict_proba(model, images, tta="flip"), (p + mirrored) / 2, atol=1e-5)
+    assert predict_proba(model, images[:0]).shape == (0, 7)
+
+
+def test_write_report(tmp_path):
+    y, probs = _random_case()
+    m = compute_metrics(y, probs)
+    path = write_report(m, tmp_path / "eval", "PrivateTest", {"model": "m", "split": "PrivateTest"})
+    assert path == tmp_path / "eval" / "PrivateTest.json"
+    payload = json.loads(path.read_text())
+    assert payload["model"] == "m" and payload["accuracy"] == pytest.approx(m["accuracy"])
+    assert payload["confusion_matrix"] == m["confusion_matrix"]
+    for name in ("PrivateTest_confusion.png", "PrivateTest_confusion_norm.png", "PrivateTest_roc.png"):
+        data = (tmp_path / "eval" / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+    summary = format_summary(m)
+    assert all(c in summary for c in CLASSES) and f"{m['accuracy']:.4f}" in summary
+
+
+def test_plot_training_curves(trained_run, tmp_path):
+    plot_training_curves(trained_run / "metrics.csv", tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG)
+
+
+def test_evaluate_checkpoint_and_ensemble(trained_run, synthetic_cache, tmp_path):
+    ck = trained_run / "best.pt"
+    res = evaluate_checkpoints([ck], synthetic_cache, split="PrivateTest", out=tmp_path, tta="flip", device="cpu")
+    assert res["n"] == 28 and res["split"] == "PrivateTest" and res["model"] == "ferkit_small"
+    cm = np.array(res["confusion_matrix"])
+    assert cm.sum(1).tolist() == [4] * 7
+    assert res["accuracy"] == pytest.approx(np.trace(cm) / 28)
+    report = json.loads((tmp_path / "PrivateTest_tta-flip.json").read_text())
+    assert report["accuracy"] == res["accuracy"] and report["tta"] == "flip"
+    assert (tmp_path / "training_curves.png").is_file()
+    assert (tmp_path / "PrivateTest_tta-flip_confusion.png").is_file()
+
+    # an ensemble of a checkpoint with itself gives the same predictions
+    ens = evaluate_checkpoints([ck, ck], synthetic_cache, split="PrivateTest", tta="flip", device="cpu")
+    assert ens["model"] == "ensemble(ferkit_small, ferkit_small)"
+    assert ens["confusion_matrix"] == res["confusion_matrix"]
+    assert "report_json" not in ens
+
+    sub = evaluate_checkpoints([ck], synthetic_cache, split="PublicTest", device="cpu", limit=10)
+    assert sub["n"] == 10 and np.array(sub["confusion_matrix"]).sum() == 10

@@ -1,0 +1,126 @@
+"""The model registry, describe() and loading initial weights."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ferkit.models import MODELS, VGGNet, build_model, describe, load_init_weights, model_names
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_gives_logits(name):
+    torch.manual_seed(0)
+    n = 2 if name in ("resnet50v2", "vgg16") else 3
+    model = build_model(name)
+    x = torch.rand(n, 1, 48, 48)
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert out.shape == (n, 7)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert not torch.allclose(out[0], out[1])  # depends on the input
+
+
+def test_train_mode_backward():
+    model = build_model("ferkit_small", width=0.25)
+    out = model.train()(torch.rand(4, 1, 48, 48))
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_num_classes_and_width():
+    assert build_model("ferkit_small", num_classes=3, width=0.25)(torch.rand(2, 1, 48, 48)).shape == (2, 3)
+    full = describe(build_model("ferkit_small"))
+    quarter = describe(build_model("ferkit_small", width=0.25))
+    assert 1.0 < full["params_m"] < 1.4  # "~1.2M params"
+    assert quarter["params_m"] < full["params_m"] / 8
+    assert quarter["mflops"] < full["mflops"] / 8
+
+
+def test_describe_counts_params_and_flops():
+    model = VGGNet([[4]])  # conv 1->4 (3x3, no bias), BN(4), linear 4->7
+    model.train()
+    d = describe(model)
+    assert d["params_m"] == pytest.approx((4 * 9 + 2 * 4 + 4 * 7 + 7) / 1e6)
+    assert d["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+    assert d["mflops"] == pytest.approx((2 * 48 * 48 * 4 * 9 + 2 * 4 * 7) / 1e6)
+    assert model.training  # mode restored
+    assert describe(model.eval())["mflops"] > 0 and not model.training
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="unknown model 'nope'.*ferkit_small"):
+        build_model("nope")
+    assert model_names() == [*MODELS, "timm:<arch>"]
+
+
+def test_timm_models():
+    if importlib.util.find_spec("timm") is None:
+        with pytest.raises(ImportError, match="pip install timm"):
+            build_model("timm:resnet18")
+    else:
+        model = build_model("timm:resnet18")
+        assert model.eval()(torch.rand(2, 1, 48, 48)).shape == (2, 7)
+
+
+def _rgb_state(model: nn.Module, classes: int = 1000) -> dict[str, torch.Tensor]:
+    """A state dict like an ImageNet checkpoint of ``model``'s architecture: 3-channel first conv,
+    a ``classes``-way classifier, random values everywhere, plus an unrelated tensor."""
+    g = torch.Generator().manual_seed(1)
+    state = {}
+    for k, v in model.state_dict().items():
+        if k == "features.1.weight":
+            v = torch.empty(v.shape[0], 3, *v.shape[2:])
+        if k == "head.3.weight":
+            v = torch.empty(classes, v.shape[1])
+        if k == "head.3.bias":
+            v = torch.empty(classes)
+        state[k] = torch.rand(v.shape, generator=g) if v.is_floating_point() else v.clone()
+    state["aux.weight"] = torch.rand(3, 3, generator=g)
+    return state
+
+
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
+def test_load_init_weights_rgb_to_gray_and_skips_classifier(tmp_path, wrap):
+    torch.manual_seed(0)
+    model = build_model("ferkit_small", width=0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    src = _rgb_state(model)
+    path = tmp_path / "imagenet.pth"
+    torch.save(src if wrap is None else {wrap: src}, path)
+    loaded, skipped = load_init_weights(model, path)
+    after = model.state_dict()
+    assert skipped == 3  # classifier weight + bias, aux.weight
+    assert loaded == len(after) - 2
+    torch.testing.assert_close(after["features.1.weight"], src["features.1.weight"].sum(1, keepdim=True))
+    assert after["features.1.weight"].shape[1] == 1
+    assert torch.equal(after["head.3.weight"], before["head.3.weight"])
+    assert torch.equal(after["head.3.bias"], before["head.3.bias"])
+    for k in after:
+        if k not in ("features.1.weight", "head.3.weight", "head.3.bias"):
+            assert torch.equal(after[k], src[k]), k
+    assert model(torch.rand(2, 1, 48, 48)).shape == (2, 7)
+
+
+def test_load_init_weights_net_prefix(tmp_path):
+    """timm models live under ``net.``; weights saved without that prefix still load."""
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 46 * 46, 7))
+
+    model = Wrapped()
+    state = {"0.weight": torch.rand(4, 3, 3, 3), "0.bias": torch.rand(4), "2.weight": torch.rand(1000, 4 * 46 * 46)}
+    torch.save(state, tmp_path / "w.pt")
+    assert load_init_weights(model, tmp_path / "w.pt") == (2, 1)
+    torch.testing.assert_close(model.net[0].weight, state["0.weight"].sum(1, keepdim=True))
+    assert torch.equal(model.net[0].bias, state["0.bias"])
+
+
+def test_load_init_weights_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.pt"):
+        load_init_weights(build_model("ferkit_small", width=0.25), tmp_path / "nothere.pt")

@@ -1,0 +1,389 @@
+"""The training loop (outputs, exact resume, schedules, early stopping), checkpoints and atomic writes."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from ferkit import training
+from ferkit.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from ferkit.config import TrainConfig
+from ferkit.data import CLASSES
+from ferkit.fileio import atomic_write
+from ferkit.models import build_model
+from ferkit.training import amp_dtype, batch_indices, lr_factor, make_optimizer, resolve_device, train
+
+STEPS_PER_EPOCH = 4  # tiny_config: train_limit 64 / batch 16
+
+
+def _metrics(out: Path) -> list[dict[str, float]]:
+    with open(out / "metrics.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------- a run's outputs
+
+
+def test_run_outputs(trained_run):
+    for name in ("best.pt", "last.pt", "metrics.csv", "train.log"):
+        assert (trained_run / name).is_file(), name
+    assert not list(trained_run.glob("*.tmp")) and not list(trained_run.glob(".*"))
+    rows = _metrics(trained_run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    for r in rows:
+        assert 0 <= r["val_acc"] <= 1 and 0 <= r["train_acc"] <= 1
+        assert r["train_loss"] > 0 and r["val_loss"] > 0 and r["img_per_s"] > 0
+    log = (trained_run / "train.log").read_text()
+    assert "epoch 1:" in log and "epoch 2:" in log and "best PublicTest accuracy" in log
+
+    last = load_checkpoint(trained_run / "last.pt")
+    assert last["model"] == "ferkit_small" and last["model_kwargs"] == {"width": 0.25}
+    assert last["classes"] == list(CLASSES)
+    assert last["train_state"]["epoch"] == 2 and last["train_state"]["step"] == 2 * STEPS_PER_EPOCH
+    assert TrainConfig.from_dict(last["config"]).epochs == 2
+    best = load_checkpoint(trained_run / "best.pt")
+    best_row = max(rows, key=lambda r: r["val_acc"])  # first epoch with the best accuracy
+    assert best["metrics"]["epoch"] == best_row["epoch"]
+    assert "optimizer" not in best
+
+    model, state = model_from_checkpoint(trained_run / "last.pt")
+    assert not model.training
+    _assert_same_weights(model.state_dict(), last["state_dict"])
+    assert model(torch.rand(2, 1, 48, 48)).shape == (2, 7)
+
+
+def test_training_learns_the_synthetic_task(tmp_path, synthetic_cache):
+    """The synthetic classes differ by a bright block; a few epochs must beat chance (1/7) clearly."""
+    out = tmp_path / "run"
+    result = train(tiny_config(synthetic_cache, out, epochs=6, train_limit=0, augment="none", batch_size=16))
+    rows = _metrics(out)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert result["best_acc"] >= 0.5
+    assert result["best"] == str(out / "best.pt")
+
+
+# ---------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "cosine-interrupted",  # epochs=2 stopped after epoch 1 (max_steps), then resumed
+        "constant-extended",  # epochs=1, then resumed with epochs=2; with EMA, mixup/CutMix, balanced sampler
+    ],
+)
+def test_resume_is_exact(tmp_path, synthetic_cache, variant):
+    extra = {}
+    if variant == "constant-extended":
+        extra = dict(schedule="constant", ema=0.9, mixup=0.2, cutmix=0.5, sampler="balanced", augment="strong")
+    straight = tmp_path / "straight"
+    train(tiny_config(synthetic_cache, straight, epochs=2, **extra))
+
+    parts = tmp_path / "parts"
+    if variant == "cosine-interrupted":
+        first = train(tiny_config(synthetic_cache, parts, epochs=2, max_steps=STEPS_PER_EPOCH, **extra))
+    else:
+        first = train(tiny_config(synthetic_cache, parts, epochs=1, **extra))
+    assert first["epoch"] == 1
+    result = train(tiny_config(synthetic_cache, parts, epochs=2, **extra), resume=True)
+    assert result["epoch"] == 2 and result["step"] == 2 * STEPS_PER_EPOCH
+    assert "resumed from" in (parts / "train.log").read_text()
+
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(parts / "last.pt")
+    _assert_same_weights(a["state_dict"], b["state_dict"])
+    if extra.get("ema"):
+        _assert_same_weights(a["ema_state_dict"], b["ema_state_dict"])
+        assert not torch.equal(a["ema_state_dict"]["head.3.weight"], a["state_dict"]["head.3.weight"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    ra, rb = _metrics(straight), _metrics(parts)
+    for r in ra + rb:
+        del r["epoch_time_s"], r["img_per_s"]
+    assert ra == rb
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, synthetic_cache):
+    out = tmp_path / "run"
+    result = train(tiny_config(synthetic_cache, out, epochs=1), resume=True)
+    assert result["epoch"] == 1
+    assert "no " in (out / "train.log").read_text() and "starting a new run" in (out / "train.log").read_text()
+
+
+def test_resume_of_finished_run_changes_nothing(tmp_path, synthetic_cache):
+    out = tmp_path / "run"
+    train(tiny_config(synthetic_cache, out, epochs=1))
+    before = (out / "last.pt").read_bytes()
+    result = train(tiny_config(synthetic_cache, out, epochs=1), resume=True)
+    assert result["epoch"] == 1
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_max_steps_stops_mid_epoch(tmp_path, synthetic_cache):
+    out = tmp_path / "run"
+    result = train(tiny_config(synthetic_cache, out, epochs=5, max_steps=STEPS_PER_EPOCH + 2))
+    assert result["step"] == STEPS_PER_EPOCH + 2
+    assert [r["step"] for r in _metrics(out)] == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2]
+
+
+def test_too_few_images_for_a_batch(tmp_path, synthetic_cache):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train(tiny_config(synthetic_cache, tmp_path / "run", train_limit=8, batch_size=16))
+
+
+# ---------------------------------------------------------------- plateau and early stopping
+
+
+def _constant_predictions(monkeypatch):
+    """PublicTest accuracy that never improves: a model-independent prediction."""
+
+    def fake(model, images, **kw):
+        probs = np.full((len(images), len(CLASSES)), 0.1)
+        probs[:, 3] = 0.4
+        return probs
+
+    monkeypatch.setattr(training, "predict_proba", fake)
+
+
+def test_plateau_halves_the_lr_used_for_training(tmp_path, synthetic_cache, monkeypatch):
+    _constant_predictions(monkeypatch)
+    out = tmp_path / "run"
+    cfg = tiny_config(synthetic_cache, out, epochs=4, schedule="plateau", plateau_patience=0, lr=0.01)
+    train(cfg)
+    lrs = [r["lr"] for r in _metrics(out)]
+    # epoch 1 sets the best; each later epoch without improvement halves the LR, cumulatively
+    assert lrs == pytest.approx([0.01, 0.005, 0.0025, 0.00125])
+    # and it is the LR the optimizer steps with
+    assert load_checkpoint(out / "last.pt")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.00125)
+
+
+def test_plateau_state_survives_resume(tmp_path, synthetic_cache, monkeypatch):
+    _constant_predictions(monkeypatch)
+    kw = dict(schedule="plateau", plateau_patience=1, lr=0.01)
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    train(tiny_config(synthetic_cache, straight, epochs=4, **kw))
+    train(tiny_config(synthetic_cache, parts, epochs=2, **kw))
+    train(tiny_config(synthetic_cache, parts, epochs=4, **kw), resume=True)
+    assert [r["lr"] for r in _metrics(straight)] == [r["lr"] for r in _metrics(parts)]
+    _assert_same_weights(
+        load_checkpoint(straight / "last.pt")["state_dict"], load_checkpoint(parts / "last.pt")["state_dict"]
+    )
+
+
+def test_early_stopping(tmp_path, synthetic_cache, monkeypatch):
+    _constant_predictions(monkeypatch)
+    out = tmp_path / "run"
+    result = train(tiny_config(synthetic_cache, out, epochs=10, patience=2))
+    assert result["epoch"] == 3 and result["best_epoch"] == 1 and result["bad_epochs"] == 2
+    assert len(_metrics(out)) == 3
+    assert "early stopping" in (out / "train.log").read_text()
+
+
+# ---------------------------------------------------------------- schedules and helpers
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig.from_dict(kw)
+
+
+def test_lr_factor_warmup_then_cosine():
+    cfg = _cfg(schedule="cosine", epochs=10, warmup_epochs=1)
+    spe = 10
+    assert lr_factor(cfg, 0, spe) == pytest.approx(0.1)
+    assert lr_factor(cfg, 4, spe) == pytest.approx(0.5)
+    assert lr_factor(cfg, 9, spe) == pytest.approx(1.0)
+    assert lr_factor(cfg, 10, spe) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr_factor(cfg, 55, spe) == pytest.approx(0.5)  # half way through the cosine
+    assert lr_factor(cfg, 100, spe) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(cfg, 150, spe) == pytest.approx(0.0, abs=1e-12)  # stays at the end value
+    f = [lr_factor(cfg, s, spe) for s in range(101)]
+    assert all(a < b for a, b in zip(f[:10], f[1:10], strict=False))  # warm-up rises
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))  # cosine falls
+    cfg_min = _cfg(schedule="cosine", epochs=10, warmup_epochs=0, min_lr_ratio=0.1)
+    assert lr_factor(cfg_min, 0, spe) == pytest.approx(1.0)
+    assert lr_factor(cfg_min, 50, spe) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(cfg_min, 100, spe) == pytest.approx(0.1)
+
+
+def test_lr_factor_exponential():
+    cfg = _cfg(schedule="exponential", decay_rate=0.5, warmup_epochs=2)
+    assert lr_factor(cfg, 0, 10) == pytest.approx(1 / 20)
+    assert lr_factor(cfg, 19, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg, 20, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg, 30, 10) == pytest.approx(0.5)
+    assert lr_factor(cfg, 45, 10) == pytest.approx(0.5**2.5)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "plateau"])
+def test_lr_factor_flat(schedule):
+    cfg = _cfg(schedule=schedule, warmup_epochs=3)
+    assert {lr_factor(cfg, s, 7) for s in (0, 5, 100, 10_000)} == {1.0}
+
+
+def test_lr_factor_unknown():
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_factor(_cfg(schedule="linear", warmup_epochs=0), 5, 10)
+
+
+def test_batch_indices():
+    batches = list(batch_indices(50, 8, seed=1, epoch=0))
+    assert len(batches) == 6 and all(len(b) == 8 for b in batches)
+    flat = torch.cat(batches)
+    assert len(set(flat.tolist())) == 48 and flat.max() < 50  # no repeats, full batches only
+    again = torch.cat(list(batch_indices(50, 8, seed=1, epoch=0)))
+    other = torch.cat(list(batch_indices(50, 8, seed=1, epoch=1)))
+    assert torch.equal(flat, again) and not torch.equal(flat, other)
+    # DDP: the ranks share out each global batch
+    for i, b in enumerate(batches):
+        shards = [list(batch_indices(50, 8, 1, 0, rank=r, world=2))[i] for r in range(2)]
+        assert sorted(torch.cat(shards).tolist()) == sorted(b.tolist())
+    # balanced sampler: with replacement, following the weights
+    w = np.zeros(50)
+    w[:5] = 0.2
+    sampled = torch.cat(list(batch_indices(50, 10, 0, 0, weights=w)))
+    assert sampled.max() < 5
+
+
+def test_make_optimizer_groups():
+    model = build_model("ferkit_small", width=0.25)
+    opt = make_optimizer(model, _cfg(optimizer="sgd", weight_decay=0.01, lr=0.1))
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert isinstance(make_optimizer(model, _cfg(optimizer="adamw")), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer(model, _cfg(optimizer="lion"))
+
+
+def test_devices():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert amp_dtype(_cfg(amp="bf16"), torch.device("cpu")) is None
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_config_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\nmodel_kwargs: {width: 0.5}\n")
+    cfg = TrainConfig.from_yaml(path, lr=0.2)
+    assert (cfg.epochs, cfg.model_kwargs, cfg.lr) == (3, {"width": 0.5}, 0.2)
+    assert TrainConfig().model_kwargs is not TrainConfig().model_kwargs  # no shared mutable default
+    path.write_text("epochs: 3\nepoch: 4\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: unknown config field(s) epoch")):
+        TrainConfig.from_yaml(path)
+    path.write_text("- 1\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        TrainConfig.from_yaml(path)
+
+
+# ---------------------------------------------------------------- checkpoints and atomic writes
+
+
+def _small_state() -> dict:
+    model = build_model("ferkit_small", width=0.25)
+    return {
+        "model": "ferkit_small",
+        "model_kwargs": {"width": 0.25},
+        "classes": list(CLASSES),
+        "state_dict": model.state_dict(),
+    }
+
+
+def test_checkpoint_round_trip(tmp_path):
+    state = _small_state()
+    path = save_checkpoint(tmp_path / "ck" / "a.pt", state)
+    back = load_checkpoint(path)
+    assert back["format"] == "ferkit-checkpoint/1" and back["model_kwargs"] == {"width": 0.25}
+    _assert_same_weights(back["state_dict"], state["state_dict"])
+    assert [p.name for p in path.parent.iterdir()] == ["a.pt"]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "empty", "foreign", "missing"])
+def test_load_checkpoint_errors_name_the_file(tmp_path, kind):
+    path = tmp_path / "model.pt"
+    if kind == "truncated":
+        save_checkpoint(path, _small_state())
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "garbage":
+        path.write_bytes(b"\x80\x02garbage" * 50)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "foreign":
+        torch.save({"state_dict": {}}, path)  # a torch file, but not a ferkit checkpoint
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        load_checkpoint(path)
+
+
+def test_model_from_checkpoint_mismatch(tmp_path):
+    state = _small_state()
+    state["model_kwargs"] = {"width": 0.5}
+    path = save_checkpoint(tmp_path / "a.pt", state)
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*do not fit"):
+        model_from_checkpoint(path)
+
+
+def test_model_from_checkpoint_prefers_ema(tmp_path):
+    state = _small_state()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    path = save_checkpoint(tmp_path / "a.pt", {**state, "ema_state_dict": ema})
+    model, _ = model_from_checkpoint(path)
+    assert torch.equal(model.state_dict()["head.3.weight"], ema["head.3.weight"])
+    model, _ = model_from_checkpoint(path, ema=False)
+    assert torch.equal(model.state_dict()["head.3.weight"], state["state_dict"]["head.3.weight"])
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_interrupted_atomic_write_keeps_old_file(tmp_path, error):
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old content")
+
+    def write(f):
+        f.write(b"partial new cont")
+        raise error
+
+    with pytest.raises(type(error)):
+        atomic_write(target, write)
+    assert target.read_bytes() == b"old content"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+    atomic_write(target, lambda f: f.write(b"new"))
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_interrupted_checkpoint_save_keeps_old_checkpoint(tmp_path, monkeypatch):
+    old = _small_state()
+    path = save_checkpoint(tmp_path / "last.pt", old)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **kw):
+        real_save(obj, f, *a, **kw)
+        f.truncate(f.tell() // 2)  # half written ...
+        raise OSError("no space left on device")  # ... then the disk fills up
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    new = _small_state()
+    with pytest.raises(OSError, match="no space"):
+        save_checkpoint(path, new)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    _assert_same_weights(load_checkpoint(path)["state_dict"], old["state_dict"])
+    assert math.isfinite(float(load_checkpoint(path)["state_dict"]["head.3.bias"].sum()))
