@@ -163,7 +163,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import EmotionRecognizer
     from .media import Record, predict_paths, video_frames
 
-    rec = EmotionRecognizer(args.model, backend=args.backend, detector=args.detector, margin=args.margin)
+    rec = EmotionRecognizer(args.model, backend=args.backend, detector=args.detector, margin=args.margin, tta=args.tta)
     if args.webcam is not None:
         records = (
             Record(f"webcam:{args.webcam}", rec.predict(rgb, args.fallback), frame=i, time_s=t)
@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="inference runtime")
     p.add_argument("--detector", default="haar", help="haar, a YuNet .onnx file or a Haar .xml cascade")
     p.add_argument("--margin", type=float, default=0.1, help="crop margin around each face box")
+    p.add_argument("--tta", default="flip", choices=["none", "flip"], help="average each face with its mirror")
     p.add_argument("--every", type=int, default=10, help="video: use every N-th frame (default: %(default)s)")
     p.add_argument("--fallback", action="store_true", help="when no face is found, classify the whole image")
     p.add_argument("--format", default="table", choices=["table", "jsonl", "csv"], help="output format")
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
-    p.add_argument("--model", nargs="+", help=".onnx or .pt model(s), several = ensemble (default: shipped)")
+    p.add_argument("--model", action="append", help="an .onnx or .pt model; repeat for an ensemble (default: shipped)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload (default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, w x h (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=2, help="inferences at once (default: %(default)s)")

@@ -30,6 +30,14 @@ class ImageError(ValueError):
     """An input that is not a usable image; the message says which and why."""
 
 
+class NotAnImageError(ImageError):
+    """The data is not in any image format we can read."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than allowed (checked from its header, before decoding)."""
+
+
 def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode a path, bytes, file object, PIL image or array into an RGB uint8 array (H, W, 3).
 
@@ -38,6 +46,9 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(src, np.ndarray):
+        if src.ndim >= 2 and src.shape[0] * src.shape[1] > max_pixels:
+            h, w = src.shape[:2]
+            raise ImageTooLargeError(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
         return _array_to_rgb(src)
     name = str(src) if isinstance(src, (str, os.PathLike)) else "image"
     if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
@@ -49,15 +60,15 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
         w, h = im.size
         if w * h > max_pixels:
-            raise ImageError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+            raise ImageTooLargeError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
         im = ImageOps.exif_transpose(im)
         return _pil_to_rgb(im)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file (unknown or unsupported format)") from None
+        raise NotAnImageError(f"{name}: not an image file (unknown or unsupported format)") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: refused as a possible decompression bomb ({e})") from None
+        raise ImageTooLargeError(f"{name}: refused as a possible decompression bomb ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
 
@@ -178,7 +189,10 @@ class EmotionRecognizer:
     ``model``: an ``.onnx`` export or a ``.pt`` checkpoint (default: the shipped model), or a list of them
     to average as an ensemble.
     ``backend``: ``auto`` (by file type), ``onnx`` or ``torch``. ``detector``: ``haar`` (default),
-    a YuNet ``.onnx`` path or any object with ``detect(rgb)``. ``margin``: crop margin around boxes."""
+    a YuNet ``.onnx`` path or any object with ``detect(rgb)``. ``margin``: crop margin around boxes.
+    ``tta``: ``flip`` averages each face and its mirror image (chosen on PublicTest), ``none`` is faster.
+    One instance must not be shared between threads (OpenCV's detectors are not thread-safe): give each
+    thread its own, as the web app does."""
 
     def __init__(
         self,
@@ -188,7 +202,11 @@ class EmotionRecognizer:
         margin: float = 0.1,
         threads: int | None = None,
         max_pixels: int = MAX_PIXELS,
+        tta: str = "flip",
     ) -> None:
+        if tta not in ("none", "flip"):
+            raise ValueError(f"unknown tta {tta!r}: use none or flip")
+        self.tta = tta
         paths = [Path(m) for m in (model if isinstance(model, (list, tuple)) else [model or DEFAULT_MODEL])]
         self.backends = [_load_backend(p, backend, threads) for p in paths]
         infos = [b.info for b in self.backends]
@@ -211,7 +229,8 @@ class EmotionRecognizer:
         out = []
         for i in range(0, len(crops), batch_size):
             x = crops[i : i + batch_size, None].astype(np.float32) / 255
-            out.append(sum(b(x) for b in self.backends) / len(self.backends))
+            views = [x, np.ascontiguousarray(x[..., ::-1])] if self.tta == "flip" else [x]
+            out.append(sum(b(v) for b in self.backends for v in views) / (len(self.backends) * len(views)))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def _results(self, boxes: list[Box], probs: np.ndarray) -> list[FaceResult]:
