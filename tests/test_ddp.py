@@ -41,16 +41,46 @@ def _tiny_cache(path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None
-                    and shutil.which("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None and shutil.which("torchrun") is None,
+    reason="torchrun not installed",
+)
 def test_ddp_two_processes_match_the_data_parallel_rule(tmp_path):
     images, labels = _tiny_cache(tmp_path / "tiny.npz")
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--standalone",
-           "-m", "ferkit", "train", "--data", str(tmp_path / "tiny.npz"), "--out", str(out), "--device", "cpu",
-           "--augment", "none", "--model-kwargs", str(MODEL_KWARGS), "--epochs", "1", "--max-steps", str(STEPS),
-           "--batch-size", str(BATCH), "--lr", "0.05", "--no-progress", "--no-evaluate", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={WORLD}",
+        "--standalone",
+        "-m",
+        "ferkit",
+        "train",
+        "--data",
+        str(tmp_path / "tiny.npz"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--augment",
+        "none",
+        "--model-kwargs",
+        str(MODEL_KWARGS),
+        "--epochs",
+        "1",
+        "--max-steps",
+        str(STEPS),
+        "--batch-size",
+        str(BATCH),
+        "--lr",
+        "0.05",
+        "--no-progress",
+        "--no-evaluate",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ck = load_checkpoint(out / "last.pt")
