@@ -50,9 +50,9 @@ class HaarDetector:
     def __init__(
         self,
         cascade: str | Path | None = None,
-        scale_factor: float = 1.1,
+        scale_factor: float = 1.15,
         min_neighbors: int = 5,
-        min_size: int = 24,
+        min_size: int = 32,
         max_side: int = 1024,
     ) -> None:
         if cascade is None:
