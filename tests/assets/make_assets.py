@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import cv2
@@ -29,20 +30,14 @@ from PIL import Image
 
 from ferkit.faces import HaarDetector
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from helpers_inference import iou  # noqa: E402  (tests/ is not a package)
+
 CANVAS_SIZE = (640, 480)  # width, height
 # (class folder, side in px, x, y): left to right, not overlapping
 SLOTS = [("happy", 120, 40, 60), ("surprise", 160, 210, 240), ("neutral", 220, 400, 40)]
 ASTRONAUT_FACE = (180, 68, 90, 97)  # x, y, w, h, drawn by hand
-
-
-def iou(a, b) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    iw = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    ih = max(0, min(ay + ah, by + bh) - max(ay, by))
-    inter = iw * ih
-    return inter / (aw * ah + bw * bh - inter)
 
 
 def background() -> np.ndarray:
