@@ -1,8 +1,9 @@
-"""Inference speed and accuracy of the shipped model: torch eager vs ONNX Runtime fp32 vs ONNX Runtime int8.
+"""Inference speed and accuracy of the shipped model: torch eager vs ONNX Runtime fp32, fp16 and int8.
 
 Model only: faces/s at batch sizes 64 and 256, batch-1 latency (p50/p95) and accuracy / macro F1 on all of
 FER-2013 PrivateTest, so that the cost of int8 is measured next to its speed-up. The int8 model is made
-with ``ferkit.export.quantize_int8`` in a temp folder, calibrated on 512 Training crops. torch runs only
+with ``ferkit.export.quantize_int8`` in a temp folder, calibrated on 512 Training crops; the fp16 one
+with ``ferkit.export.convert_fp16``. torch runs only
 when ``--checkpoint`` gives the training checkpoint (.pt) of the model.
 
 End to end: latency of ``EmotionRecognizer.predict`` (JPEG decode, Haar detection, crops, model) on a
@@ -37,7 +38,7 @@ from _common import (
 )
 
 from ferkit.data import CLASSES, SPLITS, load_dataset
-from ferkit.export import quantize_int8
+from ferkit.export import convert_fp16, quantize_int8
 from ferkit.faces import crop_faces
 from ferkit.inference import DEFAULT_MODEL, EmotionRecognizer, OnnxBackend, TorchBackend, load_image
 
@@ -217,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quantizing to int8 (calibration: {len(calib)} Training crops) ...", flush=True)
         quantize_int8(args.model, int8_path, calib)
         backends["onnxruntime int8"] = OnnxBackend(int8_path, threads)
+        fp16_path = convert_fp16(args.model, Path(tmp) / (args.model.stem + "_fp16.onnx"))
+        backends["onnxruntime fp16"] = OnnxBackend(fp16_path, threads)
         for name, backend in backends.items():
             row, probs[name] = bench_backend(name, backend, crops, labels, args)
             rows.append(row)

@@ -1,4 +1,4 @@
-"""ONNX export and int8 quantization (ferkit.export, ``ferkit export``): metadata, agreement of the ONNX
+"""ONNX export, float16 and int8 variants (ferkit.export, ``ferkit export``): metadata, agreement of the ONNX
 and torch backends, and clear errors for bad model files. One small checkpoint is exported once."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from helpers_inference import ASTRONAUT, CANVAS, make_checkpoint, photo_crops
 from ferkit.checkpoint import CheckpointError
 from ferkit.cli import main
 from ferkit.data import CLASSES
-from ferkit.export import PREPROCESSING, export_onnx, max_abs_diff, quantize_int8
+from ferkit.export import PREPROCESSING, convert_fp16, export_onnx, max_abs_diff, quantize_int8
 from ferkit.inference import EmotionRecognizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # inside torch.onnx.export
@@ -34,12 +34,13 @@ def metadata(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, Path]:
-    """A quarter-width ferkit_small checkpoint, its ONNX export and an int8 version of that."""
+    """A quarter-width ferkit_small checkpoint, its ONNX export and fp16 and int8 versions of that."""
     d = tmp_path_factory.mktemp("export")
     ckpt = make_checkpoint(d / "best.pt")
     model = export_onnx(ckpt, d / "model.onnx", metrics={"accuracy": 0.61, "macro_f1": 0.55})
     int8 = quantize_int8(model, d / "model_int8.onnx", photo_crops(128, seed=0))
-    return {"pt": ckpt, "onnx": model, "int8": int8}
+    fp16 = convert_fp16(model, d / "model_fp16.onnx")
+    return {"pt": ckpt, "onnx": model, "int8": int8, "fp16": fp16}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,21 @@ def test_int8_model_mostly_agrees_with_fp32(exported, held_out):
     assert sum(faces[0].scores.values()) == pytest.approx(1, abs=0.02)
 
 
+def test_fp16_model_is_half_the_size_and_agrees(exported, held_out):
+    info = metadata(exported["fp16"])
+    assert info["precision"] == "float16" and info["classes"] == list(CLASSES) and info["accuracy"] == 0.61
+    assert exported["fp16"].stat().st_size < 0.6 * exported["onnx"].stat().st_size
+    sess = session(exported["fp16"])
+    assert sess.get_inputs()[0].type == "tensor(float)" and sess.get_outputs()[0].type == "tensor(float)"
+    x = held_out[:, None].astype(np.float32) / 255
+    p32 = session(exported["onnx"]).run(None, {"image": x})[0]
+    p16 = sess.run(None, {"image": x})[0]
+    assert np.abs(p32 - p16).max() < 5e-3
+    assert (p32.argmax(1) == p16.argmax(1)).mean() >= 0.98
+    faces = EmotionRecognizer(exported["fp16"], threads=1).predict(ASTRONAUT)
+    assert len(faces) == 1 and sum(faces[0].scores.values()) == pytest.approx(1, abs=1e-3)
+
+
 def test_bad_model_files_give_errors_naming_them(tmp_path, exported):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(exported["onnx"].read_bytes()[:500])  # truncated
@@ -133,7 +149,7 @@ def test_cli_export_with_report_check_and_int8(tmp_path, exported, capsys):
     report = tmp_path / "eval.json"
     report.write_text(json.dumps({"accuracy": 0.7, "macro_f1": 0.6, "split": "PrivateTest", "other": 1}))
     out = tmp_path / "cli" / "m.onnx"
-    argv = ["export", str(exported["pt"]), "-o", str(out), "--report", str(report), "--check", "--int8"]
+    argv = ["export", str(exported["pt"]), "-o", str(out), "--report", str(report), "--check", "--int8", "--fp16"]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert f"wrote {out}" in stdout
@@ -145,3 +161,6 @@ def test_cli_export_with_report_check_and_int8(tmp_path, exported, capsys):
     assert f"wrote {int8}" in stdout
     assert metadata(int8)["quantization"] == "int8 static QDQ"
     assert EmotionRecognizer(int8, threads=1).classes == CLASSES
+    fp16 = out.with_name("m_fp16.onnx")
+    assert f"wrote {fp16}" in stdout
+    assert metadata(fp16)["precision"] == "float16" and metadata(fp16)["accuracy"] == 0.7

@@ -90,7 +90,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, max_abs_diff, quantize_int8
+    from .export import convert_fp16, export_onnx, max_abs_diff, quantize_int8
 
     metrics = {}
     if args.report:
@@ -98,6 +98,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         metrics = {k: report[k] for k in ("accuracy", "macro_f1", "weighted_f1", "split", "tta") if k in report}
     out = export_onnx(args.checkpoint, args.out, metrics)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    if args.fp16:
+        half = convert_fp16(out, out.with_name(out.stem + "_fp16.onnx"))
+        print(f"wrote {half} ({half.stat().st_size / 1e6:.2f} MB)")
     if args.check or args.int8:
         from .data import load_dataset
 
@@ -297,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="evaluation JSON whose accuracy/F1 to store in the metadata")
     p.add_argument("--check", action="store_true", help="print the max |ONNX - torch| difference")
     p.add_argument("--int8", action="store_true", help="also write OUT_int8.onnx (static int8, calibrated)")
+    p.add_argument("--fp16", action="store_true", help="also write OUT_fp16.onnx (float16 weights, half the size)")
     p.add_argument("--data", help="FER-2013 data for calibration and the check (default: random images)")
     p.set_defaults(func=cmd_export)
 

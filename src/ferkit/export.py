@@ -120,3 +120,20 @@ def quantize_int8(onnx_path: str | Path, out: str | Path, calibration: np.ndarra
         _set_metadata(staged, {**info, "quantization": "int8 static QDQ"})
         staged.replace(out)
     return out
+
+
+def convert_fp16(onnx_path: str | Path, out: str | Path) -> Path:
+    """A float16 copy of an fp32 export (half the file size); input and output stay float32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(onnx_path))
+    info = json.loads({p.key: p.value for p in model.metadata_props}.get("ferkit", "{}"))
+    half = convert_float_to_float16(model, keep_io_types=True)
+    out = Path(out)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
+        onnx.save(half, str(staged))
+        _set_metadata(staged, {**info, "precision": "float16"})
+        staged.replace(out)
+    return out
