@@ -41,6 +41,16 @@ def test_large_image_boxes_are_in_original_pixels():
     assert iou(boxes[0], (3 * x, 3 * y, 3 * w, 3 * h)) > 0.5
 
 
+def test_faces_below_min_size_are_skipped():
+    """The astronaut at 40% size: her face is 43 px, under the default 48 px minimum, over 32 px."""
+    small = cv2.resize(read_rgb(ASTRONAUT), None, fx=0.4, fy=0.4, interpolation=cv2.INTER_AREA)
+    assert HaarDetector().detect(small) == []
+    boxes = HaarDetector(min_size=32).detect(small)
+    (x, y, w, h) = placed_boxes(ASTRONAUT)[0]
+    assert len(boxes) == 1 and iou(boxes[0], (0.4 * x, 0.4 * y, 0.4 * w, 0.4 * h)) > 0.5
+    assert make_detector("haar", min_size=32).detect(small) == boxes
+
+
 def test_no_face_in_noise_or_flat_images(haar):
     noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
     assert haar.detect(noise) == []
@@ -62,6 +72,8 @@ def test_make_detector():
     assert make_detector(fixed) is fixed
     with pytest.raises(ValueError, match="unknown face detector"):
         make_detector("mtcnn")
+    with pytest.raises(ValueError, match="min_size must be at least 1"):
+        make_detector("haar", min_size=0)
     with pytest.raises(FileNotFoundError, match="yunet.onnx"):
         make_detector("missing/yunet.onnx")
     with pytest.raises(FileNotFoundError):

@@ -175,6 +175,15 @@ def test_fallback_classifies_faceless_images(capsys, good):
     assert [f["box"] for f in record["faces"]] == [[0, 0, 64, 64]]
 
 
+def test_min_face_option(capsys, tmp_path):
+    small = tmp_path / "small.png"  # the astronaut at 40%: a 43 px face, under the default 48 px minimum
+    Image.fromarray(cv2.resize(read_rgb(ASTRONAUT), None, fx=0.4, fy=0.4, interpolation=cv2.INTER_AREA)).save(small)
+    code, out, _ = run(capsys, small, "--format", "jsonl")
+    assert code == 0 and jsonl(out)[0]["faces"] == []
+    code, out, _ = run(capsys, small, "--min-face", "32", "--format", "jsonl")
+    assert code == 0 and len(jsonl(out)[0]["faces"]) == 1
+
+
 def test_video_every_nth_frame(capsys, video, tmp_path):
     out_dir = tmp_path / "annotated"
     code, out, _ = run(capsys, video, "--every", "4", "--format", "jsonl", "--annotate", out_dir)

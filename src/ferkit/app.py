@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
+from .faces import MIN_FACE
 from .inference import (
     MAX_PIXELS,
     EmotionRecognizer,
@@ -67,10 +68,11 @@ class AppSettings:
     queue_timeout_s: float = 10.0  # longest wait for a free recognizer before 503
     timeout_s: float = 30.0  # longest decode + detect + classify of one image before 504
     threads: int | None = None  # onnxruntime threads per recognizer (default: CPU cores / max_concurrency)
+    min_face: int = MIN_FACE  # smallest face side in pixels that the detector reports
     ui: bool = True  # mount the Gradio UI at /
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_mb", "max_pixels", "max_concurrency", "queue_timeout_s", "timeout_s"):
+        for name in ("max_upload_mb", "max_pixels", "max_concurrency", "queue_timeout_s", "timeout_s", "min_face"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.max_queue < 0:
@@ -148,7 +150,10 @@ class RecognizerService:
             recs = list(recognizer) if isinstance(recognizer, (list, tuple)) else [recognizer]
             return cls(recs, settings)
         threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.max_concurrency)
-        recs = [EmotionRecognizer(settings.model, threads=threads) for _ in range(settings.max_concurrency)]
+        recs = [
+            EmotionRecognizer(settings.model, threads=threads, min_face=settings.min_face)
+            for _ in range(settings.max_concurrency)
+        ]
         return cls(recs, settings)
 
     @property

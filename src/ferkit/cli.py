@@ -13,6 +13,7 @@ import numpy as np
 import yaml
 
 from .config import TrainConfig
+from .faces import MIN_FACE
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
@@ -166,7 +167,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import EmotionRecognizer
     from .media import Record, predict_paths, video_frames
 
-    rec = EmotionRecognizer(args.model, backend=args.backend, detector=args.detector, margin=args.margin, tta=args.tta)
+    rec = EmotionRecognizer(
+        args.model,
+        backend=args.backend,
+        detector=args.detector,
+        margin=args.margin,
+        tta=args.tta,
+        min_face=args.min_face,
+    )
     if args.webcam is not None:
         records = (
             Record(f"webcam:{args.webcam}", rec.predict(rgb, args.fallback), frame=i, time_s=t)
@@ -209,6 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         queue_timeout_s=args.queue_timeout,
         timeout_s=args.timeout,
         threads=args.threads,
+        min_face=args.min_face,
         ui=not args.no_ui,
     )
     serve(settings, host=args.host, port=args.port, log_level=args.log_level)
@@ -318,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="inference runtime")
     p.add_argument("--detector", default="haar", help="haar, a YuNet .onnx file or a Haar .xml cascade")
     p.add_argument("--margin", type=float, default=0.1, help="crop margin around each face box")
+    p.add_argument("--min-face", type=int, default=MIN_FACE, help="smallest face side in pixels (default: %(default)s)")
     p.add_argument("--tta", default="flip", choices=["none", "flip"], help="average each face with its mirror")
     p.add_argument("--every", type=int, default=10, help="video: use every N-th frame (default: %(default)s)")
     p.add_argument("--fallback", action="store_true", help="when no face is found, classify the whole image")
@@ -342,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-timeout", type=float, default=10.0, help="seconds a request may wait (then 503)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds one inference may take (then 504)")
     p.add_argument("--threads", type=int, help="onnxruntime threads per inference (default: cores / concurrency)")
+    p.add_argument("--min-face", type=int, default=MIN_FACE, help="smallest face side in pixels (default: %(default)s)")
     p.add_argument("--no-ui", action="store_true", help="serve the API only, without the Gradio UI")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .data import CLASSES
-from .faces import Box, FaceDetector, crop_faces, make_detector
+from .faces import MIN_FACE, Box, FaceDetector, crop_faces, make_detector
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_small.onnx"  # the shipped model: replace this file to upgrade
@@ -189,7 +189,8 @@ class EmotionRecognizer:
     ``model``: an ``.onnx`` export or a ``.pt`` checkpoint (default: the shipped model), or a list of them
     to average as an ensemble.
     ``backend``: ``auto`` (by file type), ``onnx`` or ``torch``. ``detector``: ``haar`` (default),
-    a YuNet ``.onnx`` path or any object with ``detect(rgb)``. ``margin``: crop margin around boxes.
+    a YuNet ``.onnx`` path or any object with ``detect(rgb)``. ``min_face``: smallest face side found, in
+    pixels (48, the model's input, by default; smaller ones cost detection time). ``margin``: crop margin.
     ``tta``: ``flip`` averages each face and its mirror image (chosen on PublicTest), ``none`` is faster.
     One instance must not be shared between threads (OpenCV's detectors are not thread-safe): give each
     thread its own, as the web app does."""
@@ -203,6 +204,7 @@ class EmotionRecognizer:
         threads: int | None = None,
         max_pixels: int = MAX_PIXELS,
         tta: str = "flip",
+        min_face: int = MIN_FACE,
     ) -> None:
         if tta not in ("none", "flip"):
             raise ValueError(f"unknown tta {tta!r}: use none or flip")
@@ -213,7 +215,7 @@ class EmotionRecognizer:
         self.classes: tuple[str, ...] = tuple(infos[0].get("classes", CLASSES))
         if any(tuple(i.get("classes", CLASSES)) != self.classes for i in infos):
             raise ValueError("ensemble members disagree on the class names or their order")
-        self.detector = make_detector(detector)
+        self.detector = make_detector(detector, min_face)
         self.margin, self.max_pixels = margin, max_pixels
         names = [i.get("name", p.stem) for i, p in zip(infos, paths, strict=True)]
         self.model_info = {
