@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not cfg.data:
         raise ValueError("--data is required (or set `data:` in the --config file)")
     result = train(cfg, resume=args.resume)
-    if args.evaluate and int(__import__("os").environ.get("RANK", "0")) == 0:
+    if args.evaluate and int(os.environ.get("RANK", "0")) == 0:
         _evaluate([result["best"]], cfg.data, "PrivateTest", Path(cfg.out) / "eval", args.tta, cfg.device)
     return 0
 
