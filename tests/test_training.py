@@ -13,7 +13,13 @@ import torch
 from conftest import tiny_config
 
 from ferkit import training
-from ferkit.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from ferkit.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    slim_checkpoint,
+)
 from ferkit.config import TrainConfig
 from ferkit.data import CLASSES
 from ferkit.fileio import atomic_write
@@ -387,3 +393,33 @@ def test_interrupted_checkpoint_save_keeps_old_checkpoint(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     _assert_same_weights(load_checkpoint(path)["state_dict"], old["state_dict"])
     assert math.isfinite(float(load_checkpoint(path)["state_dict"]["head.3.bias"].sum()))
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_slim_checkpoint_keeps_the_ema_weights(tmp_path, half):
+    state = _small_state()
+    ema = build_model("ferkit_small", width=0.25)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(1.1)
+    state["ema_state_dict"] = ema.state_dict()
+    state["optimizer"] = {"state": {i: torch.zeros(1000) for i in range(20)}}
+    full = save_checkpoint(tmp_path / "full.pt", state)
+    slim = slim_checkpoint(full, tmp_path / "slim.pt", half=half)
+    assert slim.stat().st_size < full.stat().st_size / (3 if half else 1.5)
+    back = load_checkpoint(slim)
+    assert back["ema_state_dict"] is None and "optimizer" not in back
+    x = torch.rand(4, 1, 48, 48)
+    want = model_from_checkpoint(full)[0](x)
+    got = model_from_checkpoint(slim)[0](x)
+    assert torch.allclose(got, want, rtol=1e-2 if half else 1e-5, atol=1e-3 if half else 1e-6)
+    assert not torch.allclose(got, model_from_checkpoint(full, ema=False)[0](x), atol=1e-3)
+
+
+def test_cli_slim(tmp_path, capsys):
+    from ferkit.cli import main
+
+    full = save_checkpoint(tmp_path / "full.pt", _small_state())
+    assert main(["slim", str(full), "-o", str(tmp_path / "s.pt"), "--half"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "s.pt")["state_dict"]["head.3.weight"].dtype == torch.float16

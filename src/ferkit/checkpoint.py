@@ -47,3 +47,14 @@ def model_from_checkpoint(path: str | Path, ema: bool = True) -> tuple[nn.Module
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit model {state['model']!r} ({e})") from e
     return model.eval(), state
+
+
+def slim_checkpoint(path: str | Path, out: str | Path, half: bool = False) -> Path:
+    """Write only what a checkpoint predicts with (its EMA weights when present, else its weights),
+    without optimiser state, optionally as float16: for shipping and carrying between machines."""
+    state = load_checkpoint(path)
+    weights = state.get("ema_state_dict") or state["state_dict"]
+    if half:
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    keep = {k: state[k] for k in ("model", "model_kwargs", "classes", "input_size", "config", "metrics") if k in state}
+    return save_checkpoint(out, {**keep, "state_dict": weights, "ema_state_dict": None})

@@ -91,6 +91,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slim(args: argparse.Namespace) -> int:
+    from .checkpoint import slim_checkpoint
+
+    out = slim_checkpoint(args.checkpoint, args.out, half=args.half)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import convert_fp16, export_onnx, max_abs_diff, quantize_int8
 
@@ -299,6 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model registry with params and MFLOPs")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "slim",
+        help="keep only a checkpoint's prediction weights (EMA if any), optionally float16",
+        description="Write a small checkpoint for shipping or carrying: the weights the model predicts with "
+        "(the EMA weights when the run kept them), its config and metrics, no optimiser state.",
+    )
+    p.add_argument("checkpoint", help="a .pt checkpoint from `ferkit train`")
+    p.add_argument("-o", "--out", required=True, help="the .pt file to write")
+    p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
+    p.set_defaults(func=cmd_slim)
 
     p = sub.add_parser(
         "export",

@@ -148,6 +148,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     device = resolve_device(cfg.device, local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # full batches only: every step has the same shapes
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out, rank)
