@@ -12,9 +12,11 @@ from ferkit.data import CLASSES
 from ferkit.evaluate import (
     compute_metrics,
     evaluate_checkpoints,
+    evaluate_tta,
     format_summary,
     plot_training_curves,
     predict_proba,
+    predict_proba_modes,
     tta_views,
     write_report,
 )
@@ -116,6 +118,17 @@ def test_predict_proba():
     assert predict_proba(model, images[:0]).shape == (0, 7)
 
 
+def test_predict_proba_modes_share_one_pass():
+    torch.manual_seed(0)
+    model = build_model("ferkit_small", width=0.25)
+    images = np.random.default_rng(1).integers(0, 256, (6, 48, 48), dtype=np.uint8)
+    modes = predict_proba_modes(model, images, batch_size=4, modes=("none", "flip", "crops"))
+    for tta, p in modes.items():  # the widest pass (ten-crop) gives what each mode gives alone
+        np.testing.assert_allclose(p, predict_proba(model, images, batch_size=4, tta=tta), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown TTA mode"):
+        predict_proba_modes(model, images, modes=("none", "rotate"))
+
+
 def test_write_report(tmp_path):
     y, probs = _random_case()
     m = compute_metrics(y, probs)
@@ -153,6 +166,10 @@ def test_evaluate_checkpoint_and_ensemble(trained_run, synthetic_cache, tmp_path
     assert ens["model"] == "ensemble(ferkit_small, ferkit_small)"
     assert ens["confusion_matrix"] == res["confusion_matrix"]
     assert "report_json" not in ens
+
+    both = evaluate_tta([ck], synthetic_cache, split="PrivateTest", out=tmp_path, modes=("none", "flip"), device="cpu")
+    assert both["flip"]["confusion_matrix"] == res["confusion_matrix"]
+    assert json.loads((tmp_path / "PrivateTest.json").read_text())["tta"] == "none"
 
     sub = evaluate_checkpoints([ck], synthetic_cache, split="PublicTest", device="cpu", limit=10)
     assert sub["n"] == 10 and np.array(sub["confusion_matrix"]).sum() == 10

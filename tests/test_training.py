@@ -423,3 +423,17 @@ def test_cli_slim(tmp_path, capsys):
     assert main(["slim", str(full), "-o", str(tmp_path / "s.pt"), "--half"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "s.pt")["state_dict"]["head.3.weight"].dtype == torch.float16
+
+
+def test_ema_update_warms_up_then_uses_its_decay():
+    step = 0
+    update = training.ema_update(0.99, lambda: step)
+    ema, new = [torch.zeros(3)], [torch.ones(3)]
+    update(ema, new, torch.tensor(1))  # step 0: decay 0.1, the average mostly takes the new weights
+    assert torch.allclose(ema[0], torch.full((3,), 0.9))
+    step = 10_000
+    update(ema, new, torch.tensor(2))  # warm-up over: decay 0.99
+    assert torch.allclose(ema[0], torch.full((3,), 0.9 + 0.1 * 0.01))
+    counts = [torch.tensor(5)]
+    update(counts, [torch.tensor(7)], torch.tensor(3))
+    assert counts[0].item() == 7

@@ -55,28 +55,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--data is required (or set `data:` in the --config file)")
     result = train(cfg, resume=args.resume)
     if args.evaluate and int(os.environ.get("RANK", "0")) == 0:
-        _evaluate([result["best"]], cfg.data, "PrivateTest", Path(cfg.out) / "eval", args.tta, cfg.device)
+        _evaluate([result["best"]], cfg.data, "PrivateTest", Path(cfg.out) / "eval", [args.tta], cfg.device)
     return 0
 
 
 def _evaluate(
-    checkpoints: list[str], data: str, split: str, out: Path | None, tta: str, device: str, limit: int = 0
-) -> dict[str, Any]:
-    from .evaluate import evaluate_checkpoints, format_summary
+    checkpoints: list[str], data: str, split: str, out: Path | None, modes: list[str], device: str, limit: int = 0
+) -> None:
+    from .evaluate import evaluate_tta, format_summary
 
-    result = evaluate_checkpoints(checkpoints, data, split=split, out=out, tta=tta, device=device, limit=limit)
-    print(f"{result['model']} on {split} (TTA: {tta})")
-    print(format_summary(result))
-    if out is not None:
-        print(f"report: {result['report_json']}")
-    return result
+    results = evaluate_tta(checkpoints, data, split=split, out=out, modes=modes, device=device, limit=limit)
+    for tta, result in results.items():
+        print(f"{result['model']} on {split} (TTA: {tta})")
+        print(format_summary(result))
+        if out is not None:
+            print(f"report: {result['report_json']}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     checkpoints = args.checkpoint + (args.ensemble or [])
     out = Path(args.out) if args.out else Path(checkpoints[0]).parent / "eval"
-    for tta in args.tta:
-        _evaluate(checkpoints, args.data, args.split, out, tta, args.device, args.limit)
+    _evaluate(checkpoints, args.data, args.split, out, args.tta, args.device, args.limit)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +39,41 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     return views + [v.flip(-1) for v in views]
 
 
-@torch.no_grad()
 def predict_proba(
     model: nn.Module, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 256, tta: str = "none"
 ) -> np.ndarray:
     """Class probabilities (N, 7) for uint8 images (N, 48, 48), averaged over TTA views."""
+    return predict_proba_modes(model, images, device, batch_size, (tta,))[tta]
+
+
+@torch.no_grad()
+def predict_proba_modes(
+    model: nn.Module,
+    images: np.ndarray,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    modes: Sequence[str] = ("none",),
+) -> dict[str, np.ndarray]:
+    """:func:`predict_proba` for several TTA modes at the cost of the widest: its views hold the others'
+    (the first view is the image, the one half-way along its mirror)."""
+    for mode in modes:
+        if mode not in TTA_MODES:
+            raise ValueError(f"unknown TTA mode {mode!r}; choose one of {', '.join(TTA_MODES)}")
+    widest = max(modes, key=TTA_MODES.index)
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    out = []
+    out: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(images[i : i + batch_size]).to(device).unsqueeze(1).float().div_(255)
-        views = tta_views(x, tta)
-        probs = sum(F.softmax(model(v).float(), dim=1) for v in views) / len(views)
-        out.append(probs.cpu().numpy())
+        views = tta_views(x, widest)
+        probs = [F.softmax(model(v).float(), dim=1) for v in views]
+        picks = {"none": [0], "flip": [0, len(views) // 2], "crops": range(len(views))}
+        for mode in modes:
+            out[mode].append((sum(probs[j] for j in picks[mode]) / len(picks[mode])).cpu().numpy())
     model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), dtype=np.float32)
+    empty = np.zeros((0, len(CLASSES)), dtype=np.float32)
+    return {mode: np.concatenate(p) if p else empty for mode, p in out.items()}
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
@@ -212,6 +232,20 @@ def evaluate_checkpoints(
 
     Writes ``{split}[_tta-{mode}].json`` with confusion-matrix/ROC PNGs (and the training curves of a
     single checkpoint's run when its ``metrics.csv`` is beside it) into ``out``."""
+    return evaluate_tta(checkpoints, data_path, split, out, (tta,), device, batch_size, limit)[tta]
+
+
+def evaluate_tta(
+    checkpoints: list[str | Path],
+    data_path: str | Path,
+    split: str = "PrivateTest",
+    out: str | Path | None = None,
+    modes: Sequence[str] = ("none",),
+    device: str = "auto",
+    batch_size: int = 512,
+    limit: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate_checkpoints` for several TTA modes, each model run once over the widest mode's views."""
     from .checkpoint import model_from_checkpoint
     from .data import load_dataset
     from .training import resolve_device
@@ -220,21 +254,23 @@ def evaluate_checkpoints(
     data = load_dataset(data_path)
     images, labels = data.split(split)
     images, labels = data.subset(images, labels, limit)
-    probs = np.zeros((len(labels), len(CLASSES)))
+    probs = {mode: np.zeros((len(labels), len(CLASSES))) for mode in modes}
     names = []
     for ck in checkpoints:
         model, state = model_from_checkpoint(ck)
-        probs += predict_proba(model.to(dev), images, device=dev, batch_size=batch_size, tta=tta)
+        for mode, p in predict_proba_modes(model.to(dev), images, dev, batch_size, modes).items():
+            probs[mode] += p
         names.append(state["model"])
-    probs /= len(checkpoints)
-    metrics = compute_metrics(labels, probs)
     model_name = names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")"
-    meta = {"model": model_name, "checkpoints": [str(c) for c in checkpoints], "split": split, "tta": tta}
-    if out is not None:
-        out = Path(out)
-        name = split + ("" if tta == "none" else f"_tta-{tta}")
-        meta["report_json"] = str(write_report(metrics, out, name, meta))
-        run_metrics = Path(checkpoints[0]).parent / "metrics.csv"
-        if len(checkpoints) == 1 and run_metrics.exists():
-            plot_training_curves(run_metrics, out / "training_curves.png")
-    return {**meta, **metrics}
+    results = {}
+    for mode in modes:
+        metrics = compute_metrics(labels, probs[mode] / len(checkpoints))
+        meta = {"model": model_name, "checkpoints": [str(c) for c in checkpoints], "split": split, "tta": mode}
+        if out is not None:
+            name = split + ("" if mode == "none" else f"_tta-{mode}")
+            meta["report_json"] = str(write_report(metrics, Path(out), name, meta))
+        results[mode] = {**meta, **metrics}
+    run_metrics = Path(checkpoints[0]).parent / "metrics.csv"
+    if out is not None and len(checkpoints) == 1 and run_metrics.exists():
+        plot_training_curves(run_metrics, Path(out) / "training_curves.png")
+    return results

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,23 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
         t = (epoch - cfg.warmup_epochs) / max(1e-8, cfg.epochs - cfg.warmup_epochs)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+def ema_update(decay: float, step: Callable[[], int]) -> Callable[..., None]:
+    """An EMA update for ``AveragedModel`` whose decay warms up as ``min(decay, (1 + t) / (10 + t))`` at
+    optimiser step ``t`` (as TensorFlow's ExponentialMovingAverage), so that the early averages are not
+    dominated by the random initialisation. Integer buffers (BatchNorm's counts) take the model's value."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], _num_averaged: torch.Tensor) -> None:
+        t = step()
+        d = min(decay, (1 + t) / (10 + t))
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, params, 1 - d)
+        else:
+            torch._foreach_copy_(ema_params, params)
+
+    return update
 
 
 def distill_loss(logits: torch.Tensor, teachers: list[nn.Module], x: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -177,11 +194,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best_acc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     ema = None
     if cfg.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        ema = AveragedModel(model, multi_avg_fn=ema_update(cfg.ema, lambda: state["step"]), use_buffers=True)
 
     steps_per_epoch = len(x_np) // cfg.batch_size
     optimizer = make_optimizer(model, cfg)
@@ -207,7 +225,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     aug = replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
     teachers = [model_from_checkpoint(t)[0].to(device) for t in cfg.teacher]
 
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "best_acc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     if resume and (out / "last.pt").exists():
         ck = load_checkpoint(out / "last.pt")
         model.load_state_dict(ck["state_dict"])
