@@ -205,7 +205,7 @@ def cmd_card(args: argparse.Namespace) -> int:
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     if args.readme:
-        update_readme(Path(args.readme), reports)
+        update_readme(Path(args.readme), reports, Path(args.onnx).stem)
         print(f"updated the results table in {args.readme}")
     return 0
 

@@ -1,0 +1,41 @@
+"""The model card and the README results block, generated from evaluation JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ferkit.card import RESULTS_END, RESULTS_START, render_model_card, update_readme
+from ferkit.evaluate import evaluate_tta
+
+
+@pytest.fixture(scope="module")
+def reports(trained_run, synthetic_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports")
+    evaluate_tta([trained_run / "best.pt"], synthetic_cache, "PrivateTest", out, ("flip", "none"), device="cpu")
+    return [out / "PrivateTest_tta-flip.json", out / "PrivateTest.json"]
+
+
+def test_model_card_quotes_the_run_and_its_numbers(trained_run, reports, tmp_path):
+    onnx = tmp_path / "my_model.onnx"
+    onnx.write_bytes(b"\0" * 2**20)
+    card = render_model_card(trained_run, onnx, reports, "ferkit train --x", "a test machine")
+    head = json.loads(reports[0].read_text())
+    assert card.startswith("# Model card: my_model (shipped default)")
+    assert "`ferkit train --x`" in card and "Hardware: a test machine" in card and "(1.0 MiB" in card
+    assert f"| my_model | PrivateTest | flip | {head['accuracy']:.2%} |" in card
+    assert "| teacher |" not in card  # no distillation in this run
+    assert all(f"| {c} |" in card for c in head["report"] if c in ("angry", "disgust", "neutral"))
+
+
+def test_update_readme_replaces_only_the_results_block(reports, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{RESULTS_START}\nold table\n{RESULTS_END}\noutro\n")
+    update_readme(readme, reports, "my_model")
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
+    assert text.count("| my_model | PrivateTest |") == 2
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="results"):
+        update_readme(readme, reports)
