@@ -20,7 +20,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from _common import (
     DEFAULT_DATA,
     ROOT,
@@ -33,11 +32,11 @@ from _common import (
     write_report,
 )
 
-from ferkit.augment import PRESETS, augment, class_weights
+from ferkit.augment import PRESETS, augment
 from ferkit.config import TrainConfig
 from ferkit.data import CLASSES, load_dataset
 from ferkit.models import build_model, describe
-from ferkit.training import make_optimizer, resolve_device, train
+from ferkit.training import make_criterion, make_optimizer, resolve_device, train
 
 GOAL = 0.90
 
@@ -108,16 +107,7 @@ class Synthetic:
         g = torch.Generator().manual_seed(0)
         self.xs = [torch.rand(cfg.batch_size, 1, 48, 48, generator=g).to(device) for _ in range(n_batches)]
         self.ys = [torch.randint(0, len(CLASSES), (cfg.batch_size,), generator=g).to(device) for _ in range(n_batches)]
-        weights = (
-            torch.tensor(
-                class_weights(labels, len(CLASSES), cfg.class_weight_power, cfg.class_weight_cap or None),
-                dtype=torch.float32,
-                device=device,
-            )
-            if cfg.class_weights
-            else None
-        )
-        self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+        self.criterion = make_criterion(cfg, labels, device)
         if device.type == "cuda" and cfg.channels_last:
             self.xs = [x.contiguous(memory_format=torch.channels_last) for x in self.xs]
 

@@ -79,6 +79,15 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
+def make_criterion(cfg: TrainConfig, labels: np.ndarray, device: torch.device) -> nn.CrossEntropyLoss:
+    """Cross-entropy with label smoothing and, if ``cfg.class_weights``, dynamic class weights from ``labels``."""
+    weights = None
+    if cfg.class_weights:
+        w = class_weights(labels, len(CLASSES), cfg.class_weight_power, cfg.class_weight_cap or None)
+        weights = torch.tensor(w, dtype=torch.float32, device=device)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+
+
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Multiplier of the peak LR at optimiser step ``step`` (per-step schedules)."""
     epoch = step / steps_per_epoch
@@ -211,16 +220,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     )
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    weights = (
-        torch.tensor(
-            class_weights(y_np, len(CLASSES), cfg.class_weight_power, cfg.class_weight_cap or None),
-            dtype=torch.float32,
-            device=device,
-        )
-        if cfg.class_weights
-        else None
-    )
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    criterion = make_criterion(cfg, y_np, device)
+    weights = criterion.weight
     sampler_w = sample_weights(y_np, len(CLASSES)) if cfg.sampler == "balanced" else None
     aug = replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
     teachers = [model_from_checkpoint(t)[0].to(device) for t in cfg.teacher]
