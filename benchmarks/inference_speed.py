@@ -10,7 +10,7 @@ End to end: latency of ``EmotionRecognizer.predict`` (JPEG decode, Haar detectio
 640x480 photo with one face and one with five, composed from real PrivateTest crops upscaled onto a
 canvas; crops are picked so that Haar finds exactly the intended faces (checked on the decoded JPEG).
 
-    .venv/bin/python benchmarks/inference_speed.py --checkpoint runs/ferkit_small/best.pt
+    .venv/bin/python benchmarks/inference_speed.py --checkpoint reports/ferkit_vgg_half_distill/best.pt
 """
 
 from __future__ import annotations
