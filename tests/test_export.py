@@ -52,13 +52,14 @@ def test_metadata_has_classes_and_preprocessing(exported):
     info = metadata(exported["onnx"])
     assert info["classes"] == list(CLASSES)
     assert info["preprocessing"] == PREPROCESSING
-    assert info["name"] == "ferkit_small" and info["input_size"] == 48
+    assert info["name"] == "model" and info["input_size"] == 48  # the file's name: the shipped model's run
+    assert info["architecture"] == "ferkit_small" and info["model_kwargs"] == {"width": 0.25}
     assert info["checkpoint"] == "best.pt"
     assert info["accuracy"] == 0.61 and info["macro_f1"] == 0.55
     assert PREPROCESSING in onnx.load(str(exported["onnx"])).doc_string
     rec = EmotionRecognizer(exported["onnx"], threads=1)
     assert rec.classes == CLASSES
-    assert rec.model_info["name"] == "ferkit_small" and rec.model_info["accuracy"] == 0.61
+    assert rec.model_info["name"] == "model" and rec.model_info["accuracy"] == 0.61
 
 
 def test_dynamic_batch_and_probabilities(exported, held_out):

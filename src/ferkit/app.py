@@ -522,7 +522,7 @@ def build_ui(service: RecognizerService) -> Any:
         f"Finds every face in a photo and scores 7 emotions ({', '.join(info['classes'])}). "
         f"Model **{info['name']}** ({info['backend']}), FER-2013 PrivateTest accuracy "
         f"**{_accuracy_text(info['accuracy'])}**. Faces are found by OpenCV's Haar cascade: frontal faces "
-        "of 32 px or more work best."
+        f"of {s.min_face} px or more."
     )
     api_help = (
         "The same model answers HTTP requests (when run with `ferkit serve`):\n\n"

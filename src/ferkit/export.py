@@ -58,7 +58,9 @@ def export_onnx(
             verbose=False,
         )
         info = {
-            "name": state["model"],
+            "name": Path(out).stem,
+            "architecture": state["model"],
+            "model_kwargs": state["model_kwargs"],
             "classes": state["classes"],
             "input_size": 48,
             "preprocessing": PREPROCESSING,
