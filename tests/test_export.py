@@ -165,3 +165,16 @@ def test_cli_export_with_report_check_and_int8(tmp_path, exported, capsys):
     fp16 = out.with_name("m_fp16.onnx")
     assert f"wrote {fp16}" in stdout
     assert metadata(fp16)["precision"] == "float16" and metadata(fp16)["accuracy"] == 0.7
+
+
+def test_evaluate_exported_models(exported, synthetic_cache):
+    from ferkit.evaluate import evaluate_checkpoints
+
+    def run(path):
+        return evaluate_checkpoints([path], synthetic_cache, split="PrivateTest", tta="flip", device="cpu")
+
+    pt, onnx_res, int8 = run(exported["pt"]), run(exported["onnx"]), run(exported["int8"])
+    assert onnx_res["model"] == "model" and int8["model"] == "model_int8"
+    assert onnx_res["confusion_matrix"] == pt["confusion_matrix"]
+    assert abs(onnx_res["macro_auc"] - pt["macro_auc"]) < 1e-3
+    assert int8["n"] == 28 and np.array(int8["confusion_matrix"]).sum() == 28

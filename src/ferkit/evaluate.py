@@ -39,6 +39,31 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     return views + [v.flip(-1) for v in views]
 
 
+class OnnxModule(nn.Module):
+    """An exported ``.onnx`` model (ONNX Runtime, CPU) behind the module interface evaluation uses. It
+    returns log-probabilities (the export ends in a softmax), so a softmax gives its probabilities back."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        from .inference import OnnxBackend
+
+        self.backend = OnnxBackend(path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.backend(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))
+        return torch.from_numpy(probs).to(x.device).clamp_min(1e-12).log()
+
+
+def load_for_evaluation(path: str | Path) -> tuple[nn.Module, str]:
+    """A model and its name from a training checkpoint (``.pt``) or an exported ``.onnx`` file."""
+    from .checkpoint import model_from_checkpoint
+
+    if Path(path).suffix == ".onnx":
+        return OnnxModule(path), Path(path).stem
+    model, state = model_from_checkpoint(path)
+    return model, state["model"]
+
+
 def predict_proba(
     model: nn.Module, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 256, tta: str = "none"
 ) -> np.ndarray:
@@ -228,7 +253,8 @@ def evaluate_checkpoints(
     batch_size: int = 512,
     limit: int = 0,
 ) -> dict[str, Any]:
-    """Evaluate one checkpoint, or an ensemble (mean of probabilities) of several, on ``split``.
+    """Evaluate one checkpoint (``.pt``, or an exported ``.onnx`` model), or an ensemble (mean of
+    probabilities) of several, on ``split``.
 
     Writes ``{split}[_tta-{mode}].json`` with confusion-matrix/ROC PNGs (and the training curves of a
     single checkpoint's run when its ``metrics.csv`` is beside it) into ``out``."""
@@ -246,7 +272,6 @@ def evaluate_tta(
     limit: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_checkpoints` for several TTA modes, each model run once over the widest mode's views."""
-    from .checkpoint import model_from_checkpoint
     from .data import load_dataset
     from .training import resolve_device
 
@@ -257,10 +282,10 @@ def evaluate_tta(
     probs = {mode: np.zeros((len(labels), len(CLASSES))) for mode in modes}
     names = []
     for ck in checkpoints:
-        model, state = model_from_checkpoint(ck)
+        model, name = load_for_evaluation(ck)
         for mode, p in predict_proba_modes(model.to(dev), images, dev, batch_size, modes).items():
             probs[mode] += p
-        names.append(state["model"])
+        names.append(name)
     model_name = names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")"
     results = {}
     for mode in modes:
