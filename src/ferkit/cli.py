@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Accuracy, classification report, confusion matrix, ROC/AUC and plots.",
     )
     p.add_argument(
-        "checkpoint", nargs="+", help="checkpoint(s) (.pt) or exported models (.onnx); several are averaged as an ensemble"
+        "checkpoint", nargs="+", help="checkpoints (.pt) or exported models (.onnx); several are averaged (an ensemble)"
     )
     p.add_argument("--ensemble", nargs="*", help="more checkpoints to average with the first")
     p.add_argument("--data", required=True, help="FER-2013 cache, CSV or image folder")
