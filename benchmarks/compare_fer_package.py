@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--fer-variants", default="keras,tflite", help="keras (mini-Xception .hdf5) and/or tflite")
     p.add_argument("--no-int8", action="store_true", help="skip ferkit's int8 ONNX row")
     p.add_argument("--calibration", type=int, default=512, help="Training crops for ferkit's int8 calibration")
+    p.add_argument("--int8", type=Path, help="an int8 export of --model (e.g. the shipped one) instead of quantizing")
     args = p.parse_args(argv)
     if args.quick:
         args.limit, args.min_time, args.calibration = args.limit or 300, 0.3, 64
@@ -147,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_int8:
             from ferkit.export import quantize_int8
 
-            calib, _ = data.subset(*data.split("Training"), args.calibration, seed=1)
-            int8 = quantize_int8(args.model, tmp / f"{args.model.stem}_int8.onnx", calib)
+            int8 = args.int8
+            if int8 is None:
+                calib, _ = data.subset(*data.split("Training"), args.calibration, seed=1)
+                int8 = quantize_int8(args.model, tmp / f"{args.model.stem}_int8.onnx", calib)
             models.append(("ferkit " + args.model.stem, "ONNX Runtime int8", int8))
         params = _onnx_params(args.model)  # of the fp32 model: the int8 one stores int8 weights
         for name, runtime, path in models:

@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--latency-runs", type=int, default=300, help="batch-1 calls per latency number")
     p.add_argument("--e2e-runs", type=int, default=100, help="EmotionRecognizer.predict calls per photo")
     p.add_argument("--calibration", type=int, default=512, help="Training crops for int8 calibration")
+    p.add_argument("--int8", type=Path, help="an int8 export of --model (e.g. the shipped one) instead of quantizing")
     p.add_argument("--limit", type=int, default=0, help="PrivateTest images for accuracy (0 = all 3,589)")
     p.add_argument("--no-int8-e2e", action="store_true", help="end to end with the fp32 model only")
     args = p.parse_args(argv)
@@ -214,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
             backends["torch eager fp32"] = TorchBackend(args.checkpoint)
         backends["onnxruntime fp32"] = OnnxBackend(args.model, threads)
-        int8_path = Path(tmp) / (args.model.stem + "_int8.onnx")
-        print(f"quantizing to int8 (calibration: {len(calib)} Training crops) ...", flush=True)
-        quantize_int8(args.model, int8_path, calib)
+        int8_path = args.int8 or Path(tmp) / (args.model.stem + "_int8.onnx")
+        if not args.int8:
+            print(f"quantizing to int8 (calibration: {len(calib)} Training crops) ...", flush=True)
+            quantize_int8(args.model, int8_path, calib)
         backends["onnxruntime int8"] = OnnxBackend(int8_path, threads)
         fp16_path = convert_fp16(args.model, Path(tmp) / (args.model.stem + "_fp16.onnx"))
         backends["onnxruntime fp16"] = OnnxBackend(fp16_path, threads)
@@ -267,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 "model": str(args.model),
                 "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+                "int8_model": str(args.int8) if args.int8 else "quantized on the fly",
                 "threads": threads,
                 "batch_sizes": args.batch_sizes,
                 "min_time_s": args.min_time,

@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
 # Make a finished training run the shipped model, with every number regenerated from its evaluation:
-#   bash scripts/ship_model.sh RUN_DIR "TRAINING COMMAND" ["HARDWARE"]
-# 1. evaluates RUN_DIR/best.pt on PublicTest (to choose the TTA) and PrivateTest (the headline), TTA none/flip/crops;
-# 2. keeps the evidence in reports/<run name>/ (JSON, PNGs, metrics.csv, train.log, the slimmed checkpoint);
-# 3. exports the ONNX model with its PrivateTest metrics into src/ferkit/weights/ (checks ONNX vs torch);
+#   [INT8=1] bash scripts/ship_model.sh RUN_DIR "TRAINING COMMAND" ["HARDWARE"]
+# 1. exports RUN_DIR/best.pt to ONNX (checked against torch), and with INT8=1 quantizes it (static int8);
+# 2. evaluates the file that ships on PublicTest (to choose the TTA) and PrivateTest (the headline),
+#    TTA none/flip/crops, into reports/<shipped name>/, with the run's metrics.csv and train.log;
+# 3. exports again (deterministic) with the PrivateTest flip metrics in its metadata, into src/ferkit/weights/;
 # 4. regenerates MODEL_CARD.md and the README results table from the JSON.
+# Then point DEFAULT_MODEL in src/ferkit/inference.py at the new file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?run folder}; CMD=${2:?training command}; HW=${3:-"2-core x86_64 CPU"}
 DATA=${DATA:-data/fer2013.npz}
 F=.venv/bin/ferkit
 NAME=$(basename "$RUN")
-OUT=reports/$NAME
+OPTS=(); SHIP=$NAME
+if [ "${INT8:-0}" = 1 ]; then OPTS=(--int8); SHIP=${NAME}_int8; fi
+OUT=reports/$SHIP
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
 mkdir -p "$OUT"
-$F evaluate "$RUN/best.pt" --data "$DATA" --split PublicTest --tta none flip crops --out "$OUT"
-$F evaluate "$RUN/best.pt" --data "$DATA" --split PrivateTest --tta none flip crops --out "$OUT"
+$F export "$RUN/best.pt" -o "$TMP/$NAME.onnx" "${OPTS[@]}" --check --data "$DATA"
+for split in PublicTest PrivateTest; do
+  $F evaluate "$TMP/$SHIP.onnx" --data "$DATA" --split $split --tta none flip crops --out "$OUT"
+done
 cp "$RUN/metrics.csv" "$RUN/train.log" "$OUT/"
-$F slim "$RUN/best.pt" -o "$OUT/best.pt" # the weights it predicts with, no optimiser state
-$F export "$OUT/best.pt" -o "src/ferkit/weights/$NAME.onnx" --report "$OUT/PrivateTest_tta-flip.json" --check --data "$DATA"
-$F card --run "$OUT" --onnx "src/ferkit/weights/$NAME.onnx" --command "$CMD" --hardware "$HW" --readme README.md \
+$F export "$RUN/best.pt" -o "$TMP/$NAME.onnx" "${OPTS[@]}" --report "$OUT/PrivateTest_tta-flip.json" --data "$DATA"
+mv "$TMP/$SHIP.onnx" "src/ferkit/weights/$SHIP.onnx"
+$F card --run "$RUN" --onnx "src/ferkit/weights/$SHIP.onnx" --command "$CMD" --hardware "$HW" --readme README.md \
   --reports "$OUT/PrivateTest_tta-flip.json" "$OUT/PrivateTest.json" "$OUT/PrivateTest_tta-crops.json" \
             "$OUT/PublicTest.json" "$OUT/PublicTest_tta-flip.json" "$OUT/PublicTest_tta-crops.json"

@@ -18,12 +18,14 @@ def reports(trained_run, synthetic_cache, tmp_path_factory):
 
 
 def test_model_card_quotes_the_run_and_its_numbers(trained_run, reports, tmp_path):
-    onnx = tmp_path / "my_model.onnx"
-    onnx.write_bytes(b"\0" * 2**20)
+    from ferkit.export import export_onnx
+
+    onnx = export_onnx(trained_run / "best.pt", tmp_path / "my_model.onnx")
     card = render_model_card(trained_run, onnx, reports, "ferkit train --x", "a test machine")
     head = json.loads(reports[0].read_text())
     assert card.startswith("# Model card: my_model (shipped default)")
-    assert "`ferkit train --x`" in card and "Hardware: a test machine" in card and "(1.0 MiB" in card
+    assert "`ferkit train --x`" in card and "Hardware: a test machine" in card and "MiB, ONNX, float32," in card
+    assert f"`ferkit evaluate {onnx.as_posix()} --data data/fer2013.npz --split PrivateTest --tta flip none`" in card
     assert f"| my_model | PrivateTest | flip | {head['accuracy']:.2%} |" in card
     assert "| teacher |" not in card  # no distillation in this run
     assert all(f"| {c} |" in card for c in head["report"] if c in ("angry", "disgust", "neutral"))

@@ -61,6 +61,13 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def _onnx_info(path: Path) -> dict[str, Any]:
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return json.loads(meta.get("ferkit", "{}"))
+
+
 def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], command: str, hardware: str) -> str:
     """Markdown model card from a run folder (``metrics.csv``, ``best.pt``'s config) and evaluation JSONs."""
     from .checkpoint import load_checkpoint
@@ -95,6 +102,10 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
     if cfg.get("teacher"):
         keys += ["teacher", "distill_alpha", "distill_temperature"]
     kwargs = f" {ck['model_kwargs']}" if ck["model_kwargs"] else ""
+    info = _onnx_info(onnx_path)
+    precision = info.get("quantization") or info.get("precision") or "float32"
+    modes = " ".join(dict.fromkeys(r["tta"] for r in reports))
+    reproduce = f"ferkit evaluate {onnx_path.as_posix()} --data data/fer2013.npz --split PrivateTest --tta {modes}"
     config_rows = "\n".join(f"| {k} | `{cfg[k]}` |" for k in keys)
     name = onnx_path.stem
     return f"""# Model card: {name} (shipped default)
@@ -104,7 +115,7 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
 ## Model
 - Architecture: `{ck["model"]}`{kwargs} — {size["params_m"]:.2f} M parameters,
   {size["mflops"]:.0f} MFLOPs per 48x48 face. See `src/ferkit/models.py`.
-- File: `{onnx_path.as_posix()}` ({onnx_path.stat().st_size / 2**20:.1f} MiB, ONNX, float32, dynamic batch);
+- File: `{onnx_path.as_posix()}` ({onnx_path.stat().st_size / 2**20:.1f} MiB, ONNX, {precision}, dynamic batch);
   class names and preprocessing are stored in its metadata.
 - Input: a face crop, grayscale, 48x48, pixels / 255 in [0, 1]. Output: probabilities of
   {", ".join(CLASSES)}.
@@ -122,7 +133,8 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
 {config_rows}
 
 ## Results on PrivateTest
-Reproduce: `ferkit evaluate {run_dir.as_posix()}/best.pt --data data/fer2013.npz --tta none flip crops`
+Reproduce (on the shipped file): `{reproduce}`,
+and the same with `--split PublicTest`.
 
 {results_table(reports, name)}
 

@@ -105,6 +105,10 @@ def quantize_int8(onnx_path: str | Path, out: str | Path, calibration: np.ndarra
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+        import onnx
+
+        # the final softmax stays in float: quantized, probabilities would come in steps of 1/255
+        softmax = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Softmax"]
         staged = Path(tmp) / out.name
         quantize_static(
             str(pre),
@@ -114,8 +118,8 @@ def quantize_int8(onnx_path: str | Path, out: str | Path, calibration: np.ndarra
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            nodes_to_exclude=softmax,
         )
-        import onnx
 
         src_meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
         info = json.loads(src_meta.get("ferkit", "{}"))

@@ -20,7 +20,7 @@ from .data import CLASSES
 from .faces import MIN_FACE, Box, FaceDetector, crop_faces, make_detector
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_half_distill.onnx"  # the shipped model: replace this file to upgrade
+DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_s1_int8.onnx"  # the shipped model: replace this file to upgrade
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 
 ImageInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | Any  # Any: a PIL image
