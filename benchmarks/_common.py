@@ -219,3 +219,18 @@ def warn_if_busy(threads: int) -> None:
             file=sys.stderr,
             flush=True,
         )
+
+
+def float_model_or_exit(model: Path, int8: Path | None) -> None:
+    """Exit with a clear message unless ``model`` is a float ONNX model (the int8 one goes in ``--int8``)."""
+    from ferkit.inference import OnnxBackend
+
+    if not model.is_file():
+        sys.exit(f"{model}: ONNX model not found")
+    if "quantization" in OnnxBackend(model).info:
+        sys.exit(
+            f"{model} is already int8: pass its float32 export as --model (ferkit export CHECKPOINT -o FILE) "
+            f"and {model} as --int8"
+        )
+    if int8 is not None and not int8.is_file():
+        sys.exit(f"{int8}: ONNX model not found")

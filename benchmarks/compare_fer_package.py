@@ -24,6 +24,7 @@ from _common import (
     ROOT,
     base_parser,
     ferkit_inputs,
+    float_model_or_exit,
     machine_info,
     predict_batched,
     print_table,
@@ -134,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = threads_or_cores(args.threads)
     fer_version = check_fer_env(args.fer_python)
     warn_if_busy(threads)
-    if not args.model.is_file():
-        sys.exit(f"{args.model}: ONNX model not found")
+    float_model_or_exit(args.model, args.int8)
 
     data = load_dataset(args.data, progress=False)
     crops, labels = data.subset(*data.split("PrivateTest"), args.limit)

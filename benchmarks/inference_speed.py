@@ -10,7 +10,8 @@ End to end: latency of ``EmotionRecognizer.predict`` (JPEG decode, Haar detectio
 640x480 photo with one face and one with five, composed from real PrivateTest crops upscaled onto a
 canvas; crops are picked so that Haar finds exactly the intended faces (checked on the decoded JPEG).
 
-    .venv/bin/python benchmarks/inference_speed.py --checkpoint reports/ferkit_vgg_half_distill/best.pt
+    .venv/bin/python benchmarks/inference_speed.py --model runs/export/ferkit_vgg_s1.onnx \
+        --int8 src/ferkit/weights/ferkit_vgg_s1_int8.onnx --checkpoint runs/ferkit_vgg_s1/best.pt
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from _common import (
     DEFAULT_DATA,
     base_parser,
     ferkit_inputs,
+    float_model_or_exit,
     latencies_ms,
     machine_info,
     predict_batched,
@@ -194,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = threads_or_cores(args.threads)
     cv2.setNumThreads(threads)
     warn_if_busy(threads)
-    if not args.model.is_file():
-        sys.exit(f"{args.model}: ONNX model not found")
+    float_model_or_exit(args.model, args.int8)
 
     data = load_dataset(args.data, progress=False)
     test_x, test_y = data.split("PrivateTest")
