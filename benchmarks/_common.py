@@ -223,11 +223,11 @@ def warn_if_busy(threads: int) -> None:
 
 def float_model_or_exit(model: Path, int8: Path | None) -> None:
     """Exit with a clear message unless ``model`` is a float ONNX model (the int8 one goes in ``--int8``)."""
-    from ferkit.inference import OnnxBackend
+    from ferkit.export import read_metadata
 
     if not model.is_file():
         sys.exit(f"{model}: ONNX model not found")
-    if "quantization" in OnnxBackend(model).info:
+    if "quantization" in read_metadata(model):
         sys.exit(
             f"{model} is already int8: pass its float32 export as --model (ferkit export CHECKPOINT -o FILE) "
             f"and {model} as --int8"

@@ -16,7 +16,7 @@ from helpers_inference import ASTRONAUT, CANVAS, make_checkpoint, photo_crops
 from ferkit.checkpoint import CheckpointError
 from ferkit.cli import main
 from ferkit.data import CLASSES
-from ferkit.export import PREPROCESSING, convert_fp16, export_onnx, max_abs_diff, quantize_int8
+from ferkit.export import PREPROCESSING, convert_fp16, export_onnx, max_abs_diff, quantize_int8, read_metadata
 from ferkit.inference import EmotionRecognizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # inside torch.onnx.export
@@ -26,10 +26,6 @@ def session(path: Path) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def metadata(path: Path) -> dict:
-    return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["ferkit"])
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +45,7 @@ def held_out() -> np.ndarray:
 
 
 def test_metadata_has_classes_and_preprocessing(exported):
-    info = metadata(exported["onnx"])
+    info = read_metadata(exported["onnx"])
     assert info["classes"] == list(CLASSES)
     assert info["preprocessing"] == PREPROCESSING
     assert info["name"] == "model" and info["input_size"] == 48  # the file's name: the shipped model's run
@@ -90,7 +86,7 @@ def test_onnx_agrees_with_torch(exported, held_out):
 def test_int8_model_mostly_agrees_with_fp32(exported, held_out):
     qmodel = onnx.load(str(exported["int8"]))
     assert any(n.op_type == "QuantizeLinear" for n in qmodel.graph.node)
-    info = metadata(exported["int8"])
+    info = read_metadata(exported["int8"])
     assert info["quantization"] == "int8 static QDQ"
     assert info["classes"] == list(CLASSES) and info["accuracy"] == 0.61
     x = held_out[:, None].astype(np.float32) / 255
@@ -105,7 +101,7 @@ def test_int8_model_mostly_agrees_with_fp32(exported, held_out):
 
 
 def test_fp16_model_is_half_the_size_and_agrees(exported, held_out):
-    info = metadata(exported["fp16"])
+    info = read_metadata(exported["fp16"])
     assert info["precision"] == "float16" and info["classes"] == list(CLASSES) and info["accuracy"] == 0.61
     assert exported["fp16"].stat().st_size < 0.6 * exported["onnx"].stat().st_size
     sess = session(exported["fp16"])
@@ -157,15 +153,15 @@ def test_cli_export_with_report_check_and_int8(tmp_path, exported, capsys):
     assert f"wrote {out}" in stdout
     diff = float(re.search(r"max \|onnx - torch\| on \d+ images: (\S+)", stdout)[1])
     assert diff < 1e-4
-    info = metadata(out)
+    info = read_metadata(out)
     assert info["accuracy"] == 0.7 and info["split"] == "PrivateTest" and "other" not in info
     int8 = out.with_name("m_int8.onnx")
     assert f"wrote {int8}" in stdout
-    assert metadata(int8)["quantization"] == "int8 static QDQ"
+    assert read_metadata(int8)["quantization"] == "int8 static QDQ"
     assert EmotionRecognizer(int8, threads=1).classes == CLASSES
     fp16 = out.with_name("m_fp16.onnx")
     assert f"wrote {fp16}" in stdout
-    assert metadata(fp16)["precision"] == "float16" and metadata(fp16)["accuracy"] == 0.7
+    assert read_metadata(fp16)["precision"] == "float16" and read_metadata(fp16)["accuracy"] == 0.7
 
 
 def test_evaluate_exported_models(exported, synthetic_cache):

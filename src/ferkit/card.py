@@ -61,13 +61,6 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _onnx_info(path: Path) -> dict[str, Any]:
-    import onnx
-
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return json.loads(meta.get("ferkit", "{}"))
-
-
 def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], command: str, hardware: str) -> str:
     """Markdown model card from a run folder (``metrics.csv``, ``best.pt``'s config) and evaluation JSONs."""
     from .checkpoint import load_checkpoint
@@ -102,7 +95,9 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
     if cfg.get("teacher"):
         keys += ["teacher", "distill_alpha", "distill_temperature"]
     kwargs = f" {ck['model_kwargs']}" if ck["model_kwargs"] else ""
-    info = _onnx_info(onnx_path)
+    from .export import read_metadata
+
+    info = read_metadata(onnx_path)
     precision = info.get("quantization") or info.get("precision") or "float32"
     modes = " ".join(dict.fromkeys(r["tta"] for r in reports))
     reproduce = f"ferkit evaluate {onnx_path.as_posix()} --data data/fer2013.npz --split PrivateTest --tta {modes}"

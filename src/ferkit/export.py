@@ -21,6 +21,15 @@ PREPROCESSING = (
 )
 
 
+def read_metadata(model: str | Path | Any) -> dict[str, Any]:
+    """The ferkit metadata (name, classes, preprocessing, metrics, ...) of an ONNX file or loaded model."""
+    import onnx
+
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model), load_external_data=False)
+    return json.loads({p.key: p.value for p in model.metadata_props}.get("ferkit", "{}"))
+
+
 def _set_metadata(path: Path, info: dict[str, Any]) -> None:
     import onnx
 
@@ -121,9 +130,7 @@ def quantize_int8(onnx_path: str | Path, out: str | Path, calibration: np.ndarra
             nodes_to_exclude=softmax,
         )
 
-        src_meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
-        info = json.loads(src_meta.get("ferkit", "{}"))
-        _set_metadata(staged, {**info, "quantization": "int8 static QDQ"})
+        _set_metadata(staged, {**read_metadata(onnx_path), "quantization": "int8 static QDQ"})
         staged.replace(out)
     return out
 
@@ -134,7 +141,7 @@ def convert_fp16(onnx_path: str | Path, out: str | Path) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(onnx_path))
-    info = json.loads({p.key: p.value for p in model.metadata_props}.get("ferkit", "{}"))
+    info = read_metadata(model)
     half = convert_float_to_float16(model, keep_io_types=True)
     out = Path(out)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
