@@ -437,3 +437,46 @@ def test_ema_update_warms_up_then_uses_its_decay():
     counts = [torch.tensor(5)]
     update(counts, [torch.tensor(7)], torch.tensor(3))
     assert counts[0].item() == 7
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def test_distill_loss_is_zero_only_when_student_matches_teachers():
+    torch.manual_seed(0)
+    teacher = build_model("ferkit_small", width=0.25).eval()
+    x = torch.rand(4, 1, 48, 48)
+    target = training.teacher_probs([teacher, teacher], x, temperature=4.0)
+    assert torch.allclose(target.sum(1), torch.ones(4))
+    assert training.distill_loss(teacher(x), target, 4.0).item() == pytest.approx(0.0, abs=1e-5)
+    assert training.distill_loss(torch.zeros(4, 7), target, 4.0).item() > 0
+
+
+def test_distillation_with_cached_targets(tmp_path, synthetic_cache, trained_run, monkeypatch):
+    """The cached targets are the teachers' flip-averaged softened probabilities for each training image,
+    computed once: a resumed run reuses them, and a run with another temperature recomputes them."""
+    calls = []
+    real = training.predict_proba
+    monkeypatch.setattr(training, "predict_proba", lambda *a, **k: calls.append(k.get("tta", "none")) or real(*a, **k))
+    teacher = str(trained_run / "best.pt")
+    cfg = dict(epochs=1, teacher=[teacher, teacher], distill_alpha=0.5, distill_cache=True)
+    out = tmp_path / "student"
+    train(tiny_config(synthetic_cache, out, **cfg))
+    with np.load(out / "teacher_probs.npz") as f:
+        probs, key = f["probs"], list(f["key"])
+    assert key == [teacher, teacher, "T=4.0", "n=64"]
+    assert probs.shape == (64, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert calls == ["flip", "flip", "none"]  # each teacher once, then the epoch's PublicTest check
+
+    calls.clear()
+    train(tiny_config(synthetic_cache, out, **{**cfg, "epochs": 2}), resume=True)
+    assert calls == ["none"]  # only the second epoch's PublicTest check
+    train(tiny_config(synthetic_cache, tmp_path / "other", **{**cfg, "distill_temperature": 2.0}))
+    with np.load(tmp_path / "other" / "teacher_probs.npz") as f:
+        assert not np.allclose(f["probs"], probs)
+
+
+def test_distill_cache_refuses_mixed_images(tmp_path, synthetic_cache, trained_run):
+    teacher = str(trained_run / "best.pt")
+    with pytest.raises(ValueError, match="mixup/cutmix"):
+        train(tiny_config(synthetic_cache, tmp_path / "x", teacher=[teacher], distill_cache=True, mixup=0.2))

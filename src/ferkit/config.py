@@ -50,6 +50,12 @@ class TrainConfig:
     teacher: list = _opt([], "knowledge distillation: checkpoint(s) whose averaged predictions teach this model")
     distill_alpha: float = _opt(0.5, "distillation: weight of the teacher term (1 - alpha for the labels)")
     distill_temperature: float = _opt(4.0, "distillation: softmax temperature")
+    distill_cache: bool = _opt(
+        False,
+        "distillation: teach each image by the teachers' predictions on it and its mirror, computed once "
+        "(out/teacher_probs.npz), instead of on every augmented batch: faster on a CPU, but every view of "
+        "an image gets the same target",
+    )
     patience: int = _opt(10, "early stopping: epochs without PublicTest improvement (0 = off)")
     seed: int = _opt(0, "random seed; a run is reproducible on the same machine and device")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")

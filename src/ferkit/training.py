@@ -120,11 +120,45 @@ def ema_update(decay: float, step: Callable[[], int]) -> Callable[..., None]:
     return update
 
 
-def distill_loss(logits: torch.Tensor, teachers: list[nn.Module], x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton et al.'s distillation term: T^2 * KL(teacher || student) at temperature T, the teacher
-    being the mean of the teachers' softened probabilities."""
+class _Tempered(nn.Module):
+    """A model whose logits are divided by ``temperature`` (softened probabilities after a softmax)."""
+
+    def __init__(self, model: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float() / self.temperature
+
+
+def teacher_probs(teachers: list[nn.Module], x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The mean of the teachers' softened probabilities for the batch ``x``."""
     with torch.no_grad():
-        target = sum(torch.softmax(t(x).float() / temperature, 1) for t in teachers) / len(teachers)
+        return sum(torch.softmax(_Tempered(t, temperature)(x), 1) for t in teachers) / len(teachers)
+
+
+def cached_teacher_probs(
+    cfg: TrainConfig, teachers: list[nn.Module], images: np.ndarray, device: torch.device, path: Path
+) -> torch.Tensor:
+    """The teachers' softened probabilities for each training image, averaged with its mirror image,
+    computed once and kept in ``path`` (reused when the teachers, temperature and images match)."""
+    key = np.asarray([*cfg.teacher, f"T={cfg.distill_temperature}", f"n={len(images)}"])
+    if path.exists():
+        with np.load(path) as f:
+            if np.array_equal(f["key"], key) and f["probs"].shape == (len(images), len(CLASSES)):
+                return torch.from_numpy(f["probs"]).to(device)
+    log.info("teacher targets: %d teachers x %d images (flip-averaged)", len(teachers), len(images))
+    probs = sum(
+        predict_proba(_Tempered(t, cfg.distill_temperature), images, device, batch_size=512, tta="flip")
+        for t in teachers
+    ) / len(teachers)
+    atomic_write(path, lambda f: np.savez(f, key=key, probs=probs))
+    return torch.from_numpy(probs).to(device)
+
+
+def distill_loss(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s distillation term: T^2 * KL(target || student) at temperature T, ``target`` being
+    the teachers' softened probabilities."""
     log_p = torch.log_softmax(logits.float() / temperature, 1)
     return nn.functional.kl_div(log_p, target, reduction="batchmean") * temperature**2
 
@@ -179,6 +213,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out, rank)
+    if cfg.distill_cache and (cfg.mixup or cfg.cutmix):
+        raise ValueError("distill_cache cannot teach mixed images (mixup/cutmix): its targets are per image")
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
 
@@ -225,6 +261,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     sampler_w = sample_weights(y_np, len(CLASSES)) if cfg.sampler == "balanced" else None
     aug = replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
     teachers = [model_from_checkpoint(t)[0].to(device) for t in cfg.teacher]
+    cached_targets = None
+    if teachers and cfg.distill_cache:
+        cached_targets = cached_teacher_probs(cfg, teachers, x_np, device, out / "teacher_probs.npz")
 
     if resume and (out / "last.pt").exists():
         ck = load_checkpoint(out / "last.pt")
@@ -304,8 +343,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 if lam < 1.0:
                     loss = lam * loss + (1 - lam) * criterion(logits, yb)
                 if teachers:
+                    target = (
+                        cached_targets[idx]
+                        if cached_targets is not None
+                        else teacher_probs(teachers, x, cfg.distill_temperature)
+                    )
                     loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill_loss(
-                        logits, teachers, x, cfg.distill_temperature
+                        logits, target, cfg.distill_temperature
                     )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
