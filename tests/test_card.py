@@ -31,6 +31,22 @@ def test_model_card_quotes_the_run_and_its_numbers(trained_run, reports, tmp_pat
     assert all(f"| {c} |" in card for c in head["report"] if c in ("angry", "disgust", "neutral"))
 
 
+def test_model_card_names_the_initial_weights_and_the_teachers(trained_run, synthetic_cache, reports, tmp_path):
+    from conftest import tiny_config
+
+    from ferkit.export import export_onnx
+    from ferkit.training import train
+
+    teacher = str(trained_run / "best.pt")
+    run = tmp_path / "finetune"
+    train(tiny_config(synthetic_cache, run, epochs=1, init_weights=teacher, teacher=[teacher], distill_cache=True))
+    onnx = export_onnx(run / "best.pt", tmp_path / "tuned.onnx")
+    card = render_model_card(run, onnx, reports, "ferkit train --y", "a test machine")
+    assert f"| init_weights | `{teacher}` |" in card and f"| teacher | `['{teacher}']` |" in card
+    assert "| distill_cache | `True` |" in card
+    assert f"Started from the weights in `{teacher}`, whose own training is not counted here." in card
+
+
 def test_update_readme_replaces_only_the_results_block(reports, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{RESULTS_START}\nold table\n{RESULTS_END}\noutro\n")

@@ -92,8 +92,15 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
         "ema",
         "seed",
     ]
+    if cfg.get("init_weights"):
+        keys.insert(2, "init_weights")
     if cfg.get("teacher"):
-        keys += ["teacher", "distill_alpha", "distill_temperature"]
+        keys += ["teacher", "distill_alpha", "distill_temperature", "distill_cache"]
+    started = (
+        f" Started from the weights in `{cfg['init_weights']}`, whose own training is not counted here."
+        if cfg.get("init_weights")
+        else ""
+    )
     kwargs = f" {ck['model_kwargs']}" if ck["model_kwargs"] else ""
     from .export import read_metadata
 
@@ -121,7 +128,7 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
 - Command: `{command}`
 - Hardware: {hardware}. {run["epochs"]} epochs, {run["train_minutes"]:.0f} minutes of training,
   {run["img_per_s"]:.0f} img/s on average. Best PublicTest accuracy {run["best_val_acc"]:.2%} at epoch
-  {run["best_epoch"]} (this checkpoint).
+  {run["best_epoch"]} (this checkpoint).{started}
 
 | option | value |
 |---|---|
