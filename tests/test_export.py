@@ -89,6 +89,8 @@ def test_int8_model_mostly_agrees_with_fp32(exported, held_out):
     info = read_metadata(exported["int8"])
     assert info["quantization"] == "int8 static QDQ"
     assert info["classes"] == list(CLASSES) and info["accuracy"] == 0.61
+    weights = [onnx.numpy_helper.to_array(t) for t in qmodel.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights and 32 < max(np.abs(w.astype(int)).max() for w in weights) <= 64  # 7-bit: no u8s8 saturation
     x = held_out[:, None].astype(np.float32) / 255
     p32 = session(exported["onnx"]).run(None, {"image": x})[0]
     p8 = session(exported["int8"]).run(None, {"image": x})[0]
