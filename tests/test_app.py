@@ -4,12 +4,14 @@ photos), then the concurrency limits (busy, timeout) in-process with a deliberat
 from __future__ import annotations
 
 import io
+import json
 import struct
 import threading
 import time
 import zlib
 from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 from PIL import Image
@@ -268,6 +270,7 @@ def test_cli_defaults_match_settings():
         s.queue_timeout_s,
         s.timeout_s,
     )
+    assert args.upload_timeout == s.upload_timeout_s
 
 
 # ---------------------------------------------- busy and timeout, in-process with a slow stand-in model
@@ -327,9 +330,56 @@ def test_busy_is_503(tiny_png, max_queue, queue_timeout_s):
         assert first == [200]
 
 
+def _post_in_chunks(app, chunks: list[bytes], stall_s: float) -> tuple[int, dict, float]:
+    """POST ``chunks`` as a multipart body straight to the ASGI ``app``, the client stalling ``stall_s``
+    seconds before the last chunk; returns the status, the JSON body and the seconds it took."""
+    boundary = "ferkitboundary"
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    sent: list[dict] = []
+
+    async def receive():
+        if len(messages) == 1:
+            await anyio.sleep(stall_s)
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": PREDICT,
+        "raw_path": PREDICT.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", f"multipart/form-data; boundary={boundary}".encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    t0 = time.monotonic()
+    anyio.run(app, scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body), time.monotonic() - t0
+
+
+def test_slow_upload_is_408(tiny_png):
+    head = b'--ferkitboundary\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+    chunks = [head, tiny_png, b"\r\n--ferkitboundary--\r\n"]
+    app = create_app(SlowRecognizer(0), ui=False, upload_timeout_s=0.3)
+    status, body, seconds = _post_in_chunks(app, chunks, stall_s=5)
+    assert status == 408 and body["error"] == "upload too slow: not received within 0.3 s" and seconds < 3
+    status, body, _ = _post_in_chunks(app, chunks, stall_s=0.05)  # a little slow but in time
+    assert status == 200 and body["faces"] == []
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="max_concurrency"):
         AppSettings(max_concurrency=0)
+    with pytest.raises(ValueError, match="upload_timeout_s"):
+        AppSettings(upload_timeout_s=0)
     with pytest.raises(TypeError):
         create_app(SlowRecognizer(0), no_such_option=1)
 

@@ -67,12 +67,14 @@ class AppSettings:
     max_queue: int = 32  # requests that may wait for a free recognizer; more are refused with 503
     queue_timeout_s: float = 10.0  # longest wait for a free recognizer before 503
     timeout_s: float = 30.0  # longest decode + detect + classify of one image before 504
+    upload_timeout_s: float = 60.0  # longest time to receive a request's body before 408 (slow clients)
     threads: int | None = None  # onnxruntime threads per recognizer (default: CPU cores / max_concurrency)
     min_face: int = MIN_FACE  # smallest face side in pixels that the detector reports
     ui: bool = True  # mount the Gradio UI at /
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_mb", "max_pixels", "max_concurrency", "queue_timeout_s", "timeout_s", "min_face"):
+        positive = ("max_upload_mb", "max_pixels", "max_concurrency", "min_face")
+        for name in (*positive, "queue_timeout_s", "timeout_s", "upload_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.max_queue < 0:
@@ -278,16 +280,19 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class BodySizeLimit:
-    """Refuse request bodies over ``limit`` bytes with 413: at once when Content-Length says so, and
-    while reading otherwise (chunked uploads or a wrong Content-Length)."""
+class UploadLimits:
+    """Refuse request bodies over ``limit`` bytes with 413 (at once when Content-Length says so, else
+    while reading: chunked uploads or a wrong Content-Length), and bodies still incomplete after
+    ``timeout_s`` seconds with 408, so that slow clients cannot hold connections open."""
 
-    def __init__(self, app: ASGIApp, limit: int, shown_limit: int | None = None) -> None:
-        self.app, self.limit, self.shown_limit = app, limit, shown_limit or limit
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float, shown_limit: int | None = None) -> None:
+        self.app, self.limit, self.timeout_s, self.shown_limit = app, limit, timeout_s, shown_limit or limit
 
-    async def _refuse(self, send: Send) -> None:
-        msg = f"upload too large: over the limit of {_mb(self.shown_limit)}"
-        response = JSONResponse({"error": msg}, status_code=413, headers={"Connection": "close"})
+    def _too_large(self) -> _UploadRefused:
+        return _UploadRefused(413, f"upload too large: over the limit of {_mb(self.shown_limit)}")
+
+    async def _refuse(self, send: Send, e: _UploadRefused) -> None:
+        response = JSONResponse({"error": e.detail}, status_code=e.status_code, headers={"Connection": "close"})
         await response({"type": "http"}, _no_receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -300,16 +305,24 @@ class BodySizeLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    return await self._refuse(send)
-        received, started = 0, False
+                    return await self._refuse(send, self._too_large())
+        received, complete, started = 0, False, False
+        deadline = anyio.current_time() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body: waiting for a disconnect is not an upload
+                return await receive()
+            try:
+                with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                    message = await receive()
+            except TimeoutError:
+                raise _UploadRefused(408, f"upload too slow: not received within {self.timeout_s:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _BodyTooLarge()
+                    raise self._too_large()
+                complete = not message.get("more_body", False)
             return message
 
         async def watched_send(message: Message) -> None:
@@ -319,16 +332,14 @@ class BodySizeLimit:
 
         try:
             await self.app(scope, limited_receive, watched_send)
-        except _BodyTooLarge:
+        except _UploadRefused as e:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, e)
 
 
-class _BodyTooLarge(StarletteHTTPException):
-    """Raised while reading an over-long body; an HTTPException so that form parsing passes it through."""
-
-    def __init__(self) -> None:
-        super().__init__(413, "upload too large")
+class _UploadRefused(StarletteHTTPException):
+    """Raised while reading an over-long or too slow body; an HTTPException so that form parsing passes
+    it through."""
 
 
 async def _no_receive() -> Message:
@@ -363,7 +374,9 @@ def create_app(
     # bodies may exceed the image by multipart headers, or by base64 in the UI's JSON (webcam frames);
     # predict() checks the uploaded file itself against max_upload_bytes exactly
     body_limit = settings.max_upload_bytes * 4 // 3 + 64 * 1024
-    app.add_middleware(BodySizeLimit, limit=body_limit, shown_limit=settings.max_upload_bytes)
+    app.add_middleware(
+        UploadLimits, limit=body_limit, timeout_s=settings.upload_timeout_s, shown_limit=settings.max_upload_bytes
+    )
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, e: ServiceError) -> JSONResponse:
@@ -371,10 +384,8 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        if isinstance(e, _BodyTooLarge):
-            return _error(
-                413, f"upload too large: over the limit of {_mb(settings.max_upload_bytes)}", {"Connection": "close"}
-            )
+        if isinstance(e, _UploadRefused):
+            return _error(e.status_code, str(e.detail), {"Connection": "close"})
         return _error(e.status_code, str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)

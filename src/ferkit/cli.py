@@ -224,6 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.queue,
         queue_timeout_s=args.queue_timeout,
         timeout_s=args.timeout,
+        upload_timeout_s=args.upload_timeout,
         threads=args.threads,
         min_face=args.min_face,
         ui=not args.no_ui,
@@ -372,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", type=int, default=32, help="requests that may wait; more get 503 (default: %(default)s)")
     p.add_argument("--queue-timeout", type=float, default=10.0, help="seconds a request may wait (then 503)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds one inference may take (then 504)")
+    p.add_argument("--upload-timeout", type=float, default=60.0, help="seconds to receive an upload (then 408)")
     p.add_argument("--threads", type=int, help="onnxruntime threads per inference (default: cores / concurrency)")
     p.add_argument("--min-face", type=int, default=MIN_FACE, help="smallest face side in pixels (default: %(default)s)")
     p.add_argument("--no-ui", action="store_true", help="serve the API only, without the Gradio UI")
