@@ -147,11 +147,19 @@ def cached_teacher_probs(
         with np.load(path) as f:
             if np.array_equal(f["key"], key) and f["probs"].shape == (len(images), len(CLASSES)):
                 return torch.from_numpy(f["probs"]).to(device)
-    log.info("teacher targets: %d teachers x %d images (flip-averaged)", len(teachers), len(images))
-    probs = sum(
-        predict_proba(_Tempered(t, cfg.distill_temperature), images, device, batch_size=512, tta="flip")
-        for t in teachers
-    ) / len(teachers)
+    probs = np.zeros((len(images), len(CLASSES)), dtype=np.float32)
+    for i, (t, name) in enumerate(zip(teachers, cfg.teacher, strict=True)):
+        t0 = time.perf_counter()
+        probs += predict_proba(_Tempered(t, cfg.distill_temperature), images, device, batch_size=512, tta="flip")
+        log.info(
+            "teacher targets %d/%d: %s on %d images x 2 (flip), %.0f s",
+            i + 1,
+            len(teachers),
+            name,
+            len(images),
+            time.perf_counter() - t0,
+        )
+    probs /= len(teachers)
     atomic_write(path, lambda f: np.savez(f, key=key, probs=probs))
     return torch.from_numpy(probs).to(device)
 
