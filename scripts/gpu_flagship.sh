@@ -3,17 +3,21 @@
 #   1. unpack the carried data (.carry/: fer2013_pack.py and fer.ferpack of Training + PublicTest) and prepare it;
 #   2. three ferkit_vgg teachers train side by side (configs/vgg_gpu.yaml with seeds 1-3 and medium, strong and
 #      light augmentation); their best.pt are slimmed to float16 into $OUT at once;
-#   3. two shipped-size students are distilled from them: configs/small_distill.yaml, configs/vgg_half_distill.yaml;
+#   3. two shipped-size students are distilled from them: configs/small_distill.yaml, configs/vgg_half_distill.yaml
+#      (skipped when STUDENT_EPOCHS is 0, which leaves the whole call to the teachers);
 #   4. their best.pt and the logs follow. PrivateTest never travels: it is evaluated back home (`ferkit evaluate`).
 # From the project root on the GPU machine:
-#   OUT=results bash scripts/gpu_flagship.sh [TEACHER_EPOCHS] [STUDENT_EPOCHS]
-# EXTRA (more `ferkit train` options for every run) and PY (the Python) serve a dry run on a CPU.
+#   OUT=results [TAG=_e140] bash scripts/gpu_flagship.sh [TEACHER_EPOCHS] [STUDENT_EPOCHS]
+# TAG is appended to every run's name (runs/ferkit_vgg_s1$TAG, ...), so that a new session does not overwrite
+# the runs of the last one. EXTRA (more `ferkit train` options for every run) and PY (the Python) serve a
+# dry run on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 E1=${1:-70}
 E2=${2:-36}
 OUT=${OUT:?set OUT to the folder for the results}
 PY=${PY:-python3}
+TAG=${TAG:-}
 EXTRA=${EXTRA:-}
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 DATA=data/fer2013.npz
@@ -36,7 +40,7 @@ $PY -m ferkit prepare /tmp/fer -o $DATA 2>&1 | tr '\r' '\n' | tail -4 || exit 1
 
 date -u +"teachers %T"
 pids=()
-TEACHERS=(ferkit_vgg_s1 ferkit_vgg_strong_s2 ferkit_vgg_light_s3)
+TEACHERS=(ferkit_vgg_s1$TAG ferkit_vgg_strong_s2$TAG ferkit_vgg_light_s3$TAG)
 for variant in "${TEACHERS[0]} --seed 1" "${TEACHERS[1]} --seed 2 --augment strong" "${TEACHERS[2]} --seed 3 --augment light"; do
   set -- $variant
   train $((4 * E1 + 40)) --config configs/vgg_gpu.yaml --epochs "$E1" --out "runs/$1" "${@:2}" >"$LOGS/$1.out" 2>&1 &
@@ -46,19 +50,24 @@ wait "${pids[@]}"
 tail -n 2 $LOGS/ferkit_vgg*.out
 for r in "${TEACHERS[@]}"; do [ -f runs/$r/best.pt ] && $PY -m ferkit slim runs/$r/best.pt -o "$OUT/$r.pt" --half; done
 
-date -u +"students %T"
-pids=()
-for c in small_distill vgg_half_distill; do
-  train $((4 * E2 + 40)) --config "configs/$c.yaml" --epochs "$E2" >"$LOGS/$c.out" 2>&1 &
-  pids+=($!)
-done
-wait "${pids[@]}"
-tail -n 2 $LOGS/*distill.out
+if [ "$E2" -gt 0 ]; then
+  date -u +"students %T"
+  pids=()
+  CKPTS=()
+  for t in "${TEACHERS[@]}"; do CKPTS+=("runs/$t/best.pt"); done
+  for r in ferkit_small_distill ferkit_vgg_half_distill; do
+    train $((4 * E2 + 40)) --config "configs/${r#ferkit_}.yaml" --epochs "$E2" --out "runs/$r$TAG" \
+      --teacher "${CKPTS[@]}" >"$LOGS/$r$TAG.out" 2>&1 &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  tail -n 2 $LOGS/*distill$TAG.out
+  for r in ferkit_small_distill ferkit_vgg_half_distill; do
+    [ -f runs/$r$TAG/best.pt ] && $PY -m ferkit slim runs/$r$TAG/best.pt -o "$OUT/$r$TAG.pt" --half
+  done
+fi
 
 date -u +"pack %T"
-for r in ferkit_small_distill ferkit_vgg_half_distill; do
-  [ -f runs/$r/best.pt ] && $PY -m ferkit slim runs/$r/best.pt -o "$OUT/$r.pt" --half
-done
 kill $SMI
 tar czf "$OUT/logs.tgz" runs/*/metrics.csv runs/*/train.log $LOGS
 date -u +"done %T"
