@@ -1,9 +1,12 @@
-"""torchrun/DDP on CPU (gloo, 2 processes) follows the documented data-parallel rule.
+"""The training step against a hand-written reference: one process, and torchrun/DDP on CPU (gloo, 2
+processes), with and without SAM.
 
 Rule (README, "Multi-GPU"): with W processes and global batch B, process r takes samples r, r+W, ...
 of each global batch; gradients are averaged over processes, so one step equals a single-process step
 on the mean of the W per-process losses. BatchNorm normalises each process's B/W samples with their
 own statistics (unless --sync-bn, CUDA only). The reported train loss is the mean over all B samples.
+With SAM each process perturbs the weights by the averaged gradient, so the second pass follows the same
+rule at the perturbed weights.
 """
 
 from __future__ import annotations
@@ -19,13 +22,24 @@ import pytest
 import torch
 import torch.nn as nn
 
+from ferkit.augment import class_weights
 from ferkit.checkpoint import load_checkpoint
+from ferkit.config import TrainConfig
 from ferkit.data import CLASSES, FERData, save_cache
 from ferkit.models import build_model
-from ferkit.training import batch_indices, lr_factor, make_optimizer
+from ferkit.training import (
+    batch_indices,
+    frozen_batchnorm_stats,
+    lr_factor,
+    make_optimizer,
+    sam_perturb,
+    sam_restore,
+    train,
+)
 
 WORLD, BATCH, STEPS = 2, 16, 3
 MODEL_KWARGS = {"width": 0.25, "dropout": 0.0}
+OPTIONS = dict(augment="none", model_kwargs=MODEL_KWARGS, epochs=1, max_steps=STEPS, batch_size=BATCH, lr=0.05)
 
 
 def _tiny_cache(path):
@@ -40,12 +54,73 @@ def _tiny_cache(path):
     return images[:48], labels[:48].astype(np.int64)
 
 
+def _reference(cfg: dict, images: np.ndarray, labels: np.ndarray, world: int) -> tuple[nn.Module, float]:
+    """The documented rule by hand: the model after STEPS steps, and the mean training loss."""
+    tc = TrainConfig.from_dict(cfg)
+    torch.manual_seed(tc.seed)
+    model = build_model(tc.model, num_classes=len(CLASSES), **MODEL_KWARGS)
+    opt = make_optimizer(model, tc)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(tc, s, len(labels) // BATCH))
+    weights = torch.tensor(class_weights(labels, len(CLASSES), tc.class_weight_power), dtype=torch.float32)
+    crit = nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
+    x_all = torch.from_numpy(images).unsqueeze(1).float() / 255
+    y_all = torch.from_numpy(labels)
+    params = list(model.parameters())
+    model.train()
+    loss_total = 0.0
+    for step, idx in enumerate(batch_indices(len(labels), BATCH, tc.seed, 0)):
+        if step == STEPS:
+            break
+        opt.zero_grad()
+        for r in range(world):
+            part = idx[r::world]
+            loss = crit(model(x_all[part]), y_all[part])
+            (loss / world).backward()
+            loss_total += loss.item() * len(part)
+        if tc.sam_rho:
+            moves = sam_perturb(params, tc.sam_rho)
+            opt.zero_grad()
+            with frozen_batchnorm_stats(model):
+                for r in range(world):
+                    part = idx[r::world]
+                    (crit(model(x_all[part]), y_all[part]) / world).backward()
+            sam_restore(params, moves)
+        opt.step()
+        sched.step()
+    return model, loss_total / (STEPS * BATCH)
+
+
+def _assert_matches(out, model: nn.Module, mean_loss: float) -> None:
+    ck = load_checkpoint(out / "last.pt")
+    for name, p in model.named_parameters():
+        assert torch.allclose(ck["state_dict"][name], p.detach(), atol=2e-5), name
+    with open(out / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["train_loss"]) == pytest.approx(mean_loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("sam_rho", [0.0, 0.05])
+def test_one_process_matches_the_reference(tmp_path, sam_rho):
+    images, labels = _tiny_cache(tmp_path / "tiny.npz")
+    cfg = TrainConfig(
+        data=str(tmp_path / "tiny.npz"), out=str(tmp_path / "run"), device="cpu", threads=1, progress=False,
+        sam_rho=sam_rho, **OPTIONS,
+    )  # fmt: skip
+    train(cfg)
+    model, mean_loss = _reference(cfg.to_dict(), images, labels, world=1)
+    _assert_matches(tmp_path / "run", model, mean_loss)
+    bn = load_checkpoint(tmp_path / "run" / "last.pt")["state_dict"]
+    counts = {v.item() for k, v in bn.items() if k.endswith("num_batches_tracked")}
+    assert counts == {STEPS}  # SAM's second pass leaves BatchNorm's running statistics alone
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None and shutil.which("torchrun") is None,
     reason="torchrun not installed",
 )
-def test_ddp_two_processes_match_the_data_parallel_rule(tmp_path):
+@pytest.mark.parametrize("sam_rho", [0.0, 0.05])
+def test_ddp_two_processes_match_the_data_parallel_rule(tmp_path, sam_rho):
     images, labels = _tiny_cache(tmp_path / "tiny.npz")
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -64,59 +139,15 @@ def test_ddp_two_processes_match_the_data_parallel_rule(tmp_path):
         str(out),
         "--device",
         "cpu",
-        "--augment",
-        "none",
-        "--model-kwargs",
-        str(MODEL_KWARGS),
-        "--epochs",
-        "1",
-        "--max-steps",
-        str(STEPS),
-        "--batch-size",
-        str(BATCH),
-        "--lr",
-        "0.05",
         "--no-progress",
         "--no-evaluate",
         "--threads",
         "1",
+        "--sam-rho",
+        str(sam_rho),
+        *[a for k, v in OPTIONS.items() for a in (f"--{k.replace('_', '-')}", str(v))],
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ck = load_checkpoint(out / "last.pt")
-    cfg = ck["config"]
-
-    # Single-process reference: the same initial weights, optimiser and schedule, with the gradient of
-    # the mean of the per-process losses on each process's share of the global batch.
-    torch.manual_seed(cfg["seed"])
-    model = build_model(cfg["model"], num_classes=len(CLASSES), **MODEL_KWARGS)
-    from ferkit.augment import class_weights
-    from ferkit.config import TrainConfig
-
-    tc = TrainConfig.from_dict(cfg)
-    opt = make_optimizer(model, tc)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(tc, s, len(labels) // BATCH))
-    weights = torch.tensor(class_weights(labels, len(CLASSES), tc.class_weight_power), dtype=torch.float32)
-    crit = nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
-    x_all = torch.from_numpy(images).unsqueeze(1).float() / 255
-    y_all = torch.from_numpy(labels)
-    model.train()
-    loss_total = 0.0
-    for step, idx in enumerate(batch_indices(len(labels), BATCH, tc.seed, 0)):
-        if step == STEPS:
-            break
-        opt.zero_grad()
-        for r in range(WORLD):
-            part = idx[r::WORLD]
-            loss = crit(model(x_all[part]), y_all[part])
-            (loss / WORLD).backward()
-            loss_total += loss.item() * len(part)
-        opt.step()
-        sched.step()
-
-    ddp_params = ck["state_dict"]
-    for name, p in model.named_parameters():
-        assert torch.allclose(ddp_params[name], p.detach(), atol=2e-5), name
-    with open(out / "metrics.csv") as f:
-        row = next(csv.DictReader(f))
-    assert float(row["train_loss"]) == pytest.approx(loss_total / (STEPS * BATCH), rel=1e-4)
+    model, mean_loss = _reference(load_checkpoint(out / "last.pt")["config"], images, labels, world=WORLD)
+    _assert_matches(out, model, mean_loss)

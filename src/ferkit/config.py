@@ -46,6 +46,11 @@ class TrainConfig:
     augment: str = _opt("medium", "augmentation preset", choices=["none", "light", "medium", "strong"])
     mixup: float = _opt(0.0, "mixup Beta parameter (0 = off)")
     cutmix: float = _opt(0.0, "CutMix Beta parameter (0 = off)")
+    sam_rho: float = _opt(
+        0.0,
+        "sharpness-aware minimisation (SAM): radius of the weight perturbation (0 = off, e.g. 0.05); "
+        "each step then costs two forward-backward passes",
+    )
     ema: float = _opt(0.0, "exponential moving average of weights, decay per step (0 = off, e.g. 0.999)")
     teacher: list = _opt([], "knowledge distillation: checkpoint(s) whose averaged predictions teach this model")
     distill_alpha: float = _opt(0.5, "distillation: weight of the teacher term (1 - alpha for the labels)")

@@ -8,7 +8,9 @@ a metrics row, and atomic ``last.pt``/``best.pt`` checkpoints; ``resume=True`` c
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
 import logging
 import math
@@ -141,8 +143,12 @@ def cached_teacher_probs(
     cfg: TrainConfig, teachers: list[nn.Module], images: np.ndarray, device: torch.device, path: Path
 ) -> torch.Tensor:
     """The teachers' softened probabilities for each training image, averaged with its mirror image,
-    computed once and kept in ``path`` (reused when the teachers, temperature and images match)."""
-    key = np.asarray([*cfg.teacher, f"T={cfg.distill_temperature}", f"n={len(images)}"])
+    computed once and kept in ``path`` (reused when the teachers' files, temperature and images match)."""
+    digests = []
+    for name in cfg.teacher:
+        with open(name, "rb") as f:
+            digests.append(f"{name} sha256={hashlib.file_digest(f, 'sha256').hexdigest()[:16]}")
+    key = np.asarray([*digests, f"T={cfg.distill_temperature}", f"n={len(images)}"])
     if path.exists():
         with np.load(path) as f:
             if np.array_equal(f["key"], key) and f["probs"].shape == (len(images), len(CLASSES)):
@@ -169,6 +175,37 @@ def distill_loss(logits: torch.Tensor, target: torch.Tensor, temperature: float)
     the teachers' softened probabilities."""
     log_p = torch.log_softmax(logits.float() / temperature, 1)
     return nn.functional.kl_div(log_p, target, reduction="batchmean") * temperature**2
+
+
+@torch.no_grad()
+def sam_perturb(params: list[nn.Parameter], rho: float) -> list[torch.Tensor]:
+    """SAM's ascent step (Foret et al. 2021): move the weights by ``rho * g / ||g||``, ``g`` being their
+    current gradient and the norm taken over all of them; returns the moves for :func:`sam_restore`."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    moves = [g * (rho / (norm + 1e-12)) for g in grads]
+    torch._foreach_add_(params, moves)
+    return moves
+
+
+@torch.no_grad()
+def sam_restore(params: list[nn.Parameter], moves: list[torch.Tensor]) -> None:
+    """Undo :func:`sam_perturb`."""
+    torch._foreach_sub_(params, moves)
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers normalise by batch statistics but leave their running statistics alone (SAM's
+    second pass sees the same batch again and must not count it twice)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 def _setup_distributed(device_name: str) -> tuple[int, int, int]:
@@ -221,6 +258,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out, rank)
+    if cfg.sam_rho and cfg.amp == "fp16":
+        raise ValueError("SAM (sam_rho) does not work with fp16 loss scaling; use --amp bf16 or none")
     if cfg.distill_cache and (cfg.mixup or cfg.cutmix):
         raise ValueError("distill_cache cannot teach mixed images (mixup/cutmix): its targets are per image")
     if cfg.batch_size % world:
@@ -256,6 +295,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     steps_per_epoch = len(x_np) // cfg.batch_size
     optimizer = make_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch))
     plateau = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=cfg.plateau_patience)
@@ -263,6 +303,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         else None
     )
     dtype = amp_dtype(cfg, device)
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     criterion = make_criterion(cfg, y_np, device)
     weights = criterion.weight
@@ -318,6 +362,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             "metrics": state["history"][-1] if state["history"] else {},
         }
 
+    def batch_loss(
+        x: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the loss of one batch: labels (mixed by ``lam``), plus distillation towards
+        ``target`` when there are teachers."""
+        with autocast():
+            logits = net(x)
+            loss = criterion(logits, ya)
+            if lam < 1.0:
+                loss = lam * loss + (1 - lam) * criterion(logits, yb)
+            if target is not None:
+                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill_loss(
+                    logits, target, cfg.distill_temperature
+                )
+        return logits, loss
+
     tb = _tensorboard(out) if rank == 0 else None
     for epoch in range(state["epoch"], cfg.epochs):
         if cfg.max_steps and state["step"] >= cfg.max_steps:
@@ -345,22 +405,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             x, ya, yb, lam = mix(x, y, aug, g, rng)
             if device.type == "cuda" and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = net(x)
-                loss = criterion(logits, ya)
-                if lam < 1.0:
-                    loss = lam * loss + (1 - lam) * criterion(logits, yb)
-                if teachers:
-                    target = (
-                        cached_targets[idx]
-                        if cached_targets is not None
-                        else teacher_probs(teachers, x, cfg.distill_temperature)
-                    )
-                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill_loss(
-                        logits, target, cfg.distill_temperature
-                    )
+            target = None
+            if cached_targets is not None:
+                target = cached_targets[idx]
+            elif teachers:
+                with autocast():
+                    target = teacher_probs(teachers, x, cfg.distill_temperature)
+
             optimizer.zero_grad(set_to_none=True)
+            logits, loss = batch_loss(x, ya, yb, lam, target)
             scaler.scale(loss).backward()
+            if cfg.sam_rho:  # step with the gradient at the worst weights within rho of the current ones
+                moves = sam_perturb(params, cfg.sam_rho)
+                optimizer.zero_grad(set_to_none=True)
+                with frozen_batchnorm_stats(model):
+                    batch_loss(x, ya, yb, lam, target)[1].backward()
+                sam_restore(params, moves)
             scaler.step(optimizer)
             scaler.update()
             if plateau is None:  # LambdaLR.step() would reset the LR that ReduceLROnPlateau lowered
