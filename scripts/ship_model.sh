@@ -4,7 +4,7 @@
 # 1. exports RUN_DIR/best.pt to ONNX (checked against torch), and with INT8=1 quantizes it (static int8);
 # 2. evaluates the file that ships on PublicTest (to choose the TTA) and PrivateTest (the headline),
 #    TTA none/flip/crops, into reports/<shipped name>/, with the run's metrics.csv and train.log;
-# 3. exports again (deterministic) with the PrivateTest flip metrics in its metadata, into src/ferkit/weights/;
+# 3. copies that very file into src/ferkit/weights/, graph untouched, with the PrivateTest flip metrics in its metadata;
 # 4. regenerates MODEL_CARD.md and the README results table from the JSON.
 # Then point DEFAULT_MODEL in src/ferkit/inference.py at the new file.
 set -euo pipefail
@@ -24,8 +24,7 @@ for split in PublicTest PrivateTest; do
   $F evaluate "$TMP/$SHIP.onnx" --data "$DATA" --split $split --tta none flip crops --out "$OUT"
 done
 cp "$RUN/metrics.csv" "$RUN/train.log" "$OUT/"
-$F export "$RUN/best.pt" -o "$TMP/$NAME.onnx" "${OPTS[@]}" --report "$OUT/PrivateTest_tta-flip.json" --data "$DATA"
-mv "$TMP/$SHIP.onnx" "src/ferkit/weights/$SHIP.onnx"
+$F export "$TMP/$SHIP.onnx" -o "src/ferkit/weights/$SHIP.onnx" --report "$OUT/PrivateTest_tta-flip.json"
 $F card --run "$RUN" --onnx "src/ferkit/weights/$SHIP.onnx" --command "$CMD" --hardware "$HW" --readme README.md \
   --reports "$OUT/PrivateTest_tta-flip.json" "$OUT/PrivateTest.json" "$OUT/PrivateTest_tta-crops.json" \
             "$OUT/PublicTest.json" "$OUT/PublicTest_tta-flip.json" "$OUT/PublicTest_tta-crops.json"

@@ -159,11 +159,32 @@ def test_cli_export_with_report_check_and_int8(tmp_path, exported, capsys):
     assert info["accuracy"] == 0.7 and info["split"] == "PrivateTest" and "other" not in info
     int8 = out.with_name("m_int8.onnx")
     assert f"wrote {int8}" in stdout
-    assert read_metadata(int8)["quantization"] == "int8 static QDQ"
+    assert read_metadata(int8)["quantization"] == "int8 static QDQ" and read_metadata(int8)["name"] == "m_int8"
     assert EmotionRecognizer(int8, threads=1).classes == CLASSES
     fp16 = out.with_name("m_fp16.onnx")
     assert f"wrote {fp16}" in stdout
     assert read_metadata(fp16)["precision"] == "float16" and read_metadata(fp16)["accuracy"] == 0.7
+    assert read_metadata(fp16)["name"] == "m_fp16"
+
+
+def test_cli_export_onnx_with_report_changes_only_the_metadata(tmp_path, exported, capsys):
+    report = tmp_path / "PrivateTest_tta-flip.json"
+    report.write_text(json.dumps({"accuracy": 0.72, "macro_f1": 0.7, "tta": "flip", "other": 1}))
+    out = tmp_path / "shipped" / "best_int8.onnx"
+    out.parent.mkdir()
+    assert main(["export", str(exported["int8"]), "-o", str(out), "--report", str(report)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    info = read_metadata(out)
+    assert info["name"] == "best_int8" and info["accuracy"] == 0.72 and info["tta"] == "flip"
+    assert info["quantization"] == "int8 static QDQ" and "other" not in info
+    assert onnx.load(str(out)).graph == onnx.load(str(exported["int8"])).graph
+    assert read_metadata(exported["int8"])["accuracy"] == 0.61  # the source is untouched
+
+    assert main(["export", str(exported["int8"]), "-o", str(out), "--int8"]) == 2
+    assert "takes only --report" in capsys.readouterr().err
+    (tmp_path / "broken.onnx").write_bytes(b"\x08garbage")
+    assert main(["export", str(tmp_path / "broken.onnx"), "-o", str(out), "--report", str(report)]) == 2
+    assert "broken.onnx: not a readable ONNX model" in capsys.readouterr().err
 
 
 def test_evaluate_exported_models(exported, synthetic_cache):

@@ -99,12 +99,18 @@ def cmd_slim(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import convert_fp16, export_onnx, max_abs_diff, quantize_int8
+    from .export import convert_fp16, export_onnx, max_abs_diff, quantize_int8, with_metrics
 
     metrics = {}
     if args.report:
         report = json.loads(Path(args.report).read_text())
         metrics = {k: report[k] for k in ("accuracy", "macro_f1", "weighted_f1", "split", "tta") if k in report}
+    if Path(args.checkpoint).suffix == ".onnx":
+        if args.check or args.int8 or args.fp16 or not args.report:
+            raise ValueError("an .onnx input takes only --report (its metrics go into a copy's metadata)")
+        out = with_metrics(args.checkpoint, args.out, metrics)
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {args.checkpoint} with the metrics of {args.report}")
+        return 0
     out = export_onnx(args.checkpoint, args.out, metrics)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     if args.fp16:
@@ -326,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a checkpoint to ONNX (optionally int8)",
         description="Write an ONNX model with class names and preprocessing in its metadata.",
     )
-    p.add_argument("checkpoint", help="a .pt checkpoint from `ferkit train`")
+    p.add_argument(
+        "checkpoint",
+        help="a .pt checkpoint from `ferkit train`, or an exported .onnx to copy with --report's metrics",
+    )
     p.add_argument("-o", "--out", required=True, help="the .onnx file to write")
     p.add_argument("--report", help="evaluation JSON whose accuracy/F1 to store in the metadata")
     p.add_argument("--check", action="store_true", help="print the max |ONNX - torch| difference")

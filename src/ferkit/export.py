@@ -30,7 +30,8 @@ def read_metadata(model: str | Path | Any) -> dict[str, Any]:
     return json.loads({p.key: p.value for p in model.metadata_props}.get("ferkit", "{}"))
 
 
-def _set_metadata(path: Path, info: dict[str, Any]) -> None:
+def _set_metadata(path: Path, info: dict[str, Any], out: Path | None = None) -> None:
+    """Write ``path`` with ``info`` as its ferkit metadata to ``out`` (default: in place), atomically."""
     import onnx
 
     model = onnx.load(str(path))
@@ -38,7 +39,23 @@ def _set_metadata(path: Path, info: dict[str, Any]) -> None:
     entry = model.metadata_props.add()
     entry.key, entry.value = "ferkit", json.dumps(info)
     model.doc_string = f"ferkit {info['name']}: {PREPROCESSING}"
-    atomic_write(path, lambda f: f.write(model.SerializeToString()))
+    atomic_write(out or path, lambda f: f.write(model.SerializeToString()))
+
+
+def with_metrics(onnx_path: str | Path, out: str | Path, metrics: dict[str, Any]) -> Path:
+    """A copy of an exported model, graph and weights untouched, named ``out`` in its metadata and with
+    ``metrics`` there: the file that was evaluated is the file that ships with its evaluation."""
+    out = Path(out)
+    try:
+        info = read_metadata(onnx_path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # onnx raises protobuf's DecodeError and others for a damaged file
+        raise ValueError(f"{onnx_path}: not a readable ONNX model ({e})") from e
+    if not info.get("classes"):
+        raise ValueError(f"{onnx_path}: not a ferkit ONNX export (no ferkit metadata)")
+    _set_metadata(Path(onnx_path), {**info, "name": out.stem, **metrics}, out)
+    return out
 
 
 def export_onnx(
@@ -134,7 +151,7 @@ def quantize_int8(onnx_path: str | Path, out: str | Path, calibration: np.ndarra
             nodes_to_exclude=softmax,
         )
 
-        _set_metadata(staged, {**read_metadata(onnx_path), "quantization": "int8 static QDQ"})
+        _set_metadata(staged, {**read_metadata(onnx_path), "name": out.stem, "quantization": "int8 static QDQ"})
         staged.replace(out)
     return out
 
@@ -151,6 +168,6 @@ def convert_fp16(onnx_path: str | Path, out: str | Path) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
         onnx.save(half, str(staged))
-        _set_metadata(staged, {**info, "precision": "float16"})
+        _set_metadata(staged, {**info, "name": out.stem, "precision": "float16"})
         staged.replace(out)
     return out
