@@ -9,8 +9,10 @@
 # From the project root on the GPU machine:
 #   OUT=results [TAG=_e140] bash scripts/gpu_flagship.sh [TEACHER_EPOCHS] [STUDENT_EPOCHS]
 # TAG is appended to every run's name (runs/ferkit_vgg_s1$TAG, ...), so that a new session does not overwrite
-# the runs of the last one. EXTRA (more `ferkit train` options for every run) and PY (the Python) serve a
-# dry run on a CPU.
+# the runs of the last one. EXTRA adds `ferkit train` options to every run (e.g. EXTRA="--sam-rho 0.05", which
+# doubles the cost of a step). BUDGET (default 540 s) bounds the whole call: a run still going when its share
+# is spent is stopped and keeps its best epoch, so the results always come back within a 600 s device call.
+# PY (the Python) and EXTRA serve a dry run on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 E1=${1:-70}
@@ -19,6 +21,9 @@ OUT=${OUT:?set OUT to the folder for the results}
 PY=${PY:-python3}
 TAG=${TAG:-}
 EXTRA=${EXTRA:-}
+BUDGET=${BUDGET:-540}
+T0=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - T0))); } # seconds of the call's budget still unspent
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 DATA=data/fer2013.npz
 LOGS=runs/logs
@@ -41,9 +46,12 @@ $PY -m ferkit prepare /tmp/fer -o $DATA 2>&1 | tr '\r' '\n' | tail -4 || exit 1
 date -u +"teachers %T"
 pids=()
 TEACHERS=(ferkit_vgg_s1$TAG ferkit_vgg_strong_s2$TAG ferkit_vgg_light_s3$TAG)
+STUDENT_S=$(( E2 > 0 ? 4 * E2 + 40 : 0 ))  # the students' share: 2 s an epoch on the GPU, and their start
+TEACHER_S=$(( $(left) - STUDENT_S - 30 ))  # 30 s to slim and pack
+echo "teachers may run ${TEACHER_S} s, students ${STUDENT_S} s"
 for variant in "${TEACHERS[0]} --seed 1" "${TEACHERS[1]} --seed 2 --augment strong" "${TEACHERS[2]} --seed 3 --augment light"; do
   set -- $variant
-  train $((4 * E1 + 40)) --config configs/vgg_gpu.yaml --epochs "$E1" --out "runs/$1" "${@:2}" >"$LOGS/$1.out" 2>&1 &
+  train "$TEACHER_S" --config configs/vgg_gpu.yaml --epochs "$E1" --out "runs/$1" "${@:2}" >"$LOGS/$1.out" 2>&1 &
   pids+=($!)
 done
 wait "${pids[@]}"
@@ -56,7 +64,7 @@ if [ "$E2" -gt 0 ]; then
   CKPTS=()
   for t in "${TEACHERS[@]}"; do CKPTS+=("runs/$t/best.pt"); done
   for r in ferkit_small_distill ferkit_vgg_half_distill; do
-    train $((4 * E2 + 40)) --config "configs/${r#ferkit_}.yaml" --epochs "$E2" --out "runs/$r$TAG" \
+    train $(( $(left) - 20 )) --config "configs/${r#ferkit_}.yaml" --epochs "$E2" --out "runs/$r$TAG" \
       --teacher "${CKPTS[@]}" >"$LOGS/$r$TAG.out" 2>&1 &
     pids+=($!)
   done
