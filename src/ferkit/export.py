@@ -31,12 +31,14 @@ def read_metadata(model: str | Path | Any) -> dict[str, Any]:
 
 
 def _set_metadata(path: Path, info: dict[str, Any], out: Path | None = None) -> None:
-    """Write ``path`` with ``info`` as its ferkit metadata to ``out`` (default: in place), atomically."""
+    """Write ``path`` with ``info`` as its ferkit metadata to ``out`` (default: in place), atomically; the
+    metadata names the model by the file it is written to."""
     import onnx
 
     model = onnx.load(str(path))
     del model.metadata_props[:]
     entry = model.metadata_props.add()
+    info = {"name": Path(out or path).stem, **{k: v for k, v in info.items() if k != "name"}}
     entry.key, entry.value = "ferkit", json.dumps(info)
     model.doc_string = f"ferkit {info['name']}: {PREPROCESSING}"
     atomic_write(out or path, lambda f: f.write(model.SerializeToString()))
@@ -54,7 +56,7 @@ def with_metrics(onnx_path: str | Path, out: str | Path, metrics: dict[str, Any]
         raise ValueError(f"{onnx_path}: not a readable ONNX model ({e})") from e
     if not info.get("classes"):
         raise ValueError(f"{onnx_path}: not a ferkit ONNX export (no ferkit metadata)")
-    _set_metadata(Path(onnx_path), {**info, "name": out.stem, **metrics}, out)
+    _set_metadata(Path(onnx_path), {**info, **metrics}, out)
     return out
 
 
@@ -84,7 +86,6 @@ def export_onnx(
             verbose=False,
         )
         info = {
-            "name": Path(out).stem,
             "architecture": state["model"],
             "model_kwargs": state["model_kwargs"],
             "classes": state["classes"],
@@ -151,7 +152,7 @@ def quantize_int8(onnx_path: str | Path, out: str | Path, calibration: np.ndarra
             nodes_to_exclude=softmax,
         )
 
-        _set_metadata(staged, {**read_metadata(onnx_path), "name": out.stem, "quantization": "int8 static QDQ"})
+        _set_metadata(staged, {**read_metadata(onnx_path), "quantization": "int8 static QDQ"})
         staged.replace(out)
     return out
 
@@ -168,6 +169,6 @@ def convert_fp16(onnx_path: str | Path, out: str | Path) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
         onnx.save(half, str(staged))
-        _set_metadata(staged, {**info, "name": out.stem, "precision": "float16"})
+        _set_metadata(staged, {**info, "precision": "float16"})
         staged.replace(out)
     return out
