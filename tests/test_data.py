@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,3 +355,16 @@ def test_split_subset_counts():
     assert full is xt
     assert data.subset(xt, yt, n=1000)[0] is xt
     assert sum(data.counts()["Training"].values()) == 28
+
+
+def test_no_fer2013_image_is_tracked_by_git():
+    """The data set stays out of the repository: no tracked image has FER-2013's 48x48 size (the few
+    photos that paste upscaled crops onto a canvas, e.g. src/ferkit/assets/faces_group.jpg, are 640x480)."""
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    images = [f for f in files if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp"))]
+    assert images  # the report plots and example photos are tracked
+    small = [f for f in images if max(Image.open(root / f).size) <= 64]
+    assert small == []
