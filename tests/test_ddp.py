@@ -114,15 +114,8 @@ def test_one_process_matches_the_reference(tmp_path, sam_rho):
     assert counts == {STEPS}  # SAM's second pass leaves BatchNorm's running statistics alone
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None and shutil.which("torchrun") is None,
-    reason="torchrun not installed",
-)
-@pytest.mark.parametrize("sam_rho", [0.0, 0.05])
-def test_ddp_two_processes_match_the_data_parallel_rule(tmp_path, sam_rho):
-    images, labels = _tiny_cache(tmp_path / "tiny.npz")
-    out = tmp_path / "run"
+def _torchrun(tmp_path, out, *extra: str) -> None:
+    """``ferkit train`` under torchrun: WORLD gloo processes on the tiny cache, with OPTIONS and ``extra``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [
         sys.executable,
@@ -143,11 +136,45 @@ def test_ddp_two_processes_match_the_data_parallel_rule(tmp_path, sam_rho):
         "--no-evaluate",
         "--threads",
         "1",
-        "--sam-rho",
-        str(sam_rho),
         *[a for k, v in OPTIONS.items() for a in (f"--{k.replace('_', '-')}", str(v))],
+        *extra,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+needs_torchrun = pytest.mark.skipif(
+    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None and shutil.which("torchrun") is None,
+    reason="torchrun not installed",
+)
+
+
+@pytest.mark.slow
+@needs_torchrun
+@pytest.mark.parametrize("sam_rho", [0.0, 0.05])
+def test_ddp_two_processes_match_the_data_parallel_rule(tmp_path, sam_rho):
+    images, labels = _tiny_cache(tmp_path / "tiny.npz")
+    out = tmp_path / "run"
+    _torchrun(tmp_path, out, "--sam-rho", str(sam_rho))
     model, mean_loss = _reference(load_checkpoint(out / "last.pt")["config"], images, labels, world=WORLD)
     _assert_matches(out, model, mean_loss)
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_ddp_processes_share_the_teacher_targets(tmp_path):
+    """Each process computes the cached distillation targets of its share of the images; the gathered
+    whole equals what one process computes alone."""
+    _tiny_cache(tmp_path / "tiny.npz")
+    teacher = tmp_path / "teacher"
+    train(TrainConfig(data=str(tmp_path / "tiny.npz"), out=str(teacher), device="cpu", threads=1, progress=False,
+                      **OPTIONS))  # fmt: skip
+    distill = ("--teacher", str(teacher / "last.pt"), "--distill-cache")
+    _torchrun(tmp_path, tmp_path / "ddp", *distill)
+    one = TrainConfig(data=str(tmp_path / "tiny.npz"), out=str(tmp_path / "one"), device="cpu", threads=1,
+                      progress=False, teacher=[str(teacher / "last.pt")], distill_cache=True, **OPTIONS)  # fmt: skip
+    train(one)
+    with np.load(tmp_path / "ddp" / "teacher_probs.npz") as d, np.load(tmp_path / "one" / "teacher_probs.npz") as o:
+        assert d["probs"].shape == (48, len(CLASSES)) and (d["key"] == o["key"]).all()
+        np.testing.assert_allclose(d["probs"], o["probs"], atol=1e-6)
+    assert "on 24 images x 2 (flip) in each of 2 processes" in (tmp_path / "ddp" / "train.log").read_text()

@@ -140,34 +140,61 @@ def teacher_probs(teachers: list[nn.Module], x: torch.Tensor, temperature: float
 
 
 def cached_teacher_probs(
-    cfg: TrainConfig, teachers: list[nn.Module], images: np.ndarray, device: torch.device, path: Path
+    cfg: TrainConfig,
+    teachers: list[nn.Module],
+    images: np.ndarray,
+    device: torch.device,
+    path: Path,
+    rank: int = 0,
+    world: int = 1,
 ) -> torch.Tensor:
     """The teachers' softened probabilities for each training image, averaged with its mirror image,
-    computed once and kept in ``path`` (reused when the teachers' files, temperature and images match)."""
+    computed once and kept in ``path`` (reused when the teachers' files, temperature and images match).
+    Under torchrun process r computes images r, r+W, ... and the processes gather the whole."""
     digests = []
     for name in cfg.teacher:
         with open(name, "rb") as f:
             digests.append(f"{name} sha256={hashlib.file_digest(f, 'sha256').hexdigest()[:16]}")
     key = np.asarray([*digests, f"T={cfg.distill_temperature}", f"n={len(images)}"])
+    cached = None
     if path.exists():
         with np.load(path) as f:
             if np.array_equal(f["key"], key) and f["probs"].shape == (len(images), len(CLASSES)):
-                return torch.from_numpy(f["probs"]).to(device)
-    probs = np.zeros((len(images), len(CLASSES)), dtype=np.float32)
+                cached = f["probs"]
+    if world > 1:  # all processes must take the same branch, or some would wait forever in the gather
+        found = torch.tensor([int(cached is not None)], device=device)
+        dist.all_reduce(found, op=dist.ReduceOp.MIN)
+        cached = cached if found.item() else None
+    if cached is not None:
+        return torch.from_numpy(cached).to(device)
+    shard = images[rank::world]
+    probs = torch.zeros((len(shard), len(CLASSES)), device=device)
     for i, (t, name) in enumerate(zip(teachers, cfg.teacher, strict=True)):
         t0 = time.perf_counter()
-        probs += predict_proba(_Tempered(t, cfg.distill_temperature), images, device, batch_size=512, tta="flip")
+        p = predict_proba(_Tempered(t, cfg.distill_temperature), shard, device, batch_size=512, tta="flip")
+        probs += torch.from_numpy(p).to(device)
         log.info(
-            "teacher targets %d/%d: %s on %d images x 2 (flip), %.0f s",
+            "teacher targets %d/%d: %s on %d images x 2 (flip)%s, %.0f s",
             i + 1,
             len(teachers),
             name,
-            len(images),
+            len(shard),
+            f" in each of {world} processes" if world > 1 else "",
             time.perf_counter() - t0,
         )
     probs /= len(teachers)
-    atomic_write(path, lambda f: np.savez(f, key=key, probs=probs))
-    return torch.from_numpy(probs).to(device)
+    if world > 1:
+        padded = torch.zeros((-(-len(images) // world), len(CLASSES)), device=device)  # all_gather needs one shape
+        padded[: len(shard)] = probs
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        probs = torch.empty((len(images), len(CLASSES)), device=device)
+        for r, part in enumerate(parts):
+            probs[r::world] = part[: len(probs[r::world])]
+    if rank == 0:
+        out = probs.cpu().numpy()
+        atomic_write(path, lambda f: np.savez(f, key=key, probs=out))
+    return probs
 
 
 def distill_loss(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -315,7 +342,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     teachers = [model_from_checkpoint(t)[0].to(device) for t in cfg.teacher]
     cached_targets = None
     if teachers and cfg.distill_cache:
-        cached_targets = cached_teacher_probs(cfg, teachers, x_np, device, out / "teacher_probs.npz")
+        cached_targets = cached_teacher_probs(cfg, teachers, x_np, device, out / "teacher_probs.npz", rank, world)
 
     if resume and (out / "last.pt").exists():
         ck = load_checkpoint(out / "last.pt")
