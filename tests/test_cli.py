@@ -131,6 +131,18 @@ def test_train_then_evaluate(tmp_path, synthetic_cache, capsys):
         assert json.loads((eval_out / name).read_text())["n"] == 14
 
 
+def test_select_ensemble_prints_the_choice_and_saves_the_ranking(trained_run, synthetic_cache, tmp_path, capsys):
+    best, last, out = str(trained_run / "best.pt"), str(trained_run / "last.pt"), tmp_path / "select.json"
+    args = ["select-ensemble", best, last, "--data", str(synthetic_cache), "--tta", "none", "flip", "--top", "4"]
+    assert cli.main(args + ["--device", "cpu", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["split"] == "PublicTest" and saved["candidates"] == [best, last] and len(saved["ranking"]) == 4
+    winner = saved["ranking"][0]
+    printed = capsys.readouterr().out
+    assert f"ferkit evaluate {' '.join(winner['checkpoints'])} --data {synthetic_cache} --split PrivateTest" in printed
+    assert f"{winner['accuracy']:.4f}" in printed
+
+
 def test_train_with_config_file(tmp_path, synthetic_cache):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(

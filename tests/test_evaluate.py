@@ -17,6 +17,8 @@ from ferkit.evaluate import (
     plot_training_curves,
     predict_proba,
     predict_proba_modes,
+    rank_ensembles,
+    select_ensemble,
     tta_views,
     write_report,
 )
@@ -173,3 +175,41 @@ def test_evaluate_checkpoint_and_ensemble(trained_run, synthetic_cache, tmp_path
 
     sub = evaluate_checkpoints([ck], synthetic_cache, split="PublicTest", device="cpu", limit=10)
     assert sub["n"] == 10 and np.array(sub["confusion_matrix"]).sum() == 10
+
+
+def _model(correct_on, n=4, strong=0.9, weak=0.6):
+    """Probabilities over 2 classes for labels all 0: strongly right on ``correct_on``, mildly wrong elsewhere."""
+    p = np.array([[1 - weak, weak]] * n)
+    p[list(correct_on)] = [strong, 1 - strong]
+    return {"none": p, "flip": p.copy()}
+
+
+def test_rank_ensembles_finds_complementary_models():
+    labels = np.zeros(4, dtype=int)
+    a, b = _model([0, 1]), _model([2, 3])
+    c = {m: np.array([[0.0, 1.0]] * 4) for m in ("none", "flip")}  # confidently wrong everywhere
+    rows = rank_ensembles([a, b, c], labels)
+    assert len(rows) == 7 * 2  # every non-empty subset of 3 models, under both modes
+    assert rows[0] == {"models": [0, 1], "tta": "none", "accuracy": 1.0}  # a and b fix each other's errors
+    assert rows[1] == {"models": [0, 1], "tta": "flip", "accuracy": 1.0}  # a tie goes to the cheaper TTA
+    assert {tuple(r["models"]) for r in rows if r["accuracy"] == 0.5} == {(0,), (1,)}  # ties: fewer models first
+    assert [r["accuracy"] for r in rows] == sorted((r["accuracy"] for r in rows), reverse=True)
+    assert all(r["accuracy"] == 0.0 for r in rows if 2 in r["models"])  # c outvotes even the pair
+    assert rows[-1]["models"] == [0, 1, 2]  # the last of the worst: the most models
+    singles = rank_ensembles([a, b, c], labels, max_size=1)
+    assert len(singles) == 3 * 2 and singles[0]["models"] == [0]
+
+
+def test_select_ensemble_scores_as_evaluate_does(trained_run, synthetic_cache):
+    best, last = trained_run / "best.pt", trained_run / "last.pt"
+    rows = select_ensemble([best, last], synthetic_cache, modes=("none", "flip"), top=100, device="cpu")
+    assert len(rows) == 3 * 2
+    assert sorted(tuple(r["checkpoints"]) for r in rows if r["tta"] == "none") == sorted(
+        [(str(best),), (str(last),), (str(best), str(last))]
+    )
+    for row in rows:
+        res = evaluate_checkpoints(row["checkpoints"], synthetic_cache, "PublicTest", tta=row["tta"], device="cpu")
+        assert (row["accuracy"], row["macro_f1"]) == (res["accuracy"], pytest.approx(res["macro_f1"]))
+    assert len(select_ensemble([best, last], synthetic_cache, top=1, device="cpu")) == 1
+    with pytest.raises(ValueError, match="1 to 14 candidate models"):
+        select_ensemble([best] * 15, synthetic_cache, device="cpu")

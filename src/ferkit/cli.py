@@ -1,4 +1,4 @@
-"""The ``ferkit`` command line: prepare, train, evaluate, models, export, predict, serve."""
+"""The ``ferkit`` command line: prepare, train, evaluate, select-ensemble, models, export, predict, serve."""
 
 from __future__ import annotations
 
@@ -76,6 +76,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     checkpoints = args.checkpoint + (args.ensemble or [])
     out = Path(args.out) if args.out else Path(checkpoints[0]).parent / "eval"
     _evaluate(checkpoints, args.data, args.split, out, args.tta, args.device, args.limit)
+    return 0
+
+
+def cmd_select_ensemble(args: argparse.Namespace) -> int:
+    from .evaluate import select_ensemble
+    from .fileio import atomic_write
+
+    rows = select_ensemble(args.checkpoint, args.data, args.tta, args.max_size, args.top, args.device, limit=args.limit)
+    print(f"{'rank':>4}{'PublicTest':>12}{'macro-F1':>10}  {'TTA':<6}models")
+    for i, row in enumerate(rows, 1):
+        print(f"{i:>4}{row['accuracy']:>12.4f}{row['macro_f1']:>10.4f}  {row['tta']:<6}{' '.join(row['checkpoints'])}")
+    best = rows[0]
+    print(
+        "report the choice on PrivateTest with: ferkit evaluate "
+        f"{' '.join(best['checkpoints'])} --data {args.data} --split PrivateTest --tta {best['tta']}"
+    )
+    if args.out:
+        payload = json.dumps({"split": "PublicTest", "candidates": args.checkpoint, "ranking": rows}, indent=1)
+        print(f"wrote {atomic_write(args.out, lambda f: f.write(payload.encode()))}")
     return 0
 
 
@@ -302,6 +321,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--limit", type=int, default=0, help="evaluate a fixed random subset of N images (0 = all)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "select-ensemble",
+        help="choose an ensemble (models and TTA) on PublicTest",
+        description="Run each candidate once on PublicTest, score every subset under every TTA mode by the "
+        "accuracy of its mean probabilities, and print the best (ties: fewer models, cheaper TTA). "
+        "PrivateTest is not read: report the winner on it with `ferkit evaluate`.",
+    )
+    p.add_argument("checkpoint", nargs="+", help="candidate checkpoints (.pt) or exported models (.onnx)")
+    p.add_argument("--data", required=True, help="FER-2013 cache, CSV or image folder")
+    p.add_argument("--tta", nargs="+", default=["none"], choices=["none", "flip", "crops"], help="TTA modes to try")
+    p.add_argument("--max-size", type=int, default=0, help="largest ensemble to consider (0 = all candidates)")
+    p.add_argument("--top", type=int, default=10, help="rows to print and save (default: %(default)s)")
+    p.add_argument("--out", help="JSON file for the ranking")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--limit", type=int, default=0, help="use a fixed random subset of N PublicTest images (0 = all)")
+    p.set_defaults(func=cmd_select_ensemble)
 
     p = sub.add_parser("card", help="write the model card (and README results) from evaluation JSON")
     p.add_argument("--run", required=True, help="the training run folder (metrics.csv, best.pt)")

@@ -243,6 +243,38 @@ def format_summary(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _probabilities(
+    checkpoints: Sequence[str | Path],
+    data_path: str | Path,
+    split: str,
+    modes: Sequence[str],
+    device: str,
+    batch_size: int,
+    limit: int,
+) -> tuple[np.ndarray, list[tuple[str, dict[str, np.ndarray]]]]:
+    """The labels of ``split`` and, for each model in turn, its name and probabilities per TTA mode."""
+    from .data import load_dataset
+    from .training import resolve_device
+
+    dev = resolve_device(device)
+    data = load_dataset(data_path)
+    images, labels = data.subset(*data.split(split), limit)
+    per_model = []
+    for ck in checkpoints:
+        model, name = load_for_evaluation(ck)
+        per_model.append((name, predict_proba_modes(model.to(dev), images, dev, batch_size, modes)))
+    return labels, per_model
+
+
+def _mean_probs(per_model: Sequence[dict[str, np.ndarray]], mode: str) -> np.ndarray:
+    """The ensemble's probabilities: the models' mean, summed in their order (so a subset ranked by
+    :func:`select_ensemble` scores exactly as :func:`evaluate_tta` scores it)."""
+    total = np.zeros_like(per_model[0][mode], dtype=np.float64)
+    for p in per_model:
+        total += p[mode]
+    return total / len(per_model)
+
+
 def evaluate_checkpoints(
     checkpoints: list[str | Path],
     data_path: str | Path,
@@ -272,24 +304,12 @@ def evaluate_tta(
     limit: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_checkpoints` for several TTA modes, each model run once over the widest mode's views."""
-    from .data import load_dataset
-    from .training import resolve_device
-
-    dev = resolve_device(device)
-    data = load_dataset(data_path)
-    images, labels = data.split(split)
-    images, labels = data.subset(images, labels, limit)
-    probs = {mode: np.zeros((len(labels), len(CLASSES))) for mode in modes}
-    names = []
-    for ck in checkpoints:
-        model, name = load_for_evaluation(ck)
-        for mode, p in predict_proba_modes(model.to(dev), images, dev, batch_size, modes).items():
-            probs[mode] += p
-        names.append(name)
+    labels, per_model = _probabilities(checkpoints, data_path, split, modes, device, batch_size, limit)
+    names = [name for name, _ in per_model]
     model_name = names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")"
     results = {}
     for mode in modes:
-        metrics = compute_metrics(labels, probs[mode] / len(checkpoints))
+        metrics = compute_metrics(labels, _mean_probs([p for _, p in per_model], mode))
         meta = {"model": model_name, "checkpoints": [str(c) for c in checkpoints], "split": split, "tta": mode}
         if out is not None:
             name = split + ("" if mode == "none" else f"_tta-{mode}")
@@ -299,3 +319,54 @@ def evaluate_tta(
     if out is not None and len(checkpoints) == 1 and run_metrics.exists():
         plot_training_curves(run_metrics, Path(out) / "training_curves.png")
     return results
+
+
+def rank_ensembles(
+    per_model: Sequence[dict[str, np.ndarray]], labels: np.ndarray, max_size: int = 0
+) -> list[dict[str, Any]]:
+    """Every non-empty subset of the models (up to ``max_size`` of them; 0 = any size) under every TTA
+    mode, scored by the accuracy of its mean probabilities: best first, then fewer models, then the
+    cheaper TTA mode. Rows hold the models' indices, the mode and the accuracy."""
+    from itertools import combinations
+
+    n = len(per_model)
+    sizes = range(1, (max_size or n) + 1)
+    modes = list(per_model[0])
+    rows = []
+    for k in sizes:
+        for subset in combinations(range(n), k):
+            for mode in modes:
+                pred = _mean_probs([per_model[i] for i in subset], mode).argmax(1)
+                rows.append({"models": list(subset), "tta": mode, "accuracy": float((pred == labels).mean())})
+    rows.sort(key=lambda r: (-r["accuracy"], len(r["models"]), TTA_MODES.index(r["tta"])))
+    return rows
+
+
+MAX_CANDIDATES = 14
+
+
+def select_ensemble(
+    checkpoints: Sequence[str | Path],
+    data_path: str | Path,
+    modes: Sequence[str] = ("none",),
+    max_size: int = 0,
+    top: int = 20,
+    device: str = "auto",
+    batch_size: int = 512,
+    limit: int = 0,
+) -> list[dict[str, Any]]:
+    """Choose an ensemble on PublicTest: each model runs once, then every subset and TTA mode is
+    scored (:func:`rank_ensembles`). Returns the ``top`` rows, naming their checkpoints, with the
+    macro-F1 too. PrivateTest is never read, so the choice can be reported on it honestly."""
+    from sklearn.metrics import f1_score
+
+    if not 1 <= len(checkpoints) <= MAX_CANDIDATES:
+        raise ValueError(f"give 1 to {MAX_CANDIDATES} candidate models (got {len(checkpoints)})")
+    labels, per_model = _probabilities(checkpoints, data_path, "PublicTest", modes, device, batch_size, limit)
+    probs = [p for _, p in per_model]
+    rows = rank_ensembles(probs, labels, max_size)[:top]
+    for row in rows:
+        pred = _mean_probs([probs[i] for i in row["models"]], row["tta"]).argmax(1)
+        row["macro_f1"] = float(f1_score(labels, pred, labels=range(len(CLASSES)), average="macro", zero_division=0))
+        row["checkpoints"] = [str(checkpoints[i]) for i in row.pop("models")]
+    return rows
