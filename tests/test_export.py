@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,6 @@ from ferkit.cli import main
 from ferkit.data import CLASSES
 from ferkit.export import PREPROCESSING, convert_fp16, export_onnx, max_abs_diff, quantize_int8, read_metadata
 from ferkit.inference import EmotionRecognizer
-
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # inside torch.onnx.export
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -56,6 +55,13 @@ def test_metadata_has_classes_and_preprocessing(exported):
     rec = EmotionRecognizer(exported["onnx"], threads=1)
     assert rec.classes == CLASSES
     assert rec.model_info["name"] == "model" and rec.model_info["accuracy"] == 0.61
+
+
+def test_export_does_not_pass_on_torch_internal_warnings(tmp_path, exported):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(exported["pt"], tmp_path / "again.onnx")
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
 
 
 def test_dynamic_batch_and_probabilities(exported, held_out):

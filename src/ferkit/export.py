@@ -3,8 +3,12 @@ agreement check against torch, and an int8 (static, QDQ) quantized variant."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +64,21 @@ def with_metrics(onnx_path: str | Path, out: str | Path, metrics: dict[str, Any]
     return out
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hide torch's exporter chatter that is about torch itself, not the model: deprecation warnings from
+    its internals and notes on torchvision operators it skips; errors still propagate."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def export_onnx(
     checkpoint: str | Path, out: str | Path, metrics: dict[str, Any] | None = None, opset: int = 18
 ) -> Path:
@@ -73,18 +92,19 @@ def export_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_path = Path(tmp) / out.name
-        torch.onnx.export(
-            net,
-            (torch.zeros(2, 1, 48, 48),),
-            str(tmp_path),
-            input_names=["image"],
-            output_names=["probs"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+        with _quiet_exporter():
+            torch.onnx.export(
+                net,
+                (torch.zeros(2, 1, 48, 48),),
+                str(tmp_path),
+                input_names=["image"],
+                output_names=["probs"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
         info = {
             "architecture": state["model"],
             "model_kwargs": state["model_kwargs"],
