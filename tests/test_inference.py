@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_inference import ASTRONAUT, CANVAS, iou, placed_boxes, read_rgb
+from helpers_inference import ASTRONAUT, CANVAS, iou, make_checkpoint, photo_crops, placed_boxes, read_rgb
 from PIL import Image
 
 from ferkit.checkpoint import CheckpointError
 from ferkit.data import CLASSES
+from ferkit.export import _set_metadata, export_onnx, read_metadata
 from ferkit.inference import DEFAULT_MODEL, MAX_PIXELS, EmotionRecognizer, FaceResult, ImageError, annotate, load_image
 
 
@@ -77,6 +78,29 @@ def test_smiles_are_happy(rec):
     on the canvas) come out happy."""
     assert rec.predict(ASTRONAUT)[0].emotion == "happy"
     assert rec.predict(CANVAS)[0].emotion == "happy"
+
+
+# --- ensembles ----------------------------------------------------------------------------------
+
+
+def test_ensemble_averages_its_members(tmp_path):
+    a_pt, b_pt = make_checkpoint(tmp_path / "a.pt", seed=0), make_checkpoint(tmp_path / "b.pt", seed=1)
+    a, b = export_onnx(a_pt, tmp_path / "a.onnx"), export_onnx(b_pt, tmp_path / "b.onnx")
+    crops = photo_crops(32, seed=2)
+    pa = EmotionRecognizer(a, threads=1).classify_crops(crops)
+    pb = EmotionRecognizer(b, threads=1).classify_crops(crops)
+    assert np.abs(pa - pb).max() > 0.05  # two different members
+    ens = EmotionRecognizer([a, b], threads=1)
+    np.testing.assert_allclose(ens.classify_crops(crops), (pa + pb) / 2, atol=1e-6)
+    assert ens.model_info["name"] == "ensemble(a, b)" and ens.model_info["accuracy"] is None
+    mixed = EmotionRecognizer([a, b_pt], threads=1)  # ONNX and torch members together
+    assert mixed.model_info["backend"] == "onnx, torch"
+    np.testing.assert_allclose(mixed.classify_crops(crops), (pa + pb) / 2, atol=1e-5)
+    assert_same(mixed.predict(ASTRONAUT), ens.predict(ASTRONAUT), tol=1e-5)
+
+    _set_metadata(b, {**read_metadata(b), "classes": list(reversed(CLASSES))}, tmp_path / "reversed.onnx")
+    with pytest.raises(ValueError, match="disagree on the class names"):
+        EmotionRecognizer([a, tmp_path / "reversed.onnx"], threads=1)
 
 
 # --- input types ------------------------------------------------------------------------------

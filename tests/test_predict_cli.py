@@ -229,6 +229,18 @@ def test_torch_checkpoint_model(capsys, good, tmp_path):
     assert len(record["faces"]) == 1 and list(record["faces"][0]["scores"]) == list(CLASSES)
 
 
+def test_repeated_model_is_an_ensemble(capsys, good, tmp_path):
+    from ferkit.inference import EmotionRecognizer
+
+    a, b = make_checkpoint(tmp_path / "a.pt", seed=0), make_checkpoint(tmp_path / "b.pt", seed=1)
+    code, out, _ = run(capsys, good / "astronaut.jpg", "--model", a, "--model", b, "--format", "jsonl")
+    assert code == 0
+    (face,) = jsonl(out)[0]["faces"]
+    (expected,) = EmotionRecognizer([a, b], threads=1).predict(good / "astronaut.jpg")
+    assert face["box"] == list(expected.box)
+    np.testing.assert_allclose(list(face["scores"].values()), list(expected.scores.values()), atol=1e-4)
+
+
 def test_usage_errors_exit_2(capsys, good, video, tmp_path):
     (tmp_path / "broken.onnx").write_bytes(b"junk")
     code, out, err = run(capsys, good, "--model", tmp_path / "broken.onnx")
