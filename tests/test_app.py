@@ -384,6 +384,26 @@ def test_settings_are_validated():
         create_app(SlowRecognizer(0), no_such_option=1)
 
 
+def test_an_ensemble_serves_its_mean(tmp_path):
+    from fastapi.testclient import TestClient
+    from helpers_inference import make_checkpoint
+
+    from ferkit.export import export_onnx
+    from ferkit.inference import EmotionRecognizer
+
+    a = export_onnx(make_checkpoint(tmp_path / "a.pt", seed=0), tmp_path / "a.onnx")
+    b = export_onnx(make_checkpoint(tmp_path / "b.pt", seed=1), tmp_path / "b.onnx")
+    photo = ASSETS_DIR / "astronaut.jpg"
+    with TestClient(create_app(model=[str(a), str(b)], ui=False, max_concurrency=1, threads=1)) as c:
+        assert c.get("/api/v1/model").json()["name"] == "ensemble(a, b)"
+        r = c.post(PREDICT, files={"file": ("astronaut.jpg", photo.read_bytes(), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    (face,) = r.json()["faces"]
+    (expected,) = EmotionRecognizer([a, b], threads=1).predict(photo)
+    assert face["emotion"] == expected.emotion
+    np.testing.assert_allclose(list(face["scores"].values()), list(expected.scores.values()), atol=1e-4)
+
+
 def test_examples_are_shipped_and_small():
     files = sorted(Path(ASSETS_DIR).glob("*.jpg"))
     assert [f.name for f in files] == ["astronaut.jpg", "faces_group.jpg"]
