@@ -278,11 +278,29 @@ def test_make_optimizer_groups():
 
 def test_devices():
     assert resolve_device("cpu") == torch.device("cpu")
-    assert amp_dtype(_cfg(amp="bf16"), torch.device("cpu")) is None
+    cpu = torch.device("cpu")
+    assert amp_dtype(_cfg(amp="bf16"), cpu) == torch.bfloat16  # on a CPU only when asked for
+    assert amp_dtype(_cfg(amp="auto"), cpu) is None and amp_dtype(_cfg(amp="none"), cpu) is None
+    with pytest.raises(ValueError, match="fp16 autocast needs CUDA"):
+        amp_dtype(_cfg(amp="fp16"), cpu)
     if not torch.cuda.is_available():
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_bf16_autocast_on_cpu(tmp_path, synthetic_cache):
+    """--amp bf16 on a CPU computes in bfloat16 (the weights move differently from float32's) while the
+    weights and checkpoints stay float32."""
+    fp32 = train(tiny_config(synthetic_cache, tmp_path / "fp32", epochs=1))
+    bf16 = train(tiny_config(synthetic_cache, tmp_path / "bf16", epochs=1, amp="bf16"))
+    a = load_checkpoint(tmp_path / "fp32" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "bf16" / "last.pt")["state_dict"]
+    assert {v.dtype for v in b.values() if v.is_floating_point()} == {torch.float32}
+    diff = max((b[k].float() - a[k].float()).abs().max().item() for k in a)
+    assert 0 < diff < 0.1
+    loss32, loss16 = fp32["history"][-1]["train_loss"], bf16["history"][-1]["train_loss"]
+    assert math.isfinite(loss16) and loss16 == pytest.approx(loss32, rel=0.05)
 
 
 def test_config_yaml(tmp_path):

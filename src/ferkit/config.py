@@ -66,7 +66,8 @@ class TrainConfig:
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     amp: str = _opt(
         "auto",
-        "mixed precision on CUDA: auto (bf16 if supported), bf16, fp16 or none",
+        "mixed precision: on CUDA auto means bf16 if supported, else fp16; on a CPU only bf16 turns it on "
+        "(about 2x faster with AVX512-BF16 or AMX; auto is float32 there)",
         choices=["auto", "bf16", "fp16", "none"],
     )
     channels_last: bool = _opt(True, "use the channels_last memory format on CUDA")
