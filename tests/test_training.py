@@ -283,6 +283,14 @@ def test_devices():
     assert amp_dtype(_cfg(amp="auto"), cpu) is None and amp_dtype(_cfg(amp="none"), cpu) is None
     with pytest.raises(ValueError, match="fp16 autocast needs CUDA"):
         amp_dtype(_cfg(amp="fp16"), cpu)
+
+
+def test_bf16_on_a_cpu_without_it_warns(monkeypatch, caplog):
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False)
+    with caplog.at_level("WARNING", logger="ferkit.train"):
+        assert amp_dtype(_cfg(amp="bf16"), torch.device("cpu")) == torch.bfloat16
+    assert "no native bfloat16" in caplog.text
     if not torch.cuda.is_available():
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(RuntimeError, match="CUDA is not available"):

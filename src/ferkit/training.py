@@ -46,6 +46,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def _cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX), by torch's private probes;
+    assumed so where a torch version lacks them."""
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return not any(probes) or any(probe() for probe in probes if probe)
+
+
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype. On CUDA ``auto`` means bf16 where supported, else fp16. On a CPU only an
     explicit ``bf16`` turns it on (about twice as fast on CPUs with AVX512-BF16 or AMX, see the README);
@@ -59,7 +66,7 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if cfg.amp == "fp16":
         raise ValueError("fp16 autocast needs CUDA; on a CPU use --amp bf16 (or none)")
     if cfg.amp == "bf16":
-        if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        if not _cpu_has_native_bf16():
             log.warning("this CPU has no native bfloat16 (AVX512-BF16 or AMX): --amp bf16 will be emulated and slow")
         return torch.bfloat16
     return None
