@@ -36,7 +36,7 @@ from ferkit.augment import PRESETS, augment
 from ferkit.config import TrainConfig
 from ferkit.data import CLASSES, load_dataset
 from ferkit.models import build_model, describe
-from ferkit.training import amp_dtype, make_criterion, make_optimizer, resolve_device, train
+from ferkit.training import amp_dtype, autocast, make_criterion, make_optimizer, resolve_device, train
 
 GOAL = 0.90
 
@@ -133,7 +133,7 @@ class Synthetic:
         t0 = time.perf_counter()
         for i in range(steps):
             x, y = self.xs[i % len(self.xs)], self.ys[i % len(self.ys)]
-            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            with autocast(self.device, self.dtype):
                 loss = self.criterion(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

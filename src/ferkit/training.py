@@ -72,6 +72,11 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device`` (from :func:`amp_dtype`); a no-op when it is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def batch_indices(
     n: int, batch_size: int, seed: int, epoch: int, weights: np.ndarray | None = None, rank: int = 0, world: int = 1
 ) -> Iterator[torch.Tensor]:
@@ -348,9 +353,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     )
     dtype = amp_dtype(cfg, device)
 
-    def autocast() -> torch.autocast:
-        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     criterion = make_criterion(cfg, y_np, device)
     weights = criterion.weight
@@ -411,7 +413,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits and the loss of one batch: labels (mixed by ``lam``), plus distillation towards
         ``target`` when there are teachers."""
-        with autocast():
+        with autocast(device, dtype):
             logits = net(x)
             loss = criterion(logits, ya)
             if lam < 1.0:
@@ -453,7 +455,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             if cached_targets is not None:
                 target = cached_targets[idx]
             elif teachers:
-                with autocast():
+                with autocast(device, dtype):
                     target = teacher_probs(teachers, x, cfg.distill_temperature)
 
             optimizer.zero_grad(set_to_none=True)
