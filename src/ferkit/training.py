@@ -1,4 +1,4 @@
-"""The training loop: one function, CPU or CUDA, single process or torchrun/DDP.
+"""The training loop: CPU or CUDA, single process or torchrun/DDP.
 
 The training set lives on the device as uint8; each batch is gathered, augmented and fed to the
 model there, so no DataLoader workers are needed. Every epoch ends with a PublicTest evaluation,
@@ -296,6 +296,260 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
+def _check_config(cfg: TrainConfig, world: int) -> None:
+    """Refuse option combinations that cannot work, before any data is loaded."""
+    if cfg.sam_rho and cfg.amp == "fp16":
+        raise ValueError("SAM (sam_rho) does not work with fp16 loss scaling; use --amp bf16 or none")
+    if cfg.distill_cache and (cfg.mixup or cfg.cutmix):
+        raise ValueError("distill_cache cannot teach mixed images (mixup/cutmix): its targets are per image")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+
+
+def _load_splits(cfg: TrainConfig, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training and PublicTest images and labels (subsets when ``train_limit``/``val_limit`` say so)."""
+    data = load_dataset(cfg.data, progress=cfg.progress and rank == 0)
+    x, y = data.subset(*data.split("Training"), cfg.train_limit)
+    xv, yv = data.subset(*data.split("PublicTest"), cfg.val_limit)
+    if len(xv) == 0:
+        raise ValueError(f"{cfg.data}: no PublicTest images; they are needed to select the best epoch")
+    if len(x) < cfg.batch_size:
+        raise ValueError(f"{len(x)} training images is fewer than one batch of {cfg.batch_size}")
+    return x, y, xv, yv
+
+
+def _distill_targets(
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    images: np.ndarray,
+    out: Path,
+    rank: int,
+    world: int,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """A function of (indices, augmented batch) giving the teachers' targets for it: cached per image
+    (``distill_cache``), computed on the batch itself, or None when there are no teachers."""
+    teachers = [model_from_checkpoint(t)[0].to(device) for t in cfg.teacher]
+    if not teachers:
+        return lambda idx, x: None
+    if cfg.distill_cache:
+        cached = cached_teacher_probs(cfg, teachers, images, device, out / "teacher_probs.npz", rank, world)
+        return lambda idx, x: cached[idx]
+
+    def on_batch(idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with autocast(device, dtype):
+            return teacher_probs(teachers, x, cfg.distill_temperature)
+
+    return on_batch
+
+
+class _Run:
+    """What a run updates and checkpoints: the model (``net``: wrapped for DDP/compile), the EMA of its
+    weights, the optimizer, LR schedules, loss scaler and the state that ``last.pt`` resumes."""
+
+    def __init__(
+        self, cfg: TrainConfig, device: torch.device, world: int, labels: np.ndarray, steps_per_epoch: int
+    ) -> None:
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, num_classes=len(CLASSES), **cfg.model_kwargs).to(device)
+        if cfg.init_weights:
+            n_loaded, n_skipped = load_init_weights(model, cfg.init_weights)
+            log.info("initial weights %s: %d tensors loaded, %d skipped", cfg.init_weights, n_loaded, n_skipped)
+        if world > 1 and cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda" and cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = self.net = model
+        self.state: dict[str, Any] = dict(epoch=0, step=0, best_acc=-1.0, best_epoch=-1, bad_epochs=0, history=[])
+        self.ema = None
+        if cfg.ema:
+            from torch.optim.swa_utils import AveragedModel
+
+            self.ema = AveragedModel(
+                model, multi_avg_fn=ema_update(cfg.ema, lambda: self.state["step"]), use_buffers=True
+            )
+        self.optimizer = make_optimizer(model, cfg)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch))
+        self.plateau = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="max", factor=0.5, patience=cfg.plateau_patience
+            )
+            if cfg.schedule == "plateau"
+            else None
+        )
+        self.dtype = amp_dtype(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.criterion = make_criterion(cfg, labels, device)
+
+    def resume(self, path: Path) -> None:
+        """Continue from a ``last.pt`` written by :meth:`save`."""
+        ck = load_checkpoint(path)
+        self.model.load_state_dict(ck["state_dict"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        if self.plateau is not None:
+            self.plateau.load_state_dict(ck["plateau"])
+        self.scaler.load_state_dict(ck["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ck["ema_module"])
+        self.state = ck["train_state"]
+
+    def wrap(self, world: int) -> None:
+        """Wrap the model for DDP (under torchrun) and torch.compile, as the config says."""
+        if world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if self.cfg.compile:
+            self.net = torch.compile(self.net)
+
+    def loss(
+        self, x: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the loss of one batch: labels (mixed by ``lam``), plus distillation towards
+        ``target`` when there are teachers."""
+        cfg = self.cfg
+        with autocast(self.device, self.dtype):
+            logits = self.net(x)
+            loss = self.criterion(logits, ya)
+            if lam < 1.0:
+                loss = lam * loss + (1 - lam) * self.criterion(logits, yb)
+            if target is not None:
+                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill_loss(
+                    logits, target, cfg.distill_temperature
+                )
+        return logits, loss
+
+    def step(
+        self, x: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a batch (with SAM's second pass when ``sam_rho``); returns its logits and loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        logits, loss = self.loss(x, ya, yb, lam, target)
+        self.scaler.scale(loss).backward()
+        if self.cfg.sam_rho:  # step with the gradient at the worst weights within rho of the current ones
+            moves = sam_perturb(self.params, self.cfg.sam_rho)
+            self.optimizer.zero_grad(set_to_none=True)
+            with frozen_batchnorm_stats(self.model):
+                self.loss(x, ya, yb, lam, target)[1].backward()
+            sam_restore(self.params, moves)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.plateau is None:  # LambdaLR.step() would reset the LR that ReduceLROnPlateau lowered
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.state["step"] += 1
+        return logits, loss
+
+    def validate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """PublicTest loss and accuracy of the EMA weights (or the model's without EMA)."""
+        probs = predict_proba(
+            self.ema.module if self.ema is not None else self.model, x, device=self.device, batch_size=512
+        )
+        return float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean()), float((probs.argmax(1) == y).mean())
+
+    def record(self, row: dict[str, Any]) -> bool:
+        """Add an epoch's metrics row to the state; True when its PublicTest accuracy is the best so far."""
+        state = self.state
+        state["history"].append(row)
+        state["epoch"] = row["epoch"]
+        improved = row["val_acc"] > state["best_acc"]
+        if improved:
+            state.update(best_acc=row["val_acc"], best_epoch=row["epoch"], bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        return improved
+
+    def save(self, out: Path, improved: bool) -> None:
+        """Write ``last.pt`` (everything :meth:`resume` needs) and, when ``improved``, ``best.pt``."""
+        ck = {
+            "model": self.cfg.model,
+            "model_kwargs": self.cfg.model_kwargs,
+            "classes": list(CLASSES),
+            "input_size": 48,
+            "config": self.cfg.to_dict(),
+            "state_dict": self.model.state_dict(),
+            "ema_state_dict": self.ema.module.state_dict() if self.ema is not None else None,
+            "metrics": self.state["history"][-1] if self.state["history"] else {},
+        }
+        if improved:
+            save_checkpoint(out / "best.pt", ck)
+        resumable = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "ema_module": self.ema.state_dict() if self.ema is not None else None,
+            "train_state": self.state,
+        }
+        save_checkpoint(out / "last.pt", {**ck, **resumable})
+
+
+def _train_epoch(
+    run: _Run,
+    epoch: int,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    targets: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
+    rank: int,
+    world: int,
+) -> dict[str, float]:
+    """One pass over the training set: gather, augment and mix each batch on the device, step; returns
+    the epoch's training loss and accuracy (over all processes), its time and img/s."""
+    cfg, device = run.cfg, run.device
+    aug = replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
+    sampler_w = sample_weights(y_train.cpu().numpy(), len(CLASSES)) if cfg.sampler == "balanced" else None
+    epoch_seed = cfg.seed * 1_000_003 + epoch + 100_003 * rank  # each process its own random stream
+    torch.manual_seed(epoch_seed)  # dropout
+    g = torch.Generator(device).manual_seed(epoch_seed)  # augmentation
+    rng = np.random.default_rng([cfg.seed, epoch, rank])
+    run.net.train()
+    t0, seen = time.perf_counter(), 0
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    steps = len(x_train) // cfg.batch_size
+    batches = batch_indices(len(x_train), cfg.batch_size, cfg.seed, epoch, sampler_w, rank, world)
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        batches = bar = tqdm(batches, total=steps, desc=desc, unit="batch", dynamic_ncols=True)
+    for i, idx in enumerate(batches):
+        idx = idx.to(device, non_blocking=True)
+        x = augment(x_train[idx].unsqueeze(1).float().div_(255), aug, g)
+        x, ya, yb, lam = mix(x, y_train[idx], aug, g, rng)
+        if device.type == "cuda" and cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits, loss = run.step(x, ya, yb, lam, targets(idx, x))
+        seen += len(idx)
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == ya).sum()
+        if bar is not None and (i % 10 == 0 or i == steps - 1):
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / seen:.3f}",
+                acc=f"{correct.item() / seen:.3f}",
+                lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                img_s=f"{seen * world / (time.perf_counter() - t0):.0f}",
+            )
+        if cfg.max_steps and run.state["step"] >= cfg.max_steps:
+            break
+    if bar is not None:
+        bar.close()
+    train_time = time.perf_counter() - t0
+    if world > 1:  # report the loss and accuracy over the global batch, not this process's share
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(correct)
+        seen *= world
+    return {
+        "train_loss": loss_sum.item() / max(1, seen),
+        "train_acc": correct.item() / max(1, seen),
+        "epoch_time_s": train_time,
+        "img_per_s": seen / train_time,
+    }
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train a model as ``cfg`` says; returns the final training state (best accuracy, epochs, paths)."""
     rank, world, local_rank = _setup_distributed(cfg.device)
@@ -307,251 +561,62 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out, rank)
-    if cfg.sam_rho and cfg.amp == "fp16":
-        raise ValueError("SAM (sam_rho) does not work with fp16 loss scaling; use --amp bf16 or none")
-    if cfg.distill_cache and (cfg.mixup or cfg.cutmix):
-        raise ValueError("distill_cache cannot teach mixed images (mixup/cutmix): its targets are per image")
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-
-    data = load_dataset(cfg.data, progress=cfg.progress and rank == 0)
-    x_np, y_np = data.split("Training")
-    xv_np, yv_np = data.split("PublicTest")
-    x_np, y_np = data.subset(x_np, y_np, cfg.train_limit)
-    xv_np, yv_np = data.subset(xv_np, yv_np, cfg.val_limit)
-    if len(xv_np) == 0:
-        raise ValueError(f"{cfg.data}: no PublicTest images; they are needed to select the best epoch")
-    if len(x_np) < cfg.batch_size:
-        raise ValueError(f"{len(x_np)} training images is fewer than one batch of {cfg.batch_size}")
-    x_train = torch.from_numpy(x_np).to(device)
-    y_train = torch.from_numpy(y_np).to(device)
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes=len(CLASSES), **cfg.model_kwargs).to(device)
-    if cfg.init_weights:
-        n_loaded, n_skipped = load_init_weights(model, cfg.init_weights)
-        log.info("initial weights %s: %d tensors loaded, %d skipped", cfg.init_weights, n_loaded, n_skipped)
-    if world > 1 and cfg.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if device.type == "cuda" and cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "best_acc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
-    ema = None
-    if cfg.ema:
-        from torch.optim.swa_utils import AveragedModel
-
-        ema = AveragedModel(model, multi_avg_fn=ema_update(cfg.ema, lambda: state["step"]), use_buffers=True)
-
-    steps_per_epoch = len(x_np) // cfg.batch_size
-    optimizer = make_optimizer(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch))
-    plateau = (
-        torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=cfg.plateau_patience)
-        if cfg.schedule == "plateau"
-        else None
-    )
-    dtype = amp_dtype(cfg, device)
-
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    criterion = make_criterion(cfg, y_np, device)
-    weights = criterion.weight
-    sampler_w = sample_weights(y_np, len(CLASSES)) if cfg.sampler == "balanced" else None
-    aug = replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
-    teachers = [model_from_checkpoint(t)[0].to(device) for t in cfg.teacher]
-    cached_targets = None
-    if teachers and cfg.distill_cache:
-        cached_targets = cached_teacher_probs(cfg, teachers, x_np, device, out / "teacher_probs.npz", rank, world)
-
+    _check_config(cfg, world)
+    x_np, y_np, xv_np, yv_np = _load_splits(cfg, rank)
+    run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size)
+    targets = _distill_targets(cfg, device, run.dtype, x_np, out, rank, world)
     if resume and (out / "last.pt").exists():
-        ck = load_checkpoint(out / "last.pt")
-        model.load_state_dict(ck["state_dict"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        if plateau is not None:
-            plateau.load_state_dict(ck["plateau"])
-        scaler.load_state_dict(ck["scaler"])
-        if ema is not None:
-            ema.load_state_dict(ck["ema_module"])
-        state = ck["train_state"]
-        log.info("resumed from %s at epoch %d", out / "last.pt", state["epoch"])
+        run.resume(out / "last.pt")
+        log.info("resumed from %s at epoch %d", out / "last.pt", run.state["epoch"])
     elif resume:
         log.info("no %s to resume from; starting a new run", out / "last.pt")
-
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
-    if state["epoch"] == 0 and rank == 0:
+    run.wrap(world)
+    if run.state["epoch"] == 0 and rank == 0:
         log.info(
             "training %s on %s (%d processes): %d train / %d PublicTest images, %d steps/epoch",
-            cfg.model,
-            device,
-            world,
-            len(x_np),
-            len(xv_np),
-            steps_per_epoch,
+            *(cfg.model, device, world, len(x_np), len(xv_np), len(x_np) // cfg.batch_size),
         )
-        if weights is not None:
+        if (weights := run.criterion.weight) is not None:
             log.info("class weights: %s", {c: round(w, 3) for c, w in zip(CLASSES, weights.tolist(), strict=True)})
 
-    def checkpoint_state() -> dict[str, Any]:
-        return {
-            "model": cfg.model,
-            "model_kwargs": cfg.model_kwargs,
-            "classes": list(CLASSES),
-            "input_size": 48,
-            "config": cfg.to_dict(),
-            "state_dict": model.state_dict(),
-            "ema_state_dict": ema.module.state_dict() if ema is not None else None,
-            "metrics": state["history"][-1] if state["history"] else {},
-        }
-
-    def batch_loss(
-        x: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float, target: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits and the loss of one batch: labels (mixed by ``lam``), plus distillation towards
-        ``target`` when there are teachers."""
-        with autocast(device, dtype):
-            logits = net(x)
-            loss = criterion(logits, ya)
-            if lam < 1.0:
-                loss = lam * loss + (1 - lam) * criterion(logits, yb)
-            if target is not None:
-                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill_loss(
-                    logits, target, cfg.distill_temperature
-                )
-        return logits, loss
-
+    x_train, y_train = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
     tb = _tensorboard(out) if rank == 0 else None
-    for epoch in range(state["epoch"], cfg.epochs):
-        if cfg.max_steps and state["step"] >= cfg.max_steps:
+    for epoch in range(run.state["epoch"], cfg.epochs):
+        if cfg.max_steps and run.state["step"] >= cfg.max_steps:
             break
-        epoch_seed = cfg.seed * 1_000_003 + epoch + 100_003 * rank  # each process its own random stream
-        torch.manual_seed(epoch_seed)  # dropout
-        g = torch.Generator(device).manual_seed(epoch_seed)  # augmentation
-        rng = np.random.default_rng([cfg.seed, epoch, rank])
-        net.train()
-        t0, seen = time.perf_counter(), 0
-        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        batches = batch_indices(len(x_np), cfg.batch_size, cfg.seed, epoch, sampler_w, rank, world)
-        bar = None
-        if cfg.progress and rank == 0:
-            from tqdm import tqdm
-
-            batches = bar = tqdm(
-                batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True
-            )
-        for i, idx in enumerate(batches):
-            idx = idx.to(device, non_blocking=True)
-            x = x_train[idx].unsqueeze(1).float().div_(255)
-            y = y_train[idx]
-            x = augment(x, aug, g)
-            x, ya, yb, lam = mix(x, y, aug, g, rng)
-            if device.type == "cuda" and cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            target = None
-            if cached_targets is not None:
-                target = cached_targets[idx]
-            elif teachers:
-                with autocast(device, dtype):
-                    target = teacher_probs(teachers, x, cfg.distill_temperature)
-
-            optimizer.zero_grad(set_to_none=True)
-            logits, loss = batch_loss(x, ya, yb, lam, target)
-            scaler.scale(loss).backward()
-            if cfg.sam_rho:  # step with the gradient at the worst weights within rho of the current ones
-                moves = sam_perturb(params, cfg.sam_rho)
-                optimizer.zero_grad(set_to_none=True)
-                with frozen_batchnorm_stats(model):
-                    batch_loss(x, ya, yb, lam, target)[1].backward()
-                sam_restore(params, moves)
-            scaler.step(optimizer)
-            scaler.update()
-            if plateau is None:  # LambdaLR.step() would reset the LR that ReduceLROnPlateau lowered
-                scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            state["step"] += 1
-            seen += len(idx)
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.argmax(1) == ya).sum()
-            if bar is not None and (i % 10 == 0 or i == steps_per_epoch - 1):
-                bar.set_postfix(
-                    loss=f"{loss_sum.item() / seen:.3f}",
-                    acc=f"{correct.item() / seen:.3f}",
-                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                    img_s=f"{seen * world / (time.perf_counter() - t0):.0f}",
-                )
-            if cfg.max_steps and state["step"] >= cfg.max_steps:
-                break
-        if bar is not None:
-            bar.close()
-        train_time = time.perf_counter() - t0
-        if world > 1:  # report the loss and accuracy over the global batch, not this process's share
-            dist.all_reduce(loss_sum)
-            dist.all_reduce(correct)
-            seen *= world
-        eval_model = ema.module if ema is not None else model
-        probs = predict_proba(eval_model, xv_np, device=device, batch_size=512)
-        val_acc = float((probs.argmax(1) == yv_np).mean())
-        val_loss = float(-np.log(probs[np.arange(len(yv_np)), yv_np] + 1e-12).mean())
-        if plateau is not None:
-            plateau.step(val_acc)
+        fit = _train_epoch(run, epoch, x_train, y_train, targets, rank, world)
+        val_loss, val_acc = run.validate(xv_np, yv_np)
+        if run.plateau is not None:
+            run.plateau.step(val_acc)
         row = {
             "epoch": epoch + 1,
-            "step": state["step"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum.item() / max(1, seen),
-            "train_acc": correct.item() / max(1, seen),
+            "step": run.state["step"],
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "train_loss": fit["train_loss"],
+            "train_acc": fit["train_acc"],
             "val_loss": val_loss,
             "val_acc": val_acc,
-            "epoch_time_s": train_time,
-            "img_per_s": seen / train_time,
+            "epoch_time_s": fit["epoch_time_s"],
+            "img_per_s": fit["img_per_s"],
         }
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        improved = val_acc > state["best_acc"]
-        if improved:
-            state.update(best_acc=val_acc, best_epoch=epoch + 1, bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
+        improved = run.record(row)
         if rank == 0:
             log.info(
                 "epoch %d: train loss %.4f acc %.4f | PublicTest loss %.4f acc %.4f%s | %.0f img/s",
-                epoch + 1,
-                row["train_loss"],
-                row["train_acc"],
-                val_loss,
-                val_acc,
-                " (best)" if improved else "",
-                row["img_per_s"],
+                *(epoch + 1, row["train_loss"], row["train_acc"], val_loss, val_acc),
+                *(" (best)" if improved else "", row["img_per_s"]),
             )
-            _write_metrics(out / "metrics.csv", state["history"])
+            _write_metrics(out / "metrics.csv", run.state["history"])
             if tb is not None:
                 for key, value in row.items():
                     tb.add_scalar(key, value, epoch + 1)
                 tb.flush()
-            ck = checkpoint_state()
-            if improved:
-                save_checkpoint(out / "best.pt", ck)
-            save_checkpoint(
-                out / "last.pt",
-                {
-                    **ck,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "plateau": plateau.state_dict() if plateau is not None else None,
-                    "scaler": scaler.state_dict(),
-                    "ema_module": ema.state_dict() if ema is not None else None,
-                    "train_state": state,
-                },
-            )
-        if cfg.patience and state["bad_epochs"] >= cfg.patience:
+            run.save(out, improved)
+        if cfg.patience and run.state["bad_epochs"] >= cfg.patience:
             if rank == 0:
                 log.info("early stopping: no PublicTest improvement for %d epochs", cfg.patience)
             break
+    state = run.state
     if rank == 0:
         log.info(
             "best PublicTest accuracy %.4f at epoch %d; checkpoint %s",
