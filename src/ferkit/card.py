@@ -126,7 +126,8 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
 - Data: FER-2013 Training split (28,709 images); model selection on PublicTest (3,589); numbers below
   on PrivateTest (3,589), which was not used for any choice.
 - Command: `{command}`
-- Hardware: {hardware}. {run["epochs"]} epochs, {run["train_minutes"]:.0f} minutes of training,
+- Hardware: {hardware}. {run["epochs"]} epochs, {run["train_minutes"]:.1f} minutes in training epochs
+  (PublicTest checks and checkpoints excluded),
   {run["img_per_s"]:.0f} img/s on average. Best PublicTest accuracy {run["best_val_acc"]:.2%} at epoch
   {run["best_epoch"]} (this checkpoint).{started}
 
