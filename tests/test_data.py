@@ -93,6 +93,8 @@ def test_folder_details(tmp_path):
     """val/ is read like test/; class folders are case-insensitive; other files are ignored; RGB and
     other sizes are converted to 48x48 grayscale."""
     img = synthetic_face(3, 0)
+    _tree(tmp_path, ["train"], skip=("happy", "sad"))
+    _tree(tmp_path, ["val"], skip=("angry",))
     Image.fromarray(img).save(_mk(tmp_path / "train/Happy/Training_0.png"))
     rgb = np.stack([np.full((64, 64), v, np.uint8) for v in (200, 100, 50)], -1)
     Image.fromarray(rgb).save(_mk(tmp_path / "train/sad/Training_big.PNG"))
@@ -101,7 +103,7 @@ def test_folder_details(tmp_path):
     Image.fromarray(img).save(_mk(tmp_path / "val/angry/x0.png"))
     Image.fromarray(img).save(_mk(tmp_path / "val/angry/x1.png"))
     data = load_dataset(tmp_path, progress=False)
-    assert len(data) == 4
+    assert len(data) == 4 + 5 + 6
     index = _by_source(data)
     assert data.labels[index["train/Happy/Training_0.png"]] == CLASSES.index("happy")
     big = data.images[index["train/sad/Training_big.PNG"]]
@@ -115,6 +117,45 @@ def test_folder_details(tmp_path):
 def _mk(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _tree(root, tops=("train", "test"), skip=()):
+    """A minimal valid image tree: one PNG per emotion folder (except ``skip``) under each of ``tops``."""
+    for top in tops:
+        for label, cls in enumerate(CLASSES):
+            if cls not in skip:
+                Image.fromarray(synthetic_face(label, 0)).save(_mk(root / top / cls / "filler.png"))
+
+
+@pytest.mark.parametrize("top", ["train", "test"])
+def test_folder_missing_emotion_names_it(tmp_path, top):
+    _tree(tmp_path)
+    shutil.rmtree(tmp_path / top / "disgust")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / top}: no 'disgust' folder (expected one folder per")):
+        load_folder(tmp_path, progress=False)
+
+
+def test_folder_empty_emotion_names_it(tmp_path):
+    _tree(tmp_path)
+    (tmp_path / "train/fear/filler.png").unlink()
+    (tmp_path / "train/fear/notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'train' / 'fear'}: no images")):
+        load_folder(tmp_path, progress=False)
+
+
+def test_folder_only_train_is_fine(tmp_path):
+    _tree(tmp_path, ["train"])
+    assert load_folder(tmp_path, progress=False).counts()["Training"] == dict.fromkeys(CLASSES, 1)
+
+
+def test_decompression_bomb_names_the_file(tmp_path, monkeypatch):
+    """An image too large to decode safely is an unreadable image (a DataError), not PIL's traceback."""
+    _tree(tmp_path)
+    bomb = tmp_path / "train/happy/huge.png"
+    Image.new("L", (100, 100)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 48 * 50)  # PIL refuses images over twice this
+    with pytest.raises(DataError, match=re.escape(str(bomb)) + ": unreadable image .*decompression bomb"):
+        load_folder(tmp_path, progress=False)
 
 
 def test_missing_folder_names_it(tmp_path):
@@ -146,7 +187,7 @@ def test_unknown_class_folder_names_it(tmp_path):
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated", "empty"])
 def test_corrupt_image_names_the_file(tmp_path, kind):
-    Image.fromarray(synthetic_face(0, 0)).save(_mk(tmp_path / "train/angry/Training_0.jpg"), quality=95)
+    _tree(tmp_path, ["train"])
     bad = _mk(tmp_path / "train/fear/Training_bad.jpg")
     if kind == "garbage":
         bad.write_bytes(b"this is not a JPEG file" * 20)
@@ -185,6 +226,48 @@ def test_csv_tolerates_spaces_and_crlf(tmp_path):
 
 def _good_row(label=0, usage="Training"):
     return (str(label), pixels_str(synthetic_face(label, 0)), usage)
+
+
+def _csv_text(*rows):
+    """A fer2013.csv text: the header, then one line per row (an empty row makes a blank line)."""
+    return "emotion,pixels,Usage\n" + "".join(f"{','.join(row)}\n" for row in rows)
+
+
+def test_csv_utf8_bom(tmp_path):
+    """As Excel saves it: a UTF-8 byte-order mark before the header."""
+    path = tmp_path / "f.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + _csv_text(_good_row(1)).encode())
+    assert load_csv(path, progress=False).labels.tolist() == [1]
+
+
+def test_csv_ignores_blank_lines(tmp_path):
+    path = tmp_path / "f.csv"
+    path.write_text(_csv_text(_good_row(1), (), _good_row(2), (), ()))
+    data = load_csv(path, progress=False)
+    assert data.labels.tolist() == [1, 2]
+    assert data.sources.tolist() == ["f.csv:2", "f.csv:4"]
+
+
+def test_csv_unmatched_quote_names_file_and_line(tmp_path):
+    path = tmp_path / "f.csv"
+    path.write_text(_csv_text(_good_row(), ("0", '"1 2 3', "Training"), *[_good_row()] * 20))
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: malformed CSV row")):
+        load_csv(path, progress=False)
+
+
+def test_csv_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "f.csv"
+    path.write_bytes(b"\xff\xd8\xff\xe0 a JPEG renamed to .csv")
+    with pytest.raises(DataError, match=re.escape(f"{path}: not a UTF-8 text CSV")):
+        load_csv(path, progress=False)
+
+
+def test_load_dataset_suffix_is_case_insensitive(tmp_path):
+    path = tmp_path / "FER2013.CSV"
+    path.write_text(_csv_text(_good_row(3)))
+    data = load_dataset(path, progress=False)
+    assert data.labels.tolist() == [3]
+    assert len(load_dataset(save_cache(data, tmp_path / "fer.NPZ"))) == 1
 
 
 def test_csv_wrong_header(tmp_path):

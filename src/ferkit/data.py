@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,8 @@ def _split_of(name: str, top: str, index_in_class: int) -> int:
 
 
 def _decode(path: Path) -> np.ndarray:
+    """One image file as a 48x48 grayscale array; other sizes are resized, a corrupt file or one too
+    large to decode safely (PIL's decompression-bomb limit) is a :class:`DataError` naming it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -90,12 +93,13 @@ def _decode(path: Path) -> np.ndarray:
             if im.size != (IMAGE_SIZE, IMAGE_SIZE):
                 im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable image ({e})") from e
 
 
 def load_folder(root: str | Path, progress: bool = True) -> FERData:
-    """Load the Kaggle layout ``root/{train,test}/<emotion>/*.jpg`` (``val/`` is read like ``test/``)."""
+    """Load the Kaggle layout ``root/{train,test}/<emotion>/*.jpg`` (``val/`` is read like ``test/``).
+    Each of these folders present must hold one non-empty folder per emotion in :data:`CLASSES`."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
@@ -106,16 +110,23 @@ def load_folder(root: str | Path, progress: bool = True) -> FERData:
     labels: list[int] = []
     splits: list[int] = []
     for top in tops:
+        found: set[str] = set()
         for cls_dir in sorted(p for p in (root / top).iterdir() if p.is_dir()):
             if cls_dir.name.lower() not in CLASSES:
                 raise DataError(f"{cls_dir}: unknown class folder {cls_dir.name!r}; expected {', '.join(CLASSES)}")
             names = sorted(p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not names:
+                raise DataError(f"{cls_dir}: no images (expected {', '.join('*' + e for e in IMAGE_EXTENSIONS)})")
+            found.add(cls_dir.name.lower())
             for i, p in enumerate(names):
                 files.append(p)
                 labels.append(CLASSES.index(cls_dir.name.lower()))
                 splits.append(_split_of(p.name, top, i))
-    if not files:
-        raise DataError(f"{root}: no images found under {', '.join(tops)}/<emotion>/")
+        if missing := [c for c in CLASSES if c not in found]:
+            raise DataError(
+                f"{root / top}: no {' or '.join(map(repr, missing))} folder "
+                f"(expected one folder per emotion: {', '.join(CLASSES)})"
+            )
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         it = pool.map(_decode, files, chunksize=256)
         if progress:
@@ -143,35 +154,51 @@ def _parse_pixels(text: str, where: str) -> np.ndarray:
     return values.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
 
 
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, fields)`` of each non-blank row of a UTF-8 CSV file (a leading BOM is
+    dropped); undecodable bytes and broken quoting become a :class:`DataError` naming the file."""
+    line = 0  # the last line read so far
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                if row:
+                    yield reader.line_num, row
+                line = reader.line_num
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text CSV ({e.reason})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}:{line + 1}: malformed CSV row ({e}); is a quote unmatched?") from None
+
+
 def load_csv(path: str | Path, progress: bool = True) -> FERData:
-    """Load the original ``fer2013.csv`` (``emotion,pixels,Usage``)."""
+    """Load the original ``fer2013.csv`` (``emotion,pixels,Usage``); blank lines are ignored."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     images, labels, splits, sources = [], [], [], []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        if header != CSV_HEADER:
-            raise DataError(f"{path}:1: expected header {','.join(CSV_HEADER)}, got {','.join(header)!r}")
-        rows = reader
-        if progress:
-            from tqdm import tqdm
+    rows = _csv_rows(path)
+    line, fields = next(rows, (1, []))
+    header = [h.strip() for h in fields]
+    if header != CSV_HEADER:
+        raise DataError(f"{path}:{line}: expected header {','.join(CSV_HEADER)}, got {','.join(header)!r}")
+    if progress:
+        from tqdm import tqdm
 
-            rows = tqdm(reader, desc=f"parsing {path.name}", unit="row")
-        for row in rows:
-            where = f"{path}:{reader.line_num}"
-            if len(row) != 3:
-                raise DataError(f"{where}: expected 3 fields, got {len(row)}")
-            emotion, pixels, usage = (s.strip() for s in row)
-            if not emotion.isdigit() or int(emotion) >= len(CLASSES):
-                raise DataError(f"{where}: emotion must be 0..{len(CLASSES) - 1}, got {emotion!r}")
-            if usage not in SPLITS:
-                raise DataError(f"{where}: Usage must be one of {', '.join(SPLITS)}, got {usage!r}")
-            images.append(_parse_pixels(pixels, where))
-            labels.append(int(emotion))
-            splits.append(SPLITS.index(usage))
-            sources.append(f"{path.name}:{reader.line_num}")
+        rows = tqdm(rows, desc=f"parsing {path.name}", unit="row")
+    for line, row in rows:
+        where = f"{path}:{line}"
+        if len(row) != 3:
+            raise DataError(f"{where}: expected 3 fields, got {len(row)}")
+        emotion, pixels, usage = (s.strip() for s in row)
+        if not emotion.isdigit() or int(emotion) >= len(CLASSES):
+            raise DataError(f"{where}: emotion must be 0..{len(CLASSES) - 1}, got {emotion!r}")
+        if usage not in SPLITS:
+            raise DataError(f"{where}: Usage must be one of {', '.join(SPLITS)}, got {usage!r}")
+        images.append(_parse_pixels(pixels, where))
+        labels.append(int(emotion))
+        splits.append(SPLITS.index(usage))
+        sources.append(f"{path.name}:{line}")
     if not images:
         raise DataError(f"{path}: no data rows")
     return FERData(
@@ -214,13 +241,14 @@ def load_cache(path: str | Path) -> FERData:
 
 
 def load_dataset(path: str | Path, progress: bool = True) -> FERData:
-    """Load FER-2013 from a cache (``.npz``), a ``fer2013.csv`` or a Kaggle image folder."""
+    """Load FER-2013 from a cache (``.npz``), a ``fer2013.csv`` or a Kaggle image folder (the
+    suffix is matched case-insensitively)."""
     path = Path(path)
     if path.is_dir():
         return load_folder(path, progress=progress)
-    if path.suffix == ".npz":
+    if path.suffix.lower() == ".npz":
         return load_cache(path)
-    if path.suffix == ".csv":
+    if path.suffix.lower() == ".csv":
         return load_csv(path, progress=progress)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
