@@ -57,3 +57,11 @@ def test_update_readme_replaces_only_the_results_block(reports, tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="results"):
         update_readme(readme, reports)
+
+
+def test_model_card_of_a_run_without_epochs_is_an_error(reports, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch,val_acc\n")
+    with pytest.raises(ValueError, match="metrics.csv: no epochs recorded"):
+        render_model_card(run, tmp_path / "m.onnx", reports, "ferkit train", "a test machine")

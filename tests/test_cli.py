@@ -185,3 +185,46 @@ def test_bad_choice_is_a_usage_error(capsys):
         cli.main(["train", "--schedule", "linear"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--model-kwargs", "{a: [}"], "not valid YAML"),
+        (["train", "--model-kwargs", "[1, 2]"], "expected a YAML mapping"),
+        (["train", "--model-kwargs", "{width:0.25}"], "has a key without a value"),
+        (["select-ensemble", "a.pt", "--data", "d.npz", "--top", "0"], "must be at least 1"),
+        (["select-ensemble", "a.pt", "--data", "d.npz", "--max-size", "-1"], "must be at least 0"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_model_kwargs_the_model_does_not_take(tmp_path, synthetic_cache, capsys):
+    argv = ["train", "--data", str(synthetic_cache), "--out", str(tmp_path / "run"), "--model-kwargs", "{depth: 3}"]
+    argv += ["--batch-size", "16", "--device", "cpu", "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "ferkit train: error: model ferkit_small with arguments {'depth': 3}:" in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_folder_is_an_error(tmp_path, fer_csv, capsys):
+    folder = tmp_path / "cache.npz"
+    folder.mkdir()
+    assert cli.main(["prepare", str(fer_csv[0]), "-o", str(folder)]) == 2
+    assert f"ferkit prepare: error: {folder}: is a folder; give a file name to write" in capsys.readouterr().err
+
+
+def test_card_keeps_its_own_name_in_errors_and_reads_reports_carefully(trained_run, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{'accuracy': 1}")
+    argv = ["card", "--run", str(trained_run), "--onnx", "m.onnx", "--reports", str(bad), "--command", "ferkit train"]
+    assert cli.main(argv + ["--out", str(tmp_path / "CARD.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ferkit card: error:") and "bad.json: not a valid JSON file" in err
+    bad.write_text("[1, 2]")
+    assert cli.main(argv + ["--out", str(tmp_path / "CARD.md")]) == 2
+    assert "bad.json: expected a JSON object, got list" in capsys.readouterr().err
+    assert not (tmp_path / "CARD.md").exists()

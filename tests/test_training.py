@@ -138,6 +138,25 @@ def test_resume_of_finished_run_changes_nothing(tmp_path, synthetic_cache):
     assert (out / "last.pt").read_bytes() == before
 
 
+def test_a_new_run_refuses_to_overwrite_an_old_one(tmp_path, synthetic_cache):
+    out = tmp_path / "run"
+    train(tiny_config(synthetic_cache, out, epochs=1))
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix in (".pt", ".csv")}
+    with pytest.raises(ValueError, match="already holds a run .* --resume continues it"):
+        train(tiny_config(synthetic_cache, out, epochs=1, seed=5))
+    assert {p: (out / p).read_bytes() for p in files} == files
+
+
+def test_resume_errors_name_the_checkpoint(tmp_path, synthetic_cache):
+    out = tmp_path / "run"
+    train(tiny_config(synthetic_cache, out, epochs=1))
+    with pytest.raises(ValueError, match=r"last.pt: its weights do not fit ferkit_small \{'width': 0.5\}"):
+        train(tiny_config(synthetic_cache, out, epochs=2, model_kwargs={"width": 0.5}), resume=True)
+    (out / "last.pt").write_bytes((out / "best.pt").read_bytes())  # a best.pt has no optimizer state
+    with pytest.raises(ValueError, match="last.pt: no optimizer state to resume from"):
+        train(tiny_config(synthetic_cache, out, epochs=2), resume=True)
+
+
 def test_max_steps_stops_mid_epoch(tmp_path, synthetic_cache):
     out = tmp_path / "run"
     result = train(tiny_config(synthetic_cache, out, epochs=5, max_steps=STEPS_PER_EPOCH + 2))
@@ -240,8 +259,40 @@ def test_lr_factor_flat(schedule):
 
 
 def test_lr_factor_unknown():
+    cfg = _cfg(warmup_epochs=0)
+    cfg.schedule = "linear"  # TrainConfig itself refuses it (below); the function still does
     with pytest.raises(ValueError, match="unknown schedule"):
-        lr_factor(_cfg(schedule="linear", warmup_epochs=0), 5, 10)
+        lr_factor(cfg, 5, 10)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"schedule": "linear"}, "schedule: 'linear' is not one of cosine"),
+        ({"optimizer": "lion"}, "optimizer: 'lion' is not one of sgd, adamw"),
+        ({"epochs": "many"}, "epochs: expected int, got 'many'"),
+        ({"epochs": True}, "epochs: expected int, got True"),
+        ({"lr": None}, "lr: expected float, got None"),
+        ({"teacher": "a.pt"}, "teacher: expected list"),
+    ],
+)
+def test_config_refuses_bad_values(values, message):
+    with pytest.raises(ValueError, match=re.escape(f"cfg.yaml: {message}")):
+        TrainConfig.from_dict(values, source="cfg.yaml")
+
+
+def test_config_takes_an_int_for_a_float():
+    assert TrainConfig.from_dict({"lr": 1}).lr == 1.0 and isinstance(TrainConfig.from_dict({"lr": 1}).lr, float)
+
+
+def test_config_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1,\n")
+    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+        TrainConfig.from_yaml(bad)
+    bad.write_text("epochs: many\n")
+    with pytest.raises(ValueError, match="bad.yaml: epochs: expected int"):
+        TrainConfig.from_yaml(bad)
 
 
 def test_batch_indices():
@@ -272,8 +323,10 @@ def test_make_optimizer_groups():
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert isinstance(make_optimizer(model, _cfg(optimizer="adamw")), torch.optim.AdamW)
+    cfg = _cfg()
+    cfg.optimizer = "lion"
     with pytest.raises(ValueError, match="unknown optimizer"):
-        make_optimizer(model, _cfg(optimizer="lion"))
+        make_optimizer(model, cfg)
 
 
 def test_devices():

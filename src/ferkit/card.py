@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from .data import CLASSES
+from .fileio import atomic_write, read_json_object
 
 REFERENCE = (
     "Keras ResNet50V2 (the seed): 65.2% validation accuracy, weighted F1 0.65, disgust F1 0.51, surprise F1 0.77"
@@ -17,7 +17,7 @@ RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def _load(paths: list[Path]) -> list[dict[str, Any]]:
-    return [json.loads(Path(p).read_text()) for p in paths]
+    return [read_json_object(p) for p in paths]
 
 
 def results_table(reports: list[dict[str, Any]], label: str | None = None) -> str:
@@ -51,6 +51,8 @@ def per_class_table(r: dict[str, Any]) -> str:
 def _run_summary(run_dir: Path) -> dict[str, Any]:
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{run_dir / 'metrics.csv'}: no epochs recorded")
     best = max(rows, key=lambda r: float(r["val_acc"]))
     return {
         "epochs": len(rows),
@@ -164,4 +166,5 @@ def update_readme(readme: Path, reports: list[Path], label: str | None = None) -
     pattern = re.compile(re.escape(RESULTS_START) + ".*?" + re.escape(RESULTS_END), re.S)
     if not pattern.search(text):
         raise ValueError(f"{readme}: no {RESULTS_START} ... {RESULTS_END} block to update")
-    readme.write_text(pattern.sub(lambda _: block, text))
+    new = pattern.sub(lambda _: block, text)
+    atomic_write(readme, lambda f: f.write(new.encode()))

@@ -17,6 +17,32 @@ from .config import TrainConfig
 from .faces import MIN_FACE
 
 
+def _yaml_mapping(text: str) -> dict:
+    """An argparse type: a YAML mapping such as ``{width: 0.5, dropout: 0.4}``."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not valid YAML: {text!r}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{width: 0.5}}', got {text!r}")
+    if any(v is None for v in value.values()):
+        raise argparse.ArgumentTypeError(f"{text!r} has a key without a value; write 'key: value', with a space")
+    return value
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     """One ``--option`` per :class:`TrainConfig` field, with its help text; defaults come from the config."""
     for f in dataclasses.fields(TrainConfig):
@@ -27,7 +53,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.type in ("dict", dict):
-            p.add_argument(flag, type=yaml.safe_load, metavar="YAML", **kw)
+            p.add_argument(flag, type=_yaml_mapping, metavar="YAML", **kw)
         elif f.type in ("list", list):
             p.add_argument(flag, nargs="*", **kw)
         else:
@@ -119,10 +145,11 @@ def cmd_slim(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import convert_fp16, export_onnx, max_abs_diff, quantize_int8, with_metrics
+    from .fileio import read_json_object
 
     metrics = {}
     if args.report:
-        report = json.loads(Path(args.report).read_text())
+        report = read_json_object(args.report)
         metrics = {k: report[k] for k in ("accuracy", "macro_f1", "weighted_f1", "split", "tta") if k in report}
     if Path(args.checkpoint).suffix == ".onnx":
         if args.check or args.int8 or args.fp16 or not args.report:
@@ -139,6 +166,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .data import load_dataset
 
         images, _ = load_dataset(args.data).split("Training") if args.data else (None, None)
+        if images is not None and len(images) == 0:
+            raise ValueError(f"{args.data}: no Training images to check and calibrate on")
         if images is None:
             images = np.random.default_rng(0).integers(0, 256, (64, 48, 48), dtype=np.uint8)
         sample = images[np.random.default_rng(0).permutation(len(images))[:512]]
@@ -224,10 +253,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_card(args: argparse.Namespace) -> int:
     from .card import render_model_card, update_readme
+    from .fileio import atomic_write
 
     reports = [Path(r) for r in args.reports]
-    text = render_model_card(Path(args.run), Path(args.onnx), reports, args.command, args.hardware)
-    Path(args.out).write_text(text)
+    text = render_model_card(Path(args.run), Path(args.onnx), reports, args.train_command, args.hardware)
+    atomic_write(args.out, lambda f: f.write(text.encode()))
     print(f"wrote {args.out}")
     if args.readme:
         update_readme(Path(args.readme), reports, Path(args.onnx).stem)
@@ -332,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="+", help="candidate checkpoints (.pt) or exported models (.onnx)")
     p.add_argument("--data", required=True, help="FER-2013 cache, CSV or image folder")
     p.add_argument("--tta", nargs="+", default=["none"], choices=["none", "flip", "crops"], help="TTA modes to try")
-    p.add_argument("--max-size", type=int, default=0, help="largest ensemble to consider (0 = all candidates)")
-    p.add_argument("--top", type=int, default=10, help="rows to print and save (default: %(default)s)")
+    p.add_argument("--max-size", type=_count(0), default=0, help="largest ensemble to consider (0 = all candidates)")
+    p.add_argument("--top", type=_count(1), default=10, help="rows to print and save (default: %(default)s)")
     p.add_argument("--out", help="JSON file for the ranking")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--limit", type=int, default=0, help="use a fixed random subset of N PublicTest images (0 = all)")
@@ -343,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="the training run folder (metrics.csv, best.pt)")
     p.add_argument("--onnx", required=True, help="the shipped ONNX file")
     p.add_argument("--reports", nargs="+", required=True, help="evaluation JSON files, the headline first")
-    p.add_argument("--command", required=True, help="the training command, quoted in the card")
+    p.add_argument("--command", dest="train_command", required=True, help="the training command, quoted in the card")
     p.add_argument("--hardware", default="2-core x86_64 CPU", help="where it was trained")
     p.add_argument("--out", default="MODEL_CARD.md", help="card to write (default: %(default)s)")
     p.add_argument("--readme", help="README whose results block to regenerate")
@@ -431,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
         print(f"ferkit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

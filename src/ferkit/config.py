@@ -9,6 +9,15 @@ from typing import Any
 
 import yaml
 
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "dict": (dict,),
+    "list": (list,),
+}
+
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (dict, list)):
@@ -79,11 +88,25 @@ class TrainConfig:
     max_steps: int = _opt(0, "stop after this many optimiser steps in total (0 = no limit)")
     progress: bool = _opt(True, "show progress bars")
 
+    def __post_init__(self) -> None:
+        """Check every field's type and choices, so that a bad config fails before any data is loaded."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if not isinstance(value, _TYPES[kind]) or (isinstance(value, bool) and kind in ("int", "float")):
+                raise ValueError(f"{f.name}: expected {kind}, got {value!r}")
+            if kind == "float":
+                setattr(self, f.name, float(value))
+            if (choices := f.metadata.get("choices")) and value not in choices:
+                raise ValueError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Read a YAML file of fields (unknown keys are an error) and apply ``overrides``."""
         with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of config fields")
         return cls.from_dict({**values, **overrides}, source=str(path))
@@ -94,7 +117,10 @@ class TrainConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"{source}: unknown config field(s) {', '.join(unknown)}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

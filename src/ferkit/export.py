@@ -30,7 +30,12 @@ def read_metadata(model: str | Path | Any) -> dict[str, Any]:
     import onnx
 
     if isinstance(model, (str, Path)):
-        model = onnx.load(str(model), load_external_data=False)
+        if not Path(model).is_file():
+            raise FileNotFoundError(f"{model}: no such ONNX file")
+        try:
+            model = onnx.load(str(model), load_external_data=False)
+        except Exception as e:  # onnx raises protobuf's DecodeError and others for a damaged file
+            raise ValueError(f"{model}: not a readable ONNX model ({e})") from e
     return json.loads({p.key: p.value for p in model.metadata_props}.get("ferkit", "{}"))
 
 
@@ -52,12 +57,7 @@ def with_metrics(onnx_path: str | Path, out: str | Path, metrics: dict[str, Any]
     """A copy of an exported model, graph and weights untouched, named ``out`` in its metadata and with
     ``metrics`` there: the file that was evaluated is the file that ships with its evaluation."""
     out = Path(out)
-    try:
-        info = read_metadata(onnx_path)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # onnx raises protobuf's DecodeError and others for a damaged file
-        raise ValueError(f"{onnx_path}: not a readable ONNX model ({e})") from e
+    info = read_metadata(onnx_path)
     if not info.get("classes"):
         raise ValueError(f"{onnx_path}: not a ferkit ONNX export (no ferkit metadata)")
     _set_metadata(Path(onnx_path), {**info, **metrics}, out)

@@ -165,11 +165,14 @@ def model_names() -> list[str]:
 
 def build_model(name: str, num_classes: int = 7, **kwargs) -> nn.Module:
     """Build a registered model by name, or ``timm:<arch>`` for any timm architecture."""
-    if name.startswith("timm:"):
-        return TimmModel(name.removeprefix("timm:"), num_classes=num_classes, **kwargs)
-    if name not in MODELS:
+    if not name.startswith("timm:") and name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
-    return MODELS[name](num_classes=num_classes, **kwargs)
+    try:
+        if name.startswith("timm:"):
+            return TimmModel(name.removeprefix("timm:"), num_classes=num_classes, **kwargs)
+        return MODELS[name](num_classes=num_classes, **kwargs)
+    except TypeError as e:  # an argument the model does not take
+        raise ValueError(f"model {name} with arguments {kwargs}: {e}") from e
 
 
 def load_init_weights(model: nn.Module, path: str | Path) -> tuple[int, int]:

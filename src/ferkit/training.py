@@ -386,7 +386,15 @@ class _Run:
     def resume(self, path: Path) -> None:
         """Continue from a ``last.pt`` written by :meth:`save`."""
         ck = load_checkpoint(path)
-        self.model.load_state_dict(ck["state_dict"])
+        if "optimizer" not in ck or "train_state" not in ck:
+            raise ValueError(f"{path}: no optimizer state to resume from (best.pt and slimmed files cannot resume)")
+        try:
+            self.model.load_state_dict(ck["state_dict"])
+        except RuntimeError as e:
+            raise ValueError(
+                f"{path}: its weights do not fit {self.cfg.model} {self.cfg.model_kwargs or ''}; resume with the "
+                f"run's own --model and --model-kwargs ({str(e).splitlines()[0]})"
+            ) from e
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         if self.plateau is not None:
@@ -562,6 +570,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out, rank)
     _check_config(cfg, world)
+    if not resume and (out / "last.pt").exists():
+        raise ValueError(f"{out} already holds a run (last.pt): --resume continues it, another --out starts anew")
     x_np, y_np, xv_np, yv_np = _load_splits(cfg, rank)
     run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size)
     targets = _distill_targets(cfg, device, run.dtype, x_np, out, rank, world)
