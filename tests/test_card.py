@@ -59,9 +59,10 @@ def test_update_readme_replaces_only_the_results_block(reports, tmp_path):
         update_readme(readme, reports)
 
 
-def test_model_card_of_a_run_without_epochs_is_an_error(reports, tmp_path):
+def test_model_card_of_a_run_without_epochs_is_an_error(trained_run, reports, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
+    (run / "best.pt").write_bytes((trained_run / "best.pt").read_bytes())
     (run / "metrics.csv").write_text("epoch,val_acc\n")
     with pytest.raises(ValueError, match="metrics.csv: no epochs recorded"):
         render_model_card(run, tmp_path / "m.onnx", reports, "ferkit train", "a test machine")
