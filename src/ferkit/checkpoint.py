@@ -40,13 +40,36 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def model_from_checkpoint(path: str | Path, ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a checkpoint in eval mode; uses the EMA weights when present and ``ema``."""
     state = load_checkpoint(path)
-    model = build_model(state["model"], num_classes=len(state["classes"]), **state["model_kwargs"])
+    missing = [k for k in ("model", "model_kwargs", "classes", "state_dict") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    try:
+        model = build_model(state["model"], num_classes=len(state["classes"]), **state["model_kwargs"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     weights = state.get("ema_state_dict") if ema and state.get("ema_state_dict") else state["state_dict"]
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit model {state['model']!r} ({e})") from e
-    return model.eval(), state
+        msg = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: weights do not fit model {state['model']!r} ({msg})") from e
+    _check_model(model.eval(), path, len(state["classes"]))
+    return model, state
+
+
+def _check_model(model: nn.Module, path: str | Path, n_classes: int) -> None:
+    """Refuse a model that does not map (N, 1, 48, 48) images to ``n_classes`` scores (one per class name)."""
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros(2, 1, 48, 48))
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: not a ferkit emotion model (fails on a (N, 1, 48, 48) input: {msg})") from e
+    if tuple(out.shape) != (2, n_classes):
+        got = "(N, " + ", ".join(map(str, out.shape[1:])) + ")"
+        raise CheckpointError(
+            f"{path}: not a ferkit emotion model (output {got}, expected (N, {n_classes}) for its {n_classes} classes)"
+        )
 
 
 def slim_checkpoint(path: str | Path, out: str | Path, half: bool = False) -> Path:

@@ -47,6 +47,12 @@ def _rescale(boxes: np.ndarray, scale: float, shape: tuple[int, ...]) -> list[Bo
     return sorted(out)  # left to right, a stable order for tables and tests
 
 
+def _cv_message(e: BaseException) -> str:
+    """The one-line gist of an error OpenCV raised (directly or as the cause)."""
+    e = e.__cause__ or e
+    return " ".join((getattr(e, "err", None) or str(e)).split())
+
+
 class HaarDetector:
     """OpenCV's frontal-face Haar cascade (bundled with OpenCV 4.x)."""
 
@@ -66,10 +72,12 @@ class HaarDetector:
                     "install opencv-python-headless<5 or pass a cascade/YuNet model file"
                 )
             cascade = Path(data.haarcascades) / "haarcascade_frontalface_default.xml"
+        if not Path(cascade).is_file():
+            raise FileNotFoundError(f"{cascade}: Haar cascade file not found")
         try:
             self.classifier = cv2.CascadeClassifier(str(cascade))
         except (cv2.error, SystemError) as e:  # a malformed XML file: OpenCV raises SystemError
-            raise RuntimeError(f"{cascade}: not a loadable Haar cascade file ({e.__cause__ or e})") from e
+            raise RuntimeError(f"{cascade}: not a loadable Haar cascade file ({_cv_message(e)})") from e
         if self.classifier.empty():
             raise RuntimeError(f"{cascade}: not a loadable Haar cascade file")
         self.scale_factor, self.min_neighbors, self.min_size, self.max_side = (
@@ -97,8 +105,16 @@ class YuNetDetector:
     ) -> None:
         if not Path(model_path).is_file():
             raise FileNotFoundError(f"{model_path}: YuNet model file not found")
-        self.net = cv2.FaceDetectorYN.create(str(model_path), "", (320, 320), score_threshold)
         self.min_size, self.max_side = min_size, max_side
+        level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # OpenCV logs what it raises
+        try:  # a wrong network often loads, and fails only on its first image: try one
+            self.net = cv2.FaceDetectorYN.create(str(model_path), "", (320, 320), score_threshold)
+            self.detect(np.zeros((64, 64, 3), np.uint8))
+        except cv2.error as e:
+            raise ValueError(f"{model_path}: not a loadable YuNet face detector model ({_cv_message(e)})") from e
+        finally:
+            cv2.utils.logging.setLogLevel(level)
 
     def detect(self, rgb: np.ndarray) -> list[Box]:
         img, scale = _downscale(rgb if rgb.ndim == 3 else cv2.cvtColor(rgb, cv2.COLOR_GRAY2RGB), self.max_side)
@@ -125,9 +141,17 @@ def make_detector(spec: str | Path | FaceDetector | None = None, min_size: int =
     raise ValueError(f"unknown face detector {spec!r}: use 'haar', a YuNet .onnx file or a cascade .xml file")
 
 
+def check_margin(margin: float) -> None:
+    """Refuse a crop margin outside [0, 1]: a negative one can shrink a crop to nothing, a large one
+    pads the image by many face sizes (1 already makes the crop three times the face box)."""
+    if not 0 <= margin <= 1:
+        raise ValueError(f"margin must be between 0 and 1 (a fraction of the face box), got {margin!r}")
+
+
 def crop_faces(rgb: np.ndarray, boxes: list[Box], size: int = 48, margin: float = 0.1) -> np.ndarray:
     """Square grayscale crops (N, size, size) uint8 around each box, widened by ``margin`` of the box size
     on every side (FER-2013 faces include forehead and chin); borders are replicated past the image edge."""
+    check_margin(margin)
     gray = _to_gray(rgb)
     crops = np.empty((len(boxes), size, size), dtype=np.uint8)
     for i, (x, y, w, h) in enumerate(boxes):

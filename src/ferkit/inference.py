@@ -17,13 +17,14 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .data import CLASSES
-from .faces import MIN_FACE, Box, FaceDetector, crop_faces, make_detector
+from .faces import MIN_FACE, Box, FaceDetector, check_margin, crop_faces, make_detector
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_s1_int8.onnx"  # the shipped model: replace this file to upgrade
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 
 ImageInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | Any  # Any: a PIL image
+ACCEPTED = "a path, bytes, a binary file object, a numpy array or a PIL image"
 
 
 class ImageError(ValueError):
@@ -45,12 +46,16 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     images; refuses images over ``max_pixels`` pixels before decoding them."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if not isinstance(src, (str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image)) and not hasattr(src, "read"):
+        raise ImageError(f"cannot read an image from {type(src).__name__}: pass {ACCEPTED}")
     if isinstance(src, np.ndarray):
         if src.ndim >= 2 and src.shape[0] * src.shape[1] > max_pixels:
             h, w = src.shape[:2]
             raise ImageTooLargeError(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
         return _array_to_rgb(src)
     name = str(src) if isinstance(src, (str, os.PathLike)) else "image"
+    if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
+        raise ImageError(f"{name}: is a folder, not an image file")
     if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
         raise ImageError(f"{name}: no such file")
     try:
@@ -90,6 +95,10 @@ def _pil_to_rgb(im: Any) -> np.ndarray:
 def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)) or min(a.shape[:2]) == 0:
         raise ImageError(f"array of shape {a.shape} is not an image (expected HxW, HxWx3 or HxWx4)")
+    if a.dtype.kind not in "biuf":
+        raise ImageError(f"array of dtype {a.dtype} is not an image (expected integer or float pixels)")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ImageError("array has NaN or infinite pixel values")
     if a.dtype == np.uint16:  # 16-bit: scale by the type's range, not by the values
         a = (a.astype(np.float64) / 257).round().astype(np.uint8)
     elif a.dtype != np.uint8:
@@ -143,9 +152,35 @@ class OnnxBackend:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info: dict[str, Any] = json.loads(meta.get("ferkit", "{}"))
         self.input = self.session.get_inputs()[0].name
+        self._check(path, len(self.info.get("classes", CLASSES)))
+
+    def _check(self, path: str | Path, n_classes: int) -> None:
+        """Refuse a model that does not map float (N, 1, 48, 48) images to ``n_classes`` probabilities."""
+        bad = f"{path}: not a ferkit emotion model"
+        inputs = self.session.get_inputs()
+        shape = inputs[0].shape  # named or None dimensions are dynamic; the batch's must be
+        fits = len(inputs) == 1 and len(shape) == 4 and not isinstance(shape[0], int)
+        if not fits or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], (1, 48, 48), strict=True)):
+            raise ValueError(f"{bad} (input {', '.join(_dims(i.shape) for i in inputs)}, expected (N, 1, 48, 48))")
+        if inputs[0].type != "tensor(float)":
+            raise ValueError(f"{bad} (input type {inputs[0].type}, expected tensor(float))")
+        try:
+            probs = self(np.full((2, 1, 48, 48), 0.5, np.float32))
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ValueError(f"{bad} (fails on a (N, 1, 48, 48) input: {' '.join(str(e).split())})") from e
+        if probs.shape != (2, n_classes):
+            got = ", ".join(map(str, probs.shape[1:]))
+            raise ValueError(f"{bad} (output (N, {got}), expected (N, {n_classes}) for its {n_classes} classes)")
+        if not np.allclose(probs.sum(1), 1, atol=1e-3) or (probs < 0).any():
+            raise ValueError(f"{bad} (its outputs are not probabilities: they do not sum to 1)")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input: x})[0]
+
+
+def _dims(shape: list[Any]) -> str:
+    """An ONNX shape as text, a named or unknown batch dimension as N: ``(N, 3, 224, 224)``."""
+    return "(" + ", ".join(str(d) if i or isinstance(d, int) else "N" for i, d in enumerate(shape)) + ")"
 
 
 class TorchBackend:
@@ -208,6 +243,9 @@ class EmotionRecognizer:
     ) -> None:
         if tta not in ("none", "flip"):
             raise ValueError(f"unknown tta {tta!r}: use none or flip")
+        check_margin(margin)
+        if isinstance(model, (list, tuple)) and not model:
+            raise ValueError("no model given")
         self.tta = tta
         paths = [Path(m) for m in (model if isinstance(model, (list, tuple)) else [model or DEFAULT_MODEL])]
         self.backends = [_load_backend(p, backend, threads) for p in paths]

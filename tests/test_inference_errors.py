@@ -1,0 +1,155 @@
+"""Bad models, detectors and inputs are refused up front with one clear line naming the file or the
+problem (ferkit.inference, ferkit.faces, ferkit.checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers_inference import ASTRONAUT, make_checkpoint
+
+from ferkit.checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
+from ferkit.cli import main
+from ferkit.data import CLASSES
+from ferkit.evaluate import load_for_evaluation
+from ferkit.faces import HaarDetector, YuNetDetector, crop_faces, make_detector
+from ferkit.inference import EmotionRecognizer, ImageError, load_image
+
+
+def onnx_model(path: Path, input_shape: list, n_out: int, softmax: bool = True) -> Path:
+    """A valid ONNX model: flatten the input, multiply by zero weights, optionally softmax."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    size = int(np.prod(input_shape[1:]))
+    nodes = [
+        helper.make_node("Reshape", ["image", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["z"]),
+        helper.make_node("Softmax" if softmax else "Identity", ["z"], ["probs"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", n_out])],
+        [
+            helper.make_tensor("shape", TensorProto.INT64, [2], [0, -1]),
+            helper.make_tensor("w", TensorProto.FLOAT, [size, n_out], np.zeros(size * n_out, np.float32)),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rec() -> EmotionRecognizer:
+    return EmotionRecognizer(threads=1)
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def test_onnx_models_that_are_not_emotion_models_are_refused_at_load(tmp_path):
+    ok = onnx_model(tmp_path / "ok.onnx", ["N", 1, 48, 48], len(CLASSES))
+    assert EmotionRecognizer(ok, threads=1).classes == CLASSES  # the test model itself is fine
+    cases = {
+        "wrong.onnx": (["N", 3, 224, 224], 7, True, r"input \(N, 3, 224, 224\), expected \(N, 1, 48, 48\)"),
+        "fixed_batch.onnx": ([1, 1, 48, 48], 7, True, r"input \(1, 1, 48, 48\), expected \(N, 1, 48, 48\)"),
+        "tenclass.onnx": (["N", 1, 48, 48], 10, True, r"output \(N, 10\), expected \(N, 7\)"),
+        "logits.onnx": (["N", 1, 48, 48], 7, False, "its outputs are not probabilities"),
+    }
+    for name, (shape, n_out, softmax, problem) in cases.items():
+        path = onnx_model(tmp_path / name, shape, n_out, softmax)
+        with pytest.raises(ValueError, match=rf"{name}: not a ferkit emotion model \({problem}"):
+            EmotionRecognizer(path, threads=1)
+        with pytest.raises(ValueError, match=name):  # evaluation loads ONNX models the same way
+            load_for_evaluation(path)
+
+
+def test_cli_predict_with_a_wrong_model_is_one_error_line(tmp_path, capsys):
+    wrong = onnx_model(tmp_path / "wrong.onnx", ["N", 3, 224, 224], 7)
+    code = main(["predict", str(ASTRONAUT), "--model", str(wrong), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0
+    problem = "not a ferkit emotion model (input (N, 3, 224, 224), expected (N, 1, 48, 48))"
+    assert err.splitlines() == [f"ferkit predict: error: {wrong}: {problem}"]
+
+
+def test_checkpoints_that_are_not_emotion_models_are_refused(tmp_path):
+    import torch
+
+    from ferkit.models import build_model
+
+    state = torch.load(make_checkpoint(tmp_path / "good.pt"), weights_only=False)
+    model = build_model("ferkit_small", width=0.25, in_chans=3)
+    rgb = {**state, "model_kwargs": {"width": 0.25, "in_chans": 3}, "state_dict": model.state_dict()}
+    save_checkpoint(tmp_path / "rgb.pt", rgb)
+    with pytest.raises(CheckpointError, match=r"rgb\.pt: not a ferkit emotion model \(fails on a \(N, 1, 48, 48\)"):
+        EmotionRecognizer(tmp_path / "rgb.pt")
+    save_checkpoint(tmp_path / "nokwargs.pt", {k: v for k, v in state.items() if k != "model_kwargs"})
+    with pytest.raises(CheckpointError, match=r"nokwargs\.pt: checkpoint lacks model_kwargs"):
+        model_from_checkpoint(tmp_path / "nokwargs.pt")
+    save_checkpoint(tmp_path / "unknown.pt", {**state, "model": "nosuch"})
+    with pytest.raises(CheckpointError, match=r"unknown\.pt: unknown model 'nosuch'"):
+        model_from_checkpoint(tmp_path / "unknown.pt")
+
+
+def test_an_empty_model_list_is_no_model():
+    with pytest.raises(ValueError, match="no model given"):
+        EmotionRecognizer(model=[])
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [None, 3, [1, 2], memoryview(b"\xff\xd8")], ids=["none", "int", "list", "memoryview"])
+def test_unsupported_input_types_say_what_is_accepted(rec, bad):
+    with pytest.raises(ImageError, match=rf"from {type(bad).__name__}: pass a path, bytes, a binary file object"):
+        rec.predict(bad)
+
+
+def test_a_folder_is_named_as_a_folder(rec, tmp_path):
+    with pytest.raises(ImageError, match=rf"{tmp_path.name}: is a folder, not an image file"):
+        rec.predict(tmp_path)
+    with pytest.raises(ImageError, match="is a folder"):
+        load_image(str(tmp_path))
+
+
+def test_non_finite_and_non_numeric_arrays_are_refused(rec):
+    for value in (np.nan, np.inf, -np.inf):
+        a = np.full((64, 64, 3), 0.5, np.float32)
+        a[3, 5, 1] = value
+        with pytest.raises(ImageError, match="NaN or infinite"):
+            rec.predict(a)
+    with pytest.raises(ImageError, match="dtype object"):
+        load_image(np.zeros((8, 8), object))
+
+
+# --- face detection ---------------------------------------------------------------------------
+
+
+def test_bad_yunet_models_are_named(tmp_path):
+    (tmp_path / "text.onnx").write_text("not a model")
+    not_yunet = onnx_model(tmp_path / "emotions.onnx", ["N", 1, 48, 48], 7)  # loads, fails on an image
+    for path in (tmp_path / "text.onnx", not_yunet):
+        with pytest.raises(ValueError, match=rf"{path.name}: not a loadable YuNet face detector model \(.+\)$"):
+            YuNetDetector(path)
+        with pytest.raises(ValueError, match=path.name):
+            EmotionRecognizer(detector=path)
+
+
+@pytest.mark.parametrize("margin", [-0.7, -0.01, 1.5, float("nan")])
+def test_margin_is_validated(margin):
+    with pytest.raises(ValueError, match="margin must be between 0 and 1"):
+        EmotionRecognizer(margin=margin)
+    with pytest.raises(ValueError, match="margin must be between 0 and 1"):
+        crop_faces(np.zeros((64, 64), np.uint8), [(10, 10, 20, 20)], margin=margin)
+
+
+def test_missing_cascade_is_not_found(tmp_path):
+    missing = tmp_path / "missing.xml"
+    with pytest.raises(FileNotFoundError, match=r"missing\.xml: Haar cascade file not found"):
+        HaarDetector(missing)
+    with pytest.raises(FileNotFoundError, match=r"missing\.xml"):
+        make_detector(missing)
