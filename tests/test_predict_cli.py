@@ -168,6 +168,39 @@ def test_annotate_writes_images(capsys, good, tmp_path):
     assert not green[440:, :200].any()  # far from every face
 
 
+def test_annotate_into_a_file_fails_before_any_work(capsys, good, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for target in (afile, afile / "sub"):
+        code, out, err = run(capsys, good, "--annotate", target, "--format", "jsonl")
+        assert code == 2 and out == ""
+        assert f"error: {target}: cannot be the folder for annotated outputs" in err
+
+
+def test_annotated_image_that_cannot_be_written_is_reported(capsys, good, tmp_path, monkeypatch):
+    import ferkit.media
+
+    def fail(path, write):
+        raise OSError(f"{path}: disk full")
+
+    monkeypatch.setattr(ferkit.media, "atomic_write", fail)
+    code, out, _ = run(capsys, good / "astronaut.jpg", "--annotate", tmp_path / "ann", "--format", "jsonl")
+    assert code == 1
+    (record,) = jsonl(out)
+    assert record["error"] == f"annotated image not written: {tmp_path / 'ann' / 'astronaut_annotated.png'}: disk full"
+
+
+def test_a_folder_without_images_is_reported(capsys, good, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    code, out, _ = run(capsys, empty, good / "astronaut.jpg", "--format", "jsonl")
+    assert code == 1
+    records = jsonl(out)
+    assert records[0] == {"source": str(empty), "error": f"{empty}: no images or videos in this folder"}
+    assert len(records[1]["faces"]) == 1
+
+
 def test_fallback_classifies_faceless_images(capsys, good):
     code, out, _ = run(capsys, good / "sub" / "noise.bmp", "--fallback", "--format", "jsonl")
     assert code == 0
@@ -194,6 +227,7 @@ def test_video_every_nth_frame(capsys, video, tmp_path):
     for r in records:
         assert r["source"] == str(video) and len(r["faces"]) == 1
         assert sum(r["faces"][0]["scores"].values()) == pytest.approx(1, abs=1e-3)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["clip_annotated.mp4"]  # the partial file was renamed
     cap = cv2.VideoCapture(str(out_dir / "clip_annotated.mp4"))
     assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
     assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (256, 256)

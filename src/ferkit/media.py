@@ -5,6 +5,7 @@ One bad input never stops a batch: it becomes a record with an ``error`` naming 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .fileio import atomic_write
 from .inference import EmotionRecognizer, FaceResult, ImageError, annotate
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -40,15 +42,15 @@ class Record:
 
 
 def expand_paths(paths: list[str | Path]) -> list[Path]:
-    """Files as given (so a bad one gets reported), and folders searched recursively for images and videos."""
+    """Files as given (so a bad one gets reported), and folders searched recursively for images and videos;
+    a folder with none stays in the list, to be reported too."""
     out: list[Path] = []
     for p in map(Path, paths):
+        found = []
         if p.is_dir():
-            out += sorted(
-                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
-            )
-        else:
-            out.append(p)
+            exts = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts)
+        out += found or [p]
     return out
 
 
@@ -97,11 +99,26 @@ def _unique_name(name: str, used: set[str]) -> str:
     return candidate
 
 
-def _save_annotated(rgb: np.ndarray, faces: list[FaceResult], out_dir: Path, name: str) -> None:
+def _annotate_dir(path: str | Path | None) -> Path | None:
+    """The folder for annotated outputs, created now, so that a bad one fails before any work is done."""
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ValueError(f"{path}: cannot be the folder for annotated outputs: it or a parent is a file") from e
+    return path
+
+
+def _save_annotated(rgb: np.ndarray, faces: list[FaceResult], path: Path) -> None:
+    """Write the annotated image to ``path`` (PNG), atomically."""
     import cv2
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out_dir / name), cv2.cvtColor(annotate(rgb, faces), cv2.COLOR_RGB2BGR))
+    ok, png = cv2.imencode(".png", cv2.cvtColor(annotate(rgb, faces), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: could not encode the annotated image")
+    atomic_write(path, lambda f: f.write(png.tobytes()))
 
 
 def predict_paths(
@@ -120,9 +137,12 @@ def predict_paths(
     if every < 1:
         raise ValueError(f"every must be at least 1, not {every}")
     files = expand_paths(paths)
-    out_dir = Path(annotate_dir) if annotate_dir else None
+    out_dir = _annotate_dir(annotate_dir)
     used: set[str] = set()
     for path in tqdm(files, desc="predicting", unit="file", disable=not progress or len(files) < 2):
+        if path.is_dir():
+            yield Record(str(path), error=f"{path}: no images or videos in this folder")
+            continue
         if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file():
             name = _unique_name(f"{path.stem}_annotated.mp4", used)
             yield from _predict_video(recognizer, path, every, out_dir, name, fallback, progress)
@@ -134,7 +154,11 @@ def predict_paths(
             yield Record(str(path), error=str(e))
             continue
         if out_dir is not None:
-            _save_annotated(rgb, faces, out_dir, _unique_name(f"{path.stem}_annotated.png", used))
+            try:
+                _save_annotated(rgb, faces, out_dir / _unique_name(f"{path.stem}_annotated.png", used))
+            except OSError as e:
+                yield Record(str(path), error=f"annotated image not written: {e}")
+                continue
         yield Record(str(path), faces)
 
 
@@ -151,6 +175,7 @@ def _predict_video(
     from tqdm import tqdm
 
     writer = None
+    partial = out_dir / f".{out_name}.partial.mp4" if out_dir is not None else None  # renamed when complete
     total = video_frame_count(path)
     bar = tqdm(total=total // every if total else None, desc=path.name, unit="frame", disable=not progress)
     frames = 0
@@ -159,22 +184,25 @@ def _predict_video(
             frames += 1
             faces = recognizer.predict(rgb, whole_image_fallback=fallback)
             bar.update()
-            if out_dir is not None:
+            if partial is not None:
                 if writer is None:
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    writer = cv2.VideoWriter(
-                        str(out_dir / out_name),
-                        cv2.VideoWriter_fourcc(*"mp4v"),
-                        30.0 / max(1, every),
-                        (rgb.shape[1], rgb.shape[0]),
-                    )
+                    size = (rgb.shape[1], rgb.shape[0])
+                    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), 30.0 / every, size)
+                    if not writer.isOpened():
+                        raise ImageError(f"{out_dir / out_name}: cannot write the annotated video")
                 writer.write(cv2.cvtColor(annotate(rgb, faces), cv2.COLOR_RGB2BGR))
             yield Record(str(path), faces, frame=index, time_s=t)
         if frames == 0:
             yield Record(str(path), error=f"{path}: no video frame could be decoded")
+        if writer is not None:
+            writer.release()
+            writer = None
+            os.replace(partial, out_dir / out_name)
     except ImageError as e:
         yield Record(str(path), error=str(e))
     finally:
         bar.close()
         if writer is not None:
             writer.release()
+        if partial is not None:
+            partial.unlink(missing_ok=True)
