@@ -213,3 +213,22 @@ def test_select_ensemble_scores_as_evaluate_does(trained_run, synthetic_cache):
     assert len(select_ensemble([best, last], synthetic_cache, top=1, device="cpu")) == 1
     with pytest.raises(ValueError, match="1 to 14 candidate models"):
         select_ensemble([best] * 15, synthetic_cache, device="cpu")
+
+
+def test_models_with_other_classes_are_not_scored_on_fer2013(trained_run, synthetic_cache, tmp_path):
+    from ferkit.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(trained_run / "best.pt")
+    swapped = save_checkpoint(tmp_path / "swapped.pt", {**state, "classes": [*CLASSES[1:], CLASSES[0]]})
+    with pytest.raises(ValueError, match=r"swapped.pt: its classes disgust, .*, angry are not FER-2013's"):
+        evaluate_checkpoints([swapped], synthetic_cache, split="PublicTest", device="cpu")
+
+
+def test_an_empty_split_is_named(trained_run, tmp_path):
+    from conftest import synthetic_data
+
+    from ferkit.data import save_cache
+
+    cache = save_cache(synthetic_data({"Training": 2, "PublicTest": 1, "PrivateTest": 0}), tmp_path / "no_private.npz")
+    with pytest.raises(ValueError, match=f"{cache}: no PrivateTest images to evaluate on"):
+        evaluate_checkpoints([trained_run / "best.pt"], cache, split="PrivateTest", device="cpu")

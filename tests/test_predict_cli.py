@@ -283,3 +283,15 @@ def test_usage_errors_exit_2(capsys, good, video, tmp_path):
     assert code == 2 and "paths" in err
     code, out, err = run(capsys, video, "--every", "0")
     assert code == 2 and "every must be at least 1" in err
+
+
+def test_csv_columns_follow_the_model_classes(capsys, good, tmp_path):
+    from ferkit.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(make_checkpoint(tmp_path / "m.pt"))
+    classes = ["calm", "cross", "glad", "other", "shy", "stunned", "uneasy"]
+    save_checkpoint(tmp_path / "custom.pt", {**state, "classes": classes})
+    code, out, _ = run(capsys, good / "astronaut.jpg", "--model", tmp_path / "custom.pt", "--format", "csv")
+    assert code == 0
+    (row,) = csv.DictReader(io.StringIO(out))
+    assert row["emotion"] in classes and sum(float(row[c]) for c in classes) == pytest.approx(1, abs=1e-3)

@@ -178,16 +178,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_records(records, fmt: str) -> bool:
-    """Print prediction records as a table, JSON lines or CSV; returns whether any input failed."""
+def _print_records(records, fmt: str, classes: list[str]) -> bool:
+    """Print prediction records as a table, JSON lines or CSV (a column per class); returns whether any
+    input failed."""
     import csv
-
-    from .data import CLASSES
 
     failed = False
     writer = csv.writer(sys.stdout) if fmt == "csv" else None
     if writer:
-        writer.writerow(["source", "frame", "face", "x", "y", "w", "h", "emotion", "confidence", *CLASSES, "error"])
+        writer.writerow(["source", "frame", "face", "x", "y", "w", "h", "emotion", "confidence", *classes, "error"])
     elif fmt == "table":
         print(f"{'source':<40}{'frame':>6}{'face':>5}  {'box (x,y,w,h)':<22}{'emotion':<10}{'conf':>6}")
     for r in records:
@@ -198,12 +197,12 @@ def _print_records(records, fmt: str) -> bool:
         frame = "" if r.frame is None else r.frame
         if r.error is not None:
             if writer:
-                writer.writerow([r.source, frame, "", "", "", "", "", "", "", *[""] * len(CLASSES), r.error])
+                writer.writerow([r.source, frame, "", "", "", "", "", "", "", *[""] * len(classes), r.error])
             else:
                 print(f"{r.source:<40}{frame!s:>6}     ERROR: {r.error}")
             continue
         if not r.faces and writer:
-            writer.writerow([r.source, frame, "", "", "", "", "", "", "", *[""] * len(CLASSES), ""])
+            writer.writerow([r.source, frame, "", "", "", "", "", "", "", *[""] * len(classes), ""])
         elif not r.faces:
             print(f"{r.source:<40}{frame!s:>6}{'-':>5}  no face found")
         for i, f in enumerate(r.faces):
@@ -216,7 +215,7 @@ def _print_records(records, fmt: str) -> bool:
                         *f.box,
                         f.emotion,
                         f"{f.confidence:.4f}",
-                        *(f"{f.scores[c]:.4f}" for c in CLASSES),
+                        *(f"{f.scores[c]:.4f}" for c in classes),
                         "",
                     ]
                 )
@@ -248,7 +247,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     else:
         raise ValueError("give image/video/folder paths, or --webcam N")
-    return 1 if _print_records(records, args.format) else 0
+    return 1 if _print_records(records, args.format, rec.classes) else 0
 
 
 def cmd_card(args: argparse.Namespace) -> int:

@@ -59,9 +59,14 @@ def load_for_evaluation(path: str | Path) -> tuple[nn.Module, str]:
     from .checkpoint import model_from_checkpoint
 
     if Path(path).suffix == ".onnx":
-        return OnnxModule(path), Path(path).stem
-    model, state = model_from_checkpoint(path)
-    return model, state["model"]
+        model, name = OnnxModule(path), Path(path).stem
+        classes = model.backend.info.get("classes", list(CLASSES))
+    else:
+        model, state = model_from_checkpoint(path)
+        name, classes = state["model"], state["classes"]
+    if list(classes) != list(CLASSES):
+        raise ValueError(f"{path}: its classes {', '.join(classes)} are not FER-2013's ({', '.join(CLASSES)})")
+    return model, name
 
 
 def predict_proba(
@@ -259,6 +264,8 @@ def _probabilities(
     dev = resolve_device(device)
     data = load_dataset(data_path)
     images, labels = data.subset(*data.split(split), limit)
+    if len(images) == 0:
+        raise ValueError(f"{data_path}: no {split} images to evaluate on")
     per_model = []
     for ck in checkpoints:
         model, name = load_for_evaluation(ck)
