@@ -204,3 +204,13 @@ def test_evaluate_exported_models(exported, synthetic_cache):
     assert onnx_res["confusion_matrix"] == pt["confusion_matrix"]
     assert abs(onnx_res["macro_auc"] - pt["macro_auc"]) < 1e-3
     assert int8["n"] == 28 and np.array(int8["confusion_matrix"]).sum() == 28
+
+
+def test_cli_export_check_needs_training_images(tmp_path, exported, capsys):
+    from conftest import synthetic_data
+
+    from ferkit.data import save_cache
+
+    cache = save_cache(synthetic_data({"Training": 0, "PublicTest": 1, "PrivateTest": 1}), tmp_path / "no_train.npz")
+    assert main(["export", str(exported["pt"]), "-o", str(tmp_path / "m.onnx"), "--check", "--data", str(cache)]) == 2
+    assert f"{cache}: no Training images to check and calibrate on" in capsys.readouterr().err
