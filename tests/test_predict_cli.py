@@ -295,3 +295,12 @@ def test_csv_columns_follow_the_model_classes(capsys, good, tmp_path):
     assert code == 0
     (row,) = csv.DictReader(io.StringIO(out))
     assert row["emotion"] in classes and sum(float(row[c]) for c in classes) == pytest.approx(1, abs=1e-3)
+
+
+def test_broken_video_is_reported_once_without_ffmpeg_lines(capfd, video, tmp_path):
+    half = tmp_path / "half.mp4"
+    half.write_bytes(video.read_bytes()[:2000])
+    assert main(["predict", str(half), "--format", "jsonl", "--no-progress"]) == 1
+    out, err = capfd.readouterr()
+    assert jsonl(out) == [{"source": str(half), "error": f"{half}: cannot open as a video file"}]
+    assert "moov atom" not in err

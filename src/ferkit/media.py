@@ -18,6 +18,9 @@ from .inference import EmotionRecognizer, FaceResult, ImageError, annotate
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+# ffmpeg's own log lines ("moov atom not found") would repeat the errors ferkit reports, naming the file;
+# OpenCV reads this when its ffmpeg backend starts, so it is set before any video is opened.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
 
 
 @dataclass
