@@ -4,16 +4,15 @@
     .venv/bin/python benchmarks/load_app.py                      # 8 clients, 1,000 requests
     .venv/bin/python benchmarks/load_app.py --url http://host:7860 --requests 200
 
-Prints latency percentiles, throughput and errors; writes reports/load_app.json. The clients run on
+Prints latency percentiles, throughput and errors; writes reports/load_app.json (--quick: 40 requests,
+reports/load_app_quick.json). The clients run on
 the same machine as the server and share its CPU, so on a small machine they slow the server down a
 little; compare numbers only between runs on the same machine.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import os
 import platform
 import socket
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from _common import ROOT, base_parser, write_report
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
 ASTRONAUT = ROOT / "src" / "ferkit" / "assets" / "astronaut.jpg"
 
 
@@ -134,14 +133,17 @@ def run_load(url: str, photo: bytes, requests: int, clients: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=1000, help="requests in all (default: %(default)s)")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=20, help="requests first, not measured (default: %(default)s)")
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=1000, help="requests in all")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    parser.add_argument("--warmup", type=int, default=20, help="requests first, not measured")
     parser.add_argument("--url", help="benchmark this running server instead of starting one")
     parser.add_argument("--serve-args", default="", help="extra `ferkit serve` flags, e.g. '--concurrency 1'")
-    parser.add_argument("--out", default=str(ROOT / "reports" / "load_app.json"), help="JSON report")
     args = parser.parse_args()
+    if args.quick:
+        args.requests, args.warmup = 40, 4
+    if args.threads:
+        args.serve_args += f" --threads {args.threads}"
 
     photo = one_face_photo()
     proc = log = None
@@ -161,7 +163,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
     report = {
-        "benchmark": "POST /api/v1/predict, 640x480 JPEG with one face",
+        "what": "POST /api/v1/predict, 640x480 JPEG with one face",
+        "quick": args.quick,
         "photo_bytes": len(photo),
         "server": url if args.url else f"ferkit serve {args.serve_args}".strip() + " (loopback)",
         "model": health.get("model"),
@@ -175,10 +178,8 @@ def main() -> None:
         },
         **result,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     lat = result["latency_ms"]
-    print(f"{report['benchmark']}: {result['requests']} requests, {result['clients']} clients, model {report['model']}")
+    print(f"{report['what']}: {result['requests']} requests, {result['clients']} clients, model {report['model']}")
     print(f"{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'mean ms':>9}{'max ms':>8}{'req/s':>8}{'errors':>8}")
     print(
         f"{lat['p50']:>8.1f}{lat['p95']:>8.1f}{lat['p99']:>8.1f}{lat['mean']:>9.1f}{lat['max']:>8.1f}"
@@ -188,7 +189,7 @@ def main() -> None:
         f"statuses {result['statuses']}, faces per answer {result['faces_per_answer']}, "
         f"{os.cpu_count()} CPUs, load average {load1} -> {load2}"
     )
-    print(f"wrote {args.out}")
+    write_report("load_app", report, args.out_dir)
     if log is not None:
         log.unlink(missing_ok=True)
 

@@ -182,7 +182,7 @@ def test_concurrent_requests(client, server):
 
 def test_too_large_by_content_length(client):
     error = check_error(post_file(client, b"\xff\xd8" + b"0" * 2 * MAX_UPLOAD_MB * 2**20), 413)
-    assert "too large" in error and "1.0 MB" in error
+    assert "too large" in error and "over the limit of 1 MB" in error
 
 
 def test_too_large_file_just_over_the_limit(client):
@@ -422,3 +422,9 @@ def test_unexpected_error_is_json_500(tiny_png):
         assert "RuntimeError" in check_error(r, 500) and "exploded" not in r.text  # no internals leaked
         assert check_error(c.get("/no/such/page"), 404) == "Not Found"
         assert c.get("/healthz").status_code == 200
+
+
+def test_upload_limits_are_shown_without_rounding_to_zero():
+    from ferkit.app import _mb
+
+    assert [_mb(n * 2**20) for n in (0.01, 1, 2.5, 10)] == ["0.01 MB", "1 MB", "2.5 MB", "10 MB"]

@@ -25,7 +25,8 @@ def test_model_card_quotes_the_run_and_its_numbers(trained_run, reports, tmp_pat
     head = json.loads(reports[0].read_text())
     assert card.startswith("# Model card: my_model (shipped default)")
     assert "`ferkit train --x`" in card and "Hardware: a test machine" in card and "MiB, ONNX, float32," in card
-    assert f"`ferkit evaluate {onnx.as_posix()} --data data/fer2013.npz --split PrivateTest --tta flip none`" in card
+    reproduce = f"ferkit evaluate {onnx.as_posix()} --data data/fer2013.npz --split PrivateTest --tta flip none"
+    assert f"`{reproduce} --out reports/my_model`" in card  # the folder the card's numbers come from
     assert f"| my_model | PrivateTest | flip | {head['accuracy']:.2%} |" in card
     assert "| teacher |" not in card  # no distillation in this run
     assert all(f"| {c} |" in card for c in head["report"] if c in ("angry", "disgust", "neutral"))

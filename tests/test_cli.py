@@ -228,3 +228,17 @@ def test_card_keeps_its_own_name_in_errors_and_reads_reports_carefully(trained_r
     assert cli.main(argv + ["--out", str(tmp_path / "CARD.md")]) == 2
     assert "bad.json: expected a JSON object, got list" in capsys.readouterr().err
     assert not (tmp_path / "CARD.md").exists()
+
+
+def test_an_ensemble_does_not_overwrite_its_first_model_reports(trained_run, synthetic_cache, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.rmtree(run / "eval", ignore_errors=True)
+    data = ["--data", str(synthetic_cache), "--device", "cpu"]
+    assert cli.main(["evaluate", str(run / "best.pt"), *data]) == 0
+    single = (run / "eval" / "PrivateTest.json").read_bytes()
+    assert cli.main(["evaluate", str(run / "best.pt"), str(run / "last.pt"), *data]) == 0
+    assert (run / "eval" / "PrivateTest.json").read_bytes() == single
+    assert json.loads((run / "eval_ensemble" / "PrivateTest.json").read_text())["model"].startswith("ensemble(")

@@ -94,7 +94,7 @@ class ServiceError(Exception):
 
 
 def _mb(n: float) -> str:
-    return f"{n / MB:.1f} MB"
+    return f"{n / MB:.3g} MB"
 
 
 def decode_image(src: bytes | np.ndarray, max_pixels: int) -> np.ndarray:

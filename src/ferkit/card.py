@@ -109,7 +109,10 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
     info = read_metadata(onnx_path)
     precision = info.get("quantization") or info.get("precision") or "float32"
     modes = " ".join(dict.fromkeys(r["tta"] for r in reports))
-    reproduce = f"ferkit evaluate {onnx_path.as_posix()} --data data/fer2013.npz --split PrivateTest --tta {modes}"
+    reproduce = (
+        f"ferkit evaluate {onnx_path.as_posix()} --data data/fer2013.npz --split PrivateTest --tta {modes} "
+        f"--out reports/{onnx_path.stem}"
+    )
     config_rows = "\n".join(f"| {k} | `{cfg[k]}` |" for k in keys)
     name = onnx_path.stem
     return f"""# Model card: {name} (shipped default)

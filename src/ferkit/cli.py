@@ -100,7 +100,8 @@ def _evaluate(
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     checkpoints = args.checkpoint + (args.ensemble or [])
-    out = Path(args.out) if args.out else Path(checkpoints[0]).parent / "eval"
+    default = "eval" if len(checkpoints) == 1 else "eval_ensemble"  # an ensemble never overwrites its first model's
+    out = Path(args.out) if args.out else Path(checkpoints[0]).parent / default
     _evaluate(checkpoints, args.data, args.split, out, args.tta, args.device, args.limit)
     return 0
 
@@ -346,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "flip", "crops"],
         help="test-time augmentation mode(s), each reported separately (default: none)",
     )
-    p.add_argument("--out", help="report folder (default: eval/ beside the first checkpoint)")
+    p.add_argument(
+        "--out", help="report folder (default: eval/ beside the checkpoint; eval_ensemble/ beside the first of several)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--limit", type=int, default=0, help="evaluate a fixed random subset of N images (0 = all)")
     p.set_defaults(func=cmd_evaluate)
