@@ -232,3 +232,10 @@ def test_an_empty_split_is_named(trained_run, tmp_path):
     cache = save_cache(synthetic_data({"Training": 2, "PublicTest": 1, "PrivateTest": 0}), tmp_path / "no_private.npz")
     with pytest.raises(ValueError, match=f"{cache}: no PrivateTest images to evaluate on"):
         evaluate_checkpoints([trained_run / "best.pt"], cache, split="PrivateTest", device="cpu")
+
+
+def test_evaluation_shows_progress_per_model(trained_run, synthetic_cache, capsys):
+    best, last = trained_run / "best.pt", trained_run / "last.pt"
+    evaluate_checkpoints([best, last], synthetic_cache, split="PublicTest", device="cpu")
+    err = capsys.readouterr().err
+    assert f"PublicTest 1/2 {best}" in err and f"PublicTest 2/2 {last}" in err

@@ -83,9 +83,11 @@ def predict_proba_modes(
     device: torch.device | str = "cpu",
     batch_size: int = 256,
     modes: Sequence[str] = ("none",),
+    progress: str | None = None,
 ) -> dict[str, np.ndarray]:
     """:func:`predict_proba` for several TTA modes at the cost of the widest: its views hold the others'
-    (the first view is the image, the one half-way along its mirror)."""
+    (the first view is the image, the one half-way along its mirror). ``progress``: the label of a
+    progress bar over the batches (none when None)."""
     for mode in modes:
         if mode not in TTA_MODES:
             raise ValueError(f"unknown TTA mode {mode!r}; choose one of {', '.join(TTA_MODES)}")
@@ -94,7 +96,12 @@ def predict_proba_modes(
     was_training = model.training
     model.eval()
     out: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
-    for i in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    if progress is not None:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", dynamic_ncols=True)
+    for i in starts:
         x = torch.from_numpy(images[i : i + batch_size]).to(device).unsqueeze(1).float().div_(255)
         views = tta_views(x, widest)
         probs = [F.softmax(model(v).float(), dim=1) for v in views]
@@ -257,7 +264,8 @@ def _probabilities(
     batch_size: int,
     limit: int,
 ) -> tuple[np.ndarray, list[tuple[str, dict[str, np.ndarray]]]]:
-    """The labels of ``split`` and, for each model in turn, its name and probabilities per TTA mode."""
+    """The labels of ``split`` and, for each model in turn, its name and probabilities per TTA mode (with a
+    progress bar: ten-crop views of a large model take minutes on a CPU)."""
     from .data import load_dataset
     from .training import resolve_device
 
@@ -267,9 +275,10 @@ def _probabilities(
     if len(images) == 0:
         raise ValueError(f"{data_path}: no {split} images to evaluate on")
     per_model = []
-    for ck in checkpoints:
+    for k, ck in enumerate(checkpoints, 1):
         model, name = load_for_evaluation(ck)
-        per_model.append((name, predict_proba_modes(model.to(dev), images, dev, batch_size, modes)))
+        label = f"{split} {k}/{len(checkpoints)} {ck}"
+        per_model.append((name, predict_proba_modes(model.to(dev), images, dev, batch_size, modes, label)))
     return labels, per_model
 
 
