@@ -345,7 +345,8 @@ def _distill_targets(
 
 class _Run:
     """What a run updates and checkpoints: the model (``net``: wrapped for DDP/compile), the EMA of its
-    weights, the optimizer, LR schedules, loss scaler and the state that ``last.pt`` resumes."""
+    weights, the optimizer, LR schedules, loss scaler and the state that ``last.pt`` resumes; and what
+    each epoch reuses: the loss, augmentation and (balanced sampler) sample weights."""
 
     def __init__(
         self, cfg: TrainConfig, device: torch.device, world: int, labels: np.ndarray, steps_per_epoch: int
@@ -382,6 +383,8 @@ class _Run:
         self.dtype = amp_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.criterion = make_criterion(cfg, labels, device)
+        self.aug = replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
+        self.sampler_w = sample_weights(labels, len(CLASSES)) if cfg.sampler == "balanced" else None
 
     def resume(self, path: Path) -> None:
         """Continue from a ``last.pt`` written by :meth:`save`."""
@@ -506,9 +509,7 @@ def _train_epoch(
 ) -> dict[str, float]:
     """One pass over the training set: gather, augment and mix each batch on the device, step; returns
     the epoch's training loss and accuracy (over all processes), its time and img/s."""
-    cfg, device = run.cfg, run.device
-    aug = replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
-    sampler_w = sample_weights(y_train.cpu().numpy(), len(CLASSES)) if cfg.sampler == "balanced" else None
+    cfg, device, aug = run.cfg, run.device, run.aug
     epoch_seed = cfg.seed * 1_000_003 + epoch + 100_003 * rank  # each process its own random stream
     torch.manual_seed(epoch_seed)  # dropout
     g = torch.Generator(device).manual_seed(epoch_seed)  # augmentation
@@ -517,7 +518,7 @@ def _train_epoch(
     t0, seen = time.perf_counter(), 0
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     steps = len(x_train) // cfg.batch_size
-    batches = batch_indices(len(x_train), cfg.batch_size, cfg.seed, epoch, sampler_w, rank, world)
+    batches = batch_indices(len(x_train), cfg.batch_size, cfg.seed, epoch, run.sampler_w, rank, world)
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm
