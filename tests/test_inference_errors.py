@@ -11,7 +11,7 @@ from helpers_inference import ASTRONAUT, make_checkpoint
 
 from ferkit.checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
 from ferkit.cli import main
-from ferkit.data import CLASSES
+from ferkit.data import CLASSES, scores_shape_problem
 from ferkit.evaluate import load_for_evaluation
 from ferkit.faces import HaarDetector, YuNetDetector, crop_faces, make_detector
 from ferkit.inference import EmotionRecognizer, ImageError, load_image
@@ -65,6 +65,14 @@ def test_onnx_models_that_are_not_emotion_models_are_refused_at_load(tmp_path):
             EmotionRecognizer(path, threads=1)
         with pytest.raises(ValueError, match=name):  # evaluation loads ONNX models the same way
             load_for_evaluation(path)
+
+
+def test_the_output_shape_check_names_what_is_wrong():
+    assert scores_shape_problem((2, 7), 2, 7) is None
+    assert scores_shape_problem((2, 10), 2, 7) == "output (N, 10), expected (N, 7) for its 7 classes"
+    assert scores_shape_problem((2, 7, 1), 2, 7) == "output (N, 7, 1), expected (N, 7) for its 7 classes"
+    assert scores_shape_problem((1, 7), 2, 7) == "output (1, 7) for 2 images, expected (2, 7)"
+    assert scores_shape_problem((), 2, 7) == "output () for 2 images, expected (2, 7)"
 
 
 def test_cli_predict_with_a_wrong_model_is_one_error_line(tmp_path, capsys):

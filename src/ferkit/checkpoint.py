@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .data import scores_shape_problem
 from .fileio import atomic_write
 from .models import build_model
 
@@ -65,11 +66,8 @@ def _check_model(model: nn.Module, path: str | Path, n_classes: int) -> None:
     except RuntimeError as e:
         msg = " ".join(str(e).split())
         raise CheckpointError(f"{path}: not a ferkit emotion model (fails on a (N, 1, 48, 48) input: {msg})") from e
-    if tuple(out.shape) != (2, n_classes):
-        got = "(N, " + ", ".join(map(str, out.shape[1:])) + ")"
-        raise CheckpointError(
-            f"{path}: not a ferkit emotion model (output {got}, expected (N, {n_classes}) for its {n_classes} classes)"
-        )
+    if problem := scores_shape_problem(tuple(out.shape), 2, n_classes):
+        raise CheckpointError(f"{path}: not a ferkit emotion model ({problem})")
 
 
 def slim_checkpoint(path: str | Path, out: str | Path, half: bool = False) -> Path:

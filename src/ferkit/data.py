@@ -25,6 +25,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 CSV_HEADER = ["emotion", "pixels", "Usage"]
 
 
+def scores_shape_problem(shape: tuple[int, ...], batch: int, n_classes: int) -> str | None:
+    """Why a model's output of ``shape`` for ``batch`` images is not one score per image and class (None if it is)."""
+    if tuple(shape) == (batch, n_classes):
+        return None
+    if shape[:1] != (batch,):
+        return f"output {tuple(shape)} for {batch} images, expected ({batch}, {n_classes})"
+    got = "(N, " + ", ".join(map(str, shape[1:])) + ")"
+    return f"output {got}, expected (N, {n_classes}) for its {n_classes} classes"
+
+
 class DataError(ValueError):
     """Raised when a data file or folder is not valid FER-2013; the message names the file."""
 

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .data import CLASSES
+from .data import CLASSES, scores_shape_problem
 from .faces import MIN_FACE, Box, FaceDetector, check_margin, crop_faces, make_detector
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -168,9 +168,8 @@ class OnnxBackend:
             probs = self(np.full((2, 1, 48, 48), 0.5, np.float32))
         except Exception as e:  # onnxruntime raises its own exception types
             raise ValueError(f"{bad} (fails on a (N, 1, 48, 48) input: {' '.join(str(e).split())})") from e
-        if probs.shape != (2, n_classes):
-            got = ", ".join(map(str, probs.shape[1:]))
-            raise ValueError(f"{bad} (output (N, {got}), expected (N, {n_classes}) for its {n_classes} classes)")
+        if problem := scores_shape_problem(probs.shape, 2, n_classes):
+            raise ValueError(f"{bad} ({problem})")
         if not np.allclose(probs.sum(1), 1, atol=1e-3) or (probs < 0).any():
             raise ValueError(f"{bad} (its outputs are not probabilities: they do not sum to 1)")
 
