@@ -81,6 +81,21 @@ def test_models_lists_registry(capsys):
     assert "timm:<arch>" in out
 
 
+def test_models_describes_checkpoints(tmp_path, capsys):
+    from helpers_inference import make_checkpoint
+
+    from ferkit.models import build_model, describe
+
+    ckpt = make_checkpoint(tmp_path / "quarter.pt")
+    assert cli.main(["models", str(ckpt)]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    d = describe(build_model("ferkit_small", width=0.25))
+    assert row == [str(ckpt), f"{d['params_m']:.2f}", f"{d['mflops']:.0f}", "ferkit_small", "width=0.25"]
+    assert d["mflops"] < describe(build_model("ferkit_small"))["mflops"] / 4  # the checkpoint's size, not the default's
+    assert cli.main(["models", str(tmp_path / "missing.pt")]) != 0
+    assert "missing.pt: checkpoint not found" in capsys.readouterr().err
+
+
 def test_train_then_evaluate(tmp_path, synthetic_cache, capsys):
     out = tmp_path / "run"
     args = [

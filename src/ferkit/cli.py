@@ -128,11 +128,23 @@ def cmd_select_ensemble(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import MODELS, build_model, describe
 
-    print(f"{'model':<16}{'params (M)':>12}{'MFLOPs':>10}")
-    for name in MODELS:
-        d = describe(build_model(name))
-        print(f"{name:<16}{d['params_m']:>12.2f}{d['mflops']:>10.0f}")
-    print("timm:<arch>     any timm architecture (pip install timm), e.g. timm:resnet18")
+    if args.checkpoint:
+        from .checkpoint import model_from_checkpoint
+
+        rows = []
+        for path in args.checkpoint:
+            model, state = model_from_checkpoint(path)
+            kwargs = " ".join(f"{k}={v}" for k, v in state["model_kwargs"].items())
+            rows.append((path, f"{state['model']} {kwargs}".strip(), model))
+    else:
+        rows = [(name, name, build_model(name)) for name in MODELS]
+    width = max(16, *(len(r[0]) + 2 for r in rows))
+    print(f"{'model':<{width}}{'params (M)':>12}{'MFLOPs':>10}" + ("  architecture" if args.checkpoint else ""))
+    for label, arch, model in rows:
+        d = describe(model)
+        print(f"{label:<{width}}{d['params_m']:>12.2f}{d['mflops']:>10.0f}" + (f"  {arch}" if args.checkpoint else ""))
+    if not args.checkpoint:
+        print(f"{'timm:<arch>':<{width}}any timm architecture (pip install timm), e.g. timm:resnet18")
     return 0
 
 
@@ -381,7 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", help="README whose results block to regenerate")
     p.set_defaults(func=cmd_card)
 
-    p = sub.add_parser("models", help="list the model registry with params and MFLOPs")
+    p = sub.add_parser(
+        "models",
+        help="list the model registry with params and MFLOPs",
+        description="The registry's models, or the given checkpoints' (their architecture and options), "
+        "with parameters and forward MFLOPs for one 48x48 face.",
+    )
+    p.add_argument("checkpoint", nargs="*", help="checkpoints (.pt) to describe instead of the registry")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
