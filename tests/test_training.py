@@ -573,6 +573,26 @@ def test_distill_cache_notices_a_retrained_teacher(tmp_path, synthetic_cache, tr
         assert not np.allclose(f["probs"], first)
 
 
+def test_an_exported_model_teaches_like_its_checkpoint(tmp_path, synthetic_cache, trained_run):
+    """An .onnx teacher (e.g. the shipped model, on a machine without the teachers' checkpoints) gives the
+    targets its checkpoint gives: ONNX models end in a softmax, which the temperature must see through."""
+    from ferkit.evaluate import load_for_evaluation
+    from ferkit.export import export_onnx
+
+    pt = str(trained_run / "best.pt")
+    onnx = str(export_onnx(pt, tmp_path / "teacher.onnx"))
+    probs = {}
+    for name, teacher in (("pt", pt), ("onnx", onnx)):
+        train(tiny_config(synthetic_cache, tmp_path / name, epochs=1, teacher=[teacher], distill_cache=True))
+        with np.load(tmp_path / name / "teacher_probs.npz") as f:
+            probs[name] = f["probs"]
+    assert probs["pt"].max(1).mean() < 0.9  # softened: T=4 flattens the teacher's probabilities
+    np.testing.assert_allclose(probs["onnx"], probs["pt"], atol=1e-5)
+    x = torch.rand(4, 1, 48, 48)  # the per-batch path as well
+    per_batch = [training.teacher_probs([load_for_evaluation(t)[0]], x, 4.0) for t in (pt, onnx)]
+    torch.testing.assert_close(per_batch[1], per_batch[0], atol=1e-5, rtol=0)
+
+
 def test_distill_cache_refuses_mixed_images(tmp_path, synthetic_cache, trained_run):
     teacher = str(trained_run / "best.pt")
     with pytest.raises(ValueError, match="mixup/cutmix"):

@@ -61,7 +61,11 @@ class TrainConfig:
         "each step then costs two forward-backward passes",
     )
     ema: float = _opt(0.0, "exponential moving average of weights, decay per step (0 = off, e.g. 0.999)")
-    teacher: list = _opt([], "knowledge distillation: checkpoint(s) whose averaged predictions teach this model")
+    teacher: list = _opt(
+        [],
+        "knowledge distillation: checkpoints (.pt) or exported models (.onnx, e.g. the shipped one) whose averaged "
+        "predictions teach this model",
+    )
     distill_alpha: float = _opt(0.5, "distillation: weight of the teacher term (1 - alpha for the labels)")
     distill_temperature: float = _opt(4.0, "distillation: softmax temperature")
     distill_cache: bool = _opt(

@@ -27,10 +27,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .augment import PRESETS, augment, class_weights, mix, sample_weights
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import CLASSES, load_dataset
-from .evaluate import predict_proba
+from .evaluate import load_for_evaluation, predict_proba
 from .fileio import atomic_write
 from .models import build_model, load_init_weights
 
@@ -329,7 +329,7 @@ def _distill_targets(
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """A function of (indices, augmented batch) giving the teachers' targets for it: cached per image
     (``distill_cache``), computed on the batch itself, or None when there are no teachers."""
-    teachers = [model_from_checkpoint(t)[0].to(device) for t in cfg.teacher]
+    teachers = [load_for_evaluation(t)[0].to(device) for t in cfg.teacher]
     if not teachers:
         return lambda idx, x: None
     if cfg.distill_cache:
