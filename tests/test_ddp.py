@@ -28,6 +28,7 @@ from ferkit.config import TrainConfig
 from ferkit.data import CLASSES, FERData, save_cache
 from ferkit.models import build_model
 from ferkit.training import (
+    WeightedSmoothedCE,
     batch_indices,
     frozen_batchnorm_stats,
     lr_factor,
@@ -62,7 +63,7 @@ def _reference(cfg: dict, images: np.ndarray, labels: np.ndarray, world: int) ->
     opt = make_optimizer(model, tc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(tc, s, len(labels) // BATCH))
     weights = torch.tensor(class_weights(labels, len(CLASSES), tc.class_weight_power), dtype=torch.float32)
-    crit = nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
+    crit = WeightedSmoothedCE(weights, tc.label_smoothing)  # its own tests: test_training.py
     x_all = torch.from_numpy(images).unsqueeze(1).float() / 255
     y_all = torch.from_numpy(labels)
     params = list(model.parameters())
@@ -114,8 +115,8 @@ def test_one_process_matches_the_reference(tmp_path, sam_rho):
     assert counts == {STEPS}  # SAM's second pass leaves BatchNorm's running statistics alone
 
 
-def _torchrun(tmp_path, out, *extra: str) -> None:
-    """``ferkit train`` under torchrun: WORLD gloo processes on the tiny cache, with OPTIONS and ``extra``."""
+def _torchrun(tmp_path, out, *extra: str, data: str = "tiny.npz", options: dict = OPTIONS) -> None:
+    """``ferkit train`` under torchrun: WORLD gloo processes on ``tmp_path/data``, with ``options`` and ``extra``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [
         sys.executable,
@@ -127,7 +128,7 @@ def _torchrun(tmp_path, out, *extra: str) -> None:
         "ferkit",
         "train",
         "--data",
-        str(tmp_path / "tiny.npz"),
+        str(tmp_path / data),
         "--out",
         str(out),
         "--device",
@@ -136,10 +137,10 @@ def _torchrun(tmp_path, out, *extra: str) -> None:
         "--no-evaluate",
         "--threads",
         "1",
-        *[a for k, v in OPTIONS.items() for a in (f"--{k.replace('_', '-')}", str(v))],
+        *[a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))],
         *extra,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -178,3 +179,20 @@ def test_ddp_processes_share_the_teacher_targets(tmp_path):
         assert d["probs"].shape == (48, len(CLASSES)) and (d["key"] == o["key"]).all()
         np.testing.assert_allclose(d["probs"], o["probs"], atol=1e-6)
     assert "on 24 images x 2 (flip) in each of 2 processes" in (tmp_path / "ddp" / "train.log").read_text()
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_ddp_processes_stop_early_together(tmp_path):
+    """The processes' BatchNorm statistics differ after an epoch, so their own PublicTest numbers can too:
+    each then decided alone on early stopping, and one waited forever for the others. All decide on rank
+    0's numbers now (those of the weights it saves)."""
+    from conftest import synthetic_data
+
+    save_cache(synthetic_data({"Training": 16, "PublicTest": 60, "PrivateTest": 1}), tmp_path / "val.npz")
+    options = dict(model_kwargs={"width": 0.25}, epochs=8, batch_size=BATCH, lr=0.05, augment="light",
+                   schedule="constant", warmup_epochs=0.0, patience=3)  # fmt: skip
+    _torchrun(tmp_path, tmp_path / "run", data="val.npz", options=options)  # hung here (a timeout) before
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) < 8 and "early stopping" in (tmp_path / "run" / "train.log").read_text()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from conftest import tiny_config
 
 from ferkit import training
@@ -518,6 +519,30 @@ def test_ema_update_warms_up_then_uses_its_decay():
     assert counts[0].item() == 7
 
 
+# ---------------------------------------------------------------- loss
+
+
+def test_weighted_smoothed_cross_entropy():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(32, 7), torch.randint(0, 7, (32,))
+    w = torch.rand(7) + 0.5
+    ce = training.WeightedSmoothedCE
+    # without weights, or without smoothing, it is torch's cross-entropy; the weights' scale does not matter
+    assert torch.allclose(ce(None, 0.1)(logits, labels), nn.CrossEntropyLoss(label_smoothing=0.1)(logits, labels))
+    assert torch.allclose(ce(w, 0.0)(logits, labels), nn.CrossEntropyLoss(weight=w)(logits, labels))
+    assert torch.allclose(ce(w, 0.1)(logits, labels), ce(3 * w, 0.1)(logits, labels))
+    # with both, every image's best prediction is its smoothed label: uniform over the classes whatever
+    # their weights (torch's weighted smoothing would pull it towards the heavily weighted classes)
+    best = torch.full((32, 7), 0.1 / 7)
+    best[torch.arange(32), labels] += 0.9
+    x = best.log().requires_grad_()
+    ce(w, 0.1)(x, labels).backward()
+    assert x.grad.abs().max() < 1e-6
+    x = best.log().requires_grad_()
+    nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)(x, labels).backward()
+    assert x.grad.abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------- distillation
 
 
@@ -621,6 +646,21 @@ def test_sam_perturb_moves_the_weights_by_rho_along_the_gradient():
         assert torch.allclose(p.detach(), b, atol=1e-7)
 
 
-def test_sam_refuses_fp16_loss_scaling(tmp_path, synthetic_cache):
-    with pytest.raises(ValueError, match="fp16"):
-        train(tiny_config(synthetic_cache, tmp_path / "run", sam_rho=0.05, amp="fp16"))
+def test_sam_refuses_fp16_loss_scaling(monkeypatch):
+    """SAM's second backward pass is not loss-scaled: with fp16 its gradients would be divided by the scale.
+    Refused whether fp16 is asked for or is what ``auto`` means on a GPU without bf16."""
+    cuda = torch.device("cuda")  # checked without a GPU: only the dtype the options resolve to matters
+    for bf16, amp, refused in [
+        (True, "fp16", True),
+        (False, "auto", True),
+        (True, "auto", False),
+        (False, "none", False),
+    ]:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        cfg = TrainConfig(sam_rho=0.05, amp=amp)
+        if refused:
+            with pytest.raises(ValueError, match="SAM .* fp16 loss scaling"):
+                training._check_config(cfg, 1, cuda)
+        else:
+            training._check_config(cfg, 1, cuda)
+    training._check_config(TrainConfig(sam_rho=0.0, amp="auto"), 1, cuda)  # fp16 without SAM is fine
