@@ -22,7 +22,7 @@ from ferkit.checkpoint import (
     slim_checkpoint,
 )
 from ferkit.config import TrainConfig
-from ferkit.data import CLASSES
+from ferkit.data import CLASSES, load_cache, save_cache
 from ferkit.fileio import atomic_write
 from ferkit.models import build_model
 from ferkit.training import amp_dtype, batch_indices, lr_factor, make_optimizer, resolve_device, train
@@ -216,6 +216,10 @@ def test_early_stopping(tmp_path, synthetic_cache, monkeypatch):
     assert result["epoch"] == 3 and result["best_epoch"] == 1 and result["bad_epochs"] == 2
     assert len(_metrics(out)) == 3
     assert "early stopping" in (out / "train.log").read_text()
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "metrics.csv")}
+    result = train(tiny_config(synthetic_cache, out, epochs=10, patience=2), resume=True)
+    assert result["epoch"] == 3  # a resumed run that had stopped early stays stopped (it trained one more epoch)
+    assert {name: (out / name).read_bytes() for name in before} == before
 
 
 # ---------------------------------------------------------------- schedules and helpers
@@ -242,6 +246,13 @@ def test_lr_factor_warmup_then_cosine():
     assert lr_factor(cfg_min, 0, spe) == pytest.approx(1.0)
     assert lr_factor(cfg_min, 50, spe) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(cfg_min, 100, spe) == pytest.approx(0.1)
+
+
+def test_lr_factor_warmup_of_a_fractional_number_of_steps_stays_below_the_peak():
+    for warmup, spe in [(0.5, 3), (1.5, 5), (0.2, 224)]:
+        cfg = _cfg(schedule="cosine", epochs=4, warmup_epochs=warmup)
+        f = [lr_factor(cfg, s, spe) for s in range(4 * spe)]
+        assert max(f) == 1.0 and f.index(1.0) == math.ceil(warmup * spe) - 1
 
 
 def test_lr_factor_exponential():
@@ -568,7 +579,7 @@ def test_distillation_with_cached_targets(tmp_path, synthetic_cache, trained_run
     train(tiny_config(synthetic_cache, out, **cfg))
     with np.load(out / "teacher_probs.npz") as f:
         probs, key = f["probs"], list(f["key"])
-    assert [k.split(" sha256=")[0] for k in key[:2]] == [teacher, teacher] and key[2:] == ["T=4.0", "n=64"]
+    assert [k.split(" sha256=")[0] for k in key[:3]] == [teacher, teacher, "T=4.0"] and key[3].startswith("n=64 ")
     assert probs.shape == (64, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert calls == ["flip", "flip", "none"]  # each teacher once, then the epoch's PublicTest check
 
@@ -616,6 +627,37 @@ def test_an_exported_model_teaches_like_its_checkpoint(tmp_path, synthetic_cache
     x = torch.rand(4, 1, 48, 48)  # the per-batch path as well
     per_batch = [training.teacher_probs([load_for_evaluation(t)[0]], x, 4.0) for t in (pt, onnx)]
     torch.testing.assert_close(per_batch[1], per_batch[0], atol=1e-5, rtol=0)
+
+
+def test_distill_cache_notices_other_images_of_the_same_count(tmp_path, synthetic_cache, trained_run):
+    teacher = str(trained_run / "best.pt")
+    out = tmp_path / "student"
+    train(tiny_config(synthetic_cache, out, epochs=1, teacher=[teacher], distill_cache=True))
+    with np.load(out / "teacher_probs.npz") as f:
+        first = f["probs"]
+    data = load_cache(synthetic_cache)
+    data.images[:] = 255 - data.images  # other images, as many
+    save_cache(data, tmp_path / "other.npz")
+    (out / "last.pt").unlink()  # a new run in the same folder
+    train(tiny_config(tmp_path / "other.npz", out, epochs=1, teacher=[teacher], distill_cache=True))
+    with np.load(out / "teacher_probs.npz") as f:
+        assert not np.allclose(f["probs"], first)
+
+
+def test_computing_the_targets_leaves_the_teachers_in_eval_mode(tmp_path, synthetic_cache, trained_run):
+    from ferkit.checkpoint import model_from_checkpoint
+
+    teacher = model_from_checkpoint(trained_run / "best.pt")[0]
+    cfg = tiny_config(synthetic_cache, tmp_path / "x", teacher=[str(trained_run / "best.pt")])
+    images = np.zeros((4, 48, 48), np.uint8)
+    training.cached_teacher_probs(cfg, [teacher], images, torch.device("cpu"), tmp_path / "t.npz")
+    assert not any(m.training for m in teacher.modules())
+
+
+def test_the_balanced_sampler_replaces_the_class_weights():
+    labels = np.repeat(np.arange(7), [50, 5, 50, 90, 60, 40, 60])
+    assert training.make_criterion(_cfg(), labels, torch.device("cpu")).weight is not None
+    assert training.make_criterion(_cfg(sampler="balanced"), labels, torch.device("cpu")).weight is None
 
 
 def test_distill_cache_refuses_mixed_images(tmp_path, synthetic_cache, trained_run):

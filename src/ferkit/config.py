@@ -50,7 +50,9 @@ class TrainConfig:
     class_weight_power: float = _opt(0.5, "0 = uniform, 0.5 = square-root smoothed, 1 = fully 'balanced'")
     class_weight_cap: float = _opt(0.0, "cap on a class weight before the weights are scaled to average 1 (0 = no cap)")
     sampler: str = _opt(
-        "random", "random shuffling, or a class-balanced weighted sampler", choices=["random", "balanced"]
+        "random",
+        "random shuffling, or a class-balanced weighted sampler (which replaces the loss's class weights)",
+        choices=["random", "balanced"],
     )
     augment: str = _opt("medium", "augmentation preset", choices=["none", "light", "medium", "strong"])
     mixup: float = _opt(0.0, "mixup Beta parameter (0 = off)")

@@ -125,9 +125,10 @@ class WeightedSmoothedCE(nn.Module):
 
 
 def make_criterion(cfg: TrainConfig, labels: np.ndarray, device: torch.device) -> WeightedSmoothedCE:
-    """Cross-entropy with label smoothing and, if ``cfg.class_weights``, dynamic class weights from ``labels``."""
+    """Cross-entropy with label smoothing and, if ``cfg.class_weights``, dynamic class weights from ``labels``
+    (not with the balanced sampler, which already shows every class equally often)."""
     weights = None
-    if cfg.class_weights:
+    if cfg.class_weights and cfg.sampler != "balanced":
         w = class_weights(labels, len(CLASSES), cfg.class_weight_power, cfg.class_weight_cap or None)
         weights = torch.tensor(w, dtype=torch.float32, device=device)
     return WeightedSmoothedCE(weights, cfg.label_smoothing).to(device)
@@ -139,7 +140,7 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     if cfg.schedule in ("constant", "plateau"):
         return 1.0
     if epoch < cfg.warmup_epochs:
-        return (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+        return min(1.0, (step + 1) / (cfg.warmup_epochs * steps_per_epoch))
     if cfg.schedule == "exponential":
         return cfg.decay_rate ** (epoch - cfg.warmup_epochs)
     if cfg.schedule == "cosine":
@@ -171,6 +172,7 @@ class _Tempered(nn.Module):
     def __init__(self, model: nn.Module, temperature: float) -> None:
         super().__init__()
         self.model, self.temperature = model, temperature
+        self.train(model.training)  # so that evaluating the wrapper leaves the teacher as it was
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).float() / self.temperature
@@ -192,13 +194,14 @@ def cached_teacher_probs(
     world: int = 1,
 ) -> torch.Tensor:
     """The teachers' softened probabilities for each training image, averaged with its mirror image,
-    computed once and kept in ``path`` (reused when the teachers' files, temperature and images match).
+    computed once and kept in ``path`` (reused when the teachers' files, the temperature and the images match).
     Under torchrun process r computes images r, r+W, ... and the processes gather the whole."""
     digests = []
     for name in cfg.teacher:
         with open(name, "rb") as f:
             digests.append(f"{name} sha256={hashlib.file_digest(f, 'sha256').hexdigest()[:16]}")
-    key = np.asarray([*digests, f"T={cfg.distill_temperature}", f"n={len(images)}"])
+    images_digest = hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()[:16]
+    key = np.asarray([*digests, f"T={cfg.distill_temperature}", f"n={len(images)} sha256={images_digest}"])
     cached = None
     if path.exists():
         with np.load(path) as f:
@@ -616,6 +619,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     for epoch in range(run.state["epoch"], cfg.epochs):
         if cfg.max_steps and run.state["step"] >= cfg.max_steps:
             break
+        if cfg.patience and run.state["bad_epochs"] >= cfg.patience:  # also a resumed run that had stopped
+            if rank == 0:
+                log.info("early stopping: no PublicTest improvement for %d epochs", cfg.patience)
+            break
         fit = _train_epoch(run, epoch, x_train, y_train, targets, rank, world)
         # Under DDP the processes' BatchNorm statistics differ: all of them decide (best epoch, plateau,
         # early stopping) on rank 0's PublicTest numbers, those of the weights it saves.
@@ -650,10 +657,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                     tb.add_scalar(key, value, epoch + 1)
                 tb.flush()
             run.save(out, improved)
-        if cfg.patience and run.state["bad_epochs"] >= cfg.patience:
-            if rank == 0:
-                log.info("early stopping: no PublicTest improvement for %d epochs", cfg.patience)
-            break
     state = run.state
     if rank == 0:
         log.info(
