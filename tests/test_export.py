@@ -151,11 +151,12 @@ def test_cli_export_bad_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_export_with_report_check_and_int8(tmp_path, exported, capsys):
+def test_cli_export_with_report_check_and_int8(tmp_path, exported, synthetic_cache, capsys):
     report = tmp_path / "eval.json"
     report.write_text(json.dumps({"accuracy": 0.7, "macro_f1": 0.6, "split": "PrivateTest", "other": 1}))
     out = tmp_path / "cli" / "m.onnx"
     argv = ["export", str(exported["pt"]), "-o", str(out), "--report", str(report), "--check", "--int8", "--fp16"]
+    argv += ["--data", str(synthetic_cache)]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert f"wrote {out}" in stdout
@@ -214,3 +215,16 @@ def test_cli_export_check_needs_training_images(tmp_path, exported, capsys):
     cache = save_cache(synthetic_data({"Training": 0, "PublicTest": 1, "PrivateTest": 1}), tmp_path / "no_train.npz")
     assert main(["export", str(exported["pt"]), "-o", str(tmp_path / "m.onnx"), "--check", "--data", str(cache)]) == 2
     assert f"{cache}: no Training images to check and calibrate on" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export_int8_needs_readable_data_before_writing(tmp_path, exported, capsys):
+    """int8 calibrated on random images disagrees with float32: --int8 needs --data, and --data is read
+    before the float32 model is written."""
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(exported["pt"]), "-o", str(out), "--int8"]) == 2
+    assert "--int8 needs --data" in capsys.readouterr().err
+    for option in ("--int8", "--check"):
+        assert main(["export", str(exported["pt"]), "-o", str(out), option, "--data", str(tmp_path / "nope.npz")]) == 2
+        assert "nope.npz" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

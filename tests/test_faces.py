@@ -35,10 +35,26 @@ def test_haar_accepts_grayscale_2d(haar):
 def test_large_image_boxes_are_in_original_pixels():
     """Images over max_side are downscaled for detection; the boxes come back in original pixels."""
     big = cv2.resize(read_rgb(ASTRONAUT), (1536, 1536), interpolation=cv2.INTER_CUBIC)
-    boxes = HaarDetector(max_side=512).detect(big)  # detects at the photo's own 512 px
+    boxes = HaarDetector(max_side=512, min_size=150).detect(big)  # detects at the photo's own 512 px
     (x, y, w, h) = placed_boxes(ASTRONAUT)[0]
     assert len(boxes) == 1
     assert iou(boxes[0], (3 * x, 3 * y, 3 * w, 3 * h)) > 0.5
+
+
+def test_small_faces_in_a_large_photo_are_found():
+    """Shrinking a 2560 px photo to 1024 px for detection would take its 48-88 px faces under what Haar
+    finds (its window is 24 px): faces from the default 48 px minimum up must all be found."""
+    tile = cv2.resize(read_rgb(CANVAS), None, fx=0.4, fy=0.4, interpolation=cv2.INTER_AREA)
+    big = np.tile(tile, (2, 10, 1))  # 384x2560: 60 faces of 48, 64 and 88 px
+    expected = [
+        (x + 256 * i, y + 192 * j, w, h)
+        for i in range(10)
+        for j in range(2)
+        for x, y, w, h in [[0.4 * v for v in b] for b in placed_boxes(CANVAS)]
+    ]
+    boxes = HaarDetector().detect(big)
+    assert len(boxes) == len(expected)
+    assert all(any(iou(b, e) > 0.5 for b in boxes) for e in expected)
 
 
 def test_faces_below_min_size_are_skipped():

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -132,16 +134,22 @@ def test_gray_inputs_agree(rec):
     assert_same(rec.predict(buf.getvalue()), ref)
 
 
-def test_predict_batch_equals_predict(rec):
-    noise = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
-    images = [CANVAS, ASTRONAUT, noise, ASTRONAUT.read_bytes()]
-    for fallback in (False, True):
-        batch = rec.predict_batch(images, whole_image_fallback=fallback)
-        assert len(batch) == len(images)
-        for image, faces in zip(images, batch, strict=True):
-            assert_same(faces, rec.predict(image, whole_image_fallback=fallback), tol=1e-5)
-    assert [len(f) for f in batch] == [3, 1, 1, 1]
-    assert rec.predict_batch([]) == []
+def test_the_inference_api_is_importable_from_the_package():
+    import ferkit
+    import ferkit.inference
+    from ferkit import EmotionRecognizer as Recognizer  # the README's import
+
+    assert Recognizer is EmotionRecognizer
+    assert {name: getattr(ferkit, name) for name in ferkit.__all__} == {
+        name: getattr(ferkit.inference, name) for name in ferkit.__all__
+    }
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ferkit.nope  # noqa: B018
+
+
+def test_importing_ferkit_loads_neither_inference_nor_torch():
+    code = "import sys, ferkit; print(sorted({'ferkit.inference', 'torch'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 @pytest.mark.parametrize("shape", [(64, 80, 3), (10, 10, 3), (1, 1, 3), (300, 7)])
@@ -280,8 +288,6 @@ def test_too_many_pixels_is_refused(tmp_path):
     small = EmotionRecognizer(max_pixels=50_000, threads=1)
     with pytest.raises(ImageError, match=r"big\.png.*200 = 60,000 pixels, over the limit of 50,000"):
         small.predict(path)
-    with pytest.raises(ImageError, match="over the limit"):
-        small.predict_batch([ASTRONAUT])
     with pytest.raises(ImageError, match="over the limit of 1,000"):
         load_image(Image.new("L", (40, 30)), max_pixels=1_000)
     assert load_image(path, max_pixels=60_000).shape == (200, 300, 3)  # the limit itself is allowed

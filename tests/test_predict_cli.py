@@ -17,7 +17,7 @@ from PIL import Image
 
 from ferkit.cli import main
 from ferkit.data import CLASSES
-from ferkit.media import expand_paths
+from ferkit.media import _fps, expand_paths
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -171,9 +171,9 @@ def test_annotate_writes_images(capsys, good, tmp_path):
 def test_annotate_into_a_file_fails_before_any_work(capsys, good, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
-    for target in (afile, afile / "sub"):
-        code, out, err = run(capsys, good, "--annotate", target, "--format", "jsonl")
-        assert code == 2 and out == ""
+    for target, fmt in [(afile, "jsonl"), (afile / "sub", "jsonl"), (afile, "csv"), (afile, "table")]:
+        code, out, err = run(capsys, good, "--annotate", target, "--format", fmt)
+        assert code == 2 and out == ""  # not even the CSV or table header
         assert f"error: {target}: cannot be the folder for annotated outputs" in err
 
 
@@ -217,6 +217,14 @@ def test_min_face_option(capsys, tmp_path):
     assert code == 0 and len(jsonl(out)[0]["faces"]) == 1
 
 
+def test_max_pixels_option(capsys, good):
+    """The astronaut is 512x512 = 262,144 pixels: refused under a smaller limit, read at exactly hers."""
+    code, out, _ = run(capsys, good / "astronaut.jpg", "--max-pixels", "262143", "--format", "jsonl")
+    assert code == 1 and "over the limit of 262,143" in jsonl(out)[0]["error"]
+    code, out, _ = run(capsys, good / "astronaut.jpg", "--max-pixels", "262144", "--format", "jsonl")
+    assert code == 0 and len(jsonl(out)[0]["faces"]) == 1
+
+
 def test_video_every_nth_frame(capsys, video, tmp_path):
     out_dir = tmp_path / "annotated"
     code, out, _ = run(capsys, video, "--every", "4", "--format", "jsonl", "--annotate", out_dir)
@@ -230,8 +238,19 @@ def test_video_every_nth_frame(capsys, video, tmp_path):
     assert sorted(p.name for p in out_dir.iterdir()) == ["clip_annotated.mp4"]  # the partial file was renamed
     cap = cv2.VideoCapture(str(out_dir / "clip_annotated.mp4"))
     assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(10 / 4)  # the source's 10 fps: it lasts as long
     assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (256, 256)
     cap.release()
+
+
+@pytest.mark.parametrize("reported, fps", [(15.0, 15.0), (0.0, 30.0), (float("nan"), 30.0)])
+def test_video_fps_defaults_to_30_when_the_container_gives_none(reported, fps):
+    class Capture:
+        def get(self, prop: int) -> float:
+            assert prop == cv2.CAP_PROP_FPS
+            return reported
+
+    assert _fps(Capture()) == fps
 
 
 def test_video_in_csv_has_frame_numbers(capsys, video):
@@ -275,14 +294,28 @@ def test_repeated_model_is_an_ensemble(capsys, good, tmp_path):
     np.testing.assert_allclose(list(face["scores"].values()), list(expected.scores.values()), atol=1e-4)
 
 
-def test_usage_errors_exit_2(capsys, good, video, tmp_path):
+def test_usage_errors_exit_2(capsys, good, tmp_path):
     (tmp_path / "broken.onnx").write_bytes(b"junk")
     code, out, err = run(capsys, good, "--model", tmp_path / "broken.onnx")
     assert code == 2 and "broken.onnx" in err and out == ""
-    code, _, err = run(capsys)
-    assert code == 2 and "paths" in err
-    code, out, err = run(capsys, video, "--every", "0")
-    assert code == 2 and "every must be at least 1" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "give image/video/folder paths, or --webcam N"),
+        (["a.jpg", "--every", "0"], "argument --every: must be at least 1, got 0"),
+        (["a.jpg", "--min-face", "0"], "argument --min-face: must be at least 1, got 0"),
+        (["a.jpg", "--max-pixels", "0"], "argument --max-pixels: must be at least 1, got 0"),
+        (["--webcam", "0", "a.jpg"], "--webcam reads the camera only: it takes no paths and no --annotate"),
+        (["--webcam", "0", "--annotate", "out"], "--webcam reads the camera only: it takes no paths and no --annotate"),
+    ],
+)
+def test_bad_option_values_are_usage_errors_naming_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", *argv])
+    out = capsys.readouterr()
+    assert exc.value.code == 2 and out.out == "" and f"ferkit predict: error: {message}" in out.err
 
 
 def test_csv_columns_follow_the_model_classes(capsys, good, tmp_path):

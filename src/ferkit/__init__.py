@@ -1,3 +1,37 @@
 """ferkit: facial expression recognition on FER-2013 — train, evaluate, detect emotions in photos and video."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .inference import (
+        EmotionRecognizer,
+        FaceResult,
+        ImageError,
+        ImageTooLargeError,
+        NotAnImageError,
+        annotate,
+        load_image,
+    )
+
 __version__ = "0.1.0"
+__all__ = [
+    "EmotionRecognizer",
+    "FaceResult",
+    "ImageError",
+    "ImageTooLargeError",
+    "NotAnImageError",
+    "annotate",
+    "load_image",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """The inference API (``from ferkit import EmotionRecognizer``), imported on first use so that
+    ``import ferkit`` and the command line stay fast."""
+    if name in __all__:
+        from . import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,6 +15,7 @@ import yaml
 
 from .config import TrainConfig
 from .faces import MIN_FACE
+from .inference import MAX_PIXELS
 
 
 def _yaml_mapping(text: str) -> dict:
@@ -30,17 +31,43 @@ def _yaml_mapping(text: str) -> dict:
     return value
 
 
-def _count(minimum: int):
-    """An argparse type: an integer of at least ``minimum``."""
+def _count(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer of at least ``minimum`` (and at most ``maximum``)."""
 
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     parse.__name__ = "integer"
     return parse
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a number greater than 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+_positive.__name__ = "number"  # argparse then says "invalid number value: 'x'"
+
+
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    """The face and image-size options that ``predict`` and ``serve`` share."""
+    p.add_argument(
+        "--min-face", type=_count(1), default=MIN_FACE, help="smallest face side in pixels (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_count(1),
+        default=MAX_PIXELS,
+        help="largest image in pixels, w x h; larger ones are refused (default: %(default)s)",
+    )
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
@@ -170,19 +197,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = with_metrics(args.checkpoint, args.out, metrics)
         print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {args.checkpoint} with the metrics of {args.report}")
         return 0
+    if args.int8 and not args.data:
+        raise ValueError("--int8 needs --data: int8 is calibrated on FER-2013 Training faces (random images ruin it)")
+    images = np.random.default_rng(0).integers(0, 256, (64, 48, 48), dtype=np.uint8)  # for --check alone
+    if args.data and (args.check or args.int8):  # read before anything is written
+        from .data import load_dataset
+
+        images, _ = load_dataset(args.data).split("Training")
+        if len(images) == 0:
+            raise ValueError(f"{args.data}: no Training images to check and calibrate on")
     out = export_onnx(args.checkpoint, args.out, metrics)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     if args.fp16:
         half = convert_fp16(out, out.with_name(out.stem + "_fp16.onnx"))
         print(f"wrote {half} ({half.stat().st_size / 1e6:.2f} MB)")
     if args.check or args.int8:
-        from .data import load_dataset
-
-        images, _ = load_dataset(args.data).split("Training") if args.data else (None, None)
-        if images is not None and len(images) == 0:
-            raise ValueError(f"{args.data}: no Training images to check and calibrate on")
-        if images is None:
-            images = np.random.default_rng(0).integers(0, 256, (64, 48, 48), dtype=np.uint8)
         sample = images[np.random.default_rng(0).permutation(len(images))[:512]]
         print(f"max |onnx - torch| on {len(sample)} images: {max_abs_diff(out, args.checkpoint, sample):.2e}")
         if args.int8:
@@ -208,17 +237,13 @@ def _print_records(records, fmt: str, classes: list[str]) -> bool:
             print(_json(r.to_dict()), flush=True)
             continue
         frame = "" if r.frame is None else r.frame
-        if r.error is not None:
-            if writer:
-                writer.writerow([r.source, frame, "", "", "", "", "", "", "", *[""] * len(classes), r.error])
-            else:
-                print(f"{r.source:<40}{frame!s:>6}     ERROR: {r.error}")
-            continue
-        if not r.faces and writer:
-            writer.writerow([r.source, frame, "", "", "", "", "", "", "", *[""] * len(classes), ""])
+        if writer and not r.faces:  # one row with the face columns blank, for an error or no face
+            writer.writerow([r.source, frame, *[""] * (7 + len(classes)), r.error or ""])
+        elif r.error is not None:
+            print(f"{r.source:<40}{frame!s:>6}     ERROR: {r.error}")
         elif not r.faces:
             print(f"{r.source:<40}{frame!s:>6}{'-':>5}  no face found")
-        for i, f in enumerate(r.faces):
+        for i, f in enumerate(r.faces):  # none when r.error is set
             if writer:
                 writer.writerow(
                     [
@@ -241,11 +266,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import EmotionRecognizer
     from .media import Record, predict_paths, video_frames
 
+    if args.webcam is None and not args.paths:
+        args.usage_error("give image/video/folder paths, or --webcam N")
+    if args.webcam is not None and (args.paths or args.annotate):
+        args.usage_error("--webcam reads the camera only: it takes no paths and no --annotate")
     rec = EmotionRecognizer(
         args.model,
         backend=args.backend,
         detector=args.detector,
         margin=args.margin,
+        max_pixels=args.max_pixels,
         tta=args.tta,
         min_face=args.min_face,
     )
@@ -254,12 +284,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             Record(f"webcam:{args.webcam}", rec.predict(rgb, args.fallback), frame=i, time_s=t)
             for i, t, rgb in video_frames(args.webcam, args.every)
         )
-    elif args.paths:
+    else:
         records = predict_paths(
             rec, args.paths, args.every, args.annotate, args.fallback, progress=not args.no_progress
         )
-    else:
-        raise ValueError("give image/video/folder paths, or --webcam N")
     return 1 if _print_records(records, args.format, rec.classes) else 0
 
 
@@ -427,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="print the max |ONNX - torch| difference")
     p.add_argument("--int8", action="store_true", help="also write OUT_int8.onnx (static int8, calibrated)")
     p.add_argument("--fp16", action="store_true", help="also write OUT_fp16.onnx (float16 weights, half the size)")
-    p.add_argument("--data", help="FER-2013 data for calibration and the check (default: random images)")
+    p.add_argument(
+        "--data", help="FER-2013 data: int8 calibration (needed by --int8) and --check images (default: random)"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -444,14 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="inference runtime")
     p.add_argument("--detector", default="haar", help="haar, a YuNet .onnx file or a Haar .xml cascade")
     p.add_argument("--margin", type=float, default=0.1, help="crop margin around each face box")
-    p.add_argument("--min-face", type=int, default=MIN_FACE, help="smallest face side in pixels (default: %(default)s)")
+    _add_image_options(p)
     p.add_argument("--tta", default="flip", choices=["none", "flip"], help="average each face with its mirror")
-    p.add_argument("--every", type=int, default=10, help="video: use every N-th frame (default: %(default)s)")
+    p.add_argument("--every", type=_count(1), default=10, help="video: use every N-th frame (default: %(default)s)")
     p.add_argument("--fallback", action="store_true", help="when no face is found, classify the whole image")
     p.add_argument("--format", default="table", choices=["table", "jsonl", "csv"], help="output format")
     p.add_argument("--annotate", metavar="DIR", help="write annotated images/videos into DIR")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=cmd_predict)
+    p.set_defaults(func=cmd_predict, usage_error=p.error)
 
     p = sub.add_parser(
         "serve",
@@ -460,17 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
         "with uvicorn. Needs the app extra: pip install 'ferkit[app]'.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: %(default)s)")
-    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--port", type=_count(1, 65535), default=7860, help="port (default: %(default)s)")
     p.add_argument("--model", action="append", help="an .onnx or .pt model; repeat for an ensemble (default: shipped)")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload (default: %(default)s)")
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, w x h (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=2, help="inferences at once (default: %(default)s)")
-    p.add_argument("--queue", type=int, default=32, help="requests that may wait; more get 503 (default: %(default)s)")
-    p.add_argument("--queue-timeout", type=float, default=10.0, help="seconds a request may wait (then 503)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds one inference may take (then 504)")
-    p.add_argument("--upload-timeout", type=float, default=60.0, help="seconds to receive an upload (then 408)")
-    p.add_argument("--threads", type=int, help="onnxruntime threads per inference (default: cores / concurrency)")
-    p.add_argument("--min-face", type=int, default=MIN_FACE, help="smallest face side in pixels (default: %(default)s)")
+    p.add_argument("--max-upload-mb", type=_positive, default=10.0, help="largest upload (default: %(default)s)")
+    _add_image_options(p)
+    p.add_argument("--concurrency", type=_count(1), default=2, help="inferences at once (default: %(default)s)")
+    p.add_argument(
+        "--queue", type=_count(0), default=32, help="requests that may wait; more get 503 (default: %(default)s)"
+    )
+    p.add_argument("--queue-timeout", type=_positive, default=10.0, help="seconds a request may wait (then 503)")
+    p.add_argument("--timeout", type=_positive, default=30.0, help="seconds one inference may take (then 504)")
+    p.add_argument("--upload-timeout", type=_positive, default=60.0, help="seconds to receive an upload (then 408)")
+    p.add_argument("--threads", type=_count(1), help="onnxruntime threads per inference (default: cores / concurrency)")
     p.add_argument("--no-ui", action="store_true", help="serve the API only, without the Gradio UI")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

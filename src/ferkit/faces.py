@@ -2,9 +2,10 @@
 
 The default detector is OpenCV's Haar cascade shipped inside ``opencv-python-headless<5`` (no download);
 ``YuNetDetector`` uses OpenCV's ``FaceDetectorYN`` with a model file the user passes. Both downscale
-large images for detection and return boxes in the original image's pixels, and skip faces smaller than
-``min_size`` pixels: by default the model's 48 px input (the ``fer`` package uses 50), since smaller faces
-are mostly noise once upscaled and they cost Haar most of its time; pass 24 or 32 for crowds.
+large images for detection (Haar no further than keeps a ``min_size`` face detectable), return boxes in
+the original image's pixels, and skip faces smaller than ``min_size`` pixels: by default the model's 48 px
+input (the ``fer`` package uses 50), since smaller faces are mostly noise once upscaled and they cost Haar
+most of its time; pass 24 or 32 for crowds.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ class FaceDetector(Protocol):
     def detect(self, rgb: np.ndarray) -> list[Box]: ...
 
 
-def _downscale(img: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    scale = min(1.0, max_side / max(img.shape[:2]))
+def _downscale(img: np.ndarray, max_side: int, min_scale: float = 0.0) -> tuple[np.ndarray, float]:
+    """Shrink ``img`` to ``max_side`` on its long side, but by no less than ``min_scale``; never enlarge."""
+    scale = min(1.0, max(min_scale, max_side / max(img.shape[:2])))
     if scale < 1.0:
         img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)), interpolation=cv2.INTER_AREA)
     return img, scale
@@ -88,9 +90,12 @@ class HaarDetector:
         )
 
     def detect(self, rgb: np.ndarray) -> list[Box]:
-        gray, scale = _downscale(_to_gray(rgb), self.max_side)
+        # Haar finds faces reliably from about 1.7 times its window (24 px): shrink no further than
+        # keeps a min_size face that large (40 px), or faces over min_size are missed in large photos
+        reliable = 1.7 * min(self.classifier.getOriginalWindowSize())
+        gray, scale = _downscale(_to_gray(rgb), self.max_side, reliable / self.min_size)
         gray = cv2.equalizeHist(gray)
-        min_size = max(12, round(self.min_size * scale))
+        min_size = round(self.min_size * scale)
         boxes = self.classifier.detectMultiScale(
             gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(min_size, min_size)
         )

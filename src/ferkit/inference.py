@@ -41,6 +41,7 @@ class ImageTooLargeError(ImageError):
 
 def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode a path, bytes, file object, PIL image or array into an RGB uint8 array (H, W, 3).
+    Arrays are taken as RGB or gray: convert OpenCV's BGR first (``cv2.cvtColor(a, cv2.COLOR_BGR2RGB)``).
 
     Applies EXIF orientation; flattens alpha onto white; converts palette, 16-bit, CMYK and float
     images; refuses images over ``max_pixels`` pixels before decoding them."""
@@ -297,24 +298,6 @@ class EmotionRecognizer:
         else:
             crops = crop_faces(rgb, boxes, margin=self.margin)
         return self._results(boxes, self.classify_crops(crops))
-
-    def predict_batch(self, images: list[ImageInput], whole_image_fallback: bool = False) -> list[list[FaceResult]]:
-        """:meth:`predict` for several images, running the model once on all their faces."""
-        rgbs = [load_image(im, self.max_pixels) for im in images]
-        all_boxes, all_crops = [], []
-        for rgb in rgbs:
-            boxes = self.detector.detect(rgb)
-            margin = self.margin
-            if not boxes and whole_image_fallback:
-                boxes, margin = [(0, 0, rgb.shape[1], rgb.shape[0])], 0.0
-            all_boxes.append(boxes)
-            all_crops.append(crop_faces(rgb, boxes, margin=margin))
-        probs = self.classify_crops(np.concatenate(all_crops)) if all_crops else np.zeros((0, 7))
-        out, start = [], 0
-        for boxes in all_boxes:
-            out.append(self._results(boxes, probs[start : start + len(boxes)]))
-            start += len(boxes)
-        return out
 
 
 def annotate(rgb: np.ndarray, faces: list[FaceResult]) -> np.ndarray:

@@ -57,6 +57,14 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     return out
 
 
+def _fps(cap: Any) -> float:
+    """The frame rate an opened ``cv2.VideoCapture`` reports, or 30 where the container gives none."""
+    import cv2
+
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    return fps if fps > 0 else 30.0
+
+
 def video_frames(source: str | int, every: int = 1) -> Iterator[tuple[int, float, np.ndarray]]:
     """(frame index, time in seconds, RGB frame) for every ``every``-th frame of a video file or camera."""
     import cv2
@@ -66,7 +74,7 @@ def video_frames(source: str | int, every: int = 1) -> Iterator[tuple[int, float
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
         raise ImageError(f"{source}: cannot open as a video" + (" camera" if isinstance(source, int) else " file"))
-    fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
+    fps = _fps(cap)
     index = 0
     try:
         while True:
@@ -82,13 +90,14 @@ def video_frames(source: str | int, every: int = 1) -> Iterator[tuple[int, float
         cap.release()
 
 
-def video_frame_count(path: str | Path) -> int:
+def video_info(path: str | Path) -> tuple[int, float]:
+    """A video file's frame count (0 if unknown) and frame rate (30 if unknown)."""
     import cv2
 
     cap = cv2.VideoCapture(str(path))
-    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+    n, fps = (int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), _fps(cap)) if cap.isOpened() else (0, 30.0)
     cap.release()
-    return max(0, n)
+    return max(0, n), fps
 
 
 def _unique_name(name: str, used: set[str]) -> str:
@@ -132,15 +141,23 @@ def predict_paths(
     fallback: bool = False,
     progress: bool = True,
 ) -> Iterator[Record]:
-    """Run ``recognizer`` over images, folders and videos, one :class:`Record` per image or sampled frame."""
+    """Run ``recognizer`` over images, folders and videos, one :class:`Record` per image or sampled frame.
+    ``annotate_dir`` is checked (and created) now, before the first record is asked for."""
+    return _predict_files(recognizer, expand_paths(paths), every, _annotate_dir(annotate_dir), fallback, progress)
+
+
+def _predict_files(
+    recognizer: EmotionRecognizer,
+    files: list[Path],
+    every: int,
+    out_dir: Path | None,
+    fallback: bool,
+    progress: bool,
+) -> Iterator[Record]:
     from tqdm import tqdm
 
     from .inference import load_image
 
-    if every < 1:
-        raise ValueError(f"every must be at least 1, not {every}")
-    files = expand_paths(paths)
-    out_dir = _annotate_dir(annotate_dir)
     used: set[str] = set()
     for path in tqdm(files, desc="predicting", unit="file", disable=not progress or len(files) < 2):
         if path.is_dir():
@@ -179,7 +196,7 @@ def _predict_video(
 
     writer = None
     partial = out_dir / f".{out_name}.partial.mp4" if out_dir is not None else None  # renamed when complete
-    total = video_frame_count(path)
+    total, fps = video_info(path)
     bar = tqdm(total=total // every if total else None, desc=path.name, unit="frame", disable=not progress)
     frames = 0
     try:
@@ -190,7 +207,7 @@ def _predict_video(
             if partial is not None:
                 if writer is None:
                     size = (rgb.shape[1], rgb.shape[0])
-                    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), 30.0 / every, size)
+                    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), fps / every, size)
                     if not writer.isOpened():
                         raise ImageError(f"{out_dir / out_name}: cannot write the annotated video")
                 writer.write(cv2.cvtColor(annotate(rgb, faces), cv2.COLOR_RGB2BGR))
