@@ -272,6 +272,7 @@ class ModelInfo(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "empty, corrupt or truncated image"},
+    408: {"model": ErrorBody, "description": "upload not received within the upload timeout"},
     413: {"model": ErrorBody, "description": "upload too large, or image has too many pixels"},
     415: {"model": ErrorBody, "description": "not an image file"},
     422: {"model": ErrorBody, "description": "no `file` field in the form"},
