@@ -405,6 +405,24 @@ def test_an_ensemble_serves_its_mean(tmp_path):
     np.testing.assert_allclose(list(face["scores"].values()), list(expected.scores.values()), atol=1e-4)
 
 
+def test_the_server_takes_predict_s_recognizer_options(tmp_path):
+    """--tta, --margin and --min-face reach the server's recognizers: its answers equal the API's."""
+    from fastapi.testclient import TestClient
+
+    from ferkit.inference import EmotionRecognizer
+
+    photo = ASSETS_DIR / "astronaut.jpg"
+    options = dict(tta="none", margin=0.25, min_face=100)
+    with TestClient(create_app(ui=False, max_concurrency=1, threads=1, **options)) as c:
+        r = c.post(PREDICT, files={"file": ("astronaut.jpg", photo.read_bytes(), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    (face,) = r.json()["faces"]
+    (expected,) = EmotionRecognizer(threads=1, **options).predict(photo)
+    (default,) = EmotionRecognizer(threads=1).predict(photo)
+    np.testing.assert_allclose(list(face["scores"].values()), list(expected.scores.values()), atol=1e-4)
+    assert np.abs(np.subtract(list(face["scores"].values()), list(default.scores.values()))).max() > 1e-3
+
+
 def test_examples_are_shipped_and_small():
     files = sorted(Path(ASSETS_DIR).glob("*.jpg"))
     assert [f.name for f in files] == ["astronaut.jpg", "faces_group.jpg"]

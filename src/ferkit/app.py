@@ -70,6 +70,9 @@ class AppSettings:
     upload_timeout_s: float = 60.0  # longest time to receive a request's body before 408 (slow clients)
     threads: int | None = None  # onnxruntime threads per recognizer (default: CPU cores / max_concurrency)
     min_face: int = MIN_FACE  # smallest face side in pixels that the detector reports
+    detector: str = "haar"  # haar, a YuNet .onnx file or a Haar .xml cascade
+    margin: float = 0.1  # crop margin around each face box, as a fraction of its side
+    tta: str = "flip"  # none, or average each face with its mirror
     ui: bool = True  # mount the Gradio UI at /
 
     def __post_init__(self) -> None:
@@ -153,7 +156,14 @@ class RecognizerService:
             return cls(recs, settings)
         threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.max_concurrency)
         recs = [
-            EmotionRecognizer(settings.model, threads=threads, min_face=settings.min_face)
+            EmotionRecognizer(
+                settings.model,
+                detector=settings.detector,
+                margin=settings.margin,
+                threads=threads,
+                tta=settings.tta,
+                min_face=settings.min_face,
+            )
             for _ in range(settings.max_concurrency)
         ]
         return cls(recs, settings)

@@ -58,7 +58,10 @@ _positive.__name__ = "number"  # argparse then says "invalid number value: 'x'"
 
 
 def _add_image_options(p: argparse.ArgumentParser) -> None:
-    """The face and image-size options that ``predict`` and ``serve`` share."""
+    """The face, crop and image-size options that ``predict`` and ``serve`` share."""
+    p.add_argument("--detector", default="haar", help="haar, a YuNet .onnx file or a Haar .xml cascade")
+    p.add_argument("--margin", type=float, default=0.1, help="crop margin around each face box")
+    p.add_argument("--tta", default="flip", choices=["none", "flip"], help="average each face with its mirror")
     p.add_argument(
         "--min-face", type=_count(1), default=MIN_FACE, help="smallest face side in pixels (default: %(default)s)"
     )
@@ -322,6 +325,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         upload_timeout_s=args.upload_timeout,
         threads=args.threads,
         min_face=args.min_face,
+        detector=args.detector,
+        margin=args.margin,
+        tta=args.tta,
         ui=not args.no_ui,
     )
     serve(settings, host=args.host, port=args.port, log_level=args.log_level)
@@ -472,10 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", action="append", help="an .onnx or .pt model; repeat for an ensemble (default: the shipped model)"
     )
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="inference runtime")
-    p.add_argument("--detector", default="haar", help="haar, a YuNet .onnx file or a Haar .xml cascade")
-    p.add_argument("--margin", type=float, default=0.1, help="crop margin around each face box")
     _add_image_options(p)
-    p.add_argument("--tta", default="flip", choices=["none", "flip"], help="average each face with its mirror")
     p.add_argument("--every", type=_count(1), default=10, help="video: use every N-th frame (default: %(default)s)")
     p.add_argument("--fallback", action="store_true", help="when no face is found, classify the whole image")
     p.add_argument("--format", default="table", choices=["table", "jsonl", "csv"], help="output format")
