@@ -91,7 +91,11 @@ class TrainConfig:
     threads: int = _opt(0, "CPU threads for torch (0 = torch's default)")
     train_limit: int = _opt(0, "use a fixed random subset of N training images (0 = all); for quick runs and tests")
     val_limit: int = _opt(0, "use a fixed random subset of N PublicTest images (0 = all)")
-    max_steps: int = _opt(0, "stop after this many optimiser steps in total (0 = no limit)")
+    max_steps: int = _opt(
+        0,
+        "stop after this many optimiser steps in total (0 = no limit; for tests and smoke runs: the epoch it "
+        "cuts short counts as done, and --resume goes on with the next one)",
+    )
     progress: bool = _opt(True, "show progress bars")
 
     def __post_init__(self) -> None:
