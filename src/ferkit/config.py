@@ -77,7 +77,11 @@ class TrainConfig:
         "but every view of an image gets the same target",
     )
     patience: int = _opt(10, "early stopping: epochs without PublicTest improvement (0 = off)")
-    seed: int = _opt(0, "random seed; a run is reproducible on the same machine and device")
+    seed: int = _opt(
+        0,
+        "random seed; a CPU run repeats exactly on the same machine (on CUDA, cuDNN's autotuned kernels "
+        "may differ slightly from run to run)",
+    )
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     amp: str = _opt(
         "auto",
