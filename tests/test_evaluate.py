@@ -81,6 +81,20 @@ def test_perfect_predictions():
     assert np.array_equal(np.array(m["confusion_matrix"]), np.diag(np.full(7, 5)))
 
 
+def test_macro_f1_leaves_out_a_class_neither_present_nor_predicted():
+    """A small subset (``--limit``) can miss a class: it must not count as F1 0 (macro-AUC skips it too),
+    while a class predicted but absent does count (its precision is 0)."""
+    y = np.repeat([0, 2, 3, 4, 5, 6], 5)  # no disgust
+    m = compute_metrics(y, np.eye(7)[y])
+    assert m["macro_f1"] == 1.0 and m["macro_auc"] == 1.0
+    wrong = np.eye(7)[y]
+    wrong[0] = np.eye(7)[1]  # one angry face called disgust
+    assert compute_metrics(y, wrong)["macro_f1"] < 6 / 7
+    y = np.repeat(np.arange(7), 5)
+    m = compute_metrics(y, np.eye(7)[(y + 1) % 7])
+    assert m["macro_f1"] == 0.0 == m["report"]["macro avg"]["f1-score"]  # all present: sklearn's own average
+
+
 def test_tta_views():
     x = torch.rand(3, 1, 48, 48)
     assert len(tta_views(x, "none")) == 1 and tta_views(x, "none")[0] is x

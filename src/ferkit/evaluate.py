@@ -124,6 +124,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
         y_true, y_pred, labels=labels, target_names=list(CLASSES), output_dict=True, zero_division=0
     )
     cm = confusion_matrix(y_true, y_pred, labels=labels)
+    seen = [CLASSES[i] for i in labels if cm[i].sum() or cm[:, i].sum()]  # in the labels or the predictions
     roc: dict[str, Any] = {}
     for i, name in enumerate(CLASSES):
         positives = y_true == i
@@ -134,7 +135,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     return {
         "n": int(len(y_true)),
         "accuracy": float((y_pred == y_true).mean()),
-        "macro_f1": report["macro avg"]["f1-score"],
+        "macro_f1": float(np.mean([report[c]["f1-score"] for c in seen])),  # as sklearn's without labels=
         "weighted_f1": report["weighted avg"]["f1-score"],
         "macro_auc": float(np.mean([r["auc"] for r in roc.values()])) if roc else float("nan"),
         "report": report,
