@@ -149,7 +149,8 @@ def test_train_then_evaluate(tmp_path, synthetic_cache, capsys):
 def test_select_ensemble_prints_the_choice_and_saves_the_ranking(trained_run, synthetic_cache, tmp_path, capsys):
     best, last, out = str(trained_run / "best.pt"), str(trained_run / "last.pt"), tmp_path / "select.json"
     args = ["select-ensemble", best, last, "--data", str(synthetic_cache), "--tta", "none", "flip", "--top", "4"]
-    assert cli.main(args + ["--device", "cpu", "--out", str(out)]) == 0
+    assert cli.main(args + ["--device", "cpu", "--out", str(out), "--cache", str(tmp_path / "probs")]) == 0
+    assert len(list((tmp_path / "probs").glob("*.npz"))) == 2  # one entry per candidate, for later evaluations
     saved = json.loads(out.read_text())
     assert saved["split"] == "PublicTest" and saved["candidates"] == [best, last] and len(saved["ranking"]) == 4
     winner = saved["ranking"][0]

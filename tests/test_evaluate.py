@@ -253,3 +253,33 @@ def test_evaluation_shows_progress_per_model(trained_run, synthetic_cache, capsy
     evaluate_checkpoints([best, last], synthetic_cache, split="PublicTest", device="cpu")
     err = capsys.readouterr().err
     assert f"PublicTest 1/2 {best}" in err and f"PublicTest 2/2 {last}" in err
+
+
+def test_prediction_cache_reuses_a_models_probabilities(trained_run, synthetic_cache, tmp_path, monkeypatch):
+    import ferkit.evaluate as ev
+
+    best, last, cache = trained_run / "best.pt", trained_run / "last.pt", tmp_path / "cache"
+    first = evaluate_tta([best], synthetic_cache, "PrivateTest", modes=("none",), device="cpu", cache=cache)
+    (entry,) = cache.glob("*.npz")
+    calls = []
+    real = ev.predict_proba_modes
+    monkeypatch.setattr(ev, "predict_proba_modes", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+
+    again = evaluate_tta([best], synthetic_cache, "PrivateTest", modes=("none",), device="cpu", cache=cache)
+    assert calls == [] and again["none"]["confusion_matrix"] == first["none"]["confusion_matrix"]
+    assert again["none"]["roc"] == first["none"]["roc"]
+
+    # another file, another split or a mode not kept yet runs the model; what was kept stays
+    evaluate_tta([last], synthetic_cache, "PrivateTest", modes=("none",), device="cpu", cache=cache)
+    select_ensemble([best], synthetic_cache, ("none",), device="cpu", cache=cache)
+    evaluate_tta([best], synthetic_cache, "PrivateTest", modes=("flip",), device="cpu", cache=cache)
+    assert calls == [("none",), ("none",), ("flip",)] and len(list(cache.glob("*.npz"))) == 3
+    with np.load(entry) as f:
+        assert sorted(f.files) == ["flip", "none"]
+
+    # a damaged entry is computed again and replaced
+    entry.write_bytes(b"not an npz")
+    evaluate_tta([best], synthetic_cache, "PrivateTest", modes=("none",), device="cpu", cache=cache)
+    assert calls[-1] == ("none",) and len(calls) == 4
+    with np.load(entry) as f:
+        assert np.allclose(f["none"].sum(1), 1.0)

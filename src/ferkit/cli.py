@@ -57,6 +57,16 @@ def _positive(text: str) -> float:
 _positive.__name__ = "number"  # argparse then says "invalid number value: 'x'"
 
 
+def _add_cache_option(p: argparse.ArgumentParser) -> None:
+    """``--cache``, which ``evaluate`` and ``select-ensemble`` share."""
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="keep each model's probabilities in DIR, keyed by the SHA-256 of its file and of the images, "
+        "and reuse them (a later ensemble or select-ensemble runs no model twice)",
+    )
+
+
 def _add_image_options(p: argparse.ArgumentParser) -> None:
     """The face, crop and image-size options that ``predict`` and ``serve`` share."""
     p.add_argument("--detector", default="haar", help="haar, a YuNet .onnx file or a Haar .xml cascade")
@@ -116,11 +126,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(
-    checkpoints: list[str], data: str, split: str, out: Path | None, modes: list[str], device: str, limit: int = 0
+    checkpoints: list[str],
+    data: str,
+    split: str,
+    out: Path | None,
+    modes: list[str],
+    device: str,
+    limit: int = 0,
+    cache: str | None = None,
 ) -> None:
     from .evaluate import evaluate_tta, format_summary
 
-    results = evaluate_tta(checkpoints, data, split=split, out=out, modes=modes, device=device, limit=limit)
+    results = evaluate_tta(checkpoints, data, split, out, modes, device, limit=limit, cache=cache)
     for tta, result in results.items():
         print(f"{result['model']} on {split} (TTA: {tta})")
         print(format_summary(result))
@@ -132,7 +149,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     checkpoints = args.checkpoint + (args.ensemble or [])
     default = "eval" if len(checkpoints) == 1 else "eval_ensemble"  # an ensemble never overwrites its first model's
     out = Path(args.out) if args.out else Path(checkpoints[0]).parent / default
-    _evaluate(checkpoints, args.data, args.split, out, args.tta, args.device, args.limit)
+    _evaluate(checkpoints, args.data, args.split, out, args.tta, args.device, args.limit, args.cache)
     return 0
 
 
@@ -140,7 +157,9 @@ def cmd_select_ensemble(args: argparse.Namespace) -> int:
     from .evaluate import select_ensemble
     from .fileio import atomic_write
 
-    rows = select_ensemble(args.checkpoint, args.data, args.tta, args.max_size, args.top, args.device, limit=args.limit)
+    rows = select_ensemble(
+        args.checkpoint, args.data, args.tta, args.max_size, args.top, args.device, limit=args.limit, cache=args.cache
+    )
     print(f"{'rank':>4}{'PublicTest':>12}{'macro-F1':>10}  {'TTA':<6}models")
     for i, row in enumerate(rows, 1):
         print(f"{i:>4}{row['accuracy']:>12.4f}{row['macro_f1']:>10.4f}  {row['tta']:<6}{' '.join(row['checkpoints'])}")
@@ -398,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--limit", type=int, default=0, help="evaluate a fixed random subset of N images (0 = all)")
+    _add_cache_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -415,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON file for the ranking")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--limit", type=int, default=0, help="use a fixed random subset of N PublicTest images (0 = all)")
+    _add_cache_option(p)
     p.set_defaults(func=cmd_select_ensemble)
 
     p = sub.add_parser("card", help="write the model card (and README results) from evaluation JSON")

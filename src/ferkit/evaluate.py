@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import CLASSES
+from .fileio import atomic_write, bytes_digest, file_digest
 
 TTA_MODES = ("none", "flip", "crops")
 
@@ -226,8 +228,6 @@ def plot_training_curves(metrics_csv: Path, path: Path) -> None:
 
 def write_report(metrics: dict[str, Any], out: Path, name: str, meta: dict[str, Any]) -> Path:
     """Write ``{name}.json`` and the confusion-matrix and ROC PNGs into ``out``; returns the JSON path."""
-    from .fileio import atomic_write
-
     out.mkdir(parents=True, exist_ok=True)
     title = f"{meta.get('model', 'model')} on {meta.get('split', '')}"
     plot_confusion(np.array(metrics["confusion_matrix"]), out / f"{name}_confusion.png", False, title)
@@ -264,9 +264,11 @@ def _probabilities(
     device: str,
     batch_size: int,
     limit: int,
+    cache: str | Path | None = None,
 ) -> tuple[np.ndarray, list[tuple[str, dict[str, np.ndarray]]]]:
     """The labels of ``split`` and, for each model in turn, its name and probabilities per TTA mode (with a
-    progress bar: ten-crop views of a large model take minutes on a CPU)."""
+    progress bar: ten-crop views of a large model take minutes on a CPU). With a ``cache`` folder, each
+    model's probabilities are kept there under the SHA-256 of its file and of the images, and reused."""
     from .data import load_dataset
     from .training import resolve_device
 
@@ -275,12 +277,35 @@ def _probabilities(
     images, labels = data.subset(*data.split(split), limit)
     if len(images) == 0:
         raise ValueError(f"{data_path}: no {split} images to evaluate on")
+    images_key = bytes_digest(np.ascontiguousarray(images).data)
     per_model = []
     for k, ck in enumerate(checkpoints, 1):
         model, name = load_for_evaluation(ck)
-        label = f"{split} {k}/{len(checkpoints)} {ck}"
-        per_model.append((name, predict_proba_modes(model.to(dev), images, dev, batch_size, modes, label)))
+        path = None if cache is None else Path(cache) / f"{file_digest(ck)}-{images_key}-{dev.type}.npz"
+        probs = _read_cached(path, modes, len(images))
+        if probs is None:
+            label = f"{split} {k}/{len(checkpoints)} {ck}"
+            probs = predict_proba_modes(model.to(dev), images, dev, batch_size, modes, label)
+            if path is not None:
+                kept = _read_cached(path, (), len(images)) or {}
+                atomic_write(path, lambda f, p=probs, kept=kept: np.savez(f, **{**kept, **p}))
+        per_model.append((name, probs))
     return labels, per_model
+
+
+def _read_cached(path: Path | None, modes: Sequence[str], n: int) -> dict[str, np.ndarray] | None:
+    """The probabilities of ``modes`` kept in ``path`` (all it holds when ``modes`` is empty), or None when
+    the file is absent, unreadable or lacks one of them."""
+    if path is None or not path.exists():
+        return None
+    try:
+        with np.load(path) as f:
+            kept = {m: f[m] for m in (modes or f.files)}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # a damaged or partial cache entry is computed again and replaced
+    if any(p.shape != (n, len(CLASSES)) for p in kept.values()):
+        return None
+    return kept
 
 
 def _mean_probs(per_model: Sequence[dict[str, np.ndarray]], mode: str) -> np.ndarray:
@@ -319,9 +344,11 @@ def evaluate_tta(
     device: str = "auto",
     batch_size: int = 512,
     limit: int = 0,
+    cache: str | Path | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """:func:`evaluate_checkpoints` for several TTA modes, each model run once over the widest mode's views."""
-    labels, per_model = _probabilities(checkpoints, data_path, split, modes, device, batch_size, limit)
+    """:func:`evaluate_checkpoints` for several TTA modes, each model run once over the widest mode's views
+    (or its probabilities taken from the ``cache`` folder, see :func:`_probabilities`)."""
+    labels, per_model = _probabilities(checkpoints, data_path, split, modes, device, batch_size, limit, cache)
     names = [name for name, _ in per_model]
     model_name = names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")"
     results = {}
@@ -371,15 +398,17 @@ def select_ensemble(
     device: str = "auto",
     batch_size: int = 512,
     limit: int = 0,
+    cache: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Choose an ensemble on PublicTest: each model runs once, then every subset and TTA mode is
     scored (:func:`rank_ensembles`). Returns the ``top`` rows, naming their checkpoints, with the
-    macro-F1 too. PrivateTest is never read, so the choice can be reported on it honestly."""
+    macro-F1 too. PrivateTest is never read, so the choice can be reported on it honestly. ``cache``: as
+    for :func:`evaluate_tta`, so that candidates already evaluated on PublicTest are not run again."""
     from sklearn.metrics import f1_score
 
     if not 1 <= len(checkpoints) <= MAX_CANDIDATES:
         raise ValueError(f"give 1 to {MAX_CANDIDATES} candidate models (got {len(checkpoints)})")
-    labels, per_model = _probabilities(checkpoints, data_path, "PublicTest", modes, device, batch_size, limit)
+    labels, per_model = _probabilities(checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache)
     probs = [p for _, p in per_model]
     rows = rank_ensembles(probs, labels, max_size)[:top]
     for row in rows:

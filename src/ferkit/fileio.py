@@ -1,7 +1,9 @@
-"""Atomic file writes (a temp file in the target folder, fsync, then rename over the target) and JSON reads."""
+"""Atomic file writes (a temp file in the target folder, fsync, then rename over the target), JSON reads and
+content digests (the keys of the prediction caches)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,6 +31,17 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of the SHA-256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def bytes_digest(data: bytes | memoryview) -> str:
+    """The first 16 hex digits of the SHA-256 of ``data`` (e.g. a contiguous array's ``.data``)."""
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:

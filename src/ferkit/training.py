@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import logging
 import math
@@ -31,7 +30,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import CLASSES, load_dataset
 from .evaluate import load_for_evaluation, predict_proba
-from .fileio import atomic_write
+from .fileio import atomic_write, bytes_digest, file_digest
 from .models import build_model, load_init_weights
 
 log = logging.getLogger("ferkit.train")
@@ -196,11 +195,8 @@ def cached_teacher_probs(
     """The teachers' softened probabilities for each training image, averaged with its mirror image,
     computed once and kept in ``path`` (reused when the teachers' files, the temperature and the images match).
     Under torchrun process r computes images r, r+W, ... and the processes gather the whole."""
-    digests = []
-    for name in cfg.teacher:
-        with open(name, "rb") as f:
-            digests.append(f"{name} sha256={hashlib.file_digest(f, 'sha256').hexdigest()[:16]}")
-    images_digest = hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()[:16]
+    digests = [f"{name} sha256={file_digest(name)}" for name in cfg.teacher]
+    images_digest = bytes_digest(np.ascontiguousarray(images).data)
     key = np.asarray([*digests, f"T={cfg.distill_temperature}", f"n={len(images)} sha256={images_digest}"])
     cached = None
     if path.exists():
