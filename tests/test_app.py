@@ -447,3 +447,17 @@ def test_upload_limits_are_shown_without_rounding_to_zero():
     from ferkit.app import _mb
 
     assert [_mb(n * 2**20) for n in (0.01, 1, 2.5, 10)] == ["0.01 MB", "1 MB", "2.5 MB", "10 MB"]
+
+
+@pytest.mark.parametrize("command", ["predict", "serve"])
+def test_recognizer_defaults_agree_in_the_cli_the_app_and_the_python_api(command):
+    """One set of defaults: `ferkit predict/serve` flags, AppSettings and EmotionRecognizer's arguments."""
+    import inspect
+
+    from ferkit.cli import build_parser
+    from ferkit.inference import EmotionRecognizer
+
+    args = build_parser().parse_args([command])
+    api = inspect.signature(EmotionRecognizer).parameters
+    for name in ("detector", "margin", "tta", "min_face", "max_pixels"):
+        assert getattr(args, name) == getattr(AppSettings(), name) == api[name].default, name

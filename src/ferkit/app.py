@@ -35,9 +35,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .faces import MIN_FACE
+from .faces import DETECTOR, MARGIN, MIN_FACE
 from .inference import (
     MAX_PIXELS,
+    TTA,
     EmotionRecognizer,
     FaceResult,
     ImageError,
@@ -70,9 +71,9 @@ class AppSettings:
     upload_timeout_s: float = 60.0  # longest time to receive a request's body before 408 (slow clients)
     threads: int | None = None  # onnxruntime threads per recognizer (default: CPU cores / max_concurrency)
     min_face: int = MIN_FACE  # smallest face side in pixels that the detector reports
-    detector: str = "haar"  # haar, a YuNet .onnx file or a Haar .xml cascade
-    margin: float = 0.1  # crop margin around each face box, as a fraction of its side
-    tta: str = "flip"  # none, or average each face with its mirror
+    detector: str = DETECTOR  # haar, a YuNet .onnx file or a Haar .xml cascade
+    margin: float = MARGIN  # crop margin around each face box, as a fraction of its side
+    tta: str = TTA  # none, or average each face with its mirror
     ui: bool = True  # mount the Gradio UI at /
 
     def __post_init__(self) -> None:

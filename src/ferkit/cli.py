@@ -14,8 +14,8 @@ import numpy as np
 import yaml
 
 from .config import TrainConfig
-from .faces import MIN_FACE
-from .inference import MAX_PIXELS
+from .faces import DETECTOR, MARGIN, MIN_FACE
+from .inference import MAX_PIXELS, TTA, TTA_CHOICES
 
 
 def _yaml_mapping(text: str) -> dict:
@@ -69,9 +69,9 @@ def _add_cache_option(p: argparse.ArgumentParser) -> None:
 
 def _add_image_options(p: argparse.ArgumentParser) -> None:
     """The face, crop and image-size options that ``predict`` and ``serve`` share."""
-    p.add_argument("--detector", default="haar", help="haar, a YuNet .onnx file or a Haar .xml cascade")
-    p.add_argument("--margin", type=float, default=0.1, help="crop margin around each face box")
-    p.add_argument("--tta", default="flip", choices=["none", "flip"], help="average each face with its mirror")
+    p.add_argument("--detector", default=DETECTOR, help="haar, a YuNet .onnx file or a Haar .xml cascade")
+    p.add_argument("--margin", type=float, default=MARGIN, help="crop margin around each face box")
+    p.add_argument("--tta", default=TTA, choices=TTA_CHOICES, help="average each face with its mirror")
     p.add_argument(
         "--min-face", type=_count(1), default=MIN_FACE, help="smallest face side in pixels (default: %(default)s)"
     )

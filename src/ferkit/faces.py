@@ -18,6 +18,8 @@ import numpy as np
 
 Box = tuple[int, int, int, int]  # x, y, width, height in original-image pixels
 MIN_FACE = 48  # default smallest face side in pixels
+DETECTOR = "haar"  # default face detector: the bundled Haar cascade
+MARGIN = 0.1  # default crop margin around each face box, as a fraction of its side
 
 
 class FaceDetector(Protocol):
@@ -134,7 +136,7 @@ def make_detector(spec: str | Path | FaceDetector | None = None, min_size: int =
     cascade; an object with ``detect``: used as is. ``min_size``: smallest face side in pixels."""
     if min_size < 1:
         raise ValueError(f"min_size must be at least 1 pixel, got {min_size!r}")
-    if spec is None or spec == "haar":
+    if spec is None or spec == DETECTOR:
         return HaarDetector(min_size=min_size)
     if hasattr(spec, "detect"):
         return spec  # type: ignore[return-value]

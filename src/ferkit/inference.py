@@ -17,11 +17,13 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .data import CLASSES, scores_shape_problem
-from .faces import MIN_FACE, Box, FaceDetector, check_margin, crop_faces, make_detector
+from .faces import DETECTOR, MARGIN, MIN_FACE, Box, FaceDetector, check_margin, crop_faces, make_detector
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_s1_int8.onnx"  # the shipped model: replace this file to upgrade
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
+TTA_CHOICES = ("none", "flip")  # test-time augmentation per face
+TTA = "flip"  # the default, chosen on PublicTest (README, Results)
 
 ImageInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | Any  # Any: a PIL image
 ACCEPTED = "a path, bytes, a binary file object, a numpy array or a PIL image"
@@ -234,15 +236,15 @@ class EmotionRecognizer:
         self,
         model: str | Path | list[str | Path] | None = None,
         backend: str = "auto",
-        detector: str | Path | FaceDetector | None = None,
-        margin: float = 0.1,
+        detector: str | Path | FaceDetector | None = DETECTOR,
+        margin: float = MARGIN,
         threads: int | None = None,
         max_pixels: int = MAX_PIXELS,
-        tta: str = "flip",
+        tta: str = TTA,
         min_face: int = MIN_FACE,
     ) -> None:
-        if tta not in ("none", "flip"):
-            raise ValueError(f"unknown tta {tta!r}: use none or flip")
+        if tta not in TTA_CHOICES:
+            raise ValueError(f"unknown tta {tta!r}: use {' or '.join(TTA_CHOICES)}")
         check_margin(margin)
         if isinstance(model, (list, tuple)) and not model:
             raise ValueError("no model given")
