@@ -706,3 +706,12 @@ def test_sam_refuses_fp16_loss_scaling(monkeypatch):
         else:
             training._check_config(cfg, 1, cuda)
     training._check_config(TrainConfig(sam_rho=0.0, amp="auto"), 1, cuda)  # fp16 without SAM is fine
+
+
+def test_sam_with_emulated_bf16_warns_once(monkeypatch, tmp_path, synthetic_cache):
+    """On a CPU without native bf16 the slow-emulation warning is logged once, not again by the SAM check."""
+    warnings: list[str] = []
+    monkeypatch.setattr(training, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(training.log, "warning", lambda msg, *args, **kw: warnings.append(msg % args))
+    training.train(tiny_config(synthetic_cache, tmp_path / "run", sam_rho=0.05, amp="bf16", epochs=1))
+    assert sum("no native bfloat16" in w for w in warnings) == 1
