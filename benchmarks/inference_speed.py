@@ -10,8 +10,8 @@ End to end: latency of ``EmotionRecognizer.predict`` (JPEG decode, Haar detectio
 640x480 photo with one face and one with five, composed from real PrivateTest crops upscaled onto a
 canvas; crops are picked so that Haar finds exactly the intended faces (checked on the decoded JPEG).
 
-    .venv/bin/python benchmarks/inference_speed.py --model runs/export/ferkit_vgg_s1.onnx \
-        --int8 src/ferkit/weights/ferkit_vgg_s1_int8.onnx --checkpoint runs/ferkit_vgg_s1/best.pt
+    .venv/bin/python benchmarks/inference_speed.py --model runs/export/ferkit_vgg_s1_e110.onnx \
+        --int8 src/ferkit/weights/ferkit_vgg_s1_e110_int8.onnx --checkpoint runs/ferkit_vgg_s1_e110/best.pt
 """
 
 from __future__ import annotations
