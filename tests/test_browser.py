@@ -1,7 +1,8 @@
 """The Gradio UI in a real browser: Debian's chromium driven by Playwright, against ``ferkit serve``.
 
 Needs ``apt-get install chromium`` and ``pip install playwright`` (never ``playwright install``: the
-system chromium is used); skipped when either is missing. Saves reports/app_screenshot.png.
+system chromium is used); skipped when either is missing. Screenshots go to a temporary folder, or with
+``FERKIT_SCREENSHOT_DIR=reports`` to the README's ``reports/app_screenshot.png`` and ``app_webcam_screenshot.png``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from ferkit.data import CLASSES  # noqa: E402
 pytestmark = pytest.mark.slow
 
 CHROMIUM = os.environ.get("FERKIT_CHROMIUM", "/usr/bin/chromium")
-SCREENSHOT = Path(__file__).resolve().parents[1] / "reports" / "app_screenshot.png"
 TIMEOUT_MS = 60_000
 
 if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
@@ -85,7 +85,16 @@ def test_example_click_runs_prediction(page):
     sync_api.expect(page.locator("#ferkit-face-2")).to_be_hidden()
 
 
-def test_upload_shows_every_face_and_scores(page):
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    """Where screenshots go: FERKIT_SCREENSHOT_DIR (to refresh the README's), else a temporary folder, so
+    that running the tests leaves the checkout as it was."""
+    folder = Path(os.environ.get("FERKIT_SCREENSHOT_DIR") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_upload_shows_every_face_and_scores(page, shots):
     page.locator("#ferkit-photo input[type=file]").set_input_files(str(ASSETS_DIR / "faces_group.jpg"))
     summary = page.locator("#ferkit-summary")
     sync_api.expect(summary).to_contain_text("4 faces", timeout=TIMEOUT_MS)
@@ -100,12 +109,11 @@ def test_upload_shows_every_face_and_scores(page):
     text = summary.inner_text()
     assert any(cls in text for cls in CLASSES)
     page.wait_for_timeout(500)  # let the result image finish painting
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
-    assert SCREENSHOT.stat().st_size > 10_000
+    page.screenshot(path=str(shots / "app_screenshot.png"), full_page=True)
+    assert (shots / "app_screenshot.png").stat().st_size > 10_000
 
 
-def test_live_webcam_stream(page):
+def test_live_webcam_stream(page, shots):
     """The streaming tab on chromium's fake camera, which plays the four-faces photo."""
     page.get_by_role("tab", name="Webcam (live)").click()
     page.get_by_text("Click to Access Webcam").click()
@@ -115,4 +123,4 @@ def test_live_webcam_stream(page):
     for cls in CLASSES:
         sync_api.expect(scores).to_contain_text(cls)
     sync_api.expect(page.locator("#ferkit-cam-result img")).to_be_visible()
-    page.screenshot(path=str(SCREENSHOT.with_name("app_webcam_screenshot.png")), full_page=True)
+    page.screenshot(path=str(shots / "app_webcam_screenshot.png"), full_page=True)
