@@ -9,7 +9,8 @@
 # From the project root on the GPU machine:
 #   OUT=results [TAG=_e140] bash scripts/gpu_flagship.sh [TEACHER_EPOCHS] [STUDENT_EPOCHS]
 # TAG is appended to every run's name (runs/ferkit_vgg_s1$TAG, ...), so that a new session does not overwrite
-# the runs of the last one. EXTRA adds `ferkit train` options to every run (e.g. EXTRA="--sam-rho 0.05", which
+# the runs of the last one. CONFIG (default configs/vgg_gpu.yaml) is the teachers' recipe and PREFIX (default
+# ferkit_vgg) their names' start: CONFIG=configs/resnet_gpu.yaml PREFIX=ferkit_resnet trains ResNet teachers. EXTRA adds `ferkit train` options to every run (e.g. EXTRA="--sam-rho 0.05", which
 # doubles the cost of a step). BUDGET (default 540 s) bounds the whole call: a run still going when its share
 # is spent is stopped and keeps its best epoch, so the results always come back within a 600 s device call.
 # PY (the Python) and EXTRA serve a dry run on a CPU.
@@ -21,6 +22,8 @@ OUT=${OUT:?set OUT to the folder for the results}
 PY=${PY:-python3}
 TAG=${TAG:-}
 EXTRA=${EXTRA:-}
+CONFIG=${CONFIG:-configs/vgg_gpu.yaml}
+PREFIX=${PREFIX:-ferkit_vgg}
 BUDGET=${BUDGET:-540}
 T0=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - T0))); } # seconds of the call's budget still unspent
@@ -45,17 +48,17 @@ $PY -m ferkit prepare /tmp/fer -o $DATA 2>&1 | tr '\r' '\n' | tail -4 || exit 1
 
 date -u +"teachers %T"
 pids=()
-TEACHERS=(ferkit_vgg_s1$TAG ferkit_vgg_strong_s2$TAG ferkit_vgg_light_s3$TAG)
+TEACHERS=(${PREFIX}_s1$TAG ${PREFIX}_strong_s2$TAG ${PREFIX}_light_s3$TAG)
 STUDENT_S=$(( E2 > 0 ? 4 * E2 + 40 : 0 ))  # the students' share: 2 s an epoch on the GPU, and their start
 TEACHER_S=$(( $(left) - STUDENT_S - 30 ))  # 30 s to slim and pack
 echo "teachers may run ${TEACHER_S} s, students ${STUDENT_S} s"
 for variant in "${TEACHERS[0]} --seed 1" "${TEACHERS[1]} --seed 2 --augment strong" "${TEACHERS[2]} --seed 3 --augment light"; do
   set -- $variant
-  train "$TEACHER_S" --config configs/vgg_gpu.yaml --epochs "$E1" --out "runs/$1" "${@:2}" >"$LOGS/$1.out" 2>&1 &
+  train "$TEACHER_S" --config "$CONFIG" --epochs "$E1" --out "runs/$1" "${@:2}" >"$LOGS/$1.out" 2>&1 &
   pids+=($!)
 done
 wait "${pids[@]}"
-tail -n 2 $LOGS/ferkit_vgg*.out
+for r in "${TEACHERS[@]}"; do tail -n 2 "$LOGS/$r.out"; done
 for r in "${TEACHERS[@]}"; do [ -f runs/$r/best.pt ] && $PY -m ferkit slim runs/$r/best.pt -o "$OUT/$r.pt" --half; done
 
 if [ "$E2" -gt 0 ]; then

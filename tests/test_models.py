@@ -14,7 +14,7 @@ from ferkit.models import MODELS, VGGNet, build_model, describe, load_init_weigh
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_model_gives_logits(name):
     torch.manual_seed(0)
-    n = 2 if name in ("resnet50v2", "vgg16") else 3
+    n = 2 if name in ("resnet50v2", "vgg16", "ferkit_resnet") else 3
     model = build_model(name)
     x = torch.rand(n, 1, 48, 48)
     with torch.no_grad():
@@ -38,6 +38,20 @@ def test_num_classes_and_width():
     assert 1.0 < full["params_m"] < 1.4  # "~1.2M params"
     assert quarter["params_m"] < full["params_m"] / 8
     assert quarter["mflops"] < full["mflops"] / 8
+
+
+def test_ferkit_resnet_works_at_the_faces_own_size():
+    """A pre-activation ResNet-18 whose stages see 48, 24, 12 and 6 pixels (no ImageNet stem); width scales it."""
+    model = build_model("ferkit_resnet").eval()
+    sizes = []
+    for stage_end in (1, 3, 5, 7):  # the last block of each stage
+        model.blocks[stage_end].register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[1:])))
+    with torch.no_grad():
+        model(torch.rand(1, 1, 48, 48))
+    assert sizes == [(64, 48, 48), (128, 24, 24), (256, 12, 12), (512, 6, 6)]
+    assert 10.5 < describe(model)["params_m"] < 11.5  # ResNet-18's ~11M
+    half = build_model("ferkit_resnet", width=0.5)
+    assert half.head[-1].in_features == 256 and describe(half)["mflops"] < describe(model)["mflops"] / 3
 
 
 def test_describe_counts_params_and_flops():

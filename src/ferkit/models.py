@@ -1,4 +1,5 @@
-"""Model registry: compact CNNs designed for 48x48 faces, VGG16, ResNet50V2 and any timm model.
+"""Model registry: compact CNNs designed for 48x48 faces (VGG- and ResNet-style), VGG16, ResNet50V2 and any
+timm model.
 
 Every model takes a float batch (N, 1, 48, 48) in [0, 1] and returns logits (N, 7): input
 normalisation (and upsampling where an architecture needs a larger input) happens inside the model,
@@ -64,12 +65,34 @@ class VGGNet(nn.Module):
         return self.head(self.features(x))
 
 
-class PreActBottleneck(nn.Module):
-    """ResNet V2 bottleneck: BN-ReLU before each convolution, identity shortcut kept clean."""
+class PreActBasic(nn.Module):
+    """ResNet V2 basic block (two 3x3 convolutions, as in ResNet-18): BN-ReLU before each convolution."""
+
+    expansion = 1
 
     def __init__(self, cin: int, width: int, stride: int) -> None:
         super().__init__()
-        cout = width * 4
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(cin, width, 1, stride=stride, bias=False) if stride != 1 or cin != width else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        return self.conv2(F.relu(self.bn2(out))) + shortcut
+
+
+class PreActBottleneck(nn.Module):
+    """ResNet V2 bottleneck: BN-ReLU before each convolution, identity shortcut kept clean."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * self.expansion
         self.bn1 = nn.BatchNorm2d(cin)
         self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
@@ -88,7 +111,11 @@ class PreActBottleneck(nn.Module):
 
 
 class ResNetV2(nn.Module):
-    """Pre-activation ResNet (He et al. 2016, 'Identity Mappings'); ``layers=(3, 4, 6, 3)`` is ResNet50V2."""
+    """Pre-activation ResNet (He et al. 2016, 'Identity Mappings'); ``layers=(3, 4, 6, 3)`` is ResNet50V2.
+
+    ``small_input``: a 3x3 stride-1 stem without max-pooling, for 48x48 faces at their own size (the
+    ImageNet stem, 7x7 stride 2 and a max-pool, would leave 12x12 to the first stage). ``width`` scales
+    every stage's channels."""
 
     def __init__(
         self,
@@ -97,19 +124,25 @@ class ResNetV2(nn.Module):
         in_chans: int = 1,
         pre_size: int | None = 96,
         dropout: float = 0.2,
+        block: type[PreActBasic] | type[PreActBottleneck] = PreActBottleneck,
+        small_input: bool = False,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         self.pre = Preprocess(pre_size)
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False), nn.MaxPool2d(3, stride=2, padding=1)
-        )
+        cin = max(4, int(64 * width))
+        if small_input:
+            self.stem = nn.Sequential(nn.Conv2d(in_chans, cin, 3, padding=1, bias=False))
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_chans, cin, 7, stride=2, padding=3, bias=False), nn.MaxPool2d(3, stride=2, padding=1)
+            )
         blocks: list[nn.Module] = []
-        cin = 64
         for i, n in enumerate(layers):
-            width = 64 * 2**i
+            planes = max(4, int(64 * 2**i * width))
             for j in range(n):
-                blocks.append(PreActBottleneck(cin, width, stride=2 if (j == 0 and i > 0) else 1))
-                cin = width * 4
+                blocks.append(block(cin, planes, stride=2 if (j == 0 and i > 0) else 1))
+                cin = planes * block.expansion
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Sequential(
             nn.BatchNorm2d(cin),
@@ -154,6 +187,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
         _scaled([[64, 64], [128, 128], [256, 256, 256], [512, 512, 512]], width), **kw
     ),
     "vgg16": lambda **kw: VGGNet([[64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3], **kw),
+    # ~11M params: pre-activation ResNet-18 at the faces' own 48x48 (stages at 48, 24, 12 and 6 pixels).
+    "ferkit_resnet": lambda **kw: ResNetV2(
+        (2, 2, 2, 2), **{"block": PreActBasic, "small_input": True, "pre_size": None, **kw}
+    ),
     "resnet50v2": lambda **kw: ResNetV2((3, 4, 6, 3), **kw),
 }
 
