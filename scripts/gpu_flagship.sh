@@ -5,7 +5,10 @@
 #      light augmentation); their best.pt are slimmed to float16 into $OUT at once;
 #   3. two shipped-size students are distilled from them: configs/small_distill.yaml, configs/vgg_half_distill.yaml
 #      (skipped when STUDENT_EPOCHS is 0, which leaves the whole call to the teachers);
-#   4. their best.pt and the logs follow. PrivateTest never travels: it is evaluated back home (`ferkit evaluate`).
+#   4. with EVALUATE=1 (and a pack that holds PrivateTest), each slimmed model and the MEMBERS (other candidates,
+#      e.g. the shipped ONNX) is evaluated on both splits with every TTA, select-ensemble picks an ensemble on
+#      PublicTest and the winner is evaluated too (runs/eval/ -> $OUT/eval.tgz); otherwise PrivateTest stays home;
+#   5. their best.pt and the logs follow.
 # From the project root on the GPU machine:
 #   OUT=results [TAG=_e140] bash scripts/gpu_flagship.sh [TEACHER_EPOCHS] [STUDENT_EPOCHS]
 # TAG is appended to every run's name (runs/ferkit_vgg_s1$TAG, ...), so that a new session does not overwrite
@@ -13,7 +16,8 @@
 # ferkit_vgg) their names' start: CONFIG=configs/resnet_gpu.yaml PREFIX=ferkit_resnet trains ResNet teachers. EXTRA adds `ferkit train` options to every run (e.g. EXTRA="--sam-rho 0.05", which
 # doubles the cost of a step). BUDGET (default 540 s) bounds the whole call: a run still going when its share
 # is spent is stopped and keeps its best epoch, so the results always come back within a 600 s device call.
-# PY (the Python) and EXTRA serve a dry run on a CPU.
+# PY (the Python), EXTRA and EVAL_EXTRA (`ferkit evaluate` options, e.g. "--limit 64 --device cpu") serve a dry
+# run on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 E1=${1:-70}
@@ -25,6 +29,9 @@ EXTRA=${EXTRA:-}
 CONFIG=${CONFIG:-configs/vgg_gpu.yaml}
 PREFIX=${PREFIX:-ferkit_vgg}
 BUDGET=${BUDGET:-540}
+EVALUATE=${EVALUATE:-0}
+MEMBERS=${MEMBERS:-}
+EVAL_EXTRA=${EVAL_EXTRA:-}
 T0=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - T0))); } # seconds of the call's budget still unspent
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -50,7 +57,8 @@ date -u +"teachers %T"
 pids=()
 TEACHERS=(${PREFIX}_s1$TAG ${PREFIX}_strong_s2$TAG ${PREFIX}_light_s3$TAG)
 STUDENT_S=$(( E2 > 0 ? 4 * E2 + 40 : 0 ))  # the students' share: 2 s an epoch on the GPU, and their start
-TEACHER_S=$(( $(left) - STUDENT_S - 30 ))  # 30 s to slim and pack
+EVAL_S=$(( EVALUATE == 1 ? 120 : 0 ))  # evaluating every model and the chosen ensemble on both splits
+TEACHER_S=$(( $(left) - STUDENT_S - EVAL_S - 30 ))  # 30 s to slim and pack
 echo "teachers may run ${TEACHER_S} s, students ${STUDENT_S} s"
 for variant in "${TEACHERS[0]} --seed 1" "${TEACHERS[1]} --seed 2 --augment strong" "${TEACHERS[2]} --seed 3 --augment light"; do
   set -- $variant
@@ -58,7 +66,7 @@ for variant in "${TEACHERS[0]} --seed 1" "${TEACHERS[1]} --seed 2 --augment stro
   pids+=($!)
 done
 wait "${pids[@]}"
-for r in "${TEACHERS[@]}"; do tail -n 2 "$LOGS/$r.out"; done
+for r in "${TEACHERS[@]}"; do tail -v -n 2 "$LOGS/$r.out"; done
 for r in "${TEACHERS[@]}"; do [ -f runs/$r/best.pt ] && $PY -m ferkit slim runs/$r/best.pt -o "$OUT/$r.pt" --half; done
 
 if [ "$E2" -gt 0 ]; then
@@ -72,10 +80,32 @@ if [ "$E2" -gt 0 ]; then
     pids+=($!)
   done
   wait "${pids[@]}"
-  tail -n 2 $LOGS/*distill$TAG.out
+  tail -v -n 2 $LOGS/*distill$TAG.out
   for r in ferkit_small_distill ferkit_vgg_half_distill; do
     [ -f runs/$r$TAG/best.pt ] && $PY -m ferkit slim runs/$r$TAG/best.pt -o "$OUT/$r$TAG.pt" --half
   done
+fi
+
+if [ "$EVALUATE" = 1 ]; then
+  date -u +"evaluate %T"
+  CANDS=()
+  for f in "$OUT"/*.pt $MEMBERS; do [ -f "$f" ] && CANDS+=("$f"); done
+  ev() { $PY -m ferkit evaluate "$@" --data $DATA --tta none flip crops --cache runs/probs_cache $EVAL_EXTRA >>$LOGS/evaluate.out 2>&1; }
+  for f in "${CANDS[@]}"; do
+    name=$(basename "${f%.*}")
+    for split in PublicTest PrivateTest; do ev "$f" --split $split --out runs/eval/$name; done
+  done
+  $PY -m ferkit select-ensemble "${CANDS[@]}" --data $DATA --tta none flip crops --cache runs/probs_cache $EVAL_EXTRA \
+    --out runs/eval/ensemble/PublicTest_ranking.json 2>&1 | grep -v "it/s\|s/it" | head -8
+  read -r -a WINNER < <($PY -c "import json; print(*json.load(open('runs/eval/ensemble/PublicTest_ranking.json'))['ranking'][0]['checkpoints'])")
+  for split in PublicTest PrivateTest; do ev "${WINNER[@]}" --split $split --out runs/eval/ensemble; done
+  $PY - <<'PY'
+import glob, json
+for path in sorted(glob.glob("runs/eval/*/P*Test*.json")):
+    if "ranking" not in path:
+        print(f"{path:<60} {json.load(open(path))['accuracy']:.4f}")
+PY
+  tar czf "$OUT/eval.tgz" runs/eval
 fi
 
 date -u +"pack %T"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -283,3 +285,39 @@ def test_prediction_cache_reuses_a_models_probabilities(trained_run, synthetic_c
     assert calls[-1] == ("none",) and len(calls) == 4
     with np.load(entry) as f:
         assert np.allclose(f["none"].sum(1), 1.0)
+
+    # so is one whose compressed stream is corrupt (zlib.error, not one of numpy's own errors)
+    np.savez_compressed(entry, none=np.full((4, 7), 1 / 7))
+    damaged = bytearray(entry.read_bytes())
+    damaged[60:300] = b"\xff" * 240
+    entry.write_bytes(bytes(damaged))
+    evaluate_tta([best], synthetic_cache, "PrivateTest", modes=("none",), device="cpu", cache=cache)
+    assert len(calls) == 5
+
+
+def test_prediction_cache_keeps_nothing_for_a_file_replaced_while_loading(
+    trained_run, synthetic_cache, tmp_path, monkeypatch
+):
+    import ferkit.evaluate as ev
+
+    ck, cache = tmp_path / "model.pt", tmp_path / "cache"
+    shutil.copy(trained_run / "best.pt", ck)
+    real = ev.load_for_evaluation
+
+    def load_then_replace(path):
+        loaded = real(path)
+        shutil.copy(trained_run / "last.pt", ck)  # another run's checkpoint lands under the same name
+        return loaded
+
+    monkeypatch.setattr(ev, "load_for_evaluation", load_then_replace)
+    evaluate_tta([ck], synthetic_cache, "PrivateTest", modes=("none",), device="cpu", cache=cache)
+    assert not list(cache.glob("*.npz"))  # its probabilities would have been filed under the old file's key
+
+
+def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
+    from ferkit.fileio import file_digest
+
+    path = tmp_path / "blob"
+    data = bytes(range(256)) * 9000  # more than one read block
+    path.write_bytes(data)
+    assert file_digest(path) == hashlib.sha256(data).hexdigest()[:16]

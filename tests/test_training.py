@@ -715,3 +715,10 @@ def test_sam_with_emulated_bf16_warns_once(monkeypatch, tmp_path, synthetic_cach
     monkeypatch.setattr(training.log, "warning", lambda msg, *args, **kw: warnings.append(msg % args))
     training.train(tiny_config(synthetic_cache, tmp_path / "run", sam_rho=0.05, amp="bf16", epochs=1))
     assert sum("no native bfloat16" in w for w in warnings) == 1
+
+
+def test_fp16_on_a_cpu_is_refused_before_the_data_loads(tmp_path):
+    """--amp fp16 on a CPU fails at once with the reason, not after the data set has been read."""
+    cfg = TrainConfig(amp="fp16", device="cpu", data=str(tmp_path / "absent.npz"), out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="fp16 autocast needs CUDA"):
+        training.train(cfg)

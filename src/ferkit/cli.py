@@ -63,7 +63,8 @@ def _add_cache_option(p: argparse.ArgumentParser) -> None:
         "--cache",
         metavar="DIR",
         help="keep each model's probabilities in DIR, keyed by the SHA-256 of its file and of the images, "
-        "and reuse them (a later ensemble or select-ensemble runs no model twice)",
+        "and reuse them (a later ensemble or select-ensemble runs no model twice); clear DIR after changing "
+        "ferkit's TTA or preprocessing code",
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,9 @@ from .data import CLASSES
 from .fileio import atomic_write, bytes_digest, file_digest
 
 TTA_MODES = ("none", "flip", "crops")
+# Part of every prediction cache entry's name: raise it when a change to the code (TTA views, preprocessing)
+# changes the probabilities a model file gives, so that older entries are no longer read.
+CACHE_VERSION = 1
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -268,7 +270,8 @@ def _probabilities(
 ) -> tuple[np.ndarray, list[tuple[str, dict[str, np.ndarray]]]]:
     """The labels of ``split`` and, for each model in turn, its name and probabilities per TTA mode (with a
     progress bar: ten-crop views of a large model take minutes on a CPU). With a ``cache`` folder, each
-    model's probabilities are kept there under the SHA-256 of its file and of the images, and reused."""
+    model's probabilities are kept there under the SHA-256 of its file and of the images, and reused (see
+    :data:`CACHE_VERSION`)."""
     from .data import load_dataset
     from .training import resolve_device
 
@@ -280,13 +283,14 @@ def _probabilities(
     images_key = bytes_digest(np.ascontiguousarray(images).data)
     per_model = []
     for k, ck in enumerate(checkpoints, 1):
+        digest = None if cache is None else file_digest(ck)  # before loading: the key names what is loaded
         model, name = load_for_evaluation(ck)
-        path = None if cache is None else Path(cache) / f"{file_digest(ck)}-{images_key}-{dev.type}.npz"
+        path = None if cache is None else Path(cache) / f"{digest}-{images_key}-{dev.type}-v{CACHE_VERSION}.npz"
         probs = _read_cached(path, modes, len(images))
         if probs is None:
             label = f"{split} {k}/{len(checkpoints)} {ck}"
             probs = predict_proba_modes(model.to(dev), images, dev, batch_size, modes, label)
-            if path is not None:
+            if path is not None and file_digest(ck) == digest:  # not kept if the file changed while loading
                 kept = _read_cached(path, (), len(images)) or {}
                 atomic_write(path, lambda f, p=probs, kept=kept: np.savez(f, **{**kept, **p}))
         per_model.append((name, probs))
@@ -301,8 +305,8 @@ def _read_cached(path: Path | None, modes: Sequence[str], n: int) -> dict[str, n
     try:
         with np.load(path) as f:
             kept = {m: f[m] for m in (modes or f.files)}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None  # a damaged or partial cache entry is computed again and replaced
+    except Exception:  # noqa: BLE001 - a damaged entry (bad zip, bad deflate stream, ...) is computed again
+        return None
     if any(p.shape != (n, len(CLASSES)) for p in kept.values()):
         return None
     return kept

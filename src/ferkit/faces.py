@@ -155,7 +155,7 @@ def check_margin(margin: float) -> None:
         raise ValueError(f"margin must be between 0 and 1 (a fraction of the face box), got {margin!r}")
 
 
-def crop_faces(rgb: np.ndarray, boxes: list[Box], size: int = 48, margin: float = 0.1) -> np.ndarray:
+def crop_faces(rgb: np.ndarray, boxes: list[Box], size: int = 48, margin: float = MARGIN) -> np.ndarray:
     """Square grayscale crops (N, size, size) uint8 around each box, widened by ``margin`` of the box size
     on every side (FER-2013 faces include forehead and chin); borders are replicated past the image edge."""
     check_margin(margin)

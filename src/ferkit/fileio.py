@@ -35,8 +35,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
 
 def file_digest(path: str | Path) -> str:
     """The first 16 hex digits of the SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def bytes_digest(data: bytes | memoryview) -> str:
