@@ -252,6 +252,12 @@ def test_empty_file_and_missing_field(client):
     check_error(client.post(PREDICT, content=b"raw bytes", headers={"Content-Type": "image/jpeg"}), 422)
 
 
+def test_two_images_in_one_request_are_refused(client):
+    jpeg = (ASSETS_DIR / "astronaut.jpg").read_bytes()
+    two = [("file", ("a.jpg", jpeg, "image/jpeg")), ("file", ("b.jpg", jpeg, "image/jpeg"))]
+    assert "one image per request: got 2 'file' parts" in check_error(client.post(PREDICT, files=two), 422)
+
+
 def test_server_survived_bad_inputs(client):
     assert client.get("/healthz").json()["status"] == "ok"
     assert post_file(client, (ASSETS_DIR / "astronaut.jpg").read_bytes()).status_code == 200

@@ -330,6 +330,26 @@ def test_csv_columns_follow_the_model_classes(capsys, good, tmp_path):
     assert row["emotion"] in classes and sum(float(row[c]) for c in classes) == pytest.approx(1, abs=1e-3)
 
 
+def test_truncated_video_reports_its_frames_and_then_the_cut(capsys, tmp_path):
+    """An AVI cut in half still opens and announces all its frames; the ones decoded are reported, then an error."""
+    full = tmp_path / "full.avi"
+    writer = cv2.VideoWriter(str(full), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (128, 128))
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        writer.write(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    writer.release()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+
+    code, out, _ = run(capsys, full, "--every", "1", "--format", "jsonl", "--fallback")
+    assert code == 0 and len(jsonl(out)) == 40 and not any("error" in r for r in jsonl(out))
+    code, out, _ = run(capsys, cut, "--every", "1", "--format", "jsonl", "--fallback")
+    records = jsonl(out)
+    assert code == 1 and 5 < len(records) - 1 < 35
+    assert all("faces" in r for r in records[:-1])
+    assert records[-1]["error"].startswith(f"{cut}: decoding stopped after frame {records[-2]['frame']} of the 40")
+
+
 def test_broken_video_is_reported_once_without_ffmpeg_lines(capfd, video, tmp_path):
     half = tmp_path / "half.mp4"
     half.write_bytes(video.read_bytes()[:2000])

@@ -420,9 +420,12 @@ def create_app(
         summary="Find every face in an image and score its emotions",
     )
     async def predict(
+        request: Request,
         file: UploadFile = File(description="the image: JPEG, PNG, WebP, BMP, GIF or TIFF"),
         fallback: bool = Query(False, description="when no face is found, classify the whole image as one face"),
     ) -> dict[str, Any]:
+        if (parts := len((await request.form()).getlist("file"))) > 1:  # the form FastAPI has already parsed
+            raise ServiceError(422, f"send one image per request: got {parts} 'file' parts")
         data = await file.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise ServiceError(413, f"upload too large: over the limit of {_mb(settings.max_upload_bytes)}")

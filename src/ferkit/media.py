@@ -198,10 +198,10 @@ def _predict_video(
     partial = out_dir / f".{out_name}.partial.mp4" if out_dir is not None else None  # renamed when complete
     total, fps = video_info(path)
     bar = tqdm(total=total // every if total else None, desc=path.name, unit="frame", disable=not progress)
-    frames = 0
+    frames, last = 0, -1
     try:
         for index, t, rgb in video_frames(str(path), every):
-            frames += 1
+            frames, last = frames + 1, index
             faces = recognizer.predict(rgb, whole_image_fallback=fallback)
             bar.update()
             if partial is not None:
@@ -218,6 +218,13 @@ def _predict_video(
             writer.release()
             writer = None
             os.replace(partial, out_dir / out_name)
+        # a header's frame count may be an estimate: more than a second short (and the --every gap) is a cut file
+        if frames and total - 1 - last >= every + fps:
+            yield Record(
+                str(path),
+                error=f"{path}: decoding stopped after frame {last} of the {total} its header announces "
+                "(truncated or damaged file?); the frames before it are reported",
+            )
     except ImageError as e:
         yield Record(str(path), error=str(e))
     finally:
