@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make a finished training run the shipped model, with every number regenerated from its evaluation:
-#   [INT8=1] bash scripts/ship_model.sh RUN_DIR "TRAINING COMMAND" ["HARDWARE"]
-# 1. exports RUN_DIR/best.pt to ONNX (checked against torch), and with INT8=1 quantizes it (static int8);
+#   [INT8=1] [UNDO=POWER] bash scripts/ship_model.sh RUN_DIR "TRAINING COMMAND" ["HARDWARE"]
+# 1. exports RUN_DIR/best.pt to ONNX (checked against torch), with INT8=1 quantizes it (static int8), and with
+#    UNDO=POWER (the run's class_weight_power) divides its class weights out (`--undo-class-weights`);
 # 2. evaluates the file that ships on PublicTest (to choose the TTA) and PrivateTest (the headline),
 #    TTA none/flip/crops, into reports/<shipped name>/, with the run's metrics.csv and train.log;
 # 3. copies that very file into src/ferkit/weights/, graph untouched, with the PrivateTest flip metrics in its metadata;
@@ -15,11 +16,16 @@ F=.venv/bin/ferkit
 NAME=$(basename "$RUN")
 OPTS=(); SHIP=$NAME
 if [ "${INT8:-0}" = 1 ]; then OPTS=(--int8); SHIP=${NAME}_int8; fi
+EXPORTED=$SHIP
+if [ -n "${UNDO:-}" ]; then SHIP=${SHIP}_prior; fi
 OUT=reports/$SHIP
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 mkdir -p "$OUT"
 $F export "$RUN/best.pt" -o "$TMP/$NAME.onnx" "${OPTS[@]}" --check --data "$DATA"
+if [ -n "${UNDO:-}" ]; then
+  $F export "$TMP/$EXPORTED.onnx" -o "$TMP/$SHIP.onnx" --undo-class-weights "$UNDO" --data "$DATA"
+fi
 for split in PublicTest PrivateTest; do
   $F evaluate "$TMP/$SHIP.onnx" --data "$DATA" --split $split --tta none flip crops --out "$OUT"
 done

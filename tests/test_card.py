@@ -67,3 +67,30 @@ def test_model_card_of_a_run_without_epochs_is_an_error(trained_run, reports, tm
     (run / "metrics.csv").write_text("epoch,val_acc\n")
     with pytest.raises(ValueError, match="metrics.csv: no epochs recorded"):
         render_model_card(run, tmp_path / "m.onnx", reports, "ferkit train", "a test machine")
+
+
+def test_model_card_of_a_run_whose_checkpoints_are_gone_reads_its_config_yaml(trained_run, reports, tmp_path):
+    """Training writes config.yaml beside its logs: the card of a run kept without checkpoints is the same."""
+    import shutil
+
+    from ferkit.export import export_onnx
+
+    onnx = export_onnx(trained_run / "best.pt", tmp_path / "my_model.onnx")
+    logs_only = tmp_path / "logs_only"
+    logs_only.mkdir()
+    shutil.copy(trained_run / "metrics.csv", logs_only)
+    with pytest.raises(ValueError, match="neither best.pt nor config.yaml"):
+        render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine")
+    shutil.copy(trained_run / "config.yaml", logs_only)
+    card = render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine")
+    assert card == render_model_card(trained_run, onnx, reports, "ferkit train --x", "a test machine")
+
+
+def test_model_card_says_when_the_class_weights_were_undone(trained_run, reports, tmp_path):
+    from ferkit.export import export_onnx, undo_class_weights
+
+    onnx = export_onnx(trained_run / "best.pt", tmp_path / "plain.onnx")
+    assert "undo-class-weights" not in render_model_card(trained_run, onnx, reports, "x", "y")
+    undone = undo_class_weights(onnx, tmp_path / "prior.onnx", [4, 1, 4, 7, 5, 3, 5], 0.5)
+    card = render_model_card(trained_run, undone, reports, "x", "y")
+    assert "divided out at export (`ferkit export --undo-class-weights 0.5`)" in card

@@ -17,7 +17,15 @@ from helpers_inference import ASTRONAUT, CANVAS, make_checkpoint, photo_crops
 from ferkit.checkpoint import CheckpointError
 from ferkit.cli import main
 from ferkit.data import CLASSES
-from ferkit.export import PREPROCESSING, convert_fp16, export_onnx, max_abs_diff, quantize_int8, read_metadata
+from ferkit.export import (
+    PREPROCESSING,
+    convert_fp16,
+    export_onnx,
+    max_abs_diff,
+    quantize_int8,
+    read_metadata,
+    undo_class_weights,
+)
 from ferkit.inference import EmotionRecognizer
 
 
@@ -192,6 +200,45 @@ def test_cli_export_onnx_with_report_changes_only_the_metadata(tmp_path, exporte
     (tmp_path / "broken.onnx").write_bytes(b"\x08garbage")
     assert main(["export", str(tmp_path / "broken.onnx"), "-o", str(out), "--report", str(report)]) == 2
     assert "broken.onnx: not a readable ONNX model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["onnx", "int8"])
+def test_undoing_class_weights_multiplies_the_probabilities_by_the_counts(tmp_path, exported, held_out, kind):
+    counts = np.array([3995, 436, 4097, 7215, 4830, 3171, 4965])
+    out = undo_class_weights(exported[kind], tmp_path / "undone.onnx", counts, 0.5)
+    x = held_out[:, None].astype(np.float32) / 255
+    before, after = session(exported[kind]).run(None, {"image": x})[0], session(out).run(None, {"image": x})[0]
+    expected = before * np.sqrt(counts)
+    np.testing.assert_allclose(after, expected / expected.sum(1, keepdims=True), atol=1e-5)
+    assert (after.argmax(1) != before.argmax(1)).any()  # the rare classes lost ground: some answers change
+    info = read_metadata(out)
+    assert info["name"] == "undone"
+    assert info["class_weights_undone"] == {"power": 0.5, "training_counts": counts.tolist()}
+    assert "accuracy" not in info and "macro_f1" not in info  # measured on the source, not on this model
+    assert info["classes"] == list(CLASSES) and info["architecture"] == "ferkit_small"
+    with pytest.raises(ValueError, match="already undone"):
+        undo_class_weights(out, tmp_path / "twice.onnx", counts, 0.5)
+    with pytest.raises(ValueError, match="one positive count per class"):
+        undo_class_weights(exported[kind], tmp_path / "bad.onnx", counts[:6], 0.5)
+
+
+def test_cli_export_undoes_class_weights_with_the_counts_of_data(tmp_path, exported, synthetic_cache, capsys):
+    from ferkit.data import load_dataset
+
+    report = tmp_path / "PrivateTest_tta-flip.json"
+    report.write_text(json.dumps({"accuracy": 0.73, "macro_f1": 0.72, "tta": "flip"}))
+    out = tmp_path / "prior.onnx"
+    argv = ["export", str(exported["int8"]), "-o", str(out), "--undo-class-weights", "0.5"]
+    assert main([*argv, "--data", str(synthetic_cache), "--report", str(report)]) == 0
+    info = read_metadata(out)
+    labels = load_dataset(synthetic_cache).split("Training")[1]
+    assert info["class_weights_undone"]["training_counts"] == np.bincount(labels, minlength=7).tolist()
+    assert info["accuracy"] == 0.73 and info["quantization"] == "int8 static QDQ"
+
+    assert main(argv) == 2
+    assert "--undo-class-weights needs --data" in capsys.readouterr().err
+    assert main(["export", str(exported["pt"]), "-o", str(tmp_path / "x.onnx"), "--undo-class-weights", "0.5"]) == 2
+    assert "takes an exported .onnx" in capsys.readouterr().err
 
 
 def test_evaluate_exported_models(exported, synthetic_cache):

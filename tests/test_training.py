@@ -45,9 +45,11 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def test_run_outputs(trained_run):
-    for name in ("best.pt", "last.pt", "metrics.csv", "train.log"):
+    for name in ("best.pt", "last.pt", "metrics.csv", "train.log", "config.yaml"):
         assert (trained_run / name).is_file(), name
     assert not list(trained_run.glob("*.tmp")) and not list(trained_run.glob(".*"))
+    config = TrainConfig.from_yaml(trained_run / "config.yaml")
+    assert config.to_dict() == torch.load(trained_run / "best.pt", weights_only=False)["config"]
     rows = _metrics(trained_run)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert [r["step"] for r in rows] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
@@ -388,6 +390,8 @@ def test_config_yaml(tmp_path):
     path.write_text("- 1\n")
     with pytest.raises(ValueError, match="expected a mapping"):
         TrainConfig.from_yaml(path)
+    cfg = TrainConfig(epochs=7, model_kwargs={"width": 0.5}, teacher=["a.pt"], lr=0.02)
+    assert TrainConfig.from_yaml(cfg.to_yaml(path)) == cfg
 
 
 # ---------------------------------------------------------------- checkpoints and atomic writes

@@ -207,19 +207,43 @@ def cmd_slim(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import convert_fp16, export_onnx, max_abs_diff, quantize_int8, with_metrics
+    from .data import CLASSES
+    from .export import (
+        METRIC_KEYS,
+        convert_fp16,
+        export_onnx,
+        max_abs_diff,
+        quantize_int8,
+        undo_class_weights,
+        with_metrics,
+    )
     from .fileio import read_json_object
 
     metrics = {}
     if args.report:
         report = read_json_object(args.report)
-        metrics = {k: report[k] for k in ("accuracy", "macro_f1", "weighted_f1", "split", "tta") if k in report}
+        metrics = {k: report[k] for k in METRIC_KEYS if k in report}
     if Path(args.checkpoint).suffix == ".onnx":
-        if args.check or args.int8 or args.fp16 or not args.report:
-            raise ValueError("an .onnx input takes only --report (its metrics go into a copy's metadata)")
-        out = with_metrics(args.checkpoint, args.out, metrics)
-        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {args.checkpoint} with the metrics of {args.report}")
+        if args.check or args.int8 or args.fp16 or not (args.report or args.undo_class_weights is not None):
+            raise ValueError(
+                "an .onnx input takes only --report (its metrics go into a copy's metadata) "
+                "and --undo-class-weights (with --data)"
+            )
+        source = args.checkpoint
+        if args.undo_class_weights is not None:
+            if not args.data:
+                raise ValueError("--undo-class-weights needs --data: the class counts of its Training split")
+            from .data import load_dataset
+
+            counts = np.bincount(load_dataset(args.data).split("Training")[1], minlength=len(CLASSES))
+            source = undo_class_weights(source, args.out, counts, args.undo_class_weights)
+            print(f"wrote {source}: {args.checkpoint} with its class weights undone (power {args.undo_class_weights})")
+        if args.report:
+            out = with_metrics(source, args.out, metrics)
+            print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {source} with the metrics of {args.report}")
         return 0
+    if args.undo_class_weights is not None:
+        raise ValueError("--undo-class-weights takes an exported .onnx: export the checkpoint first")
     if args.int8 and not args.data:
         raise ValueError("--int8 needs --data: int8 is calibrated on FER-2013 Training faces (random images ruin it)")
     images = np.random.default_rng(0).integers(0, 256, (64, 48, 48), dtype=np.uint8)  # for --check alone
@@ -484,7 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="also write OUT_int8.onnx (static int8, calibrated)")
     p.add_argument("--fp16", action="store_true", help="also write OUT_fp16.onnx (float16 weights, half the size)")
     p.add_argument(
-        "--data", help="FER-2013 data: int8 calibration (needed by --int8) and --check images (default: random)"
+        "--undo-class-weights",
+        type=float,
+        metavar="POWER",
+        help="(an .onnx input) multiply its probabilities by the Training class counts of --data to the POWER: "
+        "with the run's class_weight_power this divides out the class weights it was trained with",
+    )
+    p.add_argument(
+        "--data",
+        help="FER-2013 data: int8 calibration (needed by --int8), --check images (default: random) and the "
+        "class counts of --undo-class-weights",
     )
     p.set_defaults(func=cmd_export)
 

@@ -138,3 +138,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> Path:
+        """Write every field to ``path`` (atomically), in the form :meth:`from_yaml` reads."""
+        from .fileio import atomic_write
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return atomic_write(path, lambda f: f.write(text.encode()))

@@ -64,6 +64,53 @@ def with_metrics(onnx_path: str | Path, out: str | Path, metrics: dict[str, Any]
     return out
 
 
+# the evaluation results an export may carry in its metadata (``--report``); a changed model drops them
+METRIC_KEYS = ("accuracy", "macro_f1", "weighted_f1", "split", "tta")
+
+
+def undo_class_weights(onnx_path: str | Path, out: str | Path, counts: np.ndarray, power: float) -> Path:
+    """A copy of an exported model whose probabilities are multiplied by ``counts ** power`` (renormalised):
+    ``power · log(count)`` is added to the logits before the final softmax. With the Training class counts
+    and the ``class_weight_power`` the model was trained with, this divides out the class weights of its loss
+    (``count ** -power``), so that its probabilities follow the Training prior again. The correction is kept
+    in the metadata (asking twice is refused) and the source's measured metrics are not: they were not
+    measured on this model."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    info = read_metadata(model)
+    if not info.get("classes"):
+        raise ValueError(f"{onnx_path}: not a ferkit ONNX export (no ferkit metadata)")
+    if "class_weights_undone" in info:
+        raise ValueError(f"{onnx_path}: its class weights are already undone ({info['class_weights_undone']})")
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.shape != (len(info["classes"]),) or (counts <= 0).any():
+        raise ValueError(f"class counts {counts.tolist()}: need one positive count per class of {onnx_path}")
+    softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
+    if len(softmaxes) != 1 or softmaxes[0].output[0] != model.graph.output[0].name:
+        raise ValueError(f"{onnx_path}: no single final Softmax whose logits to correct")
+    softmax = softmaxes[0]
+    offsets = (power * np.log(counts / counts.max())).astype(np.float32)
+    logits, shifted = softmax.input[0], softmax.input[0] + "_prior_corrected"
+    model.graph.initializer.append(numpy_helper.from_array(offsets, "class_log_prior_offsets"))
+    model.graph.node.insert(
+        list(model.graph.node).index(softmax), helper.make_node("Add", [logits, "class_log_prior_offsets"], [shifted])
+    )
+    softmax.input[0] = shifted
+    onnx.checker.check_model(model)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
+        onnx.save(model, str(staged))
+        undone = {"power": power, "training_counts": counts.astype(int).tolist()}
+        kept = {k: v for k, v in info.items() if k not in METRIC_KEYS}
+        _set_metadata(staged, {**kept, "class_weights_undone": undone})
+        staged.replace(out)
+    return out
+
+
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Hide torch's exporter chatter that is about torch itself, not the model: deprecation warnings from

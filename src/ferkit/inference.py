@@ -20,7 +20,7 @@ from .data import CLASSES, scores_shape_problem
 from .faces import DETECTOR, MARGIN, MIN_FACE, Box, FaceDetector, check_margin, crop_faces, make_detector
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_s1_e110_int8.onnx"  # the shipped model: replace this file to upgrade
+DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_s1_e110_int8_prior.onnx"  # the shipped model: replace this file to upgrade
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 TTA_CHOICES = ("none", "flip")  # test-time augmentation per face
 TTA = "flip"  # the default, chosen on PublicTest (README, Results)
