@@ -33,14 +33,14 @@ EVALUATE=${EVALUATE:-0}
 MEMBERS=${MEMBERS:-}
 EVAL_EXTRA=${EVAL_EXTRA:-}
 T0=$(date +%s)
-left() { echo $((BUDGET - ($(date +%s) - T0))); } # seconds of the call's budget still unspent
+left() { local l=$((BUDGET - ($(date +%s) - T0))); echo $((l > 1 ? l : 1)); } # budget still unspent (s, ≥ 1)
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 DATA=data/fer2013.npz
 LOGS=runs/logs
 mkdir -p "$OUT" "$LOGS" data
 exec > >(tee "$OUT/gpu.log") 2>&1
 train() { # LIMIT_SECONDS OPTION...
-  local limit=$1
+  local limit=$(($1 > 1 ? $1 : 1))
   shift
   timeout "$limit" $PY -m ferkit train --data $DATA --no-evaluate --no-progress $EXTRA "$@"
 }
@@ -57,7 +57,8 @@ date -u +"teachers %T"
 pids=()
 TEACHERS=(${PREFIX}_s1$TAG ${PREFIX}_strong_s2$TAG ${PREFIX}_light_s3$TAG)
 STUDENT_S=$(( E2 > 0 ? 4 * E2 + 40 : 0 ))  # the students' share: 2 s an epoch on the GPU, and their start
-EVAL_S=$(( EVALUATE == 1 ? 120 : 0 ))  # evaluating every model and the chosen ensemble on both splits
+EVAL_S=0
+if [ "$EVALUATE" = 1 ]; then EVAL_S=120; fi  # evaluating every model and the chosen ensemble on both splits
 TEACHER_S=$(( $(left) - STUDENT_S - EVAL_S - 30 ))  # 30 s to slim and pack
 echo "teachers may run ${TEACHER_S} s, students ${STUDENT_S} s"
 for variant in "${TEACHERS[0]} --seed 1" "${TEACHERS[1]} --seed 2 --augment strong" "${TEACHERS[2]} --seed 3 --augment light"; do
@@ -75,7 +76,7 @@ if [ "$E2" -gt 0 ]; then
   CKPTS=()
   for t in "${TEACHERS[@]}"; do CKPTS+=("runs/$t/best.pt"); done
   for r in ferkit_small_distill ferkit_vgg_half_distill; do
-    train $(( $(left) - 20 )) --config "configs/${r#ferkit_}.yaml" --epochs "$E2" --out "runs/$r$TAG" \
+    train $(( $(left) - EVAL_S - 20 )) --config "configs/${r#ferkit_}.yaml" --epochs "$E2" --out "runs/$r$TAG" \
       --teacher "${CKPTS[@]}" >"$LOGS/$r$TAG.out" 2>&1 &
     pids+=($!)
   done
@@ -90,13 +91,13 @@ if [ "$EVALUATE" = 1 ]; then
   date -u +"evaluate %T"
   CANDS=()
   for f in "$OUT"/*.pt $MEMBERS; do [ -f "$f" ] && CANDS+=("$f"); done
-  ev() { $PY -m ferkit evaluate "$@" --data $DATA --tta none flip crops --cache runs/probs_cache $EVAL_EXTRA >>$LOGS/evaluate.out 2>&1; }
+  ev() { timeout "$(left)" $PY -m ferkit evaluate "$@" --data $DATA --tta none flip crops --cache runs/probs_cache $EVAL_EXTRA >>$LOGS/evaluate.out 2>&1; }
   for f in "${CANDS[@]}"; do
     name=$(basename "${f%.*}")
     for split in PublicTest PrivateTest; do ev "$f" --split $split --out runs/eval/$name; done
   done
-  $PY -m ferkit select-ensemble "${CANDS[@]}" --data $DATA --tta none flip crops --cache runs/probs_cache $EVAL_EXTRA \
-    --out runs/eval/ensemble/PublicTest_ranking.json 2>&1 | grep -v "it/s\|s/it" | head -8
+  timeout "$(left)" $PY -m ferkit select-ensemble "${CANDS[@]}" --data $DATA --tta none flip crops --cache runs/probs_cache $EVAL_EXTRA \
+    --out runs/eval/ensemble/PublicTest_ranking.json 2>&1 | grep -v "it/s\|s/it"
   read -r -a WINNER < <($PY -c "import json; print(*json.load(open('runs/eval/ensemble/PublicTest_ranking.json'))['ranking'][0]['checkpoints'])")
   for split in PublicTest PrivateTest; do ev "${WINNER[@]}" --split $split --out runs/eval/ensemble; done
   $PY - <<'PY'

@@ -93,4 +93,4 @@ def test_model_card_says_when_the_class_weights_were_undone(trained_run, reports
     assert "undo-class-weights" not in render_model_card(trained_run, onnx, reports, "x", "y")
     undone = undo_class_weights(onnx, tmp_path / "prior.onnx", [4, 1, 4, 7, 5, 3, 5], 0.5)
     card = render_model_card(trained_run, undone, reports, "x", "y")
-    assert "divided out at export (`ferkit export --undo-class-weights 0.5`)" in card
+    assert "the Training class counts to the power 0.5 (`ferkit export --undo-class-weights 0.5`)" in card

@@ -220,6 +220,18 @@ def test_undoing_class_weights_multiplies_the_probabilities_by_the_counts(tmp_pa
         undo_class_weights(out, tmp_path / "twice.onnx", counts, 0.5)
     with pytest.raises(ValueError, match="one positive count per class"):
         undo_class_weights(exported[kind], tmp_path / "bad.onnx", counts[:6], 0.5)
+    for power in (0.0, float("nan"), -1.0):
+        with pytest.raises(ValueError, match="expected a positive number"):
+            undo_class_weights(exported[kind], tmp_path / "bad.onnx", counts, power)
+
+
+def test_undoing_class_weights_of_a_float16_copy_says_what_to_do_instead(tmp_path, exported):
+    with pytest.raises(ValueError, match="float16 copy; undo the class weights of the float32 export, then convert"):
+        undo_class_weights(exported["fp16"], tmp_path / "x.onnx", np.arange(1, 8), 0.5)
+    undone = undo_class_weights(exported["onnx"], tmp_path / "undone.onnx", np.arange(1, 8), 0.5)
+    half = convert_fp16(undone, tmp_path / "undone_fp16.onnx")  # the order that works
+    assert read_metadata(half)["class_weights_undone"]["power"] == 0.5
+    assert session(half).run(None, {"image": np.zeros((2, 1, 48, 48), np.float32)})[0].shape == (2, 7)
 
 
 def test_cli_export_undoes_class_weights_with_the_counts_of_data(tmp_path, exported, synthetic_cache, capsys):

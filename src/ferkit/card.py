@@ -128,9 +128,10 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
     config_rows = "\n".join(f"| {k} | `{cfg[k]}` |" for k in keys)
     undone = info.get("class_weights_undone")
     output = (
-        f" Its loss's class weights are divided out at export (`ferkit export --undo-class-weights "
-        f"{undone['power']:g}`): the logits get {undone['power']:g} × log of the Training class counts before the "
-        "softmax, so the probabilities follow the Training prior."
+        f" At export its probabilities were multiplied by the Training class counts to the power "
+        f"{undone['power']:g} (`ferkit export --undo-class-weights {undone['power']:g}`), which divides out the "
+        f"class weights of a loss trained with class_weight_power {undone['power']:g} (the table below says how "
+        "this one was)."
         if undone
         else ""
     )

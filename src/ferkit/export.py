@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -84,6 +85,10 @@ def undo_class_weights(onnx_path: str | Path, out: str | Path, counts: np.ndarra
         raise ValueError(f"{onnx_path}: not a ferkit ONNX export (no ferkit metadata)")
     if "class_weights_undone" in info:
         raise ValueError(f"{onnx_path}: its class weights are already undone ({info['class_weights_undone']})")
+    if info.get("precision") == "float16":
+        raise ValueError(f"{onnx_path}: a float16 copy; undo the class weights of the float32 export, then convert")
+    if not (math.isfinite(power) and power > 0):
+        raise ValueError(f"power {power}: expected a positive number (the run's class_weight_power)")
     counts = np.asarray(counts, dtype=np.float64)
     if counts.shape != (len(info["classes"]),) or (counts <= 0).any():
         raise ValueError(f"class counts {counts.tolist()}: need one positive count per class of {onnx_path}")
@@ -98,7 +103,10 @@ def undo_class_weights(onnx_path: str | Path, out: str | Path, counts: np.ndarra
         list(model.graph.node).index(softmax), helper.make_node("Add", [logits, "class_log_prior_offsets"], [shifted])
     )
     softmax.input[0] = shifted
-    onnx.checker.check_model(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise ValueError(f"{onnx_path}: its graph cannot take the correction ({e})") from e
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:

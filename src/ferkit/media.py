@@ -218,8 +218,9 @@ def _predict_video(
             writer.release()
             writer = None
             os.replace(partial, out_dir / out_name)
-        # a header's frame count may be an estimate: more than a second short (and the --every gap) is a cut file
-        if frames and total - 1 - last >= every + fps:
+        # a header's frame count may be an estimate (VFR, MKV/WebM): only a shortfall of over a second (and the
+        # --every gap) that is also a tenth of the announced frames is taken for a cut file
+        if frames and total - 1 - last >= max(every + fps, 0.1 * total):
             yield Record(
                 str(path),
                 error=f"{path}: decoding stopped after frame {last} of the {total} its header announces "

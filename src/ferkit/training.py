@@ -595,8 +595,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     _check_config(cfg, world, device)
     if not resume and (out / "last.pt").exists():
         raise ValueError(f"{out} already holds a run (last.pt): --resume continues it, another --out starts anew")
-    if rank == 0:
-        cfg.to_yaml(out / "config.yaml")  # the recipe beside the run's logs, even where its checkpoints are not kept
     x_np, y_np, xv_np, yv_np = _load_splits(cfg, rank)
     run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size)
     targets = _distill_targets(cfg, device, run.dtype, x_np, out, rank, world)
@@ -605,6 +603,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         log.info("resumed from %s at epoch %d", out / "last.pt", run.state["epoch"])
     elif resume:
         log.info("no %s to resume from; starting a new run", out / "last.pt")
+    if rank == 0:  # the recipe beside the run's logs (once a resume has succeeded), even where no checkpoint is kept
+        cfg.to_yaml(out / "config.yaml")
     run.wrap(world)
     if run.state["epoch"] == 0 and rank == 0:
         log.info(
