@@ -318,10 +318,12 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
 
 def _check_config(cfg: TrainConfig, world: int, device: torch.device) -> None:
     """Refuse option combinations that cannot work, before any data is loaded."""
-    # fp16 exists only on CUDA (also --amp auto on a GPU without bf16): amp_dtype refuses it on a CPU, and
-    # is not asked about bf16 on a CPU here, where it would log its emulation warning twice
-    if (cfg.amp == "fp16" or device.type == "cuda") and amp_dtype(cfg, device) == torch.float16 and cfg.sam_rho:
-        raise ValueError("SAM (sam_rho) does not work with fp16 loss scaling; use --amp bf16 or none")
+    # fp16 exists only on CUDA (also --amp auto on a GPU without bf16). Not asked about bf16 on a CPU here,
+    # where amp_dtype would log its emulation warning a second time.
+    if cfg.amp == "fp16" or device.type == "cuda":
+        fp16 = amp_dtype(cfg, device) == torch.float16  # refuses fp16 on a CPU
+        if fp16 and cfg.sam_rho:
+            raise ValueError("SAM (sam_rho) does not work with fp16 loss scaling; use --amp bf16 or none")
     if cfg.distill_cache and (cfg.mixup or cfg.cutmix):
         raise ValueError("distill_cache cannot teach mixed images (mixup/cutmix): its targets are per image")
     if cfg.batch_size % world:
