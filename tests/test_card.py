@@ -84,6 +84,13 @@ def test_model_card_of_a_run_whose_checkpoints_are_gone_reads_its_config_yaml(tr
     shutil.copy(trained_run / "config.yaml", logs_only)
     card = render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine")
     assert card == render_model_card(trained_run, onnx, reports, "ferkit train --x", "a test machine")
+    # a run from an older ferkit, whose config has a field this one no longer knows, still gets its card
+    with open(logs_only / "config.yaml", "a", encoding="utf-8") as f:
+        f.write("a_removed_option: 3\n")
+    assert render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine") == card
+    (logs_only / "config.yaml").write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="not a training config"):
+        render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine")
 
 
 def test_model_card_says_when_the_class_weights_were_undone(trained_run, reports, tmp_path):

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .data import CLASSES
 from .fileio import atomic_write, read_json_object
 
@@ -69,10 +71,15 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
         from .checkpoint import load_checkpoint
 
         return load_checkpoint(run_dir / "best.pt")["config"]
-    if (run_dir / "config.yaml").exists():
-        from .config import TrainConfig
-
-        return TrainConfig.from_yaml(run_dir / "config.yaml").to_dict()
+    if (run_dir / "config.yaml").exists():  # read as written, like the checkpoint's: an old run's fields stay readable
+        path = run_dir / "config.yaml"
+        try:
+            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(cfg, dict) or "model" not in cfg:
+            raise ValueError(f"{path}: not a training config (a mapping with a model)")
+        return cfg
     raise ValueError(f"{run_dir}: neither best.pt nor config.yaml to read the run's config from")
 
 
