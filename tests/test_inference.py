@@ -105,6 +105,22 @@ def test_ensemble_averages_its_members(tmp_path):
         EmotionRecognizer([a, tmp_path / "reversed.onnx"], threads=1)
 
 
+def test_kept_ensemble_members():
+    """models/ keeps the members that, with the shipped model, make the runnable ensemble of the README:
+    same classes and preprocessing, class weights undone like the shipped model, usable together."""
+    members = sorted((Path(__file__).parents[1] / "models").glob("*.onnx"))
+    assert len(members) == 3, members
+    shipped = read_metadata(DEFAULT_MODEL)
+    for m in members:
+        meta = read_metadata(m)
+        assert meta["classes"] == list(CLASSES)
+        assert meta["preprocessing"] == shipped["preprocessing"]
+        assert meta["class_weights_undone"] == shipped["class_weights_undone"]
+        assert meta["split"] == "PrivateTest" and meta["accuracy"] > 0.7  # its evaluation, written in by export
+    ens = EmotionRecognizer([DEFAULT_MODEL, *members], threads=1)
+    assert ens.predict(ASTRONAUT)[0].emotion == "happy"
+
+
 # --- input types ------------------------------------------------------------------------------
 
 
