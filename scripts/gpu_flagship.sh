@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # The flagship GPU session in one call of the device tool (about 8 minutes on one H100/H200):
 #   1. unpack the carried data (.carry/: fer2013_pack.py and fer.ferpack of Training + PublicTest) and prepare it;
-#   2. three ferkit_vgg teachers train side by side (configs/vgg_gpu.yaml with seeds 1-3 and medium, strong and
-#      light augmentation); their best.pt are slimmed to float16 into $OUT at once;
+#   2. three ferkit_vgg teachers (or the RUNS below) train side by side (configs/vgg_gpu.yaml with seeds 1-3 and
+#      medium, strong and light augmentation); their best.pt are slimmed to float16 into $OUT at once;
 #   3. two shipped-size students are distilled from them: configs/small_distill.yaml, configs/vgg_half_distill.yaml
 #      (skipped when STUDENT_EPOCHS is 0, which leaves the whole call to the teachers);
-#   4. with EVALUATE=1 (and a pack that holds PrivateTest), each slimmed model and the MEMBERS (space-separated paths of other candidates,
-#      e.g. the shipped ONNX) is evaluated on both splits with every TTA, select-ensemble picks an ensemble on
+#   4. with EVALUATE=1 (and a pack that holds PrivateTest), each slimmed model and the MEMBERS (space-separated
+#      paths of other candidates, e.g. the shipped ONNX) is evaluated on both splits with every TTA, select-ensemble picks an ensemble on
 #      PublicTest and the winner is evaluated too (runs/eval/ -> $OUT/eval.tgz); otherwise PrivateTest stays home;
 #   5. their best.pt and the logs follow.
 # From the project root on the GPU machine:
 #   OUT=results [TAG=_e140] bash scripts/gpu_flagship.sh [TEACHER_EPOCHS] [STUDENT_EPOCHS]
 # TAG is appended to every run's name (runs/ferkit_vgg_s1$TAG, ...), so that a new session does not overwrite
 # the runs of the last one. CONFIG (default configs/vgg_gpu.yaml) is the teachers' recipe and PREFIX (default
-# ferkit_vgg) their names' start: CONFIG=configs/resnet_gpu.yaml PREFIX=ferkit_resnet trains ResNet teachers. EXTRA adds `ferkit train` options to every run (e.g. EXTRA="--sam-rho 0.05", which
-# doubles the cost of a step). BUDGET (default 540 s) bounds the whole call: a run still going when its share
-# is spent is stopped and keeps its best epoch, so the results always come back within a 600 s device call.
+# ferkit_vgg) their names' start: CONFIG=configs/resnet_gpu.yaml PREFIX=ferkit_resnet trains ResNet teachers.
+# RUNS replaces the trio: "NAME OPTION...; NAME OPTION...; ..." (its options come after CONFIG's and override them),
+# e.g. two VGGs and two ResNets side by side:
+#   RUNS="ferkit_vgg_s4_e110 --seed 4 --epochs 110; ferkit_vgg_strong_s5_e110 --seed 5 --augment strong --epochs 110;
+#         ferkit_resnet_light_s6_e90 --config configs/resnet_gpu.yaml --seed 6 --augment light --epochs 90;
+#         ferkit_resnet_strong_s7_e90 --config configs/resnet_gpu.yaml --seed 7 --augment strong --epochs 90"
+# EXTRA adds `ferkit train` options to every run (e.g. EXTRA="--sam-rho 0.05", which doubles the cost of a step).
+# BUDGET (default 540 s) bounds the whole call: a run still going when its share is spent is stopped and keeps its
+# best epoch, so the results always come back within a 600 s device call.
 # PY (the Python), EXTRA and EVAL_EXTRA (`ferkit evaluate` options, e.g. "--limit 64 --device cpu") serve a dry
 # run on a CPU.
 set -uo pipefail
@@ -32,6 +38,7 @@ BUDGET=${BUDGET:-540}
 EVALUATE=${EVALUATE:-0}
 MEMBERS=${MEMBERS:-}
 EVAL_EXTRA=${EVAL_EXTRA:-}
+RUNS=${RUNS:-"${PREFIX}_s1$TAG --seed 1; ${PREFIX}_strong_s2$TAG --seed 2 --augment strong; ${PREFIX}_light_s3$TAG --seed 3 --augment light"}
 T0=$(date +%s)
 left() { local l=$((BUDGET - ($(date +%s) - T0))); echo $((l > 1 ? l : 1)); } # budget still unspent (s, ≥ 1)
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -55,14 +62,17 @@ $PY -m ferkit prepare /tmp/fer -o $DATA 2>&1 | tr '\r' '\n' | tail -4 || exit 1
 
 date -u +"teachers %T"
 pids=()
-TEACHERS=(${PREFIX}_s1$TAG ${PREFIX}_strong_s2$TAG ${PREFIX}_light_s3$TAG)
+IFS=';' read -r -a VARIANTS <<<"${RUNS//$'\n'/ }"
+TEACHERS=()
+for variant in "${VARIANTS[@]}"; do set -- $variant; [ $# -gt 0 ] && TEACHERS+=("$1"); done
 STUDENT_S=$(( E2 > 0 ? 4 * E2 + 40 : 0 ))  # the students' share: 2 s an epoch on the GPU, and their start
 EVAL_S=0
 if [ "$EVALUATE" = 1 ]; then EVAL_S=120; fi  # evaluating every model and the chosen ensemble on both splits
 TEACHER_S=$(( $(left) - STUDENT_S - EVAL_S - 30 ))  # 30 s to slim and pack
 echo "teachers may run ${TEACHER_S} s, students ${STUDENT_S} s"
-for variant in "${TEACHERS[0]} --seed 1" "${TEACHERS[1]} --seed 2 --augment strong" "${TEACHERS[2]} --seed 3 --augment light"; do
+for variant in "${VARIANTS[@]}"; do
   set -- $variant
+  [ $# -gt 0 ] || continue
   train "$TEACHER_S" --config "$CONFIG" --epochs "$E1" --out "runs/$1" "${@:2}" >"$LOGS/$1.out" 2>&1 &
   pids+=($!)
 done
