@@ -6,8 +6,9 @@
 #   3. two shipped-size students are distilled from them: configs/small_distill.yaml, configs/vgg_half_distill.yaml
 #      (skipped when STUDENT_EPOCHS is 0, which leaves the whole call to the teachers);
 #   4. with EVALUATE=1 (and a pack that holds PrivateTest), each slimmed model and the MEMBERS (space-separated
-#      paths of other candidates, e.g. the shipped ONNX) is evaluated on both splits with every TTA, select-ensemble picks an ensemble on
-#      PublicTest and the winner is evaluated too (runs/eval/ -> $OUT/eval.tgz); otherwise PrivateTest stays home;
+#      paths of other candidates, e.g. the shipped ONNX) is evaluated on both splits with every TTA,
+#      select-ensemble picks an ensemble on PublicTest and the winner is evaluated too (runs/eval/ ->
+#      $OUT/eval.tgz); otherwise PrivateTest stays home;
 #   5. their best.pt and the logs follow.
 # From the project root on the GPU machine:
 #   OUT=results [TAG=_e140] bash scripts/gpu_flagship.sh [TEACHER_EPOCHS] [STUDENT_EPOCHS]
