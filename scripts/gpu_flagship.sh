@@ -15,7 +15,8 @@
 # TAG is appended to every run's name (runs/ferkit_vgg_s1$TAG, ...), so that a new session does not overwrite
 # the runs of the last one. CONFIG (default configs/vgg_gpu.yaml) is the teachers' recipe and PREFIX (default
 # ferkit_vgg) their names' start: CONFIG=configs/resnet_gpu.yaml PREFIX=ferkit_resnet trains ResNet teachers.
-# RUNS replaces the trio: "NAME OPTION...; NAME OPTION...; ..." (its options come after CONFIG's and override them),
+# RUNS replaces the trio: "NAME OPTION...; NAME OPTION...; ..." (its options come after CONFIG's and override them;
+# words are split on spaces, so no option value may hold one; TAG and PREFIX do not apply to the names given),
 # e.g. two VGGs and two ResNets side by side:
 #   RUNS="ferkit_vgg_s4_e110 --seed 4 --epochs 110; ferkit_vgg_strong_s5_e110 --seed 5 --augment strong --epochs 110;
 #         ferkit_resnet_light_s6_e90 --config configs/resnet_gpu.yaml --seed 6 --augment light --epochs 90;
@@ -47,6 +48,13 @@ DATA=data/fer2013.npz
 LOGS=runs/logs
 mkdir -p "$OUT" "$LOGS" data
 exec > >(tee "$OUT/gpu.log") 2>&1
+set -f  # RUNS entries are split into words, never expanded as file names
+IFS=';' read -r -a VARIANTS <<<"${RUNS//$'\n'/ }"
+TEACHERS=()
+for variant in "${VARIANTS[@]}"; do set -- $variant; [ $# -gt 0 ] && TEACHERS+=("$1"); done
+set +f
+if [ ${#TEACHERS[@]} -eq 0 ]; then echo "RUNS names no run" >&2; exit 2; fi
+if [ "$(printf '%s\n' "${TEACHERS[@]}" | sort | uniq -d)" ]; then echo "RUNS names a run twice" >&2; exit 2; fi
 train() { # LIMIT_SECONDS OPTION...
   local limit=$(($1 > 1 ? $1 : 1))
   shift
@@ -63,16 +71,13 @@ $PY -m ferkit prepare /tmp/fer -o $DATA 2>&1 | tr '\r' '\n' | tail -4 || exit 1
 
 date -u +"teachers %T"
 pids=()
-IFS=';' read -r -a VARIANTS <<<"${RUNS//$'\n'/ }"
-TEACHERS=()
-for variant in "${VARIANTS[@]}"; do set -- $variant; [ $# -gt 0 ] && TEACHERS+=("$1"); done
 STUDENT_S=$(( E2 > 0 ? 4 * E2 + 40 : 0 ))  # the students' share: 2 s an epoch on the GPU, and their start
 EVAL_S=0
 if [ "$EVALUATE" = 1 ]; then EVAL_S=120; fi  # evaluating every model and the chosen ensemble on both splits
 TEACHER_S=$(( $(left) - STUDENT_S - EVAL_S - 30 ))  # 30 s to slim and pack
 echo "teachers may run ${TEACHER_S} s, students ${STUDENT_S} s"
 for variant in "${VARIANTS[@]}"; do
-  set -- $variant
+  set -f; set -- $variant; set +f
   [ $# -gt 0 ] || continue
   train "$TEACHER_S" --config "$CONFIG" --epochs "$E1" --out "runs/$1" "${@:2}" >"$LOGS/$1.out" 2>&1 &
   pids+=($!)

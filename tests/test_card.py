@@ -88,6 +88,10 @@ def test_model_card_of_a_run_whose_checkpoints_are_gone_reads_its_config_yaml(tr
     with open(logs_only / "config.yaml", "a", encoding="utf-8") as f:
         f.write("a_removed_option: 3\n")
     assert render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine") == card
+    # and one written before a field existed gets that field's default
+    lines = (logs_only / "config.yaml").read_text().splitlines()
+    (logs_only / "config.yaml").write_text("\n".join(x for x in lines if not x.startswith("sampler:")) + "\n")
+    assert render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine") == card
     (logs_only / "config.yaml").write_text("[1, 2]\n")
     with pytest.raises(ValueError, match="not a training config"):
         render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine")

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from .config import TrainConfig
 from .data import CLASSES
 from .fileio import atomic_write, read_json_object
 
@@ -66,21 +67,23 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
-    """A run's training config: its ``best.pt``'s, or the ``config.yaml`` training wrote beside its logs."""
+    """A run's training config: its ``best.pt``'s, or the ``config.yaml`` training wrote beside its logs, read
+    as written (a field this ferkit no longer knows is kept, one the run predates takes its default)."""
+    path = run_dir / "config.yaml"
     if (run_dir / "best.pt").exists():
         from .checkpoint import load_checkpoint
 
-        return load_checkpoint(run_dir / "best.pt")["config"]
-    if (run_dir / "config.yaml").exists():  # read as written, like the checkpoint's: an old run's fields stay readable
-        path = run_dir / "config.yaml"
+        cfg = load_checkpoint(run_dir / "best.pt")["config"]
+    elif path.exists():
         try:
             cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(cfg, dict) or "model" not in cfg:
             raise ValueError(f"{path}: not a training config (a mapping with a model)")
-        return cfg
-    raise ValueError(f"{run_dir}: neither best.pt nor config.yaml to read the run's config from")
+    else:
+        raise ValueError(f"{run_dir}: neither best.pt nor config.yaml to read the run's config from")
+    return {**TrainConfig().to_dict(), **cfg}
 
 
 def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], command: str, hardware: str) -> str:
