@@ -45,13 +45,18 @@ def _set_metadata(path: Path, info: dict[str, Any], out: Path | None = None) -> 
     metadata names the model by the file it is written to."""
     import onnx
 
-    model = onnx.load(str(path))
+    _save_with_metadata(onnx.load(str(path)), info, Path(out or path))
+
+
+def _save_with_metadata(model: Any, info: dict[str, Any], out: Path) -> None:
+    """Write the in-memory ONNX ``model`` to ``out`` atomically, with ``info`` (named after ``out``) as its
+    ferkit metadata."""
     del model.metadata_props[:]
     entry = model.metadata_props.add()
-    info = {"name": Path(out or path).stem, **{k: v for k, v in info.items() if k != "name"}}
+    info = {"name": out.stem, **{k: v for k, v in info.items() if k != "name"}}
     entry.key, entry.value = "ferkit", json.dumps(info)
     model.doc_string = f"ferkit {info['name']}: {PREPROCESSING}"
-    atomic_write(out or path, lambda f: f.write(model.SerializeToString()))
+    atomic_write(out, lambda f: f.write(model.SerializeToString()))
 
 
 def with_metrics(onnx_path: str | Path, out: str | Path, metrics: dict[str, Any]) -> Path:
@@ -108,14 +113,9 @@ def undo_class_weights(onnx_path: str | Path, out: str | Path, counts: np.ndarra
     except onnx.checker.ValidationError as e:
         raise ValueError(f"{onnx_path}: its graph cannot take the correction ({e})") from e
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        staged = Path(tmp) / out.name
-        onnx.save(model, str(staged))
-        undone = {"power": power, "training_counts": counts.astype(int).tolist()}
-        kept = {k: v for k, v in info.items() if k not in METRIC_KEYS}
-        _set_metadata(staged, {**kept, "class_weights_undone": undone})
-        staged.replace(out)
+    undone = {"power": power, "training_counts": counts.astype(int).tolist()}
+    kept = {k: v for k, v in info.items() if k not in METRIC_KEYS}
+    _save_with_metadata(model, {**kept, "class_weights_undone": undone}, out)
     return out
 
 
