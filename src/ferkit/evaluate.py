@@ -271,7 +271,7 @@ def _probabilities(
     """The labels of ``split`` and, for each model in turn, its name and probabilities per TTA mode (with a
     progress bar: ten-crop views of a large model take minutes on a CPU). With a ``cache`` folder, each
     model's probabilities are kept there under the SHA-256 of its file and of the images, and reused (see
-    :data:`CACHE_VERSION`)."""
+    :data:`CACHE_VERSION`; writing an entry deletes that model's entries of older versions)."""
     from .data import load_dataset
     from .training import resolve_device
 
@@ -285,7 +285,8 @@ def _probabilities(
     for k, ck in enumerate(checkpoints, 1):
         digest = None if cache is None else file_digest(ck)  # before loading: the key names what is loaded
         model, name = load_for_evaluation(ck)
-        path = None if cache is None else Path(cache) / f"{digest}-{images_key}-{dev.type}-v{CACHE_VERSION}.npz"
+        key = f"{digest}-{images_key}-{dev.type}"
+        path = None if cache is None else Path(cache) / f"{key}-v{CACHE_VERSION}.npz"
         probs = _read_cached(path, modes, len(images))
         if probs is None:
             label = f"{split} {k}/{len(checkpoints)} {ck}"
@@ -293,6 +294,8 @@ def _probabilities(
             if path is not None and file_digest(ck) == digest:  # not kept if the file changed while loading
                 kept = _read_cached(path, (), len(images)) or {}
                 atomic_write(path, lambda f, p=probs, kept=kept: np.savez(f, **{**kept, **p}))
+                for stale in {*path.parent.glob(f"{key}.npz"), *path.parent.glob(f"{key}-v*.npz")} - {path}:
+                    stale.unlink(missing_ok=True)  # the same model and images under an older CACHE_VERSION
         per_model.append((name, probs))
     return labels, per_model
 
