@@ -221,16 +221,17 @@ def warn_if_busy(threads: int) -> None:
         )
 
 
-def float_model_or_exit(model: Path, int8: Path | None) -> None:
-    """Exit with a clear message unless ``model`` is a float ONNX model (the int8 one goes in ``--int8``)."""
+def float_and_int8(model: Path, int8: Path | None) -> tuple[Path | None, Path | None]:
+    """The (float, int8) ONNX files that ``--model`` and ``--int8`` name; exits with a clear message on a
+    missing file. ``model`` may be a float export (its int8 form is ``int8``, or None: quantize it) or an int8
+    file such as the shipped model, which is then benchmarked alone (no float rows: none is shipped)."""
     from ferkit.export import read_metadata
 
-    if not model.is_file():
-        sys.exit(f"{model}: ONNX model not found")
-    if "quantization" in read_metadata(model):
-        sys.exit(
-            f"{model} is already int8: pass its float32 export as --model (ferkit export CHECKPOINT -o FILE) "
-            f"and {model} as --int8"
-        )
-    if int8 is not None and not int8.is_file():
-        sys.exit(f"{int8}: ONNX model not found")
+    for path in (model, int8):
+        if path is not None and not path.is_file():
+            sys.exit(f"{path}: ONNX model not found")
+    if "quantization" not in read_metadata(model):
+        return model, int8
+    if int8 is not None:
+        sys.exit(f"{model} is already int8: pass its float32 export (ferkit export CHECKPOINT -o FILE) as --model")
+    return None, model

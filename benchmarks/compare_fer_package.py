@@ -24,7 +24,7 @@ from _common import (
     ROOT,
     base_parser,
     ferkit_inputs,
-    float_model_or_exit,
+    float_and_int8,
     machine_info,
     predict_batched,
     print_table,
@@ -45,16 +45,21 @@ SETUP = "bash benchmarks/setup_fer_venv.sh"
 
 def parse_args(argv: list[str] | None = None):
     p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ferkit ONNX model (default: the shipped one)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help="ferkit ONNX model, int8 or float32 (default: the shipped one)",
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="FER-2013 cache")
     p.add_argument("--limit", type=int, default=0, help="PrivateTest images (0 = all 3,589)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size of the faces/s numbers")
     p.add_argument("--min-time", type=float, default=5.0, help="seconds of timed calls per faces/s number")
     p.add_argument("--fer-python", type=Path, default=FER_VENV / "bin" / "python", help="python of the fer venv")
     p.add_argument("--fer-variants", default="keras,tflite", help="keras (mini-Xception .hdf5) and/or tflite")
-    p.add_argument("--no-int8", action="store_true", help="skip ferkit's int8 ONNX row")
+    p.add_argument("--no-int8", action="store_true", help="skip ferkit's int8 ONNX row (with a float32 --model)")
     p.add_argument("--calibration", type=int, default=512, help="Training crops for ferkit's int8 calibration")
-    p.add_argument("--int8", type=Path, help="an int8 export of --model (e.g. the shipped one) instead of quantizing")
+    p.add_argument("--int8", type=Path, help="an int8 export of a float32 --model, instead of quantizing it")
     args = p.parse_args(argv)
     if args.quick:
         args.limit, args.min_time, args.calibration = args.limit or 300, 0.3, 64
@@ -121,13 +126,22 @@ def run_ferkit(name: str, path: Path, crops: np.ndarray, threads: int, args) -> 
 
 
 def _onnx_params(path: Path) -> int | None:
+    """Weights and biases in an ONNX graph, float or quantized (not the scales and zero points of its
+    QuantizeLinear/DequantizeLinear nodes, nor int64 shape constants)."""
     try:
         import onnx
         from onnx import numpy_helper
     except ImportError:
         return None
-    model = onnx.load(str(path))
-    return int(sum(numpy_helper.to_array(t).size for t in model.graph.initializer if t.data_type == 1))
+    graph = onnx.load(str(path)).graph
+    qdq = {i for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for i in n.input[1:]}
+    return int(
+        sum(
+            numpy_helper.to_array(t).size
+            for t in graph.initializer
+            if t.name not in qdq and t.data_type != onnx.TensorProto.INT64
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     threads = threads_or_cores(args.threads)
     fer_version = check_fer_env(args.fer_python)
     warn_if_busy(threads)
-    float_model_or_exit(args.model, args.int8)
+    float_model, int8_model = float_and_int8(args.model, args.int8)
+    if float_model is None and args.no_int8:
+        sys.exit(f"{args.model} is int8: --no-int8 would leave no ferkit row")
 
     data = load_dataset(args.data, progress=False)
     crops, labels = data.subset(*data.split("PrivateTest"), args.limit)
@@ -144,16 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         fer_probs, fer_meta = run_fer(args, crops, threads, tmp)
 
-        models = [("ferkit " + args.model.stem, "ONNX Runtime fp32", args.model)]
-        if not args.no_int8:
+        name = "ferkit " + args.model.stem
+        models = [(name, "ONNX Runtime fp32", float_model)] if float_model is not None else []
+        if int8_model is None and not args.no_int8:
             from ferkit.export import quantize_int8
 
-            int8 = args.int8
-            if int8 is None:
-                calib, _ = data.subset(*data.split("Training"), args.calibration, seed=1)
-                int8 = quantize_int8(args.model, tmp / f"{args.model.stem}_int8.onnx", calib)
-            models.append(("ferkit " + args.model.stem, "ONNX Runtime int8", int8))
-        params = _onnx_params(args.model)  # of the fp32 model: the int8 one stores int8 weights
+            calib, _ = data.subset(*data.split("Training"), args.calibration, seed=1)
+            int8_model = quantize_int8(float_model, tmp / f"{float_model.stem}_int8.onnx", calib)
+        if int8_model is not None and not args.no_int8:
+            models.append((name, "ONNX Runtime int8", int8_model))
+        params = _onnx_params(args.model)
         for name, runtime, path in models:
             probs, info = run_ferkit(f"{name} ({runtime})", path, crops, threads, args)
             rows.append(

@@ -1,17 +1,19 @@
-"""Inference speed and accuracy of the shipped model: torch eager vs ONNX Runtime fp32, fp16 and int8.
+"""Inference speed and accuracy of the shipped model (int8 ONNX); given its float32 export, also torch eager
+and ONNX Runtime fp32, fp16 and int8 side by side.
 
 Model only: faces/s at batch sizes 64 and 256, batch-1 latency (p50/p95) and accuracy / macro F1 on all of
-FER-2013 PrivateTest, so that the cost of int8 is measured next to its speed-up. The int8 model is made
-with ``ferkit.export.quantize_int8`` in a temp folder, calibrated on 512 Training crops; the fp16 one
-with ``ferkit.export.convert_fp16``. torch runs only
+FER-2013 PrivateTest. With a float32 export in ``--model``, the cost of int8 is measured next to its
+speed-up: the int8 model is ``--int8`` or made with ``ferkit.export.quantize_int8`` in a temp folder,
+calibrated on 512 Training crops; the fp16 one with ``ferkit.export.convert_fp16``. torch runs only
 when ``--checkpoint`` gives the training checkpoint (.pt) of the model.
 
 End to end: latency of ``EmotionRecognizer.predict`` (JPEG decode, Haar detection, crops, model) on a
 640x480 photo with one face and one with five, composed from real PrivateTest crops upscaled onto a
 canvas; crops are picked so that Haar finds exactly the intended faces (checked on the decoded JPEG).
 
-    .venv/bin/python benchmarks/inference_speed.py --model runs/export/ferkit_vgg_s1_e110.onnx \
-        --int8 src/ferkit/weights/ferkit_vgg_s1_e110_int8.onnx --checkpoint runs/ferkit_vgg_s1_e110/best.pt
+    .venv/bin/python benchmarks/inference_speed.py --threads 2       # the shipped int8 model
+    .venv/bin/python benchmarks/inference_speed.py --model runs/export/m.onnx --int8 m_int8.onnx \
+        --checkpoint runs/m/best.pt                                      # + torch, fp32, fp16 rows
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from _common import (
     DEFAULT_DATA,
     base_parser,
     ferkit_inputs,
-    float_model_or_exit,
+    float_and_int8,
     latencies_ms,
     machine_info,
     predict_batched,
@@ -41,7 +43,7 @@ from _common import (
 
 from ferkit.data import CLASSES, SPLITS, load_dataset
 from ferkit.export import convert_fp16, quantize_int8
-from ferkit.faces import crop_faces
+from ferkit.faces import crop_faces, make_detector
 from ferkit.inference import DEFAULT_MODEL, EmotionRecognizer, OnnxBackend, TorchBackend, load_image
 
 PHOTO_SIZE = (640, 480)  # width, height
@@ -54,7 +56,9 @@ LAYOUTS = {
 
 def parse_args(argv: list[str] | None = None):
     p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ONNX model (default: the shipped one)")
+    p.add_argument(
+        "--model", type=Path, default=DEFAULT_MODEL, help="ONNX model, int8 or float32 (default: the shipped one)"
+    )
     p.add_argument("--checkpoint", type=Path, help="training checkpoint of the same model, for the torch row")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="FER-2013 cache")
     p.add_argument("--batch-sizes", default="64,256", help="comma-separated batch sizes for faces/s")
@@ -62,7 +66,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--latency-runs", type=int, default=300, help="batch-1 calls per latency number")
     p.add_argument("--e2e-runs", type=int, default=100, help="EmotionRecognizer.predict calls per photo")
     p.add_argument("--calibration", type=int, default=512, help="Training crops for int8 calibration")
-    p.add_argument("--int8", type=Path, help="an int8 export of --model (e.g. the shipped one) instead of quantizing")
+    p.add_argument("--int8", type=Path, help="an int8 export of a float32 --model, instead of quantizing it")
     p.add_argument("--limit", type=int, default=0, help="PrivateTest images for accuracy (0 = all 3,589)")
     p.add_argument("--no-int8-e2e", action="store_true", help="end to end with the fp32 model only")
     args = p.parse_args(argv)
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = threads_or_cores(args.threads)
     cv2.setNumThreads(threads)
     warn_if_busy(threads)
-    float_model_or_exit(args.model, args.int8)
+    float_model, int8_model = float_and_int8(args.model, args.int8)
 
     data = load_dataset(args.data, progress=False)
     test_x, test_y = data.split("PrivateTest")
@@ -205,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         test_idx = np.sort(np.random.default_rng(0).permutation(len(test_y))[: args.limit])
     crops, labels = test_x[test_idx], test_y[test_idx]
-    calib, _ = data.subset(*data.split("Training"), args.calibration, seed=1)
 
     rows, probs = [], {}
     with tempfile.TemporaryDirectory(prefix="ferkit-int8-") as tmp:
@@ -215,43 +218,48 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(threads)
             backends["torch eager fp32"] = TorchBackend(args.checkpoint)
-        backends["onnxruntime fp32"] = OnnxBackend(args.model, threads)
-        int8_path = args.int8 or Path(tmp) / (args.model.stem + "_int8.onnx")
-        if not args.int8:
+        if float_model is not None:
+            backends["onnxruntime fp32"] = OnnxBackend(float_model, threads)
+        if quantized := int8_model is None:
+            calib, _ = data.subset(*data.split("Training"), args.calibration, seed=1)
             print(f"quantizing to int8 (calibration: {len(calib)} Training crops) ...", flush=True)
-            quantize_int8(args.model, int8_path, calib)
-        backends["onnxruntime int8"] = OnnxBackend(int8_path, threads)
-        fp16_path = convert_fp16(args.model, Path(tmp) / (args.model.stem + "_fp16.onnx"))
-        backends["onnxruntime fp16"] = OnnxBackend(fp16_path, threads)
+            int8_model = quantize_int8(float_model, Path(tmp) / (float_model.stem + "_int8.onnx"), calib)
+        backends["onnxruntime int8"] = OnnxBackend(int8_model, threads)
+        if float_model is not None:
+            fp16_path = convert_fp16(float_model, Path(tmp) / (float_model.stem + "_fp16.onnx"))
+            backends["onnxruntime fp16"] = OnnxBackend(fp16_path, threads)
         for name, backend in backends.items():
             row, probs[name] = bench_backend(name, backend, crops, labels, args)
             rows.append(row)
-        ref = probs["onnxruntime fp32"]
-        for row in rows:
-            p = probs[row["backend"]]
-            row["top1_agree_fp32"] = float((p.argmax(1) == ref.argmax(1)).mean())
-            row["max_abs_diff_fp32"] = float(np.abs(p - ref).max())
+        if (ref := probs.get("onnxruntime fp32")) is not None:
+            for row in rows:
+                p = probs[row["backend"]]
+                row["top1_agree_fp32"] = float((p.argmax(1) == ref.argmax(1)).mean())
+                row["max_abs_diff_fp32"] = float(np.abs(p - ref).max())
 
         print("composing the test photos (Haar must find exactly the intended faces) ...", flush=True)
-        fp32 = EmotionRecognizer(args.model, threads=threads)
+        detector = make_detector()
         photos = {}
         for n in LAYOUTS:
-            jpeg, rgb, chosen, tries = compose_photo(n, fp32.detector, crops, labels)
+            jpeg, rgb, chosen, tries = compose_photo(n, detector, crops, labels)
             photos[n] = {"jpeg": jpeg, "privatetest_index": [int(test_idx[i]) for i in chosen], "tries": tries}
             photos[n]["sources"] = [str(test_sources[test_idx[i]]) for i in chosen]
             out = args.out_dir / f"inference_speed_photos{'_quick' if args.quick else ''}" / f"{n}face.jpg"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(jpeg)
             photos[n]["file"] = str(out)
-        e2e = bench_end_to_end(fp32, photos, args.e2e_runs)
-        if not args.no_int8_e2e:
-            e2e += bench_end_to_end(EmotionRecognizer(int8_path, threads=threads), photos, args.e2e_runs)
+        e2e_models = [float_model] if float_model is not None else []
+        if float_model is None or not args.no_int8_e2e:
+            e2e_models.append(int8_model)
+        e2e = []
+        for path in e2e_models:
+            e2e += bench_end_to_end(EmotionRecognizer(path, detector=detector, threads=threads), photos, args.e2e_runs)
 
     print()
     cols = ["backend", "accuracy", "macro_f1", *[f"faces_per_s_b{b}" for b in args.batch_sizes]]
     print_table(
         rows,
-        [*cols, "b1_p50_ms", "b1_p95_ms", "top1_agree_fp32"],
+        [*cols, "b1_p50_ms", "b1_p95_ms", *(["top1_agree_fp32"] if float_model is not None else [])],
         title=f"model only: {args.model.name}, {threads} threads, PrivateTest n={len(labels)}",
     )
     print()
@@ -270,13 +278,13 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 "model": str(args.model),
                 "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-                "int8_model": str(args.int8) if args.int8 else "quantized on the fly",
+                "int8_model": str(args.int8 or (args.model if float_model is None else "quantized on the fly")),
                 "threads": threads,
                 "batch_sizes": args.batch_sizes,
                 "min_time_s": args.min_time,
                 "latency_runs": args.latency_runs,
                 "e2e_runs": args.e2e_runs,
-                "calibration_images": len(calib),
+                "calibration_images": args.calibration if quantized else None,
                 "privatetest_images": len(labels),
             },
             "model_only": rows,

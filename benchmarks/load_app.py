@@ -4,17 +4,17 @@
     .venv/bin/python benchmarks/load_app.py                      # 8 clients, 1,000 requests
     .venv/bin/python benchmarks/load_app.py --url http://host:7860 --requests 200
 
-Prints latency percentiles, throughput and errors; writes reports/load_app.json (--quick: 40 requests,
-reports/load_app_quick.json). The clients run on
-the same machine as the server and share its CPU, so on a small machine they slow the server down a
-little; compare numbers only between runs on the same machine.
+First the face detector alone on the photo (in this process), then ``--alone`` requests one at a time
+(the service time, with no queueing), then the load. Prints
+latency percentiles, throughput and errors; writes reports/load_app.json (--quick: 40 requests,
+reports/load_app_quick.json). The clients run on the same machine as the server and share its CPU, so on
+a small machine they slow the server down a little; compare numbers only between runs on the same machine.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from _common import ROOT, base_parser, write_report
+from _common import ROOT, base_parser, latencies_ms, machine_info, summarize_ms, write_report
 from PIL import Image
 
 ASTRONAUT = ROOT / "src" / "ferkit" / "assets" / "astronaut.jpg"
@@ -40,6 +40,16 @@ def one_face_photo() -> bytes:
     buf = io.BytesIO()
     canvas.save(buf, "JPEG", quality=90)
     return buf.getvalue()
+
+
+def detect_p50_ms(photo: bytes, runs: int = 20) -> float:
+    """Median ms of ferkit's default face detector on the decoded photo, in this process before the server
+    starts: the part of each request's work that is face detection."""
+    from ferkit.faces import make_detector
+    from ferkit.inference import load_image
+
+    rgb, detector = load_image(photo), make_detector()
+    return summarize_ms(latencies_ms(lambda i: detector.detect(rgb), runs))["p50_ms"]
 
 
 def start_server(serve_args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen, str, Path]:
@@ -137,15 +147,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="requests in all")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--warmup", type=int, default=20, help="requests first, not measured")
+    parser.add_argument("--alone", type=int, default=30, help="requests sent one at a time first: no queueing")
     parser.add_argument("--url", help="benchmark this running server instead of starting one")
     parser.add_argument("--serve-args", default="", help="extra `ferkit serve` flags, e.g. '--concurrency 1'")
     args = parser.parse_args()
     if args.quick:
-        args.requests, args.warmup = 40, 4
+        args.requests, args.warmup, args.alone = 40, 4, 4
     if args.threads:
         args.serve_args += f" --threads {args.threads}"
 
     photo = one_face_photo()
+    detect_ms = detect_p50_ms(photo, 5 if args.quick else 20)
     proc = log = None
     if args.url:
         url = args.url.rstrip("/")
@@ -155,6 +167,7 @@ def main() -> None:
         health = httpx.get(f"{url}/healthz", timeout=10).json()
         if args.warmup:
             run_load(url, photo, args.warmup, min(args.clients, args.warmup))
+        alone = run_load(url, photo, args.alone, 1) if args.alone else None
         load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         result = run_load(url, photo, args.requests, args.clients)
         load2 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -166,17 +179,15 @@ def main() -> None:
         "what": "POST /api/v1/predict, 640x480 JPEG with one face",
         "quick": args.quick,
         "photo_bytes": len(photo),
+        "detect_p50_ms": round(detect_ms, 1),
         "server": url if args.url else f"ferkit serve {args.serve_args}".strip() + " (loopback)",
         "model": health.get("model"),
         "version": health.get("version"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_avg_1m_before": load1,
-            "load_avg_1m_after": load2,
-        },
+        "machine": {**machine_info(), "load_avg_1m_before": load1, "load_avg_1m_after": load2},
         **result,
+        "one_client": None
+        if alone is None
+        else {k: alone[k] for k in ("requests", "throughput_rps", "errors", "latency_ms")},
     }
     lat = result["latency_ms"]
     print(f"{report['what']}: {result['requests']} requests, {result['clients']} clients, model {report['model']}")
@@ -185,6 +196,10 @@ def main() -> None:
         f"{lat['p50']:>8.1f}{lat['p95']:>8.1f}{lat['p99']:>8.1f}{lat['mean']:>9.1f}{lat['max']:>8.1f}"
         f"{result['throughput_rps']:>8.2f}{result['errors']:>8}"
     )
+    if alone is not None:
+        one = alone["latency_ms"]
+        print(f"one request at a time ({alone['requests']}): p50 {one['p50']} ms, p95 {one['p95']} ms")
+    print(f"face detection alone on this photo, in this process: p50 {detect_ms:.1f} ms")
     print(
         f"statuses {result['statuses']}, faces per answer {result['faces_per_answer']}, "
         f"{os.cpu_count()} CPUs, load average {load1} -> {load2}"
