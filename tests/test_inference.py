@@ -267,6 +267,12 @@ def test_16_bit_images_load(tmp_path):
     out = load_image(tmp_path / "g16.png")
     np.testing.assert_array_equal(out, np.repeat(gray8[..., None], 3, axis=2))
     np.testing.assert_array_equal(load_image(gray16), out)  # a uint16 array too
+    dark = gray16 // 512  # at most 127 of 65,535: black, in either byte order, not 8-bit values up to 127
+    assert load_image(dark).max() == 0
+    big_endian = dark.astype(">u2")  # 16-bit big-endian TIFFs (Pillow's I;16B) come as such arrays
+    Image.fromarray(big_endian).save(tmp_path / "g16b.tif")
+    for image in (big_endian, tmp_path / "g16b.tif"):
+        assert load_image(image).max() == 0
 
 
 def test_cmyk_and_other_modes_load(tmp_path):

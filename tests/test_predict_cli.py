@@ -186,8 +186,9 @@ def test_annotated_image_that_cannot_be_written_is_reported(capsys, good, tmp_pa
     monkeypatch.setattr(ferkit.media, "atomic_write", fail)
     code, out, _ = run(capsys, good / "astronaut.jpg", "--annotate", tmp_path / "ann", "--format", "jsonl")
     assert code == 1
-    (record,) = jsonl(out)
-    assert record["error"] == f"annotated image not written: {tmp_path / 'ann' / 'astronaut_annotated.png'}: disk full"
+    prediction, error = jsonl(out)  # the faces are still reported, then what went wrong
+    assert prediction["source"] == str(good / "astronaut.jpg") and len(prediction["faces"]) == 1
+    assert error["error"] == f"annotated image not written: {tmp_path / 'ann' / 'astronaut_annotated.png'}: disk full"
 
 
 def test_a_folder_without_images_is_reported(capsys, good, tmp_path):
@@ -241,6 +242,45 @@ def test_video_every_nth_frame(capsys, video, tmp_path):
     assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(10 / 4)  # the source's 10 fps: it lasts as long
     assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (256, 256)
     cap.release()
+
+
+def test_annotated_video_that_cannot_be_written_keeps_its_frames(capsys, video, tmp_path, monkeypatch):
+    class Closed:  # a VideoWriter whose codec is missing
+        def __init__(self, *args) -> None:
+            pass
+
+        def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+            return False
+
+        def release(self) -> None:
+            pass
+
+    out_dir = tmp_path / "annotated"
+    with monkeypatch.context() as m:
+        m.setattr(cv2, "VideoWriter", Closed)
+        code, out, _ = run(capsys, video, "--every", "4", "--format", "jsonl", "--annotate", out_dir)
+    assert code == 1
+    error, *frames = jsonl(out)
+    assert error["error"] == f"{out_dir / 'clip_annotated.mp4'}: cannot write the annotated video"
+    assert [r["frame"] for r in frames] == [0, 4, 8] and all(len(r["faces"]) == 1 for r in frames)
+    assert not list(out_dir.iterdir())
+
+    def full(src, dst):
+        raise OSError(f"{dst}: disk full")
+
+    monkeypatch.setattr("ferkit.media.os.replace", full)
+    code, out, _ = run(capsys, video, "--every", "4", "--format", "jsonl", "--annotate", out_dir)
+    *frames, error = jsonl(out)
+    assert code == 1 and [r["frame"] for r in frames] == [0, 4, 8]
+    assert error["error"] == f"annotated video not written: {out_dir / 'clip_annotated.mp4'}: disk full"
+    assert not list(out_dir.iterdir())  # nor its partial file
+
+
+def test_a_camera_that_gives_no_frame_is_reported(capsys, monkeypatch):
+    monkeypatch.setattr("ferkit.media.video_frames", lambda source, every: iter(()))
+    code, out, _ = run(capsys, "--webcam", "3", "--format", "jsonl")
+    assert code == 1
+    assert jsonl(out) == [{"source": "webcam:3", "error": "camera 3: opened, but gave no frame"}]
 
 
 @pytest.mark.parametrize("reported, fps", [(15.0, 15.0), (0.0, 30.0), (float("nan"), 30.0)])

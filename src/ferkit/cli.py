@@ -311,7 +311,7 @@ def _print_records(records, fmt: str, classes: list[str]) -> bool:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import EmotionRecognizer
-    from .media import Record, predict_paths, video_frames
+    from .media import predict_camera, predict_paths
 
     if args.webcam is None and not args.paths:
         args.usage_error("give image/video/folder paths, or --webcam N")
@@ -327,10 +327,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         min_face=args.min_face,
     )
     if args.webcam is not None:
-        records = (
-            Record(f"webcam:{args.webcam}", rec.predict(rgb, args.fallback), frame=i, time_s=t)
-            for i, t, rgb in video_frames(args.webcam, args.every)
-        )
+        records = predict_camera(rec, args.webcam, args.every, args.fallback)
     else:
         records = predict_paths(
             rec, args.paths, args.every, args.annotate, args.fallback, progress=not args.no_progress

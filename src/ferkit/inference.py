@@ -102,7 +102,7 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
         raise ImageError(f"array of dtype {a.dtype} is not an image (expected integer or float pixels)")
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise ImageError("array has NaN or infinite pixel values")
-    if a.dtype == np.uint16:  # 16-bit: scale by the type's range, not by the values
+    if a.dtype.kind == "u" and a.dtype.itemsize == 2:  # 16-bit, either byte order: scale by the type's range
         a = (a.astype(np.float64) / 257).round().astype(np.uint8)
     elif a.dtype != np.uint8:
         a = a.astype(np.float64)

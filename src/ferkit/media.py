@@ -90,6 +90,19 @@ def video_frames(source: str | int, every: int = 1) -> Iterator[tuple[int, float
         cap.release()
 
 
+def predict_camera(
+    recognizer: EmotionRecognizer, camera: int, every: int = 1, fallback: bool = False
+) -> Iterator[Record]:
+    """One :class:`Record` per ``every``-th frame of camera number ``camera``, until it stops; an error
+    record when it opens but gives no frame (a camera in use elsewhere, or a device that is not a camera)."""
+    source, frames = f"webcam:{camera}", 0
+    for index, t, rgb in video_frames(camera, every):
+        frames += 1
+        yield Record(source, recognizer.predict(rgb, whole_image_fallback=fallback), frame=index, time_s=t)
+    if frames == 0:
+        yield Record(source, error=f"camera {camera}: opened, but gave no frame")
+
+
 def video_info(path: str | Path) -> tuple[int, float]:
     """A video file's frame count (0 if unknown) and frame rate (30 if unknown)."""
     import cv2
@@ -173,13 +186,12 @@ def _predict_files(
         except (ImageError, OSError) as e:
             yield Record(str(path), error=str(e))
             continue
+        yield Record(str(path), faces)
         if out_dir is not None:
             try:
                 _save_annotated(rgb, faces, out_dir / _unique_name(f"{path.stem}_annotated.png", used))
-            except OSError as e:
+            except OSError as e:  # the faces are reported above; only the picture is missing
                 yield Record(str(path), error=f"annotated image not written: {e}")
-                continue
-        yield Record(str(path), faces)
 
 
 def _predict_video(
@@ -204,12 +216,15 @@ def _predict_video(
             frames, last = frames + 1, index
             faces = recognizer.predict(rgb, whole_image_fallback=fallback)
             bar.update()
-            if partial is not None:
-                if writer is None:
-                    size = (rgb.shape[1], rgb.shape[0])
-                    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), fps / every, size)
-                    if not writer.isOpened():
-                        raise ImageError(f"{out_dir / out_name}: cannot write the annotated video")
+            if partial is not None and writer is None:
+                size = (rgb.shape[1], rgb.shape[0])
+                writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), fps / every, size)
+                if not writer.isOpened():  # the frames are still reported, without the video
+                    writer.release()
+                    partial.unlink(missing_ok=True)
+                    writer = partial = None
+                    yield Record(str(path), error=f"{out_dir / out_name}: cannot write the annotated video")
+            if writer is not None:
                 writer.write(cv2.cvtColor(annotate(rgb, faces), cv2.COLOR_RGB2BGR))
             yield Record(str(path), faces, frame=index, time_s=t)
         if frames == 0:
@@ -217,7 +232,10 @@ def _predict_video(
         if writer is not None:
             writer.release()
             writer = None
-            os.replace(partial, out_dir / out_name)
+            try:
+                os.replace(partial, out_dir / out_name)
+            except OSError as e:  # the frames are reported above; only the video is missing
+                yield Record(str(path), error=f"annotated video not written: {e}")
         # a header's frame count may be an estimate (VFR, MKV/WebM): only a shortfall of over a second (and the
         # --every gap) that is also a tenth of the announced frames is taken for a cut file
         if frames and total - 1 - last >= max(every + fps, 0.1 * total):
