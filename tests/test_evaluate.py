@@ -306,12 +306,13 @@ def test_prediction_cache_drops_a_models_entries_of_older_versions(trained_run, 
     (entry,) = cache.glob("*.npz")
     key = entry.name.removesuffix(f"-v{CACHE_VERSION}.npz")
     unversioned, older = cache / f"{key}.npz", cache / f"{key}-v{CACHE_VERSION - 1}.npz"
+    newer = cache / f"{key}-v{CACHE_VERSION + 1}.npz"  # a newer ferkit sharing the folder keeps its entry
     other_model = cache / f"0123456789abcdef-{key.split('-', 1)[1]}-v{CACHE_VERSION - 1}.npz"
-    for path in (unversioned, older, other_model):
+    for path in (unversioned, older, newer, other_model):
         shutil.copy(entry, path)
     entry.unlink()
     evaluate_tta([best], synthetic_cache, "PrivateTest", modes=("none",), device="cpu", cache=cache)
-    assert sorted(p.name for p in cache.glob("*.npz")) == sorted([entry.name, other_model.name])
+    assert sorted(p.name for p in cache.glob("*.npz")) == sorted([entry.name, newer.name, other_model.name])
 
 
 def test_prediction_cache_keeps_nothing_for_a_file_replaced_while_loading(

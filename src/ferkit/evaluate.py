@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -294,10 +295,21 @@ def _probabilities(
             if path is not None and file_digest(ck) == digest:  # not kept if the file changed while loading
                 kept = _read_cached(path, (), len(images)) or {}
                 atomic_write(path, lambda f, p=probs, kept=kept: np.savez(f, **{**kept, **p}))
-                for stale in {*path.parent.glob(f"{key}.npz"), *path.parent.glob(f"{key}-v*.npz")} - {path}:
-                    stale.unlink(missing_ok=True)  # the same model and images under an older CACHE_VERSION
+                for stale in _older_versions(path.parent, key):
+                    stale.unlink(missing_ok=True)
         per_model.append((name, probs))
     return labels, per_model
+
+
+def _older_versions(folder: Path, key: str) -> list[Path]:
+    """The cache entries of ``key`` (a model, images and device) written under an older :data:`CACHE_VERSION`,
+    or before entries had one; a newer version's entry (a newer ferkit sharing the folder) is left alone."""
+    older = []
+    for path in folder.glob(f"{key}*.npz"):
+        m = re.fullmatch(rf"{re.escape(key)}(?:-v(\d+))?\.npz", path.name)
+        if m and (m[1] is None or int(m[1]) < CACHE_VERSION):
+            older.append(path)
+    return older
 
 
 def _read_cached(path: Path | None, modes: Sequence[str], n: int) -> dict[str, np.ndarray] | None:
