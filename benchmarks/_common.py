@@ -224,13 +224,15 @@ def warn_if_busy(threads: int) -> None:
 def float_and_int8(model: Path, int8: Path | None) -> tuple[Path | None, Path | None]:
     """The (float, int8) ONNX files that ``--model`` and ``--int8`` name; exits with a clear message on a
     missing file. ``model`` may be a float export (its int8 form is ``int8``, or None: quantize it) or an int8
-    file such as the shipped model, which is then benchmarked alone (no float rows: none is shipped)."""
-    from ferkit.export import read_metadata
+    file such as the shipped model (any graph with quantized operators), which is then benchmarked alone (no
+    float rows: none is shipped)."""
+    import onnx
 
     for path in (model, int8):
         if path is not None and not path.is_file():
             sys.exit(f"{path}: ONNX model not found")
-    if "quantization" not in read_metadata(model):
+    quantized = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+    if not any(node.op_type in quantized for node in onnx.load(str(model), load_external_data=False).graph.node):
         return model, int8
     if int8 is not None:
         sys.exit(f"{model} is already int8: pass its float32 export (ferkit export CHECKPOINT -o FILE) as --model")

@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "settings": {
                 "ferkit_model": str(args.model),
+                "ferkit_int8": "the model itself" if float_model is None else str(args.int8 or "quantized on the fly"),
                 "privatetest_images": len(labels),
                 "batch_size": args.batch_size,
                 "threads": threads,
