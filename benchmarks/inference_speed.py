@@ -40,13 +40,13 @@ from _common import (
     warn_if_busy,
     write_report,
 )
+from _photos import encode_jpeg, paste, plain_canvas
 
 from ferkit.data import CLASSES, SPLITS, load_dataset
 from ferkit.export import convert_fp16, quantize_int8
 from ferkit.faces import crop_faces, make_detector
 from ferkit.inference import DEFAULT_MODEL, EmotionRecognizer, OnnxBackend, TorchBackend, load_image
 
-PHOTO_SIZE = (640, 480)  # width, height
 # (x, y, side) of each face on the canvas
 LAYOUTS = {
     1: [(220, 120, 200)],
@@ -99,29 +99,6 @@ def bench_backend(name: str, backend, crops: np.ndarray, labels: np.ndarray, arg
 # ---------------------------------------------------------------------------------------------- photos
 
 
-def _canvas(seed: int = 0) -> np.ndarray:
-    """A 640x480 RGB background: a soft gradient with mild sensor-like noise."""
-    w, h = PHOTO_SIZE
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = 95 + 60 * (yy / h) + 20 * (xx / w)
-    rgb = np.stack([base * 0.95, base, base * 1.05], -1) + rng.normal(0, 2.0, (h, w, 3))
-    return np.clip(rgb, 0, 255).astype(np.uint8)
-
-
-def _paste(canvas: np.ndarray, crop: np.ndarray, slot: tuple[int, int, int]) -> None:
-    x, y, side = slot
-    face = cv2.resize(crop, (side, side), interpolation=cv2.INTER_CUBIC)
-    canvas[y : y + side, x : x + side] = face[..., None]
-
-
-def _jpeg(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return buf.tobytes()
-
-
 def _detected_slots(detector, jpeg: bytes, slots: list[tuple[int, int, int]]) -> bool:
     """True when Haar finds exactly one box per slot (box centre inside the slot) and nothing else."""
     boxes = detector.detect(load_image(jpeg))
@@ -143,7 +120,7 @@ def compose_photo(n_faces: int, detector, crops: np.ndarray, labels: np.ndarray,
     rng = np.random.default_rng(n_faces)
     per_class = [list(rng.permutation(np.flatnonzero(labels == c))) for c in range(len(CLASSES))]
     order = [per_class[c][i] for i in range(max(map(len, per_class))) for c in range(7) if i < len(per_class[c])]
-    canvas, chosen, tries = _canvas(n_faces), [], 0
+    canvas, chosen, tries = plain_canvas(n_faces), [], 0
     candidates = iter(order)
     for k in range(len(slots)):
         for idx in candidates:
@@ -151,13 +128,13 @@ def compose_photo(n_faces: int, detector, crops: np.ndarray, labels: np.ndarray,
             if tries > max_tries:
                 raise RuntimeError(f"no {n_faces}-face photo that Haar detects exactly within {max_tries} crops")
             trial = canvas.copy()
-            _paste(trial, crops[idx], slots[k])
-            if _detected_slots(detector, _jpeg(trial), slots[: k + 1]):
+            paste(trial, crops[idx], slots[k])
+            if _detected_slots(detector, encode_jpeg(trial), slots[: k + 1]):
                 canvas, chosen = trial, [*chosen, int(idx)]
                 break
         else:
             raise RuntimeError(f"ran out of PrivateTest crops for face {k + 1} of the {n_faces}-face photo")
-    jpeg = _jpeg(canvas)
+    jpeg = encode_jpeg(canvas)
     assert _detected_slots(detector, jpeg, slots)
     return jpeg, canvas, chosen, tries
 
