@@ -239,6 +239,18 @@ def test_oversized_dimensions(client):
     assert "2100x2000" in error and "limit" in error
 
 
+def test_a_pixel_limit_over_the_default_holds_past_decoding():
+    import anyio
+
+    from ferkit.app import RecognizerService
+    from ferkit.inference import MAX_PIXELS
+
+    service = RecognizerService.from_settings(AppSettings(max_pixels=MAX_PIXELS + 10**6, max_concurrency=1))
+    big = np.full((MAX_PIXELS // 6000 + 10, 6000), 128, np.uint8)  # over the default limit, under this one
+    analysis = anyio.run(service.analyse, big)
+    assert (analysis.width, analysis.height, analysis.faces) == (6000, big.shape[0], [])
+
+
 @pytest.mark.parametrize("side", [3000, 10000, 30000])  # 9 M, 100 M (PIL warns), 900 M pixels (PIL refuses)
 def test_decompression_bomb(client, side):
     error = check_error(post_file(client, png_bomb(side, side), name="bomb.png", mime="image/png"), 413)

@@ -434,6 +434,24 @@ def test_load_checkpoint_errors_name_the_file(tmp_path, kind):
         load_checkpoint(path)
 
 
+class _RunsCode:
+    """An object that runs code when unpickled: a checkpoint that holds one must be refused, not run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_load_checkpoint_runs_no_code_from_the_file(tmp_path):
+    marker, path = tmp_path / "marker.txt", tmp_path / "evil.pt"
+    torch.save({"format": "ferkit-checkpoint/1", **_small_state(), "extra": _RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: not a readable checkpoint")):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
 def test_model_from_checkpoint_mismatch(tmp_path):
     state = _small_state()
     state["model_kwargs"] = {"width": 0.5}

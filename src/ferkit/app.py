@@ -161,6 +161,7 @@ class RecognizerService:
                 settings.model,
                 detector=settings.detector,
                 margin=settings.margin,
+                max_pixels=settings.max_pixels,
                 threads=threads,
                 tta=settings.tta,
                 min_face=settings.min_face,

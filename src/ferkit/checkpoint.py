@@ -30,7 +30,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs from the file
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -244,6 +244,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     if args.undo_class_weights is not None:
         raise ValueError("--undo-class-weights takes an exported .onnx: export the checkpoint first")
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"{args.out}: that is the checkpoint itself; name the .onnx file to write")
     if args.int8 and not args.data:
         raise ValueError("--int8 needs --data: int8 is calibrated on FER-2013 Training faces (random images ruin it)")
     images = np.random.default_rng(0).integers(0, 256, (64, 48, 48), dtype=np.uint8)  # for --check alone
@@ -500,7 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a .pt checkpoint from `ferkit train`, or an exported .onnx to copy with --report's metrics",
     )
     p.add_argument("-o", "--out", required=True, help="the .onnx file to write")
-    p.add_argument("--report", help="evaluation JSON whose accuracy/F1 to store in the metadata")
+    p.add_argument(
+        "--report",
+        help="evaluation JSON whose accuracy/F1 to store in OUT's metadata (not in the _int8/_fp16 copies: "
+        "other models, to evaluate on their own)",
+    )
     p.add_argument("--check", action="store_true", help="print the max |ONNX - torch| difference")
     p.add_argument("--int8", action="store_true", help="also write OUT_int8.onnx (static int8, calibrated)")
     p.add_argument("--fp16", action="store_true", help="also write OUT_fp16.onnx (float16 weights, half the size)")

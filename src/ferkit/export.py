@@ -74,6 +74,11 @@ def with_metrics(onnx_path: str | Path, out: str | Path, metrics: dict[str, Any]
 METRIC_KEYS = ("accuracy", "macro_f1", "weighted_f1", "split", "tta")
 
 
+def _without_metrics(info: dict[str, Any]) -> dict[str, Any]:
+    """Metadata for a changed model (quantized, converted, corrected): the source's, less its evaluation."""
+    return {k: v for k, v in info.items() if k not in METRIC_KEYS}
+
+
 def undo_class_weights(onnx_path: str | Path, out: str | Path, counts: np.ndarray, power: float) -> Path:
     """A copy of an exported model whose probabilities are multiplied by ``counts ** power`` (renormalised):
     ``power · log(count)`` is added to the logits before the final softmax. With the Training class counts
@@ -114,7 +119,7 @@ def undo_class_weights(onnx_path: str | Path, out: str | Path, counts: np.ndarra
         raise ValueError(f"{onnx_path}: its graph cannot take the correction ({e})") from e
     out = Path(out)
     undone = {"power": power, "training_counts": counts.astype(int).tolist()}
-    kept = {k: v for k, v in info.items() if k not in METRIC_KEYS}
+    kept = _without_metrics(info)
     _save_with_metadata(model, {**kept, "class_weights_undone": undone}, out)
     return out
 
@@ -227,7 +232,7 @@ def quantize_int8(onnx_path: str | Path, out: str | Path, calibration: np.ndarra
             nodes_to_exclude=softmax,
         )
 
-        _set_metadata(staged, {**read_metadata(onnx_path), "quantization": "int8 static QDQ"})
+        _set_metadata(staged, {**_without_metrics(read_metadata(onnx_path)), "quantization": "int8 static QDQ"})
         staged.replace(out)
     return out
 
@@ -244,6 +249,6 @@ def convert_fp16(onnx_path: str | Path, out: str | Path) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
         onnx.save(half, str(staged))
-        _set_metadata(staged, {**info, "precision": "float16"})
+        _set_metadata(staged, {**_without_metrics(info), "precision": "float16"})
         staged.replace(out)
     return out
