@@ -171,6 +171,22 @@ def test_train_with_config_file(tmp_path, synthetic_cache):
     assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
 
 
+def test_train_resume_takes_the_runs_own_settings(tmp_path, synthetic_cache, capsys):
+    run = tmp_path / "run"
+    first = ["train", "--data", str(synthetic_cache), "--out", str(run), "--model-kwargs", "{width: 0.25}"]
+    first += ["--epochs", "1", "--batch-size", "16", "--train-limit", "32", "--lr", "0.01", "--augment", "none"]
+    assert cli.main([*first, "--device", "cpu", "--no-progress", "--no-evaluate"]) == 0
+    # no --config: the run's config.yaml; --epochs may grow
+    assert cli.main(["train", "--out", str(run), "--epochs", "2", "--resume", "--no-evaluate"]) == 0
+    saved = TrainConfig.from_yaml(run / "config.yaml")
+    assert (saved.epochs, saved.lr, saved.augment, saved.model_kwargs) == (2, 0.01, "none", {"width": 0.25})
+    assert (run / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
+    # another recipe under the same name is refused, naming what differs
+    assert cli.main(["train", "--out", str(run), "--epochs", "3", "--lr", "0.05", "--resume", "--no-evaluate"]) == 2
+    assert "this run was trained with other settings (lr: 0.01 -> 0.05)" in capsys.readouterr().err
+    assert TrainConfig.from_yaml(run / "config.yaml").epochs == 2
+
+
 def test_train_unknown_config_field(tmp_path, capsys):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("epoch: 3\n")

@@ -154,8 +154,11 @@ def test_resume_errors_name_the_checkpoint(tmp_path, synthetic_cache):
     out = tmp_path / "run"
     train(tiny_config(synthetic_cache, out, epochs=1))
     recipe = (out / "config.yaml").read_text()
-    with pytest.raises(ValueError, match=r"last.pt: its weights do not fit ferkit_small \{'width': 0.5\}"):
+    with pytest.raises(ValueError, match=r"last.pt: this run was trained with other settings \(model_kwargs: "):
         train(tiny_config(synthetic_cache, out, epochs=2, model_kwargs={"width": 0.5}), resume=True)
+    for changed in ({"lr": 0.01}, {"ema": 0.99}, {"schedule": "plateau"}, {"augment": "none"}):
+        with pytest.raises(ValueError, match=f"this run was trained with other settings \\({next(iter(changed))}: "):
+            train(tiny_config(synthetic_cache, out, epochs=2, **changed), resume=True)
     assert (out / "config.yaml").read_text() == recipe  # a failed resume leaves the run's recipe alone
     (out / "last.pt").write_bytes((out / "best.pt").read_bytes())  # a best.pt has no optimizer state
     with pytest.raises(ValueError, match="last.pt: no optimizer state to resume from"):

@@ -117,7 +117,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
     overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    cfg = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig.from_dict(overrides)
+    config = args.config
+    if config is None and args.resume:  # the run's own recipe, written beside its checkpoints
+        own = Path(overrides.get("out", TrainConfig().out)) / "config.yaml"
+        config = own if own.is_file() else None
+    cfg = TrainConfig.from_yaml(config, **overrides) if config else TrainConfig.from_dict(overrides)
     if not cfg.data:
         raise ValueError("--data is required (or set `data:` in the --config file)")
     result = train(cfg, resume=args.resume)
@@ -397,7 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
         "override the --config YAML, which overrides the defaults shown.",
     )
     p.add_argument("--config", help="YAML file of training options (see configs/)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/last.pt if it exists, with the run's own settings (OUT/config.yaml when no --config; "
+        "only data, epochs, patience, max-steps, device, threads, compile and progress may change)",
+    )
     p.add_argument(
         "--evaluate",
         action=argparse.BooleanOptionalAction,

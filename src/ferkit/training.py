@@ -410,9 +410,8 @@ class _Run:
         self.aug = replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
         self.sampler_w = sample_weights(labels, len(CLASSES)) if cfg.sampler == "balanced" else None
 
-    def resume(self, path: Path) -> None:
-        """Continue from a ``last.pt`` written by :meth:`save`."""
-        ck = load_checkpoint(path)
+    def resume(self, path: Path, ck: dict[str, Any]) -> None:
+        """Continue from ``ck``, the ``last.pt`` at ``path`` written by :meth:`save`."""
         if "optimizer" not in ck or "train_state" not in ck:
             raise ValueError(f"{path}: no optimizer state to resume from (best.pt and slimmed files cannot resume)")
         try:
@@ -583,6 +582,25 @@ def _train_epoch(
     }
 
 
+# what a resumed run may change: where the data and the work are, and how long it goes on (a longer cosine or
+# exponential schedule bends from where it is); anything else would train another recipe under the same name
+RESUMABLE_CHANGES = ("data", "epochs", "patience", "max_steps", "device", "threads", "compile", "progress")
+
+
+def _check_resumed_config(path: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to resume the run of ``path`` with settings other than its own (but RESUMABLE_CHANGES)."""
+    now = cfg.to_dict()
+    changed = {k: (v, now[k]) for k, v in saved.items() if k in now and v != now[k]}
+    if wrong := {k: c for k, c in changed.items() if k not in RESUMABLE_CHANGES}:
+        diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in wrong.items())
+        raise ValueError(
+            f"{path}: this run was trained with other settings ({diff}); resume it with its own "
+            f"(`--config {path.parent / 'config.yaml'}`, or no --config: the run's config.yaml is read)"
+        )
+    for k, (old, new) in changed.items():
+        log.info("resuming with %s %r instead of %r", k, new, old)
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train a model as ``cfg`` says; returns the final training state (best accuracy, epochs, paths)."""
     rank, world, local_rank = _setup_distributed(cfg.device)
@@ -597,11 +615,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     _check_config(cfg, world, device)
     if not resume and (out / "last.pt").exists():
         raise ValueError(f"{out} already holds a run (last.pt): --resume continues it, another --out starts anew")
+    last = load_checkpoint(out / "last.pt") if resume and (out / "last.pt").exists() else None
+    if last is not None:
+        _check_resumed_config(out / "last.pt", last.get("config") or {}, cfg)
     x_np, y_np, xv_np, yv_np = _load_splits(cfg, rank)
     run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size)
     targets = _distill_targets(cfg, device, run.dtype, x_np, out, rank, world)
-    if resume and (out / "last.pt").exists():
-        run.resume(out / "last.pt")
+    if last is not None:
+        run.resume(out / "last.pt", last)
         log.info("resumed from %s at epoch %d", out / "last.pt", run.state["epoch"])
     elif resume:
         log.info("no %s to resume from; starting a new run", out / "last.pt")
