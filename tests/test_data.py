@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import re
 import shutil
 import subprocess
@@ -255,10 +256,21 @@ def test_csv_unmatched_quote_names_file_and_line(tmp_path):
         load_csv(path, progress=False)
 
 
-def test_csv_not_utf8_names_the_file(tmp_path):
+def test_csv_unclosed_quote_in_a_short_file_names_its_line(tmp_path):
+    path = tmp_path / "f.csv"
+    path.write_text(_csv_text(_good_row(), ("0", '"1 2 3', "Training"), _good_row()))
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: expected 3 fields, got 2 (a quote opened on this")):
+        load_csv(path, progress=False)
+
+
+def test_csv_not_utf8_names_the_file_and_line(tmp_path):
     path = tmp_path / "f.csv"
     path.write_bytes(b"\xff\xd8\xff\xe0 a JPEG renamed to .csv")
-    with pytest.raises(DataError, match=re.escape(f"{path}: not a UTF-8 text CSV")):
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: not a UTF-8 text CSV")):
+        load_csv(path, progress=False)
+    good = _csv_text(*[_good_row()] * 5).encode()  # more than one block of the text reader
+    path.write_bytes(codecs.BOM_UTF8 + good + b"0,caf\xe9,Training\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:7: not a UTF-8 text CSV")):
         load_csv(path, progress=False)
 
 
@@ -304,6 +316,7 @@ def test_csv_missing_file(tmp_path):
         (" ".join(["7"] * 2303 + ["1.5"]), "pixels are not integers"),
         (" ".join(["7"] * 2303 + ["256"]), "pixel values must be in 0..255"),
         (" ".join(["-1"] + ["7"] * 2303), "pixel values must be in 0..255"),
+        (" ".join(["7"] * 2303 + ["9" * 25]), "pixel values must be in 0..255"),
     ],
 )
 def test_csv_bad_pixels_name_file_and_line(tmp_path, pixels, message):
@@ -318,6 +331,7 @@ def test_csv_bad_pixels_name_file_and_line(tmp_path, pixels, message):
         (("7", "0 " * 2304, "Training"), "emotion must be 0..6, got '7'"),
         (("-1", "0 " * 2304, "Training"), "emotion must be 0..6"),
         (("happy", "0 " * 2304, "Training"), "emotion must be 0..6"),
+        (("\u00b2", "0 " * 2304, "Training"), "emotion must be 0..6, got '\u00b2'"),  # a digit to str.isdigit
         (("1", "0 " * 2304, "Validation"), "Usage must be one of Training, PublicTest, PrivateTest"),
         (("1", "0 " * 2304), "expected 3 fields, got 2"),
     ],

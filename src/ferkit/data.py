@@ -6,6 +6,7 @@ Data flows one way: files -> :class:`FERData` (uint8 images, labels, splits) -> 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import os
 import zipfile
@@ -157,6 +158,8 @@ def _parse_pixels(text: str, where: str) -> np.ndarray:
         values = np.array(text.split(), dtype=np.int64)
     except ValueError as e:
         raise DataError(f"{where}: pixels are not integers ({e})") from e
+    except OverflowError:  # an integer of 20 digits or more
+        raise DataError(f"{where}: pixel values must be in 0..255") from None
     if values.size != IMAGE_SIZE * IMAGE_SIZE:
         raise DataError(f"{where}: expected {IMAGE_SIZE * IMAGE_SIZE} pixel values, got {values.size}")
     if values.min() < 0 or values.max() > 255:
@@ -165,20 +168,30 @@ def _parse_pixels(text: str, where: str) -> np.ndarray:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """``(line number, fields)`` of each non-blank row of a UTF-8 CSV file (a leading BOM is
-    dropped); undecodable bytes and broken quoting become a :class:`DataError` naming the file."""
-    line = 0  # the last line read so far
+    """``(line number where the row starts, fields)`` of each non-blank row of a UTF-8 CSV file (a leading
+    BOM is dropped); undecodable bytes and broken quoting become a :class:`DataError` naming the file and line."""
+    end = 0  # the line the last row read ended on
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             for row in reader:
                 if row:
-                    yield reader.line_num, row
-                line = reader.line_num
+                    yield end + 1, row
+                end = reader.line_num
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not a UTF-8 text CSV ({e.reason})") from None
+        raise DataError(f"{path}:{_first_non_utf8_line(path)}: not a UTF-8 text CSV ({e.reason})") from None
     except csv.Error as e:
-        raise DataError(f"{path}:{line + 1}: malformed CSV row ({e}); is a quote unmatched?") from None
+        raise DataError(f"{path}:{end + 1}: malformed CSV row ({e}); is a quote unmatched?") from None
+
+
+def _first_non_utf8_line(path: Path) -> int:
+    """The line of the first byte of ``path`` that is not UTF-8 (the text reader decodes in blocks)."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return data.count(b"\n", 0, e.start) + 1
+    return 1
 
 
 def load_csv(path: str | Path, progress: bool = True) -> FERData:
@@ -199,9 +212,10 @@ def load_csv(path: str | Path, progress: bool = True) -> FERData:
     for line, row in rows:
         where = f"{path}:{line}"
         if len(row) != 3:
-            raise DataError(f"{where}: expected 3 fields, got {len(row)}")
+            unclosed = " (a quote opened on this line is never closed?)" if any("\n" in f for f in row) else ""
+            raise DataError(f"{where}: expected 3 fields, got {len(row)}{unclosed}")
         emotion, pixels, usage = (s.strip() for s in row)
-        if not emotion.isdigit() or int(emotion) >= len(CLASSES):
+        if not (emotion.isascii() and emotion.isdigit()) or int(emotion) >= len(CLASSES):
             raise DataError(f"{where}: emotion must be 0..{len(CLASSES) - 1}, got {emotion!r}")
         if usage not in SPLITS:
             raise DataError(f"{where}: Usage must be one of {', '.join(SPLITS)}, got {usage!r}")
