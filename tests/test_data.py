@@ -115,6 +115,27 @@ def test_folder_details(tmp_path):
     assert data.splits[index["val/angry/x1.png"]] == SPLITS.index("PrivateTest")
 
 
+def test_folder_images_decode_as_inference_decodes_photos(tmp_path):
+    """16-bit, transparent and EXIF-rotated images give training the pixels that inference would see."""
+    _tree(tmp_path, ["train"])
+    ramp = np.tile(np.linspace(0, 65535, 48).astype(np.uint16), (48, 1))
+    Image.fromarray(ramp).save(tmp_path / "train/happy/sixteen.png")
+    clear = np.zeros((48, 48, 4), np.uint8)
+    clear[..., :3] = 200  # fully transparent: white, as in the app, not the hidden grey
+    Image.fromarray(clear).save(tmp_path / "train/sad/clear.png")
+    halves = np.zeros((48, 48), np.uint8)
+    halves[:, 24:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 3  # orientation: rotate 180 degrees to display
+    Image.fromarray(halves).save(tmp_path / "train/fear/rotated.jpg", exif=exif, quality=95)
+    data = load_folder(tmp_path, progress=False)
+    index = _by_source(data)
+    assert abs(data.images[index["train/happy/sixteen.png"]].mean() - 127.5) < 1  # not clipped to 255
+    assert (data.images[index["train/sad/clear.png"]] == 255).all()
+    rotated = data.images[index["train/fear/rotated.jpg"]].astype(int)
+    assert rotated[:, :20].mean() > 240 and rotated[:, 28:].mean() < 15  # displayed as the camera meant
+
+
 def _mk(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     return path

@@ -94,18 +94,21 @@ def _split_of(name: str, top: str, index_in_class: int) -> int:
 
 
 def _decode(path: Path) -> np.ndarray:
-    """One image file as a 48x48 grayscale array; other sizes are resized, a corrupt file or one too
-    large to decode safely (PIL's decompression-bomb limit) is a :class:`DataError` naming it."""
-    from PIL import Image, UnidentifiedImageError
+    """One image file as a 48x48 grayscale array, decoded as inference decodes photos (EXIF orientation,
+    alpha onto white, 16-bit scaled, ITU-R 601 luma) and resized as faces are cropped; a corrupt file or one
+    too large to decode safely is a :class:`DataError` naming it."""
+    import cv2
+
+    from .images import ImageError, load_image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("L")
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable image ({e})") from e
+        gray = cv2.cvtColor(load_image(path), cv2.COLOR_RGB2GRAY)
+    except ImageError as e:
+        raise DataError(f"{path}: unreadable image ({str(e).removeprefix(f'{path}: ')})") from e
+    if gray.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        shrink = max(gray.shape) > IMAGE_SIZE
+        gray = cv2.resize(gray, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return gray
 
 
 def load_folder(root: str | Path, progress: bool = True) -> FERData:

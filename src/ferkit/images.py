@@ -1,0 +1,107 @@
+"""Images in: a path, bytes, a file object, a PIL image or an array, decoded to RGB uint8 the one way that
+training data (``ferkit.data``) and inference (``ferkit.inference``) share; clear errors for what is not an
+image, is corrupt, or is too large to decode safely."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
+
+ImageInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | Any  # Any: a PIL image
+ACCEPTED = "a path, bytes, a binary file object, a numpy array or a PIL image"
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; the message says which and why."""
+
+
+class NotAnImageError(ImageError):
+    """The data is not in any image format we can read."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than allowed (checked from its header, before decoding)."""
+
+
+def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode a path, bytes, file object, PIL image or array into an RGB uint8 array (H, W, 3).
+    Arrays are taken as RGB or gray: convert OpenCV's BGR first (``cv2.cvtColor(a, cv2.COLOR_BGR2RGB)``).
+
+    Applies EXIF orientation; flattens alpha onto white; converts palette, 16-bit, CMYK and float
+    images; refuses images over ``max_pixels`` pixels before decoding them."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not isinstance(src, (str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image)) and not hasattr(src, "read"):
+        raise ImageError(f"cannot read an image from {type(src).__name__}: pass {ACCEPTED}")
+    if isinstance(src, np.ndarray):
+        if src.ndim >= 2 and src.shape[0] * src.shape[1] > max_pixels:
+            h, w = src.shape[:2]
+            raise ImageTooLargeError(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+        return _array_to_rgb(src)
+    name = str(src) if isinstance(src, (str, os.PathLike)) else "image"
+    if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
+        raise ImageError(f"{name}: is a folder, not an image file")
+    if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
+        raise ImageError(f"{name}: no such file")
+    try:
+        if isinstance(src, Image.Image):
+            im = src
+        else:
+            im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageTooLargeError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+        im = ImageOps.exif_transpose(im)
+        return _pil_to_rgb(im)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise NotAnImageError(f"{name}: not an image file (unknown or unsupported format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{name}: refused as a possible decompression bomb ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
+
+
+def _pil_to_rgb(im: Any) -> np.ndarray:
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _array_to_rgb(np.asarray(im))
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _array_to_rgb(a: np.ndarray) -> np.ndarray:
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)) or min(a.shape[:2]) == 0:
+        raise ImageError(f"array of shape {a.shape} is not an image (expected HxW, HxWx3 or HxWx4)")
+    if a.dtype.kind not in "biuf":
+        raise ImageError(f"array of dtype {a.dtype} is not an image (expected integer or float pixels)")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ImageError("array has NaN or infinite pixel values")
+    if a.dtype.kind == "u" and a.dtype.itemsize == 2:  # 16-bit, either byte order: scale by the type's range
+        a = (a.astype(np.float64) / 257).round().astype(np.uint8)
+    elif a.dtype != np.uint8:
+        a = a.astype(np.float64)
+        if a.max(initial=0) <= 1.0:
+            a = a * 255
+        elif a.max() > 255:
+            a = a / (65535.0 if a.max() <= 65535 else a.max()) * 255
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    if a.ndim == 2 or a.shape[2] == 1:
+        return np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)
+    if a.shape[2] == 4:  # flatten alpha onto white, as for PIL images and files
+        alpha = a[..., 3:].astype(np.float32) / 255
+        return np.rint(a[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    return np.ascontiguousarray(a[..., :3])
