@@ -86,11 +86,12 @@ wait "${pids[@]}"
 for r in "${TEACHERS[@]}"; do tail -v -n 2 "$LOGS/$r.out"; done
 for r in "${TEACHERS[@]}"; do [ -f runs/$r/best.pt ] && $PY -m ferkit slim runs/$r/best.pt -o "$OUT/$r.pt" --half; done
 
-if [ "$E2" -gt 0 ]; then
+CKPTS=()  # the teachers that left a checkpoint (one that failed early has none)
+for t in "${TEACHERS[@]}"; do if [ -f "runs/$t/best.pt" ]; then CKPTS+=("runs/$t/best.pt"); fi; done
+if [ "$E2" -gt 0 ] && [ ${#CKPTS[@]} -eq 0 ]; then echo "no teacher checkpoint: no students"; fi
+if [ "$E2" -gt 0 ] && [ ${#CKPTS[@]} -gt 0 ]; then
   date -u +"students %T"
   pids=()
-  CKPTS=()
-  for t in "${TEACHERS[@]}"; do CKPTS+=("runs/$t/best.pt"); done
   for r in ferkit_small_distill ferkit_vgg_half_distill; do
     train $(( $(left) - EVAL_S - 20 )) --config "configs/${r#ferkit_}.yaml" --epochs "$E2" --out "runs/$r$TAG" \
       --teacher "${CKPTS[@]}" >"$LOGS/$r$TAG.out" 2>&1 &

@@ -227,6 +227,8 @@ def test_bad_choice_is_a_usage_error(capsys):
         (["train", "--model-kwargs", "{width:0.25}"], "has a key without a value"),
         (["select-ensemble", "a.pt", "--data", "d.npz", "--top", "0"], "must be at least 1"),
         (["select-ensemble", "a.pt", "--data", "d.npz", "--max-size", "-1"], "must be at least 0"),
+        (["select-ensemble", "a.pt", "--data", "d.npz", "--limit", "-5"], "argument --limit: must be at least 0"),
+        (["evaluate", "a.pt", "--data", "d.npz", "--limit", "-5"], "argument --limit: must be at least 0, got -5"),
         (["serve", "--port", "99999"], "argument --port: must be at most 65535, got 99999"),
         (["serve", "--concurrency", "0"], "argument --concurrency: must be at least 1, got 0"),
         (["serve", "--min-face", "0"], "argument --min-face: must be at least 1, got 0"),

@@ -232,6 +232,19 @@ def test_select_ensemble_scores_as_evaluate_does(trained_run, synthetic_cache):
         select_ensemble([best] * 15, synthetic_cache, device="cpu")
 
 
+def test_one_macro_f1_and_valid_json_when_classes_are_missing(trained_run, synthetic_cache, tmp_path):
+    from ferkit.evaluate import format_summary
+
+    best = trained_run / "best.pt"
+    (row,) = select_ensemble([best], synthetic_cache, modes=("none",), device="cpu", limit=5)  # some classes absent
+    res = evaluate_checkpoints([best], synthetic_cache, "PublicTest", device="cpu", limit=5)
+    assert row["macro_f1"] == pytest.approx(res["macro_f1"])
+    evaluate_checkpoints([best], synthetic_cache, "PublicTest", device="cpu", limit=1, out=tmp_path)
+    text = (tmp_path / "PublicTest.json").read_text()  # one image: no class has a ROC curve
+    assert "NaN" not in text and json.loads(text)["macro_auc"] is None
+    assert "macro-AUC -" in format_summary(json.loads(text))
+
+
 def test_models_with_other_classes_are_not_scored_on_fer2013(trained_run, synthetic_cache, tmp_path):
     from ferkit.checkpoint import load_checkpoint, save_checkpoint
 

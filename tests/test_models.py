@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -138,3 +139,36 @@ def test_load_init_weights_net_prefix(tmp_path):
 def test_load_init_weights_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.pt"):
         load_init_weights(build_model("ferkit_small", width=0.25), tmp_path / "nothere.pt")
+
+
+def test_load_init_weights_refuses_what_does_not_fit(tmp_path):
+    model = build_model("ferkit_small", width=0.25)
+    torch.save(_rgb_state(model), tmp_path / "good.pt")
+    good = (tmp_path / "good.pt").read_bytes()
+    cases = {
+        "truncated.pt": (good[: len(good) // 2], "not a readable weights file"),
+        "garbage.pt": (b"\x80\x02 not a torch file" * 10, "not a readable weights file"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}: {message}")):
+            load_init_weights(model, tmp_path / name)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="list.pt: not a weights file"):
+        load_init_weights(model, tmp_path / "list.pt")
+    torch.save(build_model("ferkit_vgg", width=0.25).state_dict(), tmp_path / "vgg.pt")  # another architecture
+    with pytest.raises(ValueError, match=r"vgg.pt: only \d+ of the model's \d+ tensors match"):
+        load_init_weights(model, tmp_path / "vgg.pt")
+
+
+def test_load_init_weights_from_a_ferkit_checkpoint_takes_its_ema_weights(tmp_path):
+    from ferkit.checkpoint import save_checkpoint
+
+    source = build_model("ferkit_small", width=0.25)
+    weights = source.state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}
+    state = {"model": "ferkit_small", "model_kwargs": {"width": 0.25}, "classes": ["a"] * 7, "state_dict": weights}
+    path = save_checkpoint(tmp_path / "best.pt", {**state, "ema_state_dict": ema})
+    model = build_model("ferkit_small", width=0.25)
+    assert load_init_weights(model, path) == (len(weights), 0)
+    assert torch.equal(model.state_dict()["head.3.weight"], ema["head.3.weight"])  # what it was evaluated with

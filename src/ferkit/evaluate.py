@@ -118,6 +118,14 @@ def predict_proba_modes(
     return {mode: np.concatenate(p) if p else empty for mode, p in out.items()}
 
 
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """The mean F1 of the classes in the labels or the predictions (a class in neither has no F1 to count):
+    the one macro-F1 of ``evaluate``'s reports and ``select-ensemble``'s ranking."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """Accuracy, classification report, confusion matrix (counts and row-normalised) and one-vs-rest
     ROC curves with AUC, as plain JSON-able values."""
@@ -129,7 +137,6 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
         y_true, y_pred, labels=labels, target_names=list(CLASSES), output_dict=True, zero_division=0
     )
     cm = confusion_matrix(y_true, y_pred, labels=labels)
-    seen = [CLASSES[i] for i in labels if cm[i].sum() or cm[:, i].sum()]  # in the labels or the predictions
     roc: dict[str, Any] = {}
     for i, name in enumerate(CLASSES):
         positives = y_true == i
@@ -140,9 +147,9 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     return {
         "n": int(len(y_true)),
         "accuracy": float((y_pred == y_true).mean()),
-        "macro_f1": float(np.mean([report[c]["f1-score"] for c in seen])),  # as sklearn's without labels=
+        "macro_f1": macro_f1(y_true, y_pred),
         "weighted_f1": report["weighted avg"]["f1-score"],
-        "macro_auc": float(np.mean([r["auc"] for r in roc.values()])) if roc else float("nan"),
+        "macro_auc": float(np.mean([r["auc"] for r in roc.values()])) if roc else None,  # null: no class has a curve
         "report": report,
         "confusion_matrix": cm.tolist(),
         "confusion_matrix_normalized": (cm / np.maximum(cm.sum(1, keepdims=True), 1)).round(4).tolist(),
@@ -187,7 +194,7 @@ def plot_confusion(cm: np.ndarray, path: Path, normalized: bool, title: str) -> 
             )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -200,7 +207,7 @@ def plot_roc(roc: dict[str, Any], path: Path, title: str) -> None:
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -225,7 +232,7 @@ def plot_training_curves(metrics_csv: Path, path: Path) -> None:
         a.legend()
         a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -243,12 +250,16 @@ def write_report(metrics: dict[str, Any], out: Path, name: str, meta: dict[str, 
     return atomic_write(out / f"{name}.json", lambda f: f.write(payload))
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
 def format_summary(metrics: dict[str, Any]) -> str:
     """A short text table: accuracy, F1s and per-class precision/recall/F1/AUC."""
     rep = metrics["report"]
     lines = [
         f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
-        f"weighted-F1 {metrics['weighted_f1']:.4f}  macro-AUC {metrics['macro_auc']:.4f}  (n={metrics['n']})",
+        f"weighted-F1 {metrics['weighted_f1']:.4f}  macro-AUC {_num(metrics['macro_auc'])}  (n={metrics['n']})",
         f"{'class':<10}{'precision':>10}{'recall':>8}{'F1':>8}{'AUC':>8}{'support':>9}",
     ]
     for c in CLASSES:
@@ -423,8 +434,6 @@ def select_ensemble(
     scored (:func:`rank_ensembles`). Returns the ``top`` rows, naming their checkpoints, with the
     macro-F1 too. PrivateTest is never read, so the choice can be reported on it honestly. ``cache``: as
     for :func:`evaluate_tta`, so that candidates already evaluated on PublicTest are not run again."""
-    from sklearn.metrics import f1_score
-
     if not 1 <= len(checkpoints) <= MAX_CANDIDATES:
         raise ValueError(f"give 1 to {MAX_CANDIDATES} candidate models (got {len(checkpoints)})")
     labels, per_model = _probabilities(checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache)
@@ -432,6 +441,6 @@ def select_ensemble(
     rows = rank_ensembles(probs, labels, max_size)[:top]
     for row in rows:
         pred = _mean_probs([probs[i] for i in row["models"]], row["tta"]).argmax(1)
-        row["macro_f1"] = float(f1_score(labels, pred, labels=range(len(CLASSES)), average="macro", zero_division=0))
+        row["macro_f1"] = macro_f1(labels, pred)
         row["checkpoints"] = [str(checkpoints[i]) for i in row.pop("models")]
     return rows
