@@ -121,6 +121,17 @@ def test_kept_ensemble_members():
     assert ens.predict(ASTRONAUT)[0].emotion == "happy"
 
 
+def test_kept_fast_option():
+    """models/fast/ keeps the fast option of the README: a third of the shipped model's work a face, its own
+    PrivateTest evaluation (with the TTA PublicTest chose) in its metadata, and it finds the same emotion."""
+    fast = Path(__file__).parents[1] / "models" / "fast" / "ferkit_vgg_half_distill_int8.onnx"
+    meta = read_metadata(fast)
+    assert meta["classes"] == list(CLASSES) and meta["preprocessing"] == read_metadata(DEFAULT_MODEL)["preprocessing"]
+    assert (meta["split"], meta["tta"], meta["quantization"]) == ("PrivateTest", "none", "int8 static QDQ")
+    assert meta["accuracy"] > 0.69 and fast.stat().st_size < DEFAULT_MODEL.stat().st_size / 3
+    assert EmotionRecognizer(fast, threads=1, tta="none").predict(ASTRONAUT)[0].emotion == "happy"
+
+
 # --- input types ------------------------------------------------------------------------------
 
 
