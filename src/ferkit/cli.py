@@ -467,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_count(1), default=10, help="rows to print and save (default: %(default)s)")
     p.add_argument("--out", help="JSON file for the ranking")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--limit", type=_count(0), default=0, help="use a fixed random subset of N PublicTest images (0 = all)")
+    p.add_argument(
+        "--limit", type=_count(0), default=0, help="use a fixed random subset of N PublicTest images (0 = all)"
+    )
     _add_cache_option(p)
     p.set_defaults(func=cmd_select_ensemble)
 
