@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ferkit.card import RESULTS_END, RESULTS_START, render_model_card, update_readme
+from ferkit.card import RESULTS_END, RESULTS_START, render_model_card, results_table, update_readme
 from ferkit.evaluate import evaluate_tta
 
 
@@ -105,3 +105,9 @@ def test_model_card_says_when_the_class_weights_were_undone(trained_run, reports
     undone = undo_class_weights(onnx, tmp_path / "prior.onnx", [4, 1, 4, 7, 5, 3, 5], 0.5)
     card = render_model_card(trained_run, undone, reports, "x", "y")
     assert "the Training class counts to the power 0.5 (`ferkit export --undo-class-weights 0.5`)" in card
+
+
+def test_results_table_of_a_report_without_roc_curves(reports):
+    report = json.loads(reports[0].read_text())
+    table = results_table([{**report, "macro_auc": None}], label="m")  # evaluate writes null: no class had a curve
+    assert "| m | " in table and "| – |" in table

@@ -185,6 +185,12 @@ def test_train_resume_takes_the_runs_own_settings(tmp_path, synthetic_cache, cap
     assert cli.main(["train", "--out", str(run), "--epochs", "3", "--lr", "0.05", "--resume", "--no-evaluate"]) == 2
     assert "this run was trained with other settings (lr: 0.01 -> 0.05)" in capsys.readouterr().err
     assert TrainConfig.from_yaml(run / "config.yaml").epochs == 2
+    # a field this ferkit no longer has, in the run's own config.yaml, is dropped with a word
+    with open(run / "config.yaml", "a", encoding="utf-8") as f:
+        f.write("retired_option: 1\n")
+    assert cli.main(["train", "--out", str(run), "--epochs", "3", "--resume", "--no-evaluate"]) == 0
+    assert "config.yaml: ignoring retired_option (no longer training options)" in capsys.readouterr().err
+    assert TrainConfig.from_yaml(run / "config.yaml").epochs == 3
 
 
 def test_train_unknown_config_field(tmp_path, capsys):

@@ -165,6 +165,17 @@ def test_resume_errors_name_the_checkpoint(tmp_path, synthetic_cache):
         train(tiny_config(synthetic_cache, out, epochs=2), resume=True)
 
 
+def test_a_moved_run_resumes_without_its_initial_weights_file(tmp_path, synthetic_cache, trained_run):
+    init = tmp_path / "init.pt"
+    init.write_bytes((trained_run / "best.pt").read_bytes())
+    train(tiny_config(synthetic_cache, tmp_path / "a", epochs=1, init_weights=str(init)))
+    (tmp_path / "a").rename(tmp_path / "b")  # e.g. copied back from a GPU machine
+    init.unlink()  # only the start read it
+    result = train(tiny_config(synthetic_cache, tmp_path / "." / "b", epochs=2, init_weights=str(init)), resume=True)
+    assert result["epoch"] == 2
+    assert "resuming with out" in (tmp_path / "b" / "train.log").read_text()
+
+
 def test_max_steps_stops_mid_epoch(tmp_path, synthetic_cache):
     out = tmp_path / "run"
     result = train(tiny_config(synthetic_cache, out, epochs=5, max_steps=STEPS_PER_EPOCH + 2))

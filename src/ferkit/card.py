@@ -34,7 +34,8 @@ def results_table(reports: list[dict[str, Any]], label: str | None = None) -> st
         rep = r["report"]
         lines.append(
             f"| {label or r['model']} | {r['split']} | {r['tta']} | {r['accuracy']:.2%} | {r['macro_f1']:.3f} | "
-            f"{r['weighted_f1']:.3f} | {r['macro_auc']:.3f} | {rep['disgust']['f1-score']:.3f} | "
+            f"{r['weighted_f1']:.3f} | {'–' if r['macro_auc'] is None else format(r['macro_auc'], '.3f')} | "
+            f"{rep['disgust']['f1-score']:.3f} | "
             f"{rep['surprise']['f1-score']:.3f} |"
         )
     return "\n".join(lines)

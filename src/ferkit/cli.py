@@ -117,11 +117,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
     overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    config = args.config
-    if config is None and args.resume:  # the run's own recipe, written beside its checkpoints
-        own = Path(overrides.get("out", TrainConfig().out)) / "config.yaml"
-        config = own if own.is_file() else None
-    cfg = TrainConfig.from_yaml(config, **overrides) if config else TrainConfig.from_dict(overrides)
+    own = Path(overrides.get("out", TrainConfig().out)) / "config.yaml"
+    if args.config:
+        cfg = TrainConfig.from_yaml(args.config, **overrides)
+    elif args.resume and own.is_file():  # the run's own recipe, written beside its checkpoints
+        cfg, dropped = TrainConfig.of_run(own, **overrides)
+        if dropped:
+            print(f"ferkit train: {own}: ignoring {', '.join(dropped)} (no longer training options)", file=sys.stderr)
+    else:
+        cfg = TrainConfig.from_dict(overrides)
     if not cfg.data:
         raise ValueError("--data is required (or set `data:` in the --config file)")
     result = train(cfg, resume=args.resume)

@@ -116,14 +116,16 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Read a YAML file of fields (unknown keys are an error) and apply ``overrides``."""
-        with open(path, encoding="utf-8") as f:
-            try:
-                values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields")
-        return cls.from_dict({**values, **overrides}, source=str(path))
+        return cls.from_dict({**_read_mapping(path), **overrides}, source=str(path))
+
+    @classmethod
+    def of_run(cls, path: str | Path, **overrides: Any) -> tuple[TrainConfig, list[str]]:
+        """The config a run wrote (its ``config.yaml``) with ``overrides``, and the fields it has that this
+        ferkit no longer knows (dropped); a field the run predates takes its default."""
+        values = _read_mapping(path)
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in values.items() if k in names}
+        return cls.from_dict({**known, **overrides}, source=str(path)), sorted(set(values) - names)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -145,3 +147,15 @@ class TrainConfig:
 
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _read_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping (an empty file is an empty one)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields")
+    return values

@@ -373,12 +373,18 @@ class _Run:
     each epoch reuses: the loss, augmentation and (balanced sampler) sample weights."""
 
     def __init__(
-        self, cfg: TrainConfig, device: torch.device, world: int, labels: np.ndarray, steps_per_epoch: int
+        self,
+        cfg: TrainConfig,
+        device: torch.device,
+        world: int,
+        labels: np.ndarray,
+        steps_per_epoch: int,
+        resuming: bool = False,
     ) -> None:
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, num_classes=len(CLASSES), **cfg.model_kwargs).to(device)
-        if cfg.init_weights:
+        if cfg.init_weights and not resuming:  # a resumed run's weights come from its checkpoint
             n_loaded, n_skipped = load_init_weights(model, cfg.init_weights)
             log.info("initial weights %s: %d tensors loaded, %d skipped", cfg.init_weights, n_loaded, n_skipped)
         if world > 1 and cfg.sync_bn:
@@ -414,13 +420,7 @@ class _Run:
         """Continue from ``ck``, the ``last.pt`` at ``path`` written by :meth:`save`."""
         if "optimizer" not in ck or "train_state" not in ck:
             raise ValueError(f"{path}: no optimizer state to resume from (best.pt and slimmed files cannot resume)")
-        try:
-            self.model.load_state_dict(ck["state_dict"])
-        except RuntimeError as e:
-            raise ValueError(
-                f"{path}: its weights do not fit {self.cfg.model} {self.cfg.model_kwargs or ''}; resume with the "
-                f"run's own --model and --model-kwargs ({str(e).splitlines()[0]})"
-            ) from e
+        self.model.load_state_dict(ck["state_dict"])  # the same model: _check_resumed_config compared them
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         if self.plateau is not None:
@@ -582,9 +582,9 @@ def _train_epoch(
     }
 
 
-# what a resumed run may change: where the data and the work are, and how long it goes on (a longer cosine or
-# exponential schedule bends from where it is); anything else would train another recipe under the same name
-RESUMABLE_CHANGES = ("data", "epochs", "patience", "max_steps", "device", "threads", "compile", "progress")
+# what a resumed run may change: where the data, the work and the run folder are, and how long it goes on (a
+# longer cosine or exponential schedule bends from where it is); anything else would train another recipe
+RESUMABLE_CHANGES = ("data", "out", "epochs", "patience", "max_steps", "device", "threads", "compile", "progress")
 
 
 def _check_resumed_config(path: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
@@ -619,7 +619,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if last is not None:
         _check_resumed_config(out / "last.pt", last.get("config") or {}, cfg)
     x_np, y_np, xv_np, yv_np = _load_splits(cfg, rank)
-    run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size)
+    run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size, resuming=last is not None)
     targets = _distill_targets(cfg, device, run.dtype, x_np, out, rank, world)
     if last is not None:
         run.resume(out / "last.pt", last)
