@@ -231,8 +231,21 @@ def float_and_int8(model: Path, int8: Path | None) -> tuple[Path | None, Path | 
     for path in (model, int8):
         if path is not None and not path.is_file():
             sys.exit(f"{path}: ONNX model not found")
-    quantized = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
-    if not any(node.op_type in quantized for node in onnx.load(str(model), load_external_data=False).graph.node):
+    quantized_ops = {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "ConvInteger",
+        "MatMulInteger",
+    }
+
+    def quantized(path: Path) -> bool:
+        return any(n.op_type in quantized_ops for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+    if int8 is not None and not quantized(int8):
+        sys.exit(f"{int8} has no quantized operators: --int8 takes an int8 export")
+    if not quantized(model):
         return model, int8
     if int8 is not None:
         sys.exit(f"{model} is already int8: pass its float32 export (ferkit export CHECKPOINT -o FILE) as --model")

@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--sizes", type=int, nargs=2, default=(48, 240), metavar=("MIN", "MAX"), help="face sides in px")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.quick:
+    if not 24 <= args.sizes[0] <= args.sizes[1] <= 240:  # three faces of up to 240 px always fit on 640x480
+        p.error(f"--sizes must satisfy 24 <= MIN <= MAX <= 240, got {args.sizes[0]} {args.sizes[1]}")
+    if args.quick:  # 8 photos, the first two detectors
         args.photos, args.detectors = 8, args.detectors[:2]
     return args
 
@@ -70,7 +72,10 @@ def detector_from_spec(spec: str) -> FaceDetector:
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"{spec}: expected key=value after ':', got {item!r}")
-        kwargs[key] = float(value) if "." in value else int(value)
+        try:
+            kwargs[key] = float(value) if "." in value or "e" in value.lower() else int(value)
+        except ValueError:
+            raise SystemExit(f"{spec}: {key} takes a number, got {value!r}") from None
     suffix = Path(name).suffix
     if name != "haar" and suffix not in (".onnx", ".xml"):
         raise SystemExit(f"{spec}: use haar, a YuNet .onnx file or a Haar .xml file")

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from _common import ROOT, base_parser, latencies_ms, machine_info, summarize_ms, write_report
+from _common import base_parser, latencies_ms, machine_info, summarize_ms, write_report
+from _photos import ASTRONAUT
 from PIL import Image
-
-ASTRONAUT = ROOT / "src" / "ferkit" / "assets" / "astronaut.jpg"
 
 
 def one_face_photo() -> bytes:

@@ -122,7 +122,7 @@ def test_kept_ensemble_members():
 
 
 def test_kept_fast_option():
-    """models/fast/ keeps the fast option of the README: a third of the shipped model's work a face, its own
+    """models/fast/ keeps the fast option of the README: a quarter of the shipped model's work a face, its own
     PrivateTest evaluation (with the TTA PublicTest chose) in its metadata, and it finds the same emotion."""
     fast = Path(__file__).parents[1] / "models" / "fast" / "ferkit_vgg_half_distill_int8.onnx"
     meta = read_metadata(fast)
