@@ -41,6 +41,16 @@ def threads_or_cores(n: int) -> int:
     return n if n > 0 else (os.cpu_count() or 1)
 
 
+def opencv_threads(n: int) -> int:
+    """``--threads`` (0 = all cores) for OpenCV too, with a warning when the machine is busy; returns it."""
+    import cv2  # here, not at the top: the fer virtualenv's helper imports this module without OpenCV
+
+    threads = threads_or_cores(n)
+    cv2.setNumThreads(threads)
+    warn_if_busy(threads)
+    return threads
+
+
 # ---------------------------------------------------------------------------------------------- timing
 
 

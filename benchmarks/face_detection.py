@@ -23,9 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
-from _common import DEFAULT_DATA, base_parser, machine_info, print_table, threads_or_cores, warn_if_busy, write_report
+from _common import DEFAULT_DATA, base_parser, machine_info, opencv_threads, print_table, write_report
 from _photos import PHOTO_SIZE, cluttered_canvas, encode_jpeg, paste, plain_canvas
 
 from ferkit.data import load_dataset
@@ -161,9 +160,7 @@ def bench(spec: str, photos: list[tuple[np.ndarray, list]]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = threads_or_cores(args.threads)
-    cv2.setNumThreads(threads)
-    warn_if_busy(threads)
+    threads = opencv_threads(args.threads)
     data = load_dataset(args.data, progress=False)
     crops, _ = data.split("PublicTest")
     photos = compose(crops, args.photos, tuple(args.sizes), args.seed)

@@ -22,7 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 from _common import (
     DEFAULT_DATA,
@@ -31,13 +30,12 @@ from _common import (
     float_and_int8,
     latencies_ms,
     machine_info,
+    opencv_threads,
     predict_batched,
     print_table,
     scores,
     summarize_ms,
-    threads_or_cores,
     throughput,
-    warn_if_busy,
     write_report,
 )
 from _photos import encode_jpeg, paste, plain_canvas
@@ -174,9 +172,7 @@ def bench_end_to_end(recognizer: EmotionRecognizer, photos: dict, runs: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = threads_or_cores(args.threads)
-    cv2.setNumThreads(threads)
-    warn_if_busy(threads)
+    threads = opencv_threads(args.threads)
     float_model, int8_model = float_and_int8(args.model, args.int8)
 
     data = load_dataset(args.data, progress=False)
