@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue from OUT/last.pt if it exists, with the run's own settings (OUT/config.yaml when no --config; "
-        "only data, epochs, patience, max-steps, device, threads, compile and progress may change)",
+        "only data, out, epochs, patience, max-steps, device, threads, compile and progress may change)",
     )
     p.add_argument(
         "--evaluate",
