@@ -57,8 +57,10 @@ def parse_args(argv: list[str] | None = None):
     args = p.parse_args(argv)
     if not 24 <= args.sizes[0] <= args.sizes[1] <= 240:  # three faces of up to 240 px always fit on 640x480
         p.error(f"--sizes must satisfy 24 <= MIN <= MAX <= 240, got {args.sizes[0]} {args.sizes[1]}")
-    if args.quick:  # 8 photos, the first two detectors
-        args.photos, args.detectors = 8, args.detectors[:2]
+    if args.quick:  # 8 photos, and the first two of the default detectors
+        args.photos = 8
+        if args.detectors == DETECTORS:
+            args.detectors = DETECTORS[:2]
     return args
 
 

@@ -79,11 +79,17 @@ def test_model_card_of_a_run_whose_checkpoints_are_gone_reads_its_config_yaml(tr
     logs_only = tmp_path / "logs_only"
     logs_only.mkdir()
     shutil.copy(trained_run / "metrics.csv", logs_only)
-    with pytest.raises(ValueError, match="neither best.pt nor config.yaml"):
+    with pytest.raises(ValueError, match="neither config.yaml nor best.pt"):
         render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine")
     shutil.copy(trained_run / "config.yaml", logs_only)
     card = render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine")
     assert card == render_model_card(trained_run, onnx, reports, "ferkit train --x", "a test machine")
+    # config.yaml is the recipe of the run's latest start (a resume to more epochs), best.pt's may be older
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained_run, resumed)
+    text = (resumed / "config.yaml").read_text()
+    (resumed / "config.yaml").write_text(text.replace("epochs: 2\n", "epochs: 9\n", 1))
+    assert "| epochs | `9` |" in render_model_card(resumed, onnx, reports, "ferkit train --x", "a test machine")
     # a run from an older ferkit, whose config has a field this one no longer knows, still gets its card
     with open(logs_only / "config.yaml", "a", encoding="utf-8") as f:
         f.write("a_removed_option: 3\n")

@@ -142,7 +142,7 @@ def test_train_then_evaluate(tmp_path, synthetic_cache, capsys):
         )
         == 0
     )
-    for name in ("PublicTest.json", "PublicTest_tta-flip.json"):
+    for name in ("PublicTest_limit14.json", "PublicTest_limit14_tta-flip.json"):  # a subset, named as one
         assert json.loads((eval_out / name).read_text())["n"] == 14
 
 

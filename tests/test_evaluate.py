@@ -240,7 +240,8 @@ def test_one_macro_f1_and_valid_json_when_classes_are_missing(trained_run, synth
     res = evaluate_checkpoints([best], synthetic_cache, "PublicTest", device="cpu", limit=5)
     assert row["macro_f1"] == pytest.approx(res["macro_f1"])
     evaluate_checkpoints([best], synthetic_cache, "PublicTest", device="cpu", limit=1, out=tmp_path)
-    text = (tmp_path / "PublicTest.json").read_text()  # one image: no class has a ROC curve
+    assert not (tmp_path / "PublicTest.json").exists()  # a subset's report is named for it, not for the split
+    text = (tmp_path / "PublicTest_limit1.json").read_text()  # one image: no class has a ROC curve
     assert "NaN" not in text and json.loads(text)["macro_auc"] is None
     assert "macro-AUC -" in format_summary(json.loads(text))
 

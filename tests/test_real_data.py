@@ -155,4 +155,5 @@ def test_resume_and_evaluate(real_run, real_cache, tmp_path):
         f1s.append(rep[c]["f1-score"])
     assert res["macro_f1"] == pytest.approx(np.mean(f1s))
     assert 0.6 < res["macro_auc"] <= 1.0
-    assert (tmp_path / "PrivateTest.json").is_file() and (tmp_path / "PrivateTest_confusion.png").is_file()
+    assert (tmp_path / "PrivateTest_limit1000.json").is_file()  # a subset, named as one
+    assert (tmp_path / "PrivateTest_limit1000_confusion.png").is_file()

@@ -176,6 +176,12 @@ def test_a_moved_run_resumes_without_its_initial_weights_file(tmp_path, syntheti
     assert "resuming with out" in (tmp_path / "b" / "train.log").read_text()
 
 
+def test_a_missing_teacher_is_named_as_one(tmp_path, synthetic_cache):
+    missing = tmp_path / "teacher" / "best.pt"
+    with pytest.raises(ValueError, match=re.escape(f"distillation teacher: {missing}: checkpoint not found")):
+        train(tiny_config(synthetic_cache, tmp_path / "run", teacher=[str(missing)]))
+
+
 def test_max_steps_stops_mid_epoch(tmp_path, synthetic_cache):
     out = tmp_path / "run"
     result = train(tiny_config(synthetic_cache, out, epochs=5, max_steps=STEPS_PER_EPOCH + 2))

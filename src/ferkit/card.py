@@ -68,22 +68,22 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
-    """A run's training config: its ``best.pt``'s, or the ``config.yaml`` training wrote beside its logs, read
+    """A run's training config: the ``config.yaml`` training wrote beside its logs (or its ``best.pt``'s), read
     as written (a field this ferkit no longer knows is kept, one the run predates takes its default)."""
-    path = run_dir / "config.yaml"
-    if (run_dir / "best.pt").exists():
-        from .checkpoint import load_checkpoint
-
-        cfg = load_checkpoint(run_dir / "best.pt")["config"]
-    elif path.exists():
+    path = run_dir / "config.yaml"  # first: written at every start, so a resumed run's latest recipe
+    if path.exists():
         try:
             cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(cfg, dict) or "model" not in cfg:
             raise ValueError(f"{path}: not a training config (a mapping with a model)")
+    elif (run_dir / "best.pt").exists():  # runs from before config.yaml was written
+        from .checkpoint import load_checkpoint
+
+        cfg = load_checkpoint(run_dir / "best.pt")["config"]
     else:
-        raise ValueError(f"{run_dir}: neither best.pt nor config.yaml to read the run's config from")
+        raise ValueError(f"{run_dir}: neither config.yaml nor best.pt to read the run's config from")
     return {**TrainConfig().to_dict(), **cfg}
 
 
@@ -161,7 +161,7 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
 
 ## Training
 - Data: FER-2013 Training split (28,709 images); model selection on PublicTest (3,589); numbers below
-  on PrivateTest (3,589), which was not used for any choice.
+  on PrivateTest ({reports[0]["n"]:,} images), which was not used for any choice.
 - Command: `{command}`
 - Hardware: {hardware}. {run["epochs"]} epochs, {run["train_minutes"]:.1f} minutes in training epochs
   (PublicTest checks and checkpoints excluded),

@@ -360,7 +360,7 @@ def evaluate_checkpoints(
     """Evaluate one checkpoint (``.pt``, or an exported ``.onnx`` model), or an ensemble (mean of
     probabilities) of several, on ``split``.
 
-    Writes ``{split}[_tta-{mode}].json`` with confusion-matrix/ROC PNGs (and the training curves of a
+    Writes ``{split}[_limit{N}][_tta-{mode}].json`` with confusion-matrix/ROC PNGs (and the training curves of a
     single checkpoint's run when its ``metrics.csv`` is beside it) into ``out``."""
     return evaluate_tta(checkpoints, data_path, split, out, (tta,), device, batch_size, limit)[tta]
 
@@ -386,7 +386,8 @@ def evaluate_tta(
         metrics = compute_metrics(labels, _mean_probs([p for _, p in per_model], mode))
         meta = {"model": model_name, "checkpoints": [str(c) for c in checkpoints], "split": split, "tta": mode}
         if out is not None:
-            name = split + ("" if mode == "none" else f"_tta-{mode}")
+            # a subset's report never takes the place of the whole split's
+            name = split + (f"_limit{limit}" if limit else "") + ("" if mode == "none" else f"_tta-{mode}")
             meta["report_json"] = str(write_report(metrics, Path(out), name, meta))
         results[mode] = {**meta, **metrics}
     run_metrics = Path(checkpoints[0]).parent / "metrics.csv"

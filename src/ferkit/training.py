@@ -353,7 +353,12 @@ def _distill_targets(
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """A function of (indices, augmented batch) giving the teachers' targets for it: cached per image
     (``distill_cache``), computed on the batch itself, or None when there are no teachers."""
-    teachers = [load_for_evaluation(t)[0].to(device) for t in cfg.teacher]
+    teachers = []
+    for t in cfg.teacher:
+        try:
+            teachers.append(load_for_evaluation(t)[0].to(device))
+        except (ValueError, OSError) as e:  # a missing or broken file: say it is a teacher the config names
+            raise ValueError(f"distillation teacher: {e} (train or export it first, or change --teacher)") from e
     if not teachers:
         return lambda idx, x: None
     if cfg.distill_cache:
