@@ -196,3 +196,32 @@ def test_ddp_processes_stop_early_together(tmp_path):
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) < 8 and "early stopping" in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_ddp_processes_leave_no_process_group_behind(tmp_path):
+    """A process that exited with its gloo group alive could abort in gloo's threads ("terminate called
+    without an active exception", CI 2026-11-27): train() destroys the group it made, also when it fails."""
+    _tiny_cache(tmp_path / "tiny.npz")
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch.distributed as dist\n"
+        "from ferkit.config import TrainConfig\n"
+        "from ferkit.training import train\n"
+        f"cfg = TrainConfig(data=sys.argv[1], out=sys.argv[2], device='cpu', threads=1, progress=False,\n"
+        f"                  **{OPTIONS!r})\n"
+        "try:\n"
+        "    train(cfg)\n"
+        "except ValueError as e:  # the second time: the run exists\n"
+        "    print('refused:', e)\n"
+        "print('group alive' if dist.is_initialized() else 'group destroyed')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--standalone", str(script)]
+    for refused in (0, WORLD):
+        proc = subprocess.run([*cmd, str(tmp_path / "tiny.npz"), str(tmp_path / "run")], env=env,
+                              capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("group destroyed") == WORLD, proc.stdout
+        assert proc.stdout.count("already holds a run") == refused, proc.stdout

@@ -608,7 +608,16 @@ def _check_resumed_config(path: Path, saved: dict[str, Any], cfg: TrainConfig) -
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train a model as ``cfg`` says; returns the final training state (best accuracy, epochs, paths)."""
+    owned = not dist.is_initialized()
     rank, world, local_rank = _setup_distributed(cfg.device)
+    try:
+        return _train(cfg, resume, rank, world, local_rank)
+    finally:  # a process that exits with the group alive can abort in gloo's threads ("terminate called ...")
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: int) -> dict[str, Any]:
     device = resolve_device(cfg.device, local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
