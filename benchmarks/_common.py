@@ -111,17 +111,12 @@ def ferkit_inputs(crops: np.ndarray) -> np.ndarray:
     return crops[:, None].astype(np.float32) / 255
 
 
-def scores(y_true: np.ndarray, probs: np.ndarray, num_classes: int = 7) -> dict[str, float]:
-    """Accuracy and macro F1 of class probabilities (N, C) against integer labels (N,)."""
-    pred = np.asarray(probs).argmax(1)
-    y_true = np.asarray(y_true)
-    f1s = []
-    for c in range(num_classes):
-        tp = int(((pred == c) & (y_true == c)).sum())
-        fp = int(((pred == c) & (y_true != c)).sum())
-        fn = int(((pred != c) & (y_true == c)).sum())
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return {"accuracy": float((pred == y_true).mean()), "macro_f1": float(np.mean(f1s)), "n": int(len(y_true))}
+def scores(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro F1 (``ferkit evaluate``'s) of class probabilities (N, C) against integer labels (N,)."""
+    from ferkit.evaluate import macro_f1
+
+    pred, y_true = np.asarray(probs).argmax(1), np.asarray(y_true)
+    return {"accuracy": float((pred == y_true).mean()), "macro_f1": macro_f1(y_true, pred), "n": int(len(y_true))}
 
 
 # ---------------------------------------------------------------------------------------------- output
