@@ -479,3 +479,22 @@ def test_recognizer_defaults_agree_in_the_cli_the_app_and_the_python_api(command
     api = inspect.signature(EmotionRecognizer).parameters
     for name in ("detector", "margin", "tta", "min_face", "max_pixels"):
         assert getattr(args, name) == getattr(AppSettings(), name) == api[name].default, name
+
+
+def test_the_ui_names_the_detector_it_runs():
+    """The page said "OpenCV's Haar cascade" whatever --detector was given (a YuNet file, another cascade)."""
+    import cv2
+    from fastapi.testclient import TestClient
+
+    from ferkit.app import _detector_text
+
+    xml = cv2.data.haarcascades + "haarcascade_frontalface_alt2.xml"
+    with TestClient(create_app(detector=xml, max_concurrency=1, threads=1)) as c:
+        page = c.get("/config").text
+    assert "Faces are found by the Haar cascade haarcascade_frontalface_alt2.xml: faces of" in page
+    assert "frontal Haar" not in page
+    assert _detector_text("haar") == "OpenCV's frontal Haar cascade"
+    assert (
+        _detector_text("/models/face_detection_yunet_2023mar.onnx")
+        == "the YuNet detector face_detection_yunet_2023mar.onnx"
+    )

@@ -483,9 +483,15 @@ def serve(
 
 
 def _accuracy_text(acc: float | None) -> str:
-    if acc is None:
-        return "not recorded"
-    return f"{acc:.1%}" if acc <= 1 else f"{acc:.1f}%"
+    return "not recorded" if acc is None else f"{acc:.1%}"
+
+
+def _detector_text(detector: str) -> str:
+    """The face detector in the UI's words: OpenCV's frontal Haar cascade, another cascade, or a YuNet file."""
+    if detector == "haar":
+        return "OpenCV's frontal Haar cascade"
+    name = Path(detector).name
+    return f"the YuNet detector {name}" if Path(detector).suffix == ".onnx" else f"the Haar cascade {name}"
 
 
 def _summary(a: Analysis, fallback_used: bool) -> str:
@@ -548,7 +554,7 @@ def build_ui(service: RecognizerService) -> Any:
         "# ferkit: facial expression recognition\n"
         f"Finds every face in a photo and scores 7 emotions ({', '.join(info['classes'])}). "
         f"Model **{info['name']}** ({info['backend']}), FER-2013 PrivateTest accuracy "
-        f"**{_accuracy_text(info['accuracy'])}**. Faces are found by OpenCV's Haar cascade: frontal faces "
+        f"**{_accuracy_text(info['accuracy'])}**. Faces are found by {_detector_text(s.detector)}: faces "
         f"of {s.min_face} px or more."
     )
     api_help = (
