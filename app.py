@@ -16,9 +16,10 @@ except ImportError:  # a Space runs this file from a checkout of the repository 
 
 from ferkit.app import AppSettings, build_demo, launch_options
 
-settings = AppSettings(
-    model=os.environ.get("FERKIT_MODEL") or None, max_upload_mb=float(os.environ.get("FERKIT_MAX_UPLOAD_MB", "10"))
-)
+options = {"model": os.environ.get("FERKIT_MODEL") or None}
+if upload_mb := os.environ.get("FERKIT_MAX_UPLOAD_MB"):  # else AppSettings' default
+    options["max_upload_mb"] = float(upload_mb)
+settings = AppSettings(**options)
 demo = build_demo(settings)
 
 if __name__ == "__main__":

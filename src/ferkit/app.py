@@ -35,10 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .faces import DETECTOR, MARGIN, MIN_FACE
+from .config import MB, AppSettings
 from .inference import (
-    MAX_PIXELS,
-    TTA,
     EmotionRecognizer,
     FaceResult,
     ImageError,
@@ -50,43 +48,10 @@ from .inference import (
 
 log = logging.getLogger("ferkit.app")
 
-MB = 1024 * 1024
 ASSETS_DIR = Path(__file__).parent / "assets"
 EXAMPLES = {"four faces": ASSETS_DIR / "faces_group.jpg", "astronaut": ASSETS_DIR / "astronaut.jpg"}  # label: photo
 MAX_FACE_PANELS = 6  # score panels shown in the UI; the summary table lists every face
 T = TypeVar("T")
-
-
-@dataclass
-class AppSettings:
-    """Limits and options of the web app (``ferkit serve --help`` lists them as flags)."""
-
-    model: str | list[str] | None = None  # .onnx or .pt file (a list: an ensemble); None: the shipped model
-    max_upload_mb: float = 10.0  # larger uploads are refused with 413
-    max_pixels: int = MAX_PIXELS  # images with more pixels (width x height) are refused with 413
-    max_concurrency: int = 2  # inferences running at once, one recognizer each
-    max_queue: int = 32  # requests that may wait for a free recognizer; more are refused with 503
-    queue_timeout_s: float = 10.0  # longest wait for a free recognizer before 503
-    timeout_s: float = 30.0  # longest decode + detect + classify of one image before 504
-    upload_timeout_s: float = 60.0  # longest time to receive a request's body before 408 (slow clients)
-    threads: int | None = None  # onnxruntime threads per recognizer (default: CPU cores / max_concurrency)
-    min_face: int = MIN_FACE  # smallest face side in pixels that the detector reports
-    detector: str = DETECTOR  # haar, a YuNet .onnx file or a Haar .xml cascade
-    margin: float = MARGIN  # crop margin around each face box, as a fraction of its side
-    tta: str = TTA  # none, or average each face with its mirror
-    ui: bool = True  # mount the Gradio UI at /
-
-    def __post_init__(self) -> None:
-        positive = ("max_upload_mb", "max_pixels", "max_concurrency", "min_face")
-        for name in (*positive, "queue_timeout_s", "timeout_s", "upload_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue must be 0 or more, got {self.max_queue!r}")
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * MB)
 
 
 class ServiceError(Exception):

@@ -1,4 +1,6 @@
-"""Training configuration: one typed dataclass, loadable from YAML and overridable from the CLI."""
+"""Configuration: the training run (:class:`TrainConfig`, loadable from YAML and overridable from the CLI),
+the recognition defaults that the CLI, the web app and the Python API share, and the web app's settings
+(:class:`AppSettings`). Light to import: the CLI reads its defaults here before any heavy import."""
 
 from __future__ import annotations
 
@@ -17,6 +19,16 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "dict": (dict,),
     "list": (list,),
 }
+
+
+# Recognition defaults: `ferkit predict/serve` flags, AppSettings and EmotionRecognizer's arguments.
+MIN_FACE = 48  # smallest face side in pixels that the detector reports
+DETECTOR = "haar"  # face detector: the bundled Haar cascade
+MARGIN = 0.1  # crop margin around each face box, as a fraction of its side
+MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
+TTA_CHOICES = ("none", "flip")  # test-time augmentation per face
+TTA = "flip"  # the default, chosen on PublicTest (README, Results)
+MB = 1024 * 1024
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -66,7 +78,8 @@ class TrainConfig:
     teacher: list = _opt(
         [],
         "knowledge distillation: checkpoints (.pt) or exported models (.onnx, e.g. the shipped one) whose averaged "
-        "predictions teach this model",
+        "predictions teach this model; or, alone, the teacher_probs.npz that a distill_cache run wrote (the same "
+        "training images and distill_temperature): the targets without the teachers",
     )
     distill_alpha: float = _opt(0.5, "distillation: weight of the teacher term (1 - alpha for the labels)")
     distill_temperature: float = _opt(4.0, "distillation: softmax temperature")
@@ -159,3 +172,35 @@ def _read_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of config fields")
     return values
+
+
+@dataclass
+class AppSettings:
+    """Limits and options of the web app (``ferkit serve --help`` lists them as flags)."""
+
+    model: str | list[str] | None = None  # .onnx or .pt file (a list: an ensemble); None: the shipped model
+    max_upload_mb: float = 10.0  # larger uploads are refused with 413
+    max_pixels: int = MAX_PIXELS  # images with more pixels (width x height) are refused with 413
+    max_concurrency: int = 2  # inferences running at once, one recognizer each
+    max_queue: int = 32  # requests that may wait for a free recognizer; more are refused with 503
+    queue_timeout_s: float = 10.0  # longest wait for a free recognizer before 503
+    timeout_s: float = 30.0  # longest decode + detect + classify of one image before 504
+    upload_timeout_s: float = 60.0  # longest time to receive a request's body before 408 (slow clients)
+    threads: int | None = None  # onnxruntime threads per recognizer (default: CPU cores / max_concurrency)
+    min_face: int = MIN_FACE  # smallest face side in pixels that the detector reports
+    detector: str = DETECTOR  # haar, a YuNet .onnx file or a Haar .xml cascade
+    margin: float = MARGIN  # crop margin around each face box, as a fraction of its side
+    tta: str = TTA  # none, or average each face with its mirror
+    ui: bool = True  # mount the Gradio UI at /
+
+    def __post_init__(self) -> None:
+        positive = ("max_upload_mb", "max_pixels", "max_concurrency", "min_face")
+        for name in (*positive, "queue_timeout_s", "timeout_s", "upload_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be 0 or more, got {self.max_queue!r}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MB)

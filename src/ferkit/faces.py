@@ -16,10 +16,9 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from .config import DETECTOR, MARGIN, MIN_FACE  # noqa: F401 - faces.DETECTOR etc. stay importable
+
 Box = tuple[int, int, int, int]  # x, y, width, height in original-image pixels
-MIN_FACE = 48  # default smallest face side in pixels
-DETECTOR = "haar"  # default face detector: the bundled Haar cascade
-MARGIN = 0.1  # default crop margin around each face box, as a fraction of its side
 
 
 class FaceDetector(Protocol):

@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
+from .config import MAX_PIXELS
 
 ImageInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | Any  # Any: a PIL image
 ACCEPTED = "a path, bytes, a binary file object, a numpy array or a PIL image"

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .config import DETECTOR, MARGIN, MIN_FACE, TTA, TTA_CHOICES
 from .data import CLASSES, scores_shape_problem
-from .faces import DETECTOR, MARGIN, MIN_FACE, Box, FaceDetector, check_margin, crop_faces, make_detector
+from .faces import Box, FaceDetector, check_margin, crop_faces, make_detector
 from .images import (  # noqa: F401 - re-exported: decoding images is part of the inference API
     MAX_PIXELS,
     ImageError,
@@ -27,8 +28,6 @@ from .images import (  # noqa: F401 - re-exported: decoding images is part of th
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_s1_e110_int8_prior.onnx"  # the shipped model: replace this file to upgrade
-TTA_CHOICES = ("none", "flip")  # test-time augmentation per face
-TTA = "flip"  # the default, chosen on PublicTest (README, Results)
 
 
 @dataclass
