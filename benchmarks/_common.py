@@ -106,11 +106,6 @@ def predict_batched(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: 
     return np.concatenate([np.asarray(fn(x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
 
 
-def ferkit_inputs(crops: np.ndarray) -> np.ndarray:
-    """ferkit's model input for uint8 crops (N, 48, 48): float32 (N, 1, 48, 48) in [0, 1]."""
-    return crops[:, None].astype(np.float32) / 255
-
-
 def scores(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """Accuracy and macro F1 (``ferkit evaluate``'s) of class probabilities (N, C) against integer labels (N,)."""
     from ferkit.evaluate import macro_f1

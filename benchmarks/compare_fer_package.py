@@ -23,7 +23,6 @@ from _common import (
     DEFAULT_DATA,
     ROOT,
     base_parser,
-    ferkit_inputs,
     float_and_int8,
     machine_info,
     predict_batched,
@@ -35,7 +34,7 @@ from _common import (
     write_report,
 )
 
-from ferkit.data import CLASSES, load_dataset
+from ferkit.data import CLASSES, load_dataset, model_input
 from ferkit.inference import DEFAULT_MODEL, OnnxBackend
 
 FER_VENV = ROOT / ".venv-fer"
@@ -117,7 +116,7 @@ def run_fer(args, crops: np.ndarray, threads: int, tmp: Path) -> tuple[dict[str,
 
 def run_ferkit(name: str, path: Path, crops: np.ndarray, threads: int, args) -> tuple[np.ndarray, dict]:
     backend = OnnxBackend(path, threads)
-    x = ferkit_inputs(crops)
+    x = model_input(crops)
     probs = predict_batched(backend, x, args.batch_size)
     b = min(args.batch_size, len(x))
     rate = throughput(lambda: backend(x[:b]), b, args.min_time)

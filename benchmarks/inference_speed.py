@@ -26,7 +26,6 @@ import numpy as np
 from _common import (
     DEFAULT_DATA,
     base_parser,
-    ferkit_inputs,
     float_and_int8,
     latencies_ms,
     machine_info,
@@ -40,7 +39,7 @@ from _common import (
 )
 from _photos import encode_jpeg, paste, plain_canvas
 
-from ferkit.data import CLASSES, SPLITS, load_dataset
+from ferkit.data import CLASSES, SPLITS, load_dataset, model_input
 from ferkit.export import convert_fp16, quantize_int8
 from ferkit.faces import crop_faces, make_detector
 from ferkit.inference import DEFAULT_MODEL, EmotionRecognizer, OnnxBackend, TorchBackend, load_image
@@ -80,7 +79,7 @@ def parse_args(argv: list[str] | None = None):
 
 def bench_backend(name: str, backend, crops: np.ndarray, labels: np.ndarray, args) -> tuple[dict, np.ndarray]:
     print(f"{name}: accuracy on {len(crops)} PrivateTest crops ...", flush=True)
-    inputs = ferkit_inputs(crops)
+    inputs = model_input(crops)
     probs = predict_batched(backend, inputs)
     row: dict = {"backend": name, **scores(labels, probs)}
     for b in args.batch_sizes:

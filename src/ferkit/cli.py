@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .config import TrainConfig
-from .faces import DETECTOR, MARGIN, MIN_FACE
-from .inference import MAX_PIXELS, TTA, TTA_CHOICES
+from .config import DETECTOR, MARGIN, MAX_PIXELS, MIN_FACE, TTA, TTA_CHOICES, TTA_MODES, AppSettings, TrainConfig
+from .data import SPLITS
 
 
 def _yaml_mapping(text: str) -> dict:
@@ -129,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not cfg.data:
         raise ValueError("--data is required (or set `data:` in the --config file)")
     result = train(cfg, resume=args.resume)
-    if args.evaluate and int(os.environ.get("RANK", "0")) == 0:
+    if args.evaluate and result["history"] and int(os.environ.get("RANK", "0")) == 0:
         _evaluate([result["best"]], cfg.data, "PrivateTest", Path(cfg.out) / "eval", [args.tta], cfg.device)
     return 0
 
@@ -361,7 +360,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .app import AppSettings, serve
+        from .app import serve
     except ImportError as e:
         raise ImportError(f"{e.name or e}: the web app needs its extra: pip install 'ferkit[app]'") from e
 
@@ -420,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta",
         default="none",
-        choices=["none", "flip", "crops"],
+        choices=TTA_MODES,
         help="test-time augmentation for that final evaluation",
     )
     _add_config_options(p)
@@ -439,14 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split",
         default="PrivateTest",
-        choices=["Training", "PublicTest", "PrivateTest"],
+        choices=SPLITS,
         help="split to evaluate (default: %(default)s; select models on PublicTest)",
     )
     p.add_argument(
         "--tta",
         nargs="+",
         default=["none"],
-        choices=["none", "flip", "crops"],
+        choices=TTA_MODES,
         help="test-time augmentation mode(s), each reported separately (default: none)",
     )
     p.add_argument(
@@ -466,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", nargs="+", help="candidate checkpoints (.pt) or exported models (.onnx)")
     p.add_argument("--data", required=True, help="FER-2013 cache, CSV or image folder")
-    p.add_argument("--tta", nargs="+", default=["none"], choices=["none", "flip", "crops"], help="TTA modes to try")
+    p.add_argument("--tta", nargs="+", default=["none"], choices=TTA_MODES, help="TTA modes to try")
     p.add_argument("--max-size", type=_count(0), default=0, help="largest ensemble to consider (0 = all candidates)")
     p.add_argument("--top", type=_count(1), default=10, help="rows to print and save (default: %(default)s)")
     p.add_argument("--out", help="JSON file for the ranking")
@@ -568,15 +567,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: %(default)s)")
     p.add_argument("--port", type=_count(1, 65535), default=7860, help="port (default: %(default)s)")
     p.add_argument("--model", action="append", help="an .onnx or .pt model; repeat for an ensemble (default: shipped)")
-    p.add_argument("--max-upload-mb", type=_positive, default=10.0, help="largest upload (default: %(default)s)")
-    _add_image_options(p)
-    p.add_argument("--concurrency", type=_count(1), default=2, help="inferences at once (default: %(default)s)")
+    d = AppSettings()
     p.add_argument(
-        "--queue", type=_count(0), default=32, help="requests that may wait; more get 503 (default: %(default)s)"
+        "--max-upload-mb", type=_positive, default=d.max_upload_mb, help="largest upload (default: %(default)s)"
     )
-    p.add_argument("--queue-timeout", type=_positive, default=10.0, help="seconds a request may wait (then 503)")
-    p.add_argument("--timeout", type=_positive, default=30.0, help="seconds one inference may take (then 504)")
-    p.add_argument("--upload-timeout", type=_positive, default=60.0, help="seconds to receive an upload (then 408)")
+    _add_image_options(p)
+    p.add_argument(
+        "--concurrency", type=_count(1), default=d.max_concurrency, help="inferences at once (default: %(default)s)"
+    )
+    p.add_argument(
+        "--queue",
+        type=_count(0),
+        default=d.max_queue,
+        help="requests that may wait; more get 503 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--queue-timeout", type=_positive, default=d.queue_timeout_s, help="seconds a request may wait (then 503)"
+    )
+    p.add_argument("--timeout", type=_positive, default=d.timeout_s, help="seconds one inference may take (then 504)")
+    p.add_argument(
+        "--upload-timeout", type=_positive, default=d.upload_timeout_s, help="seconds to receive an upload (then 408)"
+    )
     p.add_argument("--threads", type=_count(1), help="onnxruntime threads per inference (default: cores / concurrency)")
     p.add_argument("--no-ui", action="store_true", help="serve the API only, without the Gradio UI")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

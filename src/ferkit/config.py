@@ -28,6 +28,7 @@ MARGIN = 0.1  # crop margin around each face box, as a fraction of its side
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 TTA_CHOICES = ("none", "flip")  # test-time augmentation per face
 TTA = "flip"  # the default, chosen on PublicTest (README, Results)
+TTA_MODES = ("none", "flip", "crops")  # what evaluation can try (crops: ten-crop, too slow to recognise with)
 MB = 1024 * 1024
 
 

@@ -26,6 +26,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 CSV_HEADER = ["emotion", "pixels", "Usage"]
 
 
+def model_input(crops: np.ndarray) -> np.ndarray:
+    """What every ferkit model takes for uint8 face crops (N, 48, 48): float32 (N, 1, 48, 48) in [0, 1]."""
+    return crops[:, None].astype(np.float32) / 255
+
+
 def scores_shape_problem(shape: tuple[int, ...], batch: int, n_classes: int) -> str | None:
     """Why a model's output of ``shape`` for ``batch`` images is not one score per image and class (None if it is)."""
     if tuple(shape) == (batch, n_classes):

@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import TTA_MODES
 from .data import CLASSES
 from .fileio import atomic_write, bytes_digest, file_digest
 
-TTA_MODES = ("none", "flip", "crops")
 # Part of every prediction cache entry's name: raise it when a change to the code (TTA views, preprocessing)
 # changes the probabilities a model file gives, so that older entries are no longer read.
 CACHE_VERSION = 1

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import model_from_checkpoint
+from .data import model_input
 from .fileio import atomic_write
 
 PREPROCESSING = (
@@ -184,7 +185,7 @@ def max_abs_diff(onnx_path: str | Path, checkpoint: str | Path, images: np.ndarr
     import onnxruntime as ort
 
     model, _ = model_from_checkpoint(checkpoint)
-    x = images[:, None].astype(np.float32) / 255
+    x = model_input(images)
     with torch.no_grad():
         ref = torch.softmax(model(torch.from_numpy(x)), 1).numpy()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -202,10 +203,7 @@ def quantize_int8(onnx_path: str | Path, out: str | Path, calibration: np.ndarra
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.batches = iter(
-                [
-                    {"image": calibration[i : i + 64, None].astype(np.float32) / 255}
-                    for i in range(0, len(calibration), 64)
-                ]
+                [{"image": model_input(calibration[i : i + 64])} for i in range(0, len(calibration), 64)]
             )
 
         def get_next(self) -> dict[str, np.ndarray] | None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .config import DETECTOR, MARGIN, MIN_FACE, TTA, TTA_CHOICES
-from .data import CLASSES, scores_shape_problem
+from .data import CLASSES, model_input, scores_shape_problem
 from .faces import Box, FaceDetector, check_margin, crop_faces, make_detector
 from .images import (  # noqa: F401 - re-exported: decoding images is part of the inference API
     MAX_PIXELS,
@@ -181,7 +181,7 @@ class EmotionRecognizer:
         """Probabilities (N, 7) for grayscale uint8 crops (N, 48, 48)."""
         out = []
         for i in range(0, len(crops), batch_size):
-            x = crops[i : i + batch_size, None].astype(np.float32) / 255
+            x = model_input(crops[i : i + batch_size])
             views = [x, np.ascontiguousarray(x[..., ::-1])] if self.tta == "flip" else [x]
             out.append(sum(b(v) for b in self.backends for v in views) / (len(self.backends) * len(views)))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
