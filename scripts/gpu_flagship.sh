@@ -21,6 +21,8 @@
 #   RUNS="ferkit_vgg_s4_e110 --seed 4 --epochs 110; ferkit_vgg_strong_s5_e110 --seed 5 --augment strong --epochs 110;
 #         ferkit_resnet_light_s6_e90 --config configs/resnet_gpu.yaml --seed 6 --augment light --epochs 90;
 #         ferkit_resnet_strong_s7_e90 --config configs/resnet_gpu.yaml --seed 7 --augment strong --epochs 90"
+# A run taught by the targets of teachers that stay home (README, "Teachers too big to travel"), a born-again VGG:
+#   RUNS="ferkit_vgg_ba_s4_e110 --seed 4 --teacher .carry/targets4.npz --distill-alpha 0.7"
 # EXTRA adds `ferkit train` options to every run (e.g. EXTRA="--sam-rho 0.05", which doubles the cost of a step).
 # BUDGET (default 540 s) bounds the whole call: a run still going when its share is spent is stopped and keeps its
 # best epoch, so the results always come back within a 600 s device call.

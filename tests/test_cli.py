@@ -146,6 +146,17 @@ def test_train_then_evaluate(tmp_path, synthetic_cache, capsys):
         assert json.loads((eval_out / name).read_text())["n"] == 14
 
 
+def test_train_zero_epochs_computes_only_the_teachers_targets(tmp_path, synthetic_cache, trained_run, capsys):
+    """`--epochs 0 --distill-cache`: the targets file for another machine, no checkpoint and no evaluation
+    of one (which had failed with 'best.pt: checkpoint not found' after logging a best epoch -1)."""
+    out = tmp_path / "targets"
+    args = ["train", "--data", str(synthetic_cache), "--out", str(out), "--epochs", "0", "--batch-size", "16"]
+    args += ["--teacher", str(trained_run / "best.pt"), "--distill-cache", "--device", "cpu", "--no-progress"]
+    assert cli.main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "teacher_probs.npz", "train.log"]
+    assert "no epoch trained (epochs 0): no checkpoint" in capsys.readouterr().err
+
+
 def test_select_ensemble_prints_the_choice_and_saves_the_ranking(trained_run, synthetic_cache, tmp_path, capsys):
     best, last, out = str(trained_run / "best.pt"), str(trained_run / "last.pt"), tmp_path / "select.json"
     args = ["select-ensemble", best, last, "--data", str(synthetic_cache), "--tta", "none", "flip", "--top", "4"]

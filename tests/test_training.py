@@ -704,6 +704,44 @@ def test_the_balanced_sampler_replaces_the_class_weights():
     assert training.make_criterion(_cfg(sampler="balanced"), labels, torch.device("cpu")).weight is None
 
 
+def test_a_targets_file_teaches_as_its_teachers_did(tmp_path, synthetic_cache, trained_run):
+    """Teachers too big to carry to a machine teach through the teacher_probs.npz a distill_cache run wrote:
+    a run given that file alone trains exactly as one given the teachers."""
+    teacher = str(trained_run / "best.pt")
+    train(tiny_config(synthetic_cache, tmp_path / "teachers", epochs=1, teacher=[teacher], distill_cache=True))
+    targets = str(tmp_path / "teachers" / "teacher_probs.npz")
+    train(tiny_config(synthetic_cache, tmp_path / "file", epochs=1, teacher=[targets]))
+    a, b = (load_checkpoint(tmp_path / run / "last.pt")["state_dict"] for run in ("teachers", "file"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "file" / "teacher_probs.npz").exists()
+    assert f"distillation targets: {targets}" in (tmp_path / "file" / "train.log").read_text()
+
+
+def test_a_targets_file_must_fit_the_run(tmp_path, synthetic_cache, trained_run):
+    teacher = str(trained_run / "best.pt")
+    train(tiny_config(synthetic_cache, tmp_path / "teachers", epochs=1, teacher=[teacher], distill_cache=True))
+    targets = str(tmp_path / "teachers" / "teacher_probs.npz")
+    data = load_cache(synthetic_cache)
+    data.images[:] = 255 - data.images
+    save_cache(data, tmp_path / "other.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    np.savez(tmp_path / "nokey.npz", probs=np.zeros((64, 7)))
+    bad, nokey, none = (str(tmp_path / name) for name in ("bad.npz", "nokey.npz", "none.npz"))
+    refusals = {
+        "computed at T=4.0, this run's distill_temperature is 2.0": dict(distill_temperature=2.0),
+        "computed on other training images (n=64 sha256=": dict(data=tmp_path / "other.npz"),
+        "teaches alone, without other teachers": dict(teacher=[targets, teacher]),
+        "cannot teach mixed images": dict(mixup=0.2),
+        f"distillation targets {none}: not found": dict(teacher=[none]),
+        f"distillation targets {bad}: not a teacher_probs.npz": dict(teacher=[bad]),
+        f"distillation targets {nokey}: not a teacher_probs.npz": dict(teacher=[nokey]),
+    }
+    for i, (message, change) in enumerate(refusals.items()):
+        data = change.pop("data", synthetic_cache)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train(tiny_config(data, tmp_path / f"run{i}", **{"teacher": [targets], "epochs": 1, **change}))
+
+
 def test_distill_cache_refuses_mixed_images(tmp_path, synthetic_cache, trained_run):
     teacher = str(trained_run / "best.pt")
     with pytest.raises(ValueError, match="mixup/cutmix"):

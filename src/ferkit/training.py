@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,40 @@ def teacher_probs(teachers: list[nn.Module], x: torch.Tensor, temperature: float
         return sum(torch.softmax(_Tempered(t, temperature)(x), 1) for t in teachers) / len(teachers)
 
 
+def _targets_key(images: np.ndarray, temperature: float, teachers: Sequence[str] = ()) -> list[str]:
+    """What a targets file records of how it was made: its teachers' files (name and digest), the temperature,
+    and the count and digest of the training images."""
+    images_key = f"n={len(images)} sha256={bytes_digest(np.ascontiguousarray(images).data)}"
+    return [*(f"{name} sha256={file_digest(name)}" for name in teachers), f"T={temperature}", images_key]
+
+
+def is_targets_file(teacher: str) -> bool:
+    """Whether a ``teacher`` entry is a targets file (another run's ``teacher_probs.npz``), not a model."""
+    return Path(teacher).suffix == ".npz"
+
+
+def load_targets_file(path: str | Path, images: np.ndarray, temperature: float) -> np.ndarray:
+    """The per-image targets that a run with ``distill_cache`` wrote (``teacher_probs.npz``), checked to be
+    for these training images and this temperature: teachers too big to move to a machine teach through it."""
+    if not Path(path).is_file():
+        raise ValueError(f"distillation targets {path}: not found")
+    try:
+        with np.load(path) as f:
+            key, probs = [str(k) for k in f["key"]], f["probs"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"distillation targets {path}: not a teacher_probs.npz of a run ({e})") from e
+    if len(key) < 3:
+        raise ValueError(f"distillation targets {path}: not a teacher_probs.npz of a run (its key: {key})")
+    t, images_key = _targets_key(images, temperature)
+    if key[-2] != t:
+        raise ValueError(f"distillation targets {path}: computed at {key[-2]}, this run's distill_temperature is "
+                         f"{temperature}")  # fmt: skip
+    if key[-1] != images_key or probs.shape != (len(images), len(CLASSES)):
+        raise ValueError(f"distillation targets {path}: computed on other training images ({key[-1]}) than "
+                         f"this run's ({images_key})")  # fmt: skip
+    return probs
+
+
 def cached_teacher_probs(
     cfg: TrainConfig,
     teachers: list[nn.Module],
@@ -195,9 +229,7 @@ def cached_teacher_probs(
     """The teachers' softened probabilities for each training image, averaged with its mirror image,
     computed once and kept in ``path`` (reused when the teachers' files, the temperature and the images match).
     Under torchrun process r computes images r, r+W, ... and the processes gather the whole."""
-    digests = [f"{name} sha256={file_digest(name)}" for name in cfg.teacher]
-    images_digest = bytes_digest(np.ascontiguousarray(images).data)
-    key = np.asarray([*digests, f"T={cfg.distill_temperature}", f"n={len(images)} sha256={images_digest}"])
+    key = np.asarray(_targets_key(images, cfg.distill_temperature, cfg.teacher))
     cached = None
     if path.exists():
         with np.load(path) as f:
@@ -324,8 +356,12 @@ def _check_config(cfg: TrainConfig, world: int, device: torch.device) -> None:
         fp16 = amp_dtype(cfg, device) == torch.float16  # refuses fp16 on a CPU
         if fp16 and cfg.sam_rho:
             raise ValueError("SAM (sam_rho) does not work with fp16 loss scaling; use --amp bf16 or none")
-    if cfg.distill_cache and (cfg.mixup or cfg.cutmix):
-        raise ValueError("distill_cache cannot teach mixed images (mixup/cutmix): its targets are per image")
+    files = [t for t in cfg.teacher if is_targets_file(t)]
+    if files and len(cfg.teacher) > 1:
+        raise ValueError(f"teacher: a targets file ({files[0]}) teaches alone, without other teachers")
+    if (cfg.distill_cache or files) and (cfg.mixup or cfg.cutmix):
+        raise ValueError("distill_cache or a targets file cannot teach mixed images (mixup/cutmix): its targets "
+                         "are per image")  # fmt: skip
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
 
@@ -352,7 +388,12 @@ def _distill_targets(
     world: int,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """A function of (indices, augmented batch) giving the teachers' targets for it: cached per image
-    (``distill_cache``), computed on the batch itself, or None when there are no teachers."""
+    (``distill_cache``, or a targets file given as the teacher), computed on the batch itself, or None when
+    there are no teachers."""
+    if cfg.teacher and is_targets_file(cfg.teacher[0]):  # _check_config: then it is the only teacher
+        targets = torch.from_numpy(load_targets_file(cfg.teacher[0], images, cfg.distill_temperature)).to(device)
+        log.info("distillation targets: %s", cfg.teacher[0])
+        return lambda idx, x: targets[idx]
     teachers = []
     for t in cfg.teacher:
         try:
@@ -695,7 +736,9 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: in
                 tb.flush()
             run.save(out, improved)
     state = run.state
-    if rank == 0:
+    if rank == 0 and not state["history"]:  # --epochs 0: e.g. only the distill_cache targets
+        log.info("no epoch trained (epochs %d): no checkpoint", cfg.epochs)
+    elif rank == 0:
         log.info(
             "best PublicTest accuracy %.4f at epoch %d; checkpoint %s",
             state["best_acc"],
