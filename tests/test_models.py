@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ferkit.models import MODELS, VGGNet, build_model, describe, load_init_weights, model_names
+from ferkit.checkpoint import load_init_weights
+from ferkit.models import MODELS, VGGNet, build_model, describe, model_names
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, read with a clear error when a file is missing or corrupt."""
+"""Checkpoints and weight files: written atomically, read with a clear error when a file is missing or corrupt;
+initial weights (e.g. ImageNet) loaded into a model by name and shape."""
 
 from __future__ import annotations
 
@@ -79,3 +80,51 @@ def slim_checkpoint(path: str | Path, out: str | Path, half: bool = False) -> Pa
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     keep = {k: state[k] for k in ("model", "model_kwargs", "classes", "input_size", "config", "metrics") if k in state}
     return save_checkpoint(out, {**keep, "state_dict": weights, "ema_state_dict": None})
+
+
+def load_init_weights(model: nn.Module, path: str | Path) -> tuple[int, int]:
+    """Load initial weights (e.g. ImageNet) from a local ``.pt``/``.pth``/``.safetensors`` file or a ferkit
+    checkpoint (its EMA weights when it has them, the ones it was evaluated with).
+
+    Tensors are matched by name (a ``net.`` prefix is tried for timm models); an RGB first convolution
+    is summed over its input channels to take grayscale input; tensors whose shapes still differ
+    (usually the classifier) are skipped. A file that fits less than half of the model's tensors is refused:
+    it is for another architecture or layout. Returns (loaded, skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: initial weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError as e:
+        raise ValueError(f"{path}: reading .safetensors files needs `pip install safetensors` ({e})") from e
+    except Exception as e:  # torch and safetensors raise many types for truncated or foreign files
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {' '.join(str(e).split())})") from e
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        state = state.get("ema_state_dict") or state.get("state_dict")
+    elif isinstance(state, dict):
+        state = state.get("state_dict", state.get("model", state))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a weights file (expected a mapping of names to tensors)")
+    own = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        target = key if key in own else f"net.{key}"
+        if target not in own:
+            continue
+        if value.ndim == 4 and value.shape[1] == 3 and own[target].shape[1] == 1:
+            value = value.sum(dim=1, keepdim=True)
+        if value.shape == own[target].shape:
+            loaded[target] = value
+    if len(loaded) < len(own) / 2:
+        raise ValueError(
+            f"{path}: only {len(loaded)} of the model's {len(own)} tensors match it by name and shape: weights of "
+            "another architecture or layer naming (ImageNet files fit timm:<arch> models; ferkit's own models, "
+            "vgg16 and resnet50v2 included, take ferkit checkpoints)"
+        )
+    model.load_state_dict(loaded, strict=False)
+    return len(loaded), len(state) - len(loaded)

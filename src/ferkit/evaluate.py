@@ -22,6 +22,15 @@ from .fileio import atomic_write, bytes_digest, file_digest
 CACHE_VERSION = 1
 
 
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA (this process's local GPU under torchrun) when available, else the CPU."""
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """Translate a batch by whole pixels, filling with the reflected border (a crop of a padded image)."""
     if dy == 0 and dx == 0:
@@ -285,7 +294,6 @@ def _probabilities(
     model's probabilities are kept there under the SHA-256 of its file and of the images, and reused (see
     :data:`CACHE_VERSION`; writing an entry deletes that model's entries of older versions)."""
     from .data import load_dataset
-    from .training import resolve_device
 
     dev = resolve_device(device)
     data = load_dataset(data_path)

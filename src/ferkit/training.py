@@ -26,23 +26,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .augment import PRESETS, augment, class_weights, mix, sample_weights
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_init_weights, save_checkpoint
 from .config import TrainConfig
 from .data import CLASSES, load_dataset
-from .evaluate import load_for_evaluation, predict_proba
+from .evaluate import load_for_evaluation, predict_proba, resolve_device
 from .fileio import atomic_write, bytes_digest, file_digest
-from .models import build_model, load_init_weights
+from .models import build_model
 
 log = logging.getLogger("ferkit.train")
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA (this process's local GPU under torchrun) when available, else the CPU."""
-    if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 def _cpu_has_native_bf16() -> bool:
