@@ -649,7 +649,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: int) -> dict[str, Any]:
+def _start(
+    cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: int
+) -> tuple[_Run, tuple[np.ndarray, ...], Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]]:
+    """Check the options, load the data, build (or resume) the run and its teachers' targets."""
     device = resolve_device(cfg.device, local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -682,24 +685,55 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: in
         )
         if (weights := run.criterion.weight) is not None:
             log.info("class weights: %s", {c: round(w, 3) for c, w in zip(CLASSES, weights.tolist(), strict=True)})
+    return run, (x_np, y_np, xv_np, yv_np), targets
 
-    x_train, y_train = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
+
+def _stopped(cfg: TrainConfig, state: dict[str, Any], rank: int) -> bool:
+    """Whether the run is over before its next epoch: ``max_steps`` reached, or early stopping."""
+    if cfg.max_steps and state["step"] >= cfg.max_steps:
+        return True
+    if cfg.patience and state["bad_epochs"] >= cfg.patience:  # also a resumed run that had stopped
+        if rank == 0:
+            log.info("early stopping: no PublicTest improvement for %d epochs", cfg.patience)
+        return True
+    return False
+
+
+def _validate_on_rank0(run: _Run, xv: np.ndarray, yv: np.ndarray, rank: int, world: int) -> tuple[float, float]:
+    """PublicTest loss and accuracy. Under DDP the processes' BatchNorm statistics differ: all of them decide
+    (best epoch, plateau, early stopping) on rank 0's numbers, those of the weights it saves."""
+    val_loss, val_acc = run.validate(xv, yv) if rank == 0 else (0.0, 0.0)
+    if world > 1:
+        shared = torch.tensor([val_loss, val_acc], dtype=torch.float64, device=run.device)
+        dist.broadcast(shared, src=0)
+        val_loss, val_acc = shared.tolist()
+    return val_loss, val_acc
+
+
+def _report_epoch(out: Path, run: _Run, row: dict[str, Any], improved: bool, tb: Any) -> None:
+    """The epoch's log line, metrics.csv and TensorBoard scalars (rank 0)."""
+    log.info(
+        "epoch %d: train loss %.4f acc %.4f | PublicTest loss %.4f acc %.4f%s | %.0f img/s",
+        *(row["epoch"], row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"]),
+        *(" (best)" if improved else "", row["img_per_s"]),
+    )
+    _write_metrics(out / "metrics.csv", run.state["history"])
+    if tb is not None:
+        for key, value in row.items():
+            tb.add_scalar(key, value, row["epoch"])
+        tb.flush()
+
+
+def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: int) -> dict[str, Any]:
+    run, (x_np, y_np, xv_np, yv_np), targets = _start(cfg, resume, rank, world, local_rank)
+    out = Path(cfg.out)
+    x_train, y_train = torch.from_numpy(x_np).to(run.device), torch.from_numpy(y_np).to(run.device)
     tb = _tensorboard(out) if rank == 0 else None
     for epoch in range(run.state["epoch"], cfg.epochs):
-        if cfg.max_steps and run.state["step"] >= cfg.max_steps:
-            break
-        if cfg.patience and run.state["bad_epochs"] >= cfg.patience:  # also a resumed run that had stopped
-            if rank == 0:
-                log.info("early stopping: no PublicTest improvement for %d epochs", cfg.patience)
+        if _stopped(cfg, run.state, rank):
             break
         fit = _train_epoch(run, epoch, x_train, y_train, targets, rank, world)
-        # Under DDP the processes' BatchNorm statistics differ: all of them decide (best epoch, plateau,
-        # early stopping) on rank 0's PublicTest numbers, those of the weights it saves.
-        val_loss, val_acc = run.validate(xv_np, yv_np) if rank == 0 else (0.0, 0.0)
-        if world > 1:
-            shared = torch.tensor([val_loss, val_acc], dtype=torch.float64, device=device)
-            dist.broadcast(shared, src=0)
-            val_loss, val_acc = shared.tolist()
+        val_loss, val_acc = _validate_on_rank0(run, xv_np, yv_np, rank, world)
         if run.plateau is not None:
             run.plateau.step(val_acc)
         row = {
@@ -715,27 +749,14 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: in
         }
         improved = run.record(row)
         if rank == 0:
-            log.info(
-                "epoch %d: train loss %.4f acc %.4f | PublicTest loss %.4f acc %.4f%s | %.0f img/s",
-                *(epoch + 1, row["train_loss"], row["train_acc"], val_loss, val_acc),
-                *(" (best)" if improved else "", row["img_per_s"]),
-            )
-            _write_metrics(out / "metrics.csv", run.state["history"])
-            if tb is not None:
-                for key, value in row.items():
-                    tb.add_scalar(key, value, epoch + 1)
-                tb.flush()
+            _report_epoch(out, run, row, improved, tb)
             run.save(out, improved)
     state = run.state
     if rank == 0 and not state["history"]:  # --epochs 0: e.g. only the distill_cache targets
         log.info("no epoch trained (epochs %d): no checkpoint", cfg.epochs)
     elif rank == 0:
-        log.info(
-            "best PublicTest accuracy %.4f at epoch %d; checkpoint %s",
-            state["best_acc"],
-            state["best_epoch"],
-            out / "best.pt",
-        )
+        log.info("best PublicTest accuracy %.4f at epoch %d; checkpoint %s", state["best_acc"], state["best_epoch"],
+                 out / "best.pt")  # fmt: skip
     if tb is not None:
         tb.close()
     if world > 1:
