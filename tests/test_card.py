@@ -19,11 +19,14 @@ def reports(trained_run, synthetic_cache, tmp_path_factory):
 
 def test_model_card_quotes_the_run_and_its_numbers(trained_run, reports, tmp_path):
     from ferkit.export import export_onnx
+    from ferkit.inference import DEFAULT_MODEL
 
     onnx = export_onnx(trained_run / "best.pt", tmp_path / "my_model.onnx")
     card = render_model_card(trained_run, onnx, reports, "ferkit train --x", "a test machine")
     head = json.loads(reports[0].read_text())
-    assert card.startswith("# Model card: my_model (shipped default)")
+    assert card.startswith("# Model card: my_model\n")  # "(shipped default)" only for a file shipped in weights/
+    shipped = render_model_card(trained_run, DEFAULT_MODEL, reports, "ferkit train --x", "a test machine")
+    assert shipped.startswith(f"# Model card: {DEFAULT_MODEL.stem} (shipped default)\n")
     assert "`ferkit train --x`" in card and "Hardware: a test machine" in card and "MiB, ONNX, float32," in card
     reproduce = f"ferkit evaluate {onnx.as_posix()} --data data/fer2013.npz --split PrivateTest --tta flip none"
     assert f"`{reproduce} --out reports/my_model`" in card  # the folder the card's numbers come from
