@@ -116,7 +116,8 @@ def test_folder_details(tmp_path):
 
 
 def test_folder_images_decode_as_inference_decodes_photos(tmp_path):
-    """16-bit, transparent and EXIF-rotated images give training the pixels that inference would see."""
+    """16-bit, transparent, EXIF-rotated and WebP images give training the pixels that inference would see
+    (folders took only .jpg, .jpeg, .png and .bmp, predict also .gif, .webp and .tif)."""
     _tree(tmp_path, ["train"])
     ramp = np.tile(np.linspace(0, 65535, 48).astype(np.uint16), (48, 1))
     Image.fromarray(ramp).save(tmp_path / "train/happy/sixteen.png")
@@ -128,8 +129,10 @@ def test_folder_images_decode_as_inference_decodes_photos(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 3  # orientation: rotate 180 degrees to display
     Image.fromarray(halves).save(tmp_path / "train/fear/rotated.jpg", exif=exif, quality=95)
+    Image.fromarray(halves).save(tmp_path / "train/angry/other.webp", lossless=True)  # any type predict reads
     data = load_folder(tmp_path, progress=False)
     index = _by_source(data)
+    assert (data.images[index["train/angry/other.webp"]] == halves).all()
     assert abs(data.images[index["train/happy/sixteen.png"]].mean() - 127.5) < 1  # not clipped to 255
     assert (data.images[index["train/sad/clear.png"]] == 255).all()
     rotated = data.images[index["train/fear/rotated.jpg"]].astype(int)

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from .fileio import atomic_write
+from .images import IMAGE_EXTENSIONS
 
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 SPLITS: tuple[str, ...] = ("Training", "PublicTest", "PrivateTest")
 IMAGE_SIZE = 48
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 CSV_HEADER = ["emotion", "pixels", "Usage"]
 
 

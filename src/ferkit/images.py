@@ -13,6 +13,8 @@ import numpy as np
 
 from .config import MAX_PIXELS
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # files read as images
+
 ImageInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | Any  # Any: a PIL image
 ACCEPTED = "a path, bytes, a binary file object, a numpy array or a PIL image"
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from .fileio import atomic_write
+from .images import IMAGE_EXTENSIONS
 from .inference import EmotionRecognizer, FaceResult, ImageError, annotate
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 # ffmpeg's own log lines ("moov atom not found") would repeat the errors ferkit reports, naming the file;
 # OpenCV reads this when its ffmpeg backend starts, so it is set before any video is opened.
@@ -51,7 +51,7 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         found = []
         if p.is_dir():
-            exts = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+            exts = {*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS}
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts)
         out += found or [p]
     return out
