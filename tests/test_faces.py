@@ -157,3 +157,23 @@ def test_boxes_at_the_edge_replicate_the_border(box):
     if x + 1.5 * w > 160:
         assert (crop[:, -1] == 159).all()
     assert (np.diff(crop.astype(int), axis=1) >= 0).all()  # still a left-to-right ramp: no wrap-around
+
+
+def test_a_whole_image_crop_of_a_long_thin_image_stays_small(tmp_path):
+    """`predict --fallback` on a 100000x10 PNG (3 KB, 1 MP) padded the whole image to a 120000-pixel square
+    (20 GB) and the server was killed; the crop now needs a few MB (checked under a 1.5 GB address limit)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, numpy as np\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1_500_000_000, 1_500_000_000))\n"
+        "from ferkit.faces import crop_faces\n"
+        "img = np.zeros((10, 100_000, 3), np.uint8); img[:, 50_000:] = 200\n"
+        "(crop,) = crop_faces(img, [(0, 0, 100_000, 10)])\n"
+        "print(crop.shape, crop[24, :24].mean(), crop[24, 24:].mean())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shape, left, right = proc.stdout.rsplit(" ", 2)
+    assert shape == "(48, 48)" and float(left) < 5 and float(right) > 195  # left half dark, right half light

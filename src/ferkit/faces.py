@@ -154,20 +154,28 @@ def check_margin(margin: float) -> None:
         raise ValueError(f"margin must be between 0 and 1 (a fraction of the face box), got {margin!r}")
 
 
+MAX_WINDOW = 4096  # a crop window wider than this (pixels) is shrunk before its border is padded
+
+
 def crop_faces(rgb: np.ndarray, boxes: list[Box], size: int = 48, margin: float = MARGIN) -> np.ndarray:
     """Square grayscale crops (N, size, size) uint8 around each box, widened by ``margin`` of the box size
     on every side (FER-2013 faces include forehead and chin); borders are replicated past the image edge."""
     check_margin(margin)
     gray = _to_gray(rgb)
     crops = np.empty((len(boxes), size, size), dtype=np.uint8)
+    height, width = gray.shape
     for i, (x, y, w, h) in enumerate(boxes):
         side = max(w, h) * (1 + 2 * margin)
         cx, cy = x + w / 2, y + h / 2
         x0, y0 = round(cx - side / 2), round(cy - side / 2)
         x1, y1 = x0 + round(side), y0 + round(side)
-        pad = max(0, -x0, -y0, x1 - gray.shape[1], y1 - gray.shape[0])
-        src = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE) if pad else gray
-        face = src[y0 + pad : y1 + pad, x0 + pad : x1 + pad]
+        inside = gray[max(y0, 0) : min(y1, height), max(x0, 0) : min(x1, width)]
+        pads = np.array([max(0, -y0), max(0, y1 - height), max(0, -x0), max(0, x1 - width)])  # top bottom left right
+        if x1 - x0 > MAX_WINDOW:  # e.g. the whole of a 100000x10 image: shrink first, never pad it to 100000^2
+            scale = MAX_WINDOW / (x1 - x0)
+            shape = (max(1, round(inside.shape[1] * scale)), max(1, round(inside.shape[0] * scale)))
+            inside, pads = cv2.resize(inside, shape, interpolation=cv2.INTER_AREA), np.round(pads * scale)
+        face = cv2.copyMakeBorder(inside, *map(int, pads), cv2.BORDER_REPLICATE) if pads.any() else inside
         interp = cv2.INTER_AREA if face.shape[0] > size else cv2.INTER_LINEAR
         crops[i] = cv2.resize(face, (size, size), interpolation=interp)
     return crops
