@@ -310,11 +310,37 @@ def test_lr_factor_unknown():
         ({"epochs": True}, "epochs: expected int, got True"),
         ({"lr": None}, "lr: expected float, got None"),
         ({"teacher": "a.pt"}, "teacher: expected list"),
+        # out of range: batch_size 0 was a ZeroDivisionError, -5 "trained" with -9 steps an epoch, lr nan
+        # trained on NaN losses and saved a "best" checkpoint, ema 2 and label_smoothing 3 were taken
+        ({"batch_size": 0}, "batch_size: 0 is outside [1, inf)"),
+        ({"batch_size": -5}, "batch_size: -5 is outside [1, inf)"),
+        ({"lr": float("nan")}, "lr: nan is outside (0, inf)"),
+        ({"lr": float("inf")}, "lr: inf is outside (0, inf)"),
+        ({"lr": 0}, "lr: 0.0 is outside (0, inf)"),
+        ({"ema": 2}, "ema: 2.0 is outside [0, 1)"),
+        ({"label_smoothing": 3}, "label_smoothing: 3.0 is outside [0, 1)"),
+        ({"epochs": -1}, "epochs: -1 is outside [0, inf)"),
+        ({"mixup": -1}, "mixup: -1.0 is outside [0, inf)"),
+        ({"threads": -2}, "threads: -2 is outside [0, inf)"),
+        ({"train_limit": -4}, "train_limit: -4 is outside [0, inf)"),
+        ({"warmup_epochs": -1}, "warmup_epochs: -1.0 is outside [0, inf)"),
+        ({"distill_temperature": 0}, "distill_temperature: 0.0 is outside (0, inf)"),
     ],
 )
 def test_config_refuses_bad_values(values, message):
     with pytest.raises(ValueError, match=re.escape(f"cfg.yaml: {message}")):
         TrainConfig.from_dict(values, source="cfg.yaml")
+
+
+def test_config_takes_the_ends_of_its_ranges():
+    cfg = TrainConfig(epochs=0, ema=0.0, momentum=0.0, distill_alpha=1.0, decay_rate=1.0, min_lr_ratio=1.0)
+    assert (cfg.epochs, cfg.distill_alpha, cfg.decay_rate) == (0, 1.0, 1.0)
+
+
+def test_a_diverging_run_stops_and_saves_nothing_of_it(tmp_path, synthetic_cache):
+    with pytest.raises(ValueError, match=re.escape("training diverged: train loss nan in epoch 1 (try a lower --lr")):
+        train(tiny_config(synthetic_cache, tmp_path / "run", lr=1e30, epochs=3))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "train.log"]
 
 
 def test_config_takes_an_int_for_a_float():

@@ -88,7 +88,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"{f.metadata['help']} (default: {default!r})"
+        bounds = f"; in {f.metadata['bounds']}" if "bounds" in f.metadata else ""
+        help_ = f"{f.metadata['help']} (default: {default!r}{bounds})"
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)

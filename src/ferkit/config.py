@@ -5,6 +5,7 @@ the recognition defaults that the CLI, the web app and the Python API share, and
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,14 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _within(value: float, bounds: str) -> bool:
+    """Whether a finite ``value`` lies in an interval written as ``"[0, 1)"``, ``"(0, inf)"``, ..."""
+    low, high = (float(v) for v in bounds[1:-1].split(","))
+    above = value >= low if bounds[0] == "[" else value > low
+    below = value <= high if bounds[-1] == "]" else value < high
+    return math.isfinite(value) and above and below
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. ``ferkit train --help`` lists these with their help text."""
@@ -47,54 +56,66 @@ class TrainConfig:
     model: str = _opt("ferkit_small", "model name (see `ferkit models`), or timm:<arch>")
     model_kwargs: dict = _opt({}, "extra model arguments as YAML, e.g. '{width: 0.5, dropout: 0.4}'")
     init_weights: str = _opt("", "optional local file of initial (e.g. ImageNet) weights; never downloaded")
-    epochs: int = _opt(30, "maximum number of epochs")
-    batch_size: int = _opt(128, "global batch size (split across processes under torchrun)")
+    epochs: int = _opt(30, "maximum number of epochs", bounds="[0, inf)")
+    batch_size: int = _opt(128, "global batch size (split across processes under torchrun)", bounds="[1, inf)")
     optimizer: str = _opt("sgd", "sgd (Nesterov momentum) or adamw", choices=["sgd", "adamw"])
-    lr: float = _opt(0.05, "initial (peak) learning rate")
-    momentum: float = _opt(0.9, "SGD momentum")
-    weight_decay: float = _opt(5e-4, "weight decay (not applied to norms and biases)")
+    lr: float = _opt(0.05, "initial (peak) learning rate", bounds="(0, inf)")
+    momentum: float = _opt(0.9, "SGD momentum", bounds="[0, 1)")
+    weight_decay: float = _opt(5e-4, "weight decay (not applied to norms and biases)", bounds="[0, inf)")
     schedule: str = _opt("cosine", "learning-rate schedule", choices=["cosine", "exponential", "plateau", "constant"])
-    warmup_epochs: float = _opt(1.0, "linear warm-up length (cosine and exponential)")
-    decay_rate: float = _opt(0.96, "exponential schedule: factor per epoch")
-    plateau_patience: int = _opt(3, "plateau schedule: epochs without improvement before the LR is halved")
-    min_lr_ratio: float = _opt(0.0, "cosine schedule: final LR as a fraction of the peak")
-    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
+    warmup_epochs: float = _opt(1.0, "linear warm-up length (cosine and exponential)", bounds="[0, inf)")
+    decay_rate: float = _opt(0.96, "exponential schedule: factor per epoch", bounds="(0, 1]")
+    plateau_patience: int = _opt(
+        3, "plateau schedule: epochs without improvement before the LR is halved", bounds="[0, inf)"
+    )
+    min_lr_ratio: float = _opt(0.0, "cosine schedule: final LR as a fraction of the peak", bounds="[0, 1]")
+    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss", bounds="[0, 1)")
     class_weights: bool = _opt(True, "weight the loss by dynamic class weights from the training label counts")
-    class_weight_power: float = _opt(0.5, "0 = uniform, 0.5 = square-root smoothed, 1 = fully 'balanced'")
-    class_weight_cap: float = _opt(0.0, "cap on a class weight before the weights are scaled to average 1 (0 = no cap)")
+    class_weight_power: float = _opt(
+        0.5, "0 = uniform, 0.5 = square-root smoothed, 1 = fully 'balanced'", bounds="[0, inf)"
+    )
+    class_weight_cap: float = _opt(
+        0.0, "cap on a class weight before the weights are scaled to average 1 (0 = no cap)", bounds="[0, inf)"
+    )
     sampler: str = _opt(
         "random",
         "random shuffling, or a class-balanced weighted sampler (which replaces the loss's class weights)",
         choices=["random", "balanced"],
     )
     augment: str = _opt("medium", "augmentation preset", choices=["none", "light", "medium", "strong"])
-    mixup: float = _opt(0.0, "mixup Beta parameter (0 = off)")
-    cutmix: float = _opt(0.0, "CutMix Beta parameter (0 = off)")
+    mixup: float = _opt(0.0, "mixup Beta parameter (0 = off)", bounds="[0, inf)")
+    cutmix: float = _opt(0.0, "CutMix Beta parameter (0 = off)", bounds="[0, inf)")
     sam_rho: float = _opt(
         0.0,
         "sharpness-aware minimisation (SAM): radius of the weight perturbation (0 = off, e.g. 0.05); "
         "each step then costs two forward-backward passes",
+        bounds="[0, inf)",
     )
-    ema: float = _opt(0.0, "exponential moving average of weights, decay per step (0 = off, e.g. 0.999)")
+    ema: float = _opt(
+        0.0, "exponential moving average of weights, decay per step (0 = off, e.g. 0.999)", bounds="[0, 1)"
+    )
     teacher: list = _opt(
         [],
         "knowledge distillation: checkpoints (.pt) or exported models (.onnx, e.g. the shipped one) whose averaged "
         "predictions teach this model; or, alone, the teacher_probs.npz that a distill_cache run wrote (the same "
         "training images and distill_temperature): the targets without the teachers",
     )
-    distill_alpha: float = _opt(0.5, "distillation: weight of the teacher term (1 - alpha for the labels)")
-    distill_temperature: float = _opt(4.0, "distillation: softmax temperature")
+    distill_alpha: float = _opt(
+        0.5, "distillation: weight of the teacher term (1 - alpha for the labels)", bounds="[0, 1]"
+    )
+    distill_temperature: float = _opt(4.0, "distillation: softmax temperature", bounds="(0, inf)")
     distill_cache: bool = _opt(
         False,
         "distillation: teach each image by the teachers' predictions on it and its mirror, computed once "
         "(out/teacher_probs.npz), instead of on every augmented batch: 2.4x faster for ferkit_vgg on a CPU, "
         "but every view of an image gets the same target",
     )
-    patience: int = _opt(10, "early stopping: epochs without PublicTest improvement (0 = off)")
+    patience: int = _opt(10, "early stopping: epochs without PublicTest improvement (0 = off)", bounds="[0, inf)")
     seed: int = _opt(
         0,
         "random seed; a CPU run repeats exactly on the same machine (on CUDA, cuDNN's autotuned kernels "
         "may differ slightly from run to run)",
+        bounds="[0, inf)",
     )
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     amp: str = _opt(
@@ -106,13 +127,16 @@ class TrainConfig:
     channels_last: bool = _opt(True, "use the channels_last memory format on CUDA")
     compile: bool = _opt(False, "torch.compile the model")
     sync_bn: bool = _opt(False, "under torchrun: synchronise BatchNorm statistics across processes")
-    threads: int = _opt(0, "CPU threads for torch (0 = torch's default)")
-    train_limit: int = _opt(0, "use a fixed random subset of N training images (0 = all); for quick runs and tests")
-    val_limit: int = _opt(0, "use a fixed random subset of N PublicTest images (0 = all)")
+    threads: int = _opt(0, "CPU threads for torch (0 = torch's default)", bounds="[0, inf)")
+    train_limit: int = _opt(
+        0, "use a fixed random subset of N training images (0 = all); for quick runs and tests", bounds="[0, inf)"
+    )
+    val_limit: int = _opt(0, "use a fixed random subset of N PublicTest images (0 = all)", bounds="[0, inf)")
     max_steps: int = _opt(
         0,
         "stop after this many optimiser steps in total (0 = no limit; for tests and smoke runs: the epoch it "
         "cuts short counts as done, and --resume goes on with the next one)",
+        bounds="[0, inf)",
     )
     progress: bool = _opt(True, "show progress bars")
 
@@ -123,9 +147,12 @@ class TrainConfig:
             if not isinstance(value, _TYPES[kind]) or (isinstance(value, bool) and kind in ("int", "float")):
                 raise ValueError(f"{f.name}: expected {kind}, got {value!r}")
             if kind == "float":
-                setattr(self, f.name, float(value))
+                value = float(value)
+                setattr(self, f.name, value)
             if (choices := f.metadata.get("choices")) and value not in choices:
                 raise ValueError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+            if (bounds := f.metadata.get("bounds")) and not _within(value, bounds):
+                raise ValueError(f"{f.name}: {value!r} is outside {bounds}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:

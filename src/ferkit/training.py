@@ -733,6 +733,9 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: in
         if _stopped(cfg, run.state, rank):
             break
         fit = _train_epoch(run, epoch, x_train, y_train, targets, rank, world)
+        if not math.isfinite(fit["train_loss"]):  # the same in every process (all-reduced); nothing saved
+            raise ValueError(f"training diverged: train loss {fit['train_loss']} in epoch {epoch + 1} (try a lower "
+                             f"--lr than {cfg.lr:g}); the checkpoints of earlier epochs are kept")  # fmt: skip
         val_loss, val_acc = _validate_on_rank0(run, xv_np, yv_np, rank, world)
         if run.plateau is not None:
             run.plateau.step(val_acc)
