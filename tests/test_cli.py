@@ -54,6 +54,17 @@ def test_prepare_csv(tmp_path, fer_csv):
     assert len(load_cache(out)) == len(fer_csv[1])
 
 
+def test_prepare_refuses_outputs_that_lose_data_or_that_nothing_reads(tmp_path, fer_csv, capsys):
+    """`prepare good.csv -o good.csv` replaced the CSV by the cache; `-o x` wrote a cache no command read."""
+    csv_path = fer_csv[0]
+    before = csv_path.read_bytes()
+    for out, message in ((csv_path, "that is the data set itself"), (tmp_path / "x", "name the cache *.npz")):
+        assert cli.main(["prepare", str(csv_path), "-o", str(out)]) == 2
+        assert f"ferkit prepare: error: {out}: {message}" in capsys.readouterr().err
+    assert csv_path.read_bytes() == before and not (tmp_path / "x").exists()
+    assert cli.main(["prepare", str(csv_path), "-o", str(tmp_path / "fer.NPZ")]) == 0
+
+
 @pytest.mark.parametrize("kind", ["missing", "bad_class", "bad_csv"])
 def test_prepare_bad_input_exit_2_names_path(tmp_path, capsys, kind):
     out = tmp_path / "fer.npz"

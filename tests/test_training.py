@@ -577,6 +577,15 @@ def test_slim_checkpoint_keeps_the_ema_weights(tmp_path, half):
     assert not torch.allclose(got, model_from_checkpoint(full, ema=False)[0](x), atol=1e-3)
 
 
+def test_slim_refuses_to_overwrite_its_checkpoint(tmp_path):
+    """`slim runs/x/last.pt -o runs/x/last.pt` dropped the optimiser state that --resume needs."""
+    last = save_checkpoint(tmp_path / "last.pt", {**_small_state(), "optimizer": {"state": {}}})
+    before = last.read_bytes()
+    with pytest.raises(ValueError, match="that is the checkpoint itself"):
+        slim_checkpoint(last, tmp_path / "." / "last.pt")
+    assert last.read_bytes() == before
+
+
 def test_cli_slim(tmp_path, capsys):
     from ferkit.cli import main
 

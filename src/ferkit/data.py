@@ -288,7 +288,11 @@ def load_dataset(path: str | Path, progress: bool = True) -> FERData:
 
 
 def prepare(src: str | Path, out: str | Path, progress: bool = True) -> FERData:
-    """Decode ``src`` once and write the cache to ``out``."""
+    """Decode ``src`` once and write the cache to ``out`` (a ``.npz`` file, which every command reads as one)."""
+    if Path(out).resolve() == Path(src).resolve():
+        raise DataError(f"{out}: that is the data set itself; name another file for the cache")
+    if Path(out).suffix.lower() != ".npz":
+        raise DataError(f"{out}: name the cache *.npz (the other commands read a .npz file as a cache)")
     data = load_dataset(src, progress=progress)
     save_cache(data, out)
     return data
