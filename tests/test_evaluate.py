@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import zlib
 
@@ -290,7 +291,7 @@ def test_prediction_cache_reuses_a_models_probabilities(trained_run, synthetic_c
     evaluate_tta([last], synthetic_cache, "PrivateTest", modes=("none",), device="cpu", cache=cache)
     select_ensemble([best], synthetic_cache, ("none",), device="cpu", cache=cache)
     evaluate_tta([best], synthetic_cache, "PrivateTest", modes=("flip",), device="cpu", cache=cache)
-    assert calls == [("none",), ("none",), ("flip",)] and len(list(cache.glob("*.npz"))) == 3
+    assert calls == [("none",), ("none",), ("none", "flip")] and len(list(cache.glob("*.npz"))) == 3
     with np.load(entry) as f:
         assert sorted(f.files) == ["flip", "none"]
 
@@ -310,6 +311,29 @@ def test_prediction_cache_reuses_a_models_probabilities(trained_run, synthetic_c
         f["none"]
     evaluate_tta([best], synthetic_cache, "PrivateTest", modes=("none",), device="cpu", cache=cache)
     assert len(calls) == 5
+
+
+def test_prediction_cache_keeps_the_narrower_modes_of_the_widest(trained_run, synthetic_cache, tmp_path, monkeypatch):
+    """`evaluate --tta flip` kept only flip, so `select-ensemble --tta none flip` ran the model again, although
+    the flip views hold the plain image's: every mode up to the widest is kept now, and matches a plain run."""
+    import ferkit.evaluate as ev
+
+    best, cache = trained_run / "best.pt", tmp_path / "cache"
+    evaluate_tta([best], synthetic_cache, "PublicTest", modes=("flip",), device="cpu", cache=cache)
+    calls = []
+    real = ev.predict_proba_modes
+    monkeypatch.setattr(ev, "predict_proba_modes", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    cached = select_ensemble([best], synthetic_cache, ("none", "flip"), device="cpu", cache=cache)
+    assert calls == []
+    assert cached == select_ensemble([best], synthetic_cache, ("none", "flip"), device="cpu")
+
+
+def test_output_folders_that_are_files_are_refused_before_any_model_runs(trained_run, synthetic_cache, tmp_path):
+    a_file = tmp_path / "one.jpg"
+    a_file.write_bytes(b"x")
+    for option, kwargs in (("--out", {"out": a_file}), ("--cache", {"cache": a_file})):
+        with pytest.raises(ValueError, match=re.escape(f"{option} {a_file}: a file, not a folder")):
+            evaluate_tta([trained_run / "best.pt"], synthetic_cache, "PrivateTest", device="cpu", **kwargs)
 
 
 def test_prediction_cache_drops_a_models_entries_of_older_versions(trained_run, synthetic_cache, tmp_path):

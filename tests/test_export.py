@@ -166,6 +166,9 @@ def test_cli_export_refuses_to_write_over_its_checkpoint(tmp_path, exported, cap
     assert main(["export", str(ck), "-o", str(tmp_path / "." / "best.pt")]) == 2
     assert f"{tmp_path / '.' / 'best.pt'}: that is the checkpoint itself" in capsys.readouterr().err
     assert ck.read_bytes() == before
+    (tmp_path / "exp").mkdir()  # its error named a temporary file: "Is a directory: 'tmpkb5eqy9r/exp' -> 'exp'"
+    assert main(["export", str(ck), "-o", str(tmp_path / "exp")]) == 2
+    assert f"{tmp_path / 'exp'}: is a folder; give a file name to write" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -295,6 +295,8 @@ def _probabilities(
     :data:`CACHE_VERSION`; writing an entry deletes that model's entries of older versions)."""
     from .data import load_dataset
 
+    if cache is not None:
+        _check_folder(cache, "--cache")
     dev = resolve_device(device)
     data = load_dataset(data_path)
     images, labels = data.subset(*data.split(split), limit)
@@ -310,12 +312,14 @@ def _probabilities(
         probs = _read_cached(path, modes, len(images))
         if probs is None:
             label = f"{split} {k}/{len(checkpoints)} {ck}"
-            probs = predict_proba_modes(model.to(dev), images, dev, batch_size, modes, label)
+            narrower = TTA_MODES[: max(map(TTA_MODES.index, modes)) + 1]  # free with the widest mode's views
+            probs = predict_proba_modes(model.to(dev), images, dev, batch_size, narrower, label)
             if path is not None and file_digest(ck) == digest:  # not kept if the file changed while loading
                 kept = _read_cached(path, (), len(images)) or {}
                 atomic_write(path, lambda f, p=probs, kept=kept: np.savez(f, **{**kept, **p}))
                 for stale in _older_versions(path.parent, key):
                     stale.unlink(missing_ok=True)
+            probs = {mode: probs[mode] for mode in modes}
         per_model.append((name, probs))
     return labels, per_model
 
@@ -329,6 +333,12 @@ def _older_versions(folder: Path, key: str) -> list[Path]:
         if m and (m[1] is None or int(m[1]) < CACHE_VERSION):
             older.append(path)
     return older
+
+
+def _check_folder(path: str | Path, option: str) -> None:
+    """Refuse an output folder that is a file, before any model runs (it failed only after them)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{option} {path}: a file, not a folder")
 
 
 def _read_cached(path: Path | None, modes: Sequence[str], n: int) -> dict[str, np.ndarray] | None:
@@ -386,6 +396,8 @@ def evaluate_tta(
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_checkpoints` for several TTA modes, each model run once over the widest mode's views
     (or its probabilities taken from the ``cache`` folder, see :func:`_probabilities`)."""
+    if out is not None:
+        _check_folder(out, "--out")
     labels, per_model = _probabilities(checkpoints, data_path, split, modes, device, batch_size, limit, cache)
     names = [name for name, _ in per_model]
     model_name = names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")"

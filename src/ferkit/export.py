@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .checkpoint import model_from_checkpoint
 from .data import model_input
-from .fileio import atomic_write
+from .fileio import atomic_write, refuse_folder
 
 PREPROCESSING = (
     "RGB -> grayscale (ITU-R 601 luma), face crop with 10% margin resized to 48x48, "
@@ -147,9 +147,9 @@ def export_onnx(
 
     ``metrics`` (e.g. from an evaluation JSON: accuracy, macro_f1, ...) is stored in the metadata so
     that apps can show the model's measured accuracy."""
+    out = refuse_folder(out)  # before the export, whose own error named a temporary file
     model, state = model_from_checkpoint(checkpoint)
     net = nn.Sequential(model, nn.Softmax(dim=1)).eval()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_path = Path(tmp) / out.name

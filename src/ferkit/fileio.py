@@ -12,12 +12,18 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
-    """Call ``write(file)`` on a temp file next to ``path`` and rename it over ``path``: readers see the
-    old file or the whole new one, never a partial write."""
+def refuse_folder(path: str | Path) -> Path:
+    """``path``, unless it names an existing folder (an output file's name was expected)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a folder; give a file name to write")
+    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Call ``write(file)`` on a temp file next to ``path`` and rename it over ``path``: readers see the
+    old file or the whole new one, never a partial write."""
+    path = refuse_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
