@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from ferkit.card import RESULTS_END, RESULTS_START, render_model_card, results_table, update_readme
+from ferkit.card import RESULTS_END, RESULTS_START, readme_with_results, render_model_card, results_table
 from ferkit.evaluate import evaluate_tta
 
 
 @pytest.fixture(scope="module")
 def reports(trained_run, synthetic_cache, tmp_path_factory):
+    """The PrivateTest reports (flip, none) of trained_run's best.pt exported as my_model.onnx."""
+    from ferkit.export import export_onnx
+
     out = tmp_path_factory.mktemp("reports")
-    evaluate_tta([trained_run / "best.pt"], synthetic_cache, "PrivateTest", out, ("flip", "none"), device="cpu")
+    onnx = export_onnx(trained_run / "best.pt", out / "my_model.onnx")
+    evaluate_tta([onnx], synthetic_cache, "PrivateTest", out, ("flip", "none"), device="cpu")
     return [out / "PrivateTest_tta-flip.json", out / "PrivateTest.json"]
 
 
@@ -25,7 +30,11 @@ def test_model_card_quotes_the_run_and_its_numbers(trained_run, reports, tmp_pat
     card = render_model_card(trained_run, onnx, reports, "ferkit train --x", "a test machine")
     head = json.loads(reports[0].read_text())
     assert card.startswith("# Model card: my_model\n")  # "(shipped default)" only for a file shipped in weights/
-    shipped = render_model_card(trained_run, DEFAULT_MODEL, reports, "ferkit train --x", "a test machine")
+    of_shipped = []
+    for i, path in enumerate(reports):  # the same numbers, as if of the shipped file
+        of_shipped.append(tmp_path / f"shipped{i}.json")
+        of_shipped[-1].write_text(json.dumps({**json.loads(path.read_text()), "checkpoints": [str(DEFAULT_MODEL)]}))
+    shipped = render_model_card(trained_run, DEFAULT_MODEL, of_shipped, "ferkit train --x", "a test machine")
     assert shipped.startswith(f"# Model card: {DEFAULT_MODEL.stem} (shipped default)\n")
     assert "`ferkit train --x`" in card and "Hardware: a test machine" in card and "MiB, ONNX, float32," in card
     reproduce = f"ferkit evaluate {onnx.as_posix()} --data data/fer2013.npz --split PrivateTest --tta flip none"
@@ -44,23 +53,49 @@ def test_model_card_names_the_initial_weights_and_the_teachers(trained_run, synt
     teacher = str(trained_run / "best.pt")
     run = tmp_path / "finetune"
     train(tiny_config(synthetic_cache, run, epochs=1, init_weights=teacher, teacher=[teacher], distill_cache=True))
-    onnx = export_onnx(run / "best.pt", tmp_path / "tuned.onnx")
+    onnx = export_onnx(run / "best.pt", tmp_path / "my_model.onnx")
     card = render_model_card(run, onnx, reports, "ferkit train --y", "a test machine")
     assert f"| init_weights | `{teacher}` |" in card and f"| teacher | `['{teacher}']` |" in card
     assert "| distill_cache | `True` |" in card
     assert f"Started from the weights in `{teacher}`, whose own training is not counted here." in card
 
 
-def test_update_readme_replaces_only_the_results_block(reports, tmp_path):
+def test_readme_results_replace_only_the_results_block(reports, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{RESULTS_START}\nold table\n{RESULTS_END}\noutro\n")
-    update_readme(readme, reports, "my_model")
-    text = readme.read_text()
+    text = readme_with_results(readme, reports, "my_model.onnx")
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
     assert text.count("| my_model | PrivateTest |") == 2
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="results"):
-        update_readme(readme, reports)
+        readme_with_results(readme, reports, "my_model.onnx")
+
+
+def test_the_card_quotes_only_reports_of_its_model(trained_run, synthetic_cache, reports, tmp_path, capsys):
+    """A ranking gave a KeyError traceback; an ensemble's, another model's, a 21-image subset's and a
+    PublicTest headline's numbers went into the card as this model's."""
+    from ferkit.cli import main
+
+    onnx = reports[0].parent / "my_model.onnx"
+    head = json.loads(reports[0].read_text())
+    bad = {
+        "ranking.json": ({"split": "PublicTest", "ranking": []}, "not a report of `ferkit evaluate` (no model,"),
+        "ensemble.json": ({**head, "checkpoints": ["a.onnx", "b.onnx"]}, "an ensemble of 2 models, not of one"),
+        "other.json": ({**head, "checkpoints": ["runs/x/other.onnx"]}, "the report of runs/x/other.onnx, not of"),
+        "subset.json": ({**head, "n": 21}, "21 PrivateTest images, another report has 28"),
+        "public.json": ({**head, "split": "PublicTest"}, "the card's headline (the first report) must be on Priv"),
+    }
+    for name, (report, message) in bad.items():
+        (tmp_path / name).write_text(json.dumps(report))
+        paths = [tmp_path / name] if name == "public.json" else [reports[0], tmp_path / name]
+        with pytest.raises(ValueError, match=re.escape(message)):
+            render_model_card(trained_run, onnx, paths, "x", "y")
+    # the card and the README are both checked before either is written
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    argv = ["card", "--run", str(trained_run), "--onnx", str(onnx), "--reports", *map(str, reports), "--command", "x"]
+    assert main([*argv, "--out", str(tmp_path / "CARD.md"), "--readme", str(readme)]) == 2
+    assert "no <!-- results:start -->" in capsys.readouterr().err and not (tmp_path / "CARD.md").exists()
 
 
 def test_model_card_of_a_run_without_epochs_is_an_error(trained_run, reports, tmp_path):
@@ -69,7 +104,7 @@ def test_model_card_of_a_run_without_epochs_is_an_error(trained_run, reports, tm
     (run / "best.pt").write_bytes((trained_run / "best.pt").read_bytes())
     (run / "metrics.csv").write_text("epoch,val_acc\n")
     with pytest.raises(ValueError, match="metrics.csv: no epochs recorded"):
-        render_model_card(run, tmp_path / "m.onnx", reports, "ferkit train", "a test machine")
+        render_model_card(run, reports[0].parent / "my_model.onnx", reports, "ferkit train", "a test machine")
 
 
 def test_model_card_of_a_run_whose_checkpoints_are_gone_reads_its_config_yaml(trained_run, reports, tmp_path):
@@ -109,9 +144,9 @@ def test_model_card_of_a_run_whose_checkpoints_are_gone_reads_its_config_yaml(tr
 def test_model_card_says_when_the_class_weights_were_undone(trained_run, reports, tmp_path):
     from ferkit.export import export_onnx, undo_class_weights
 
-    onnx = export_onnx(trained_run / "best.pt", tmp_path / "plain.onnx")
+    onnx = export_onnx(trained_run / "best.pt", tmp_path / "plain" / "my_model.onnx")
     assert "undo-class-weights" not in render_model_card(trained_run, onnx, reports, "x", "y")
-    undone = undo_class_weights(onnx, tmp_path / "prior.onnx", [4, 1, 4, 7, 5, 3, 5], 0.5)
+    undone = undo_class_weights(onnx, tmp_path / "prior" / "my_model.onnx", [4, 1, 4, 7, 5, 3, 5], 0.5)
     card = render_model_card(trained_run, undone, reports, "x", "y")
     assert "the Training class counts to the power 0.5 (`ferkit export --undo-class-weights 0.5`)" in card
 

@@ -11,7 +11,7 @@ import yaml
 
 from .config import TrainConfig
 from .data import CLASSES
-from .fileio import atomic_write, read_json_object
+from .fileio import read_json_object
 
 REFERENCE = (
     "Keras ResNet50V2 (the seed): 65.2% validation accuracy, weighted F1 0.65, disgust F1 0.51, surprise F1 0.77"
@@ -19,8 +19,26 @@ REFERENCE = (
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def _load(paths: list[Path]) -> list[dict[str, Any]]:
-    return [read_json_object(p) for p in paths]
+REPORT_KEYS = ("model", "checkpoints", "split", "tta", "n", "accuracy", "macro_f1", "weighted_f1", "macro_auc")
+REPORT_KEYS += ("report", "roc")
+
+
+def _load(paths: list[Path], model_file: str | None = None) -> list[dict[str, Any]]:
+    """``ferkit evaluate`` reports of one model (whose file is named ``model_file`` when given), checked: the
+    card and the README must not quote a ranking, an ensemble's numbers or another model's as this one's."""
+    reports, sizes = [], {}
+    for path in paths:
+        r = read_json_object(path)
+        if missing := [k for k in REPORT_KEYS if k not in r]:
+            raise ValueError(f"{path}: not a report of `ferkit evaluate` (no {', '.join(missing)})")
+        if len(r["checkpoints"]) != 1:
+            raise ValueError(f"{path}: the report of an ensemble of {len(r['checkpoints'])} models, not of one")
+        if model_file and Path(r["checkpoints"][0]).name != model_file:
+            raise ValueError(f"{path}: the report of {r['checkpoints'][0]}, not of {model_file}")
+        if sizes.setdefault(r["split"], r["n"]) != r["n"]:
+            raise ValueError(f"{path}: {r['n']} {r['split']} images, another report has {sizes[r['split']]}")
+        reports.append(r)
+    return reports
 
 
 def results_table(reports: list[dict[str, Any]], label: str | None = None) -> str:
@@ -92,8 +110,10 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
     and evaluation JSONs."""
     from .models import build_model, describe
 
-    reports = _load(report_paths)
+    reports = _load(report_paths, onnx_path.name)
     head = reports[0]
+    if head["split"] != "PrivateTest":
+        raise ValueError(f"{report_paths[0]}: the card's headline (the first report) must be on PrivateTest")
     cfg = _run_config(run_dir)
     size = describe(build_model(cfg["model"], **cfg["model_kwargs"]))
     run = _run_summary(run_dir)
@@ -197,12 +217,12 @@ Reference to beat: {REFERENCE}.
 """
 
 
-def update_readme(readme: Path, reports: list[Path], label: str | None = None) -> None:
-    """Replace the block between the results markers in ``readme`` with a table of ``reports``."""
+def readme_with_results(readme: Path, reports: list[Path], model_file: str) -> str:
+    """``readme``'s text with the block between the results markers replaced by a table of ``reports`` (of the
+    model file ``model_file``, labelled by its stem)."""
     text = readme.read_text()
-    block = f"{RESULTS_START}\n{results_table(_load(reports), label)}\n{RESULTS_END}"
+    block = f"{RESULTS_START}\n{results_table(_load(reports, model_file), Path(model_file).stem)}\n{RESULTS_END}"
     pattern = re.compile(re.escape(RESULTS_START) + ".*?" + re.escape(RESULTS_END), re.S)
     if not pattern.search(text):
         raise ValueError(f"{readme}: no {RESULTS_START} ... {RESULTS_END} block to update")
-    new = pattern.sub(lambda _: block, text)
-    atomic_write(readme, lambda f: f.write(new.encode()))
+    return pattern.sub(lambda _: block, text)

@@ -346,15 +346,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_card(args: argparse.Namespace) -> int:
-    from .card import render_model_card, update_readme
+    from .card import readme_with_results, render_model_card
     from .fileio import atomic_write
 
     reports = [Path(r) for r in args.reports]
     text = render_model_card(Path(args.run), Path(args.onnx), reports, args.train_command, args.hardware)
-    atomic_write(args.out, lambda f: f.write(text.encode()))
+    readme = readme_with_results(Path(args.readme), reports, Path(args.onnx).name) if args.readme else None
+    atomic_write(args.out, lambda f: f.write(text.encode()))  # both checked before either is written
     print(f"wrote {args.out}")
-    if args.readme:
-        update_readme(Path(args.readme), reports, Path(args.onnx).stem)
+    if readme is not None:
+        atomic_write(args.readme, lambda f: f.write(readme.encode()))
         print(f"updated the results table in {args.readme}")
     return 0
 
