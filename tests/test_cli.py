@@ -193,6 +193,11 @@ def test_train_with_config_file(tmp_path, synthetic_cache):
     assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
 
 
+def test_train_resume_of_no_run_says_so(tmp_path, capsys):
+    assert cli.main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert f"no run to resume in {tmp_path / 'nothing'} (no config.yaml there)" in capsys.readouterr().err
+
+
 def test_train_resume_takes_the_runs_own_settings(tmp_path, synthetic_cache, capsys):
     run = tmp_path / "run"
     first = ["train", "--data", str(synthetic_cache), "--out", str(run), "--model-kwargs", "{width: 0.25}"]

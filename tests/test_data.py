@@ -310,6 +310,12 @@ def test_csv_wrong_header(tmp_path):
     path = write_csv(tmp_path / "fer2013.csv", [_good_row()], header="label,pixels,Usage")
     with pytest.raises(DataError, match=re.escape(f"{path}:1: expected header emotion,pixels,Usage")):
         load_csv(path, progress=False)
+    headless = tmp_path / "headless.csv"  # its first row was echoed whole: 2,304 numbers
+    headless.write_text("\n".join(",".join(_good_row()) for _ in range(2)) + "\n")
+    with pytest.raises(DataError) as e:
+        load_csv(headless, progress=False)
+    message = str(e.value)
+    assert message.startswith(f"{headless}:1: expected header emotion,pixels,Usage, got '") and len(message) < 250
 
 
 def test_csv_empty_file(tmp_path):

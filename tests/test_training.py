@@ -493,9 +493,22 @@ class _RunsCode:
 def test_load_checkpoint_runs_no_code_from_the_file(tmp_path):
     marker, path = tmp_path / "marker.txt", tmp_path / "evil.pt"
     torch.save({"format": "ferkit-checkpoint/1", **_small_state(), "extra": _RunsCode(marker)}, path)
-    with pytest.raises(CheckpointError, match=re.escape(f"{path}: not a readable checkpoint")):
+    with pytest.raises(CheckpointError) as e:
         load_checkpoint(path)
     assert not marker.exists()
+    # one line, without torch's advice to load it with weights_only=False (which would run its code)
+    assert str(e.value) == f"{path}: not a ferkit checkpoint (it holds Python objects, left unread)"
+
+
+def test_load_checkpoint_of_an_onnx_file_says_so(tmp_path):
+    from ferkit.inference import DEFAULT_MODEL
+
+    with pytest.raises(CheckpointError, match=re.escape(f"{DEFAULT_MODEL}: an ONNX model; this takes a .pt")):
+        load_checkpoint(DEFAULT_MODEL)
+    (tmp_path / "cut.pt").write_bytes(save_checkpoint(tmp_path / "a.pt", _small_state()).read_bytes()[:1000])
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path / "cut.pt")
+    assert str(e.value).startswith(f"{tmp_path / 'cut.pt'}: not a readable checkpoint (") and "\n" not in str(e.value)
 
 
 def test_model_from_checkpoint_mismatch(tmp_path):

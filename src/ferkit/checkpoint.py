@@ -3,6 +3,7 @@ initial weights (e.g. ImageNet) loaded into a model by name and shape."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(f"{path}: an ONNX model; this takes a .pt checkpoint (evaluate/predict/serve take both)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs from the file
+    except pickle.UnpicklingError as e:  # torch's advice (weights_only=False) would run the file's code: not given
+        raise CheckpointError(f"{path}: not a ferkit checkpoint (it holds Python objects, left unread)") from e
     except Exception as e:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a ferkit checkpoint (no '{FORMAT}' marker)")
     return state

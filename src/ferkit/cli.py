@@ -126,6 +126,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"ferkit train: {own}: ignoring {', '.join(dropped)} (no longer training options)", file=sys.stderr)
     else:
         cfg = TrainConfig.from_dict(overrides)
+    if not cfg.data and args.resume and not args.config:
+        raise ValueError(f"no run to resume in {own.parent} (no config.yaml there); give --data to start one")
     if not cfg.data:
         raise ValueError("--data is required (or set `data:` in the --config file)")
     result = train(cfg, resume=args.resume)

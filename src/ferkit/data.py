@@ -212,7 +212,9 @@ def load_csv(path: str | Path, progress: bool = True) -> FERData:
     line, fields = next(rows, (1, []))
     header = [h.strip() for h in fields]
     if header != CSV_HEADER:
-        raise DataError(f"{path}:{line}: expected header {','.join(CSV_HEADER)}, got {','.join(header)!r}")
+        got = ",".join(header)
+        got = got if len(got) <= 80 else got[:77] + "..."  # a header-less file's first row: 2,304 numbers
+        raise DataError(f"{path}:{line}: expected header {','.join(CSV_HEADER)}, got {got!r}")
     if progress:
         from tqdm import tqdm
 
