@@ -260,8 +260,11 @@ def test_decompression_bomb(client, side):
 def test_empty_file_and_missing_field(client):
     check_error(post_file(client, b""), 400)
     error = check_error(client.post(PREDICT, data={"other": "x"}), 422)
-    assert "file" in error
+    assert "file" in error and "(send the image as multipart field 'file')" in error
     check_error(client.post(PREDICT, content=b"raw bytes", headers={"Content-Type": "image/jpeg"}), 422)
+    jpeg = (ASSETS_DIR / "astronaut.jpg").read_bytes()
+    error = check_error(client.post(PREDICT + "?fallback=maybe", files={"file": ("a.jpg", jpeg, "image/jpeg")}), 422)
+    assert "fallback" in error and "multipart" not in error  # the file was there: no hint about sending it
 
 
 def test_two_images_in_one_request_are_refused(client):
@@ -498,3 +501,13 @@ def test_the_ui_names_the_detector_it_runs():
         _detector_text("/models/face_detection_yunet_2023mar.onnx")
         == "the YuNet detector face_detection_yunet_2023mar.onnx"
     )
+
+
+def test_the_serve_banner_names_the_ui_only_when_it_is_served():
+    """`serve --no-ui` printed the UI's address, where GET / answers 404."""
+    from ferkit.app import banner
+
+    for ui in (True, False):
+        text = banner(create_app(ui=ui, max_concurrency=1, threads=1), "0.0.0.0", 7861)
+        assert "API http://127.0.0.1:7861/api/v1/predict" in text
+        assert ("UI http://127.0.0.1:7861/ " in text) == ui

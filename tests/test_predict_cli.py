@@ -397,3 +397,19 @@ def test_broken_video_is_reported_once_without_ffmpeg_lines(capfd, video, tmp_pa
     out, err = capfd.readouterr()
     assert jsonl(out) == [{"source": str(half), "error": f"{half}: cannot open as a video file"}]
     assert "moov atom" not in err
+
+
+def test_a_reader_that_stops_early_gets_no_error(tmp_path):
+    """`ferkit predict ... | head -1` printed "error: [Errno 32] Broken pipe" and exited 2."""
+    import subprocess
+    import sys
+
+    for i in range(40):
+        shutil.copy(ASTRONAUT, tmp_path / f"a{i}.jpg")
+    code = "import sys; from ferkit.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, "predict", str(tmp_path), "--format", "jsonl", "--no-progress", "--tta", "none"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(proc.stdout.readline())["faces"]
+    proc.stdout.close()  # as `head -1` does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.decode() == ""

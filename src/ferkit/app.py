@@ -368,10 +368,11 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'][1:]) or 'request'}: {err['msg']}" for err in e.errors()
-        )
-        return _error(422, f"invalid request: {problems} (send the image as multipart field 'file')")
+        errors = e.errors()
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'request'}: {err['msg']}" for err in errors)
+        no_file = any(tuple(err["loc"][:2]) == ("body", "file") for err in errors)
+        hint = " (send the image as multipart field 'file')" if no_file else ""
+        return _error(422, f"invalid request: {problems}{hint}")
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> JSONResponse:
@@ -428,6 +429,16 @@ def create_app(
     return app
 
 
+def banner(app: FastAPI, host: str, port: int) -> str:
+    """What ``ferkit serve`` prints: the model and the addresses it answers on (the UI's only when mounted)."""
+    where = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    ui = f"UI {where}/  " if app.state.service.settings.ui else ""
+    return (
+        f"ferkit {__version__}: model {app.state.service.model_info['name']}; "
+        f"{ui}API {where}/api/v1/predict  docs {where}/docs"
+    )
+
+
 def serve(
     settings: AppSettings | None = None, host: str = "127.0.0.1", port: int = 7860, log_level: str = "info"
 ) -> None:
@@ -435,12 +446,7 @@ def serve(
     import uvicorn
 
     app = create_app(settings=settings)
-    where = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    print(
-        f"ferkit {__version__}: model {app.state.service.model_info['name']}; "
-        f"UI {where}/  API {where}/api/v1/predict  docs {where}/docs",
-        flush=True,
-    )
+    print(banner(app, host, port), flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
 
 

@@ -603,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `ferkit predict ... | head -1`: the reader has all it wanted; no error to show
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail
+        return 1
     except (ValueError, OSError, ImportError, RuntimeError) as e:
         print(f"ferkit {args.command}: error: {e}", file=sys.stderr)
         return 2
