@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -179,6 +180,23 @@ def test_select_ensemble_prints_the_choice_and_saves_the_ranking(trained_run, sy
     printed = capsys.readouterr().out
     assert f"ferkit evaluate {' '.join(winner['checkpoints'])} --data {synthetic_cache} --split PrivateTest" in printed
     assert f"{winner['accuracy']:.4f}" in printed
+
+
+def test_select_ensemble_quotes_its_command_and_refuses_a_candidate_twice(
+    trained_run, synthetic_cache, tmp_path, capsys
+):
+    """The printed command was not shell-quoted (a path with a space broke it); one file given twice was
+    ranked as two models."""
+    spaced = tmp_path / "my runs" / "best model.pt"
+    spaced.parent.mkdir()
+    shutil.copy(trained_run / "best.pt", spaced)
+    args = ["select-ensemble", str(spaced), "--data", str(synthetic_cache), "--device", "cpu", "--limit", "14"]
+    assert cli.main(args) == 0
+    assert (
+        f"ferkit evaluate '{spaced}' --data {synthetic_cache} --split PrivateTest --tta none" in capsys.readouterr().out
+    )
+    assert cli.main([*args[:2], str(tmp_path / "my runs" / "." / "best model.pt"), *args[2:]]) == 2
+    assert "a candidate twice (also given as" in capsys.readouterr().err
 
 
 def test_train_with_config_file(tmp_path, synthetic_cache):

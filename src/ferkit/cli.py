@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -175,10 +176,8 @@ def cmd_select_ensemble(args: argparse.Namespace) -> int:
     for i, row in enumerate(rows, 1):
         print(f"{i:>4}{row['accuracy']:>12.4f}{row['macro_f1']:>10.4f}  {row['tta']:<6}{' '.join(row['checkpoints'])}")
     best = rows[0]
-    print(
-        "report the choice on PrivateTest with: ferkit evaluate "
-        f"{' '.join(best['checkpoints'])} --data {args.data} --split PrivateTest --tta {best['tta']}"
-    )
+    command = ["ferkit", "evaluate", *best["checkpoints"], "--data", args.data, "--split", "PrivateTest"]
+    print(f"report the choice on PrivateTest with: {shlex.join([*command, '--tta', best['tta']])}")
     if args.out:
         payload = json.dumps({"split": "PublicTest", "candidates": args.checkpoint, "ranking": rows}, indent=1)
         print(f"wrote {atomic_write(args.out, lambda f: f.write(payload.encode()))}")

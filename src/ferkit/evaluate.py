@@ -457,6 +457,11 @@ def select_ensemble(
     for :func:`evaluate_tta`, so that candidates already evaluated on PublicTest are not run again."""
     if not 1 <= len(checkpoints) <= MAX_CANDIDATES:
         raise ValueError(f"give 1 to {MAX_CANDIDATES} candidate models (got {len(checkpoints)})")
+    seen: dict[Path, str | Path] = {}
+    for ck in checkpoints:  # one file twice would be ranked as two models (and weigh double in an ensemble)
+        if Path(ck).resolve() in seen:
+            raise ValueError(f"{ck}: a candidate twice (also given as {seen[Path(ck).resolve()]})")
+        seen[Path(ck).resolve()] = ck
     labels, per_model = _probabilities(checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache)
     probs = [p for _, p in per_model]
     rows = rank_ensembles(probs, labels, max_size)[:top]
