@@ -168,6 +168,13 @@ def test_folder_empty_emotion_names_it(tmp_path):
         load_folder(tmp_path, progress=False)
 
 
+def test_folder_with_both_test_and_val_is_refused(tmp_path):
+    """A copy of test/ as val/ doubled PublicTest and PrivateTest without a word."""
+    _tree(tmp_path, ["train", "test", "val"])
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}: both test/ and val/; keep one")):
+        load_folder(tmp_path, progress=False)
+
+
 def test_folder_only_train_is_fine(tmp_path):
     _tree(tmp_path, ["train"])
     assert load_folder(tmp_path, progress=False).counts()["Training"] == dict.fromkeys(CLASSES, 1)

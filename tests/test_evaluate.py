@@ -245,6 +245,10 @@ def test_one_macro_f1_and_valid_json_when_classes_are_missing(trained_run, synth
     text = (tmp_path / "PublicTest_limit1.json").read_text()  # one image: no class has a ROC curve
     assert "NaN" not in text and json.loads(text)["macro_auc"] is None
     assert "macro-AUC -" in format_summary(json.loads(text))
+    # a --limit of more than the split's 28 images evaluates the whole split, and says so by its name
+    evaluate_checkpoints([best], synthetic_cache, "PublicTest", device="cpu", limit=500, out=tmp_path)
+    assert json.loads((tmp_path / "PublicTest.json").read_text())["n"] == 28
+    assert not (tmp_path / "PublicTest_limit500.json").exists()
 
 
 def test_models_with_other_classes_are_not_scored_on_fer2013(trained_run, synthetic_cache, tmp_path):

@@ -125,6 +125,8 @@ def load_folder(root: str | Path, progress: bool = True) -> FERData:
     tops = [t for t in ("train", "test", "val") if (root / t).is_dir()]
     if not tops:
         raise DataError(f"{root}: expected a train/ and/or test/ folder with one folder per emotion")
+    if "test" in tops and "val" in tops:  # both would be read as PublicTest/PrivateTest: one split twice
+        raise DataError(f"{root}: both test/ and val/; keep one (val/ is read as test/ is)")
     files: list[Path] = []
     labels: list[int] = []
     splits: list[int] = []

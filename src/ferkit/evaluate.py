@@ -288,9 +288,10 @@ def _probabilities(
     batch_size: int,
     limit: int,
     cache: str | Path | None = None,
-) -> tuple[np.ndarray, list[tuple[str, dict[str, np.ndarray]]]]:
-    """The labels of ``split`` and, for each model in turn, its name and probabilities per TTA mode (with a
-    progress bar: ten-crop views of a large model take minutes on a CPU). With a ``cache`` folder, each
+) -> tuple[np.ndarray, list[tuple[str, dict[str, np.ndarray]]], bool]:
+    """The labels of ``split`` (``limit`` of them when that is fewer), for each model in turn its name and
+    probabilities per TTA mode (with a progress bar: ten-crop views of a large model take minutes on a CPU),
+    and whether the images are a subset of the split. With a ``cache`` folder, each
     model's probabilities are kept there under the SHA-256 of its file and of the images, and reused (see
     :data:`CACHE_VERSION`; writing an entry deletes that model's entries of older versions)."""
     from .data import load_dataset
@@ -299,7 +300,8 @@ def _probabilities(
         _check_folder(cache, "--cache")
     dev = resolve_device(device)
     data = load_dataset(data_path)
-    images, labels = data.subset(*data.split(split), limit)
+    every = data.split(split)
+    images, labels = data.subset(*every, limit)
     if len(images) == 0:
         raise ValueError(f"{data_path}: no {split} images to evaluate on")
     images_key = bytes_digest(np.ascontiguousarray(images).data)
@@ -321,7 +323,7 @@ def _probabilities(
                     stale.unlink(missing_ok=True)
             probs = {mode: probs[mode] for mode in modes}
         per_model.append((name, probs))
-    return labels, per_model
+    return labels, per_model, len(labels) < len(every[1])
 
 
 def _older_versions(folder: Path, key: str) -> list[Path]:
@@ -398,7 +400,7 @@ def evaluate_tta(
     (or its probabilities taken from the ``cache`` folder, see :func:`_probabilities`)."""
     if out is not None:
         _check_folder(out, "--out")
-    labels, per_model = _probabilities(checkpoints, data_path, split, modes, device, batch_size, limit, cache)
+    labels, per_model, subset = _probabilities(checkpoints, data_path, split, modes, device, batch_size, limit, cache)
     names = [name for name, _ in per_model]
     model_name = names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")"
     results = {}
@@ -407,7 +409,7 @@ def evaluate_tta(
         meta = {"model": model_name, "checkpoints": [str(c) for c in checkpoints], "split": split, "tta": mode}
         if out is not None:
             # a subset's report never takes the place of the whole split's
-            name = split + (f"_limit{limit}" if limit else "") + ("" if mode == "none" else f"_tta-{mode}")
+            name = split + (f"_limit{limit}" if subset else "") + ("" if mode == "none" else f"_tta-{mode}")
             meta["report_json"] = str(write_report(metrics, Path(out), name, meta))
         results[mode] = {**meta, **metrics}
     run_metrics = Path(checkpoints[0]).parent / "metrics.csv"
@@ -462,7 +464,7 @@ def select_ensemble(
         if Path(ck).resolve() in seen:
             raise ValueError(f"{ck}: a candidate twice (also given as {seen[Path(ck).resolve()]})")
         seen[Path(ck).resolve()] = ck
-    labels, per_model = _probabilities(checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache)
+    labels, per_model, _ = _probabilities(checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache)
     probs = [p for _, p in per_model]
     rows = rank_ensembles(probs, labels, max_size)[:top]
     for row in rows:
