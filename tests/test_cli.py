@@ -144,7 +144,8 @@ def test_train_then_evaluate(tmp_path, synthetic_cache, capsys):
     )
     report = json.loads((out / "eval" / "PrivateTest.json").read_text())  # --evaluate is on by default
     assert report["split"] == "PrivateTest" and report["n"] == 28
-    assert "accuracy" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "accuracy" in captured.out and "PrivateTest 1/1" not in captured.err  # --no-progress: no bar either
 
     eval_out = tmp_path / "eval2"
     assert (

@@ -133,7 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--data is required (or set `data:` in the --config file)")
     result = train(cfg, resume=args.resume)
     if args.evaluate and result["history"] and int(os.environ.get("RANK", "0")) == 0:
-        _evaluate([result["best"]], cfg.data, "PrivateTest", Path(cfg.out) / "eval", [args.tta], cfg.device)
+        _evaluate([result["best"]], cfg.data, "PrivateTest", Path(cfg.out) / "eval", [args.tta], cfg.device,
+                  progress=cfg.progress)  # fmt: skip
     return 0
 
 
@@ -146,10 +147,11 @@ def _evaluate(
     device: str,
     limit: int = 0,
     cache: str | None = None,
+    progress: bool = True,
 ) -> None:
     from .evaluate import evaluate_tta, format_summary
 
-    results = evaluate_tta(checkpoints, data, split, out, modes, device, limit=limit, cache=cache)
+    results = evaluate_tta(checkpoints, data, split, out, modes, device, limit=limit, cache=cache, progress=progress)
     for tta, result in results.items():
         print(f"{result['model']} on {split} (TTA: {tta})")
         print(format_summary(result))

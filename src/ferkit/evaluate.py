@@ -288,6 +288,7 @@ def _probabilities(
     batch_size: int,
     limit: int,
     cache: str | Path | None = None,
+    progress: bool = True,
 ) -> tuple[np.ndarray, list[tuple[str, dict[str, np.ndarray]]], bool]:
     """The labels of ``split`` (``limit`` of them when that is fewer), for each model in turn its name and
     probabilities per TTA mode (with a progress bar: ten-crop views of a large model take minutes on a CPU),
@@ -313,7 +314,7 @@ def _probabilities(
         path = None if cache is None else Path(cache) / f"{key}-v{CACHE_VERSION}.npz"
         probs = _read_cached(path, modes, len(images))
         if probs is None:
-            label = f"{split} {k}/{len(checkpoints)} {ck}"
+            label = f"{split} {k}/{len(checkpoints)} {ck}" if progress else None
             narrower = TTA_MODES[: max(map(TTA_MODES.index, modes)) + 1]  # free with the widest mode's views
             probs = predict_proba_modes(model.to(dev), images, dev, batch_size, narrower, label)
             if path is not None and file_digest(ck) == digest:  # not kept if the file changed while loading
@@ -395,12 +396,15 @@ def evaluate_tta(
     batch_size: int = 512,
     limit: int = 0,
     cache: str | Path | None = None,
+    progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_checkpoints` for several TTA modes, each model run once over the widest mode's views
     (or its probabilities taken from the ``cache`` folder, see :func:`_probabilities`)."""
     if out is not None:
         _check_folder(out, "--out")
-    labels, per_model, subset = _probabilities(checkpoints, data_path, split, modes, device, batch_size, limit, cache)
+    labels, per_model, subset = _probabilities(
+        checkpoints, data_path, split, modes, device, batch_size, limit, cache, progress
+    )
     names = [name for name, _ in per_model]
     model_name = names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")"
     results = {}
