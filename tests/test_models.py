@@ -73,6 +73,15 @@ def test_unknown_model():
     assert model_names() == [*MODELS, "timm:<arch>"]
 
 
+def test_model_arguments_of_the_wrong_type_are_named():
+    """'{width: hello}' failed deep inside the model with "invalid literal for int() ... 'hellohello...'"."""
+    with pytest.raises(ValueError, match="model ferkit_vgg: width must be a number \\(default 1.0\\), got 'hello'"):
+        build_model("ferkit_vgg", width="hello")
+    with pytest.raises(ValueError, match="model ferkit_small with arguments {'depth': 3}"):
+        build_model("ferkit_small", depth=3)  # one it does not take
+    assert build_model("ferkit_small", width=1).head[-1].out_features == 7  # an int is a number
+
+
 def test_timm_models():
     if importlib.util.find_spec("timm") is None:
         with pytest.raises(ImportError, match="pip install timm"):

@@ -8,6 +8,7 @@ so training, evaluation, ONNX export and inference all feed it the same thing.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -203,6 +204,13 @@ def build_model(name: str, num_classes: int = 7, **kwargs) -> nn.Module:
     """Build a registered model by name, or ``timm:<arch>`` for any timm architecture."""
     if not name.startswith("timm:") and name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+    if name in MODELS:  # a number where the model's own default is one ('{width: hello}' failed deep inside)
+        params = inspect.signature(MODELS[name]).parameters
+        for k, v in kwargs.items():
+            default = params[k].default if k in params else None
+            is_number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and not is_number:
+                raise ValueError(f"model {name}: {k} must be a number (default {default}), got {v!r}")
     try:
         if name.startswith("timm:"):
             return TimmModel(name.removeprefix("timm:"), num_classes=num_classes, **kwargs)
