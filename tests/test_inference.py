@@ -300,6 +300,29 @@ def test_cmyk_and_other_modes_load(tmp_path):
         assert out.shape == rgb.shape and out.dtype == np.uint8, mode
 
 
+def test_8_bit_values_past_255_are_clipped_not_read_as_16_bit():
+    """A float image resized with cubic interpolation overshoots 255 (272.7): it was divided by 65,535 and
+    every face came out black ("angry 0.634")."""
+    rgb = read_rgb(ASTRONAUT)[::4, ::4]
+    over = rgb.astype(np.float32)
+    over[0, 0, 0] = 272.7
+    for image in (over, over.astype(np.int32)):
+        out = load_image(image)
+        assert out[0, 0, 0] == 255 and np.array_equal(out[1:], rgb[1:])
+    assert load_image(np.full((4, 4), 60_000, np.int32)).max() == 233  # 16-bit values stay 16-bit
+
+
+def test_closed_and_text_mode_inputs_are_named(tmp_path):
+    Image.fromarray(read_rgb(ASTRONAUT)).save(tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as im:
+        pass  # a bare AssertionError from PIL before
+    with pytest.raises(ImageError, match="a PIL image whose file is closed"):
+        load_image(im)
+    with open(tmp_path / "a.png", errors="ignore") as text, pytest.raises(ImageError, match="open it in binary mode"):
+        load_image(text)
+    assert load_image(Image.frombytes("La", (4, 4), bytes(range(32)))).shape == (4, 4, 3)  # premultiplied alpha
+
+
 def test_bad_arrays_are_refused():
     for shape in [(5, 5, 2), (5,), (0, 5, 3), (2, 3, 4, 5)]:
         with pytest.raises(ImageError, match="not an image"):

@@ -13,6 +13,7 @@ import numpy as np
 
 from .config import MAX_PIXELS
 
+MAX_8BIT_OVERSHOOT = 1023  # a float/int array's pixels up to this are 0-255 values (overshoot clipped); above: 16-bit
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # files read as images
 
 ImageInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | Any  # Any: a PIL image
@@ -46,6 +47,8 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             h, w = src.shape[:2]
             raise ImageTooLargeError(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
         return _array_to_rgb(src)
+    if isinstance(src, io.TextIOBase):
+        raise ImageError("a file opened in text mode: open it in binary mode ('rb')")
     name = str(src) if isinstance(src, (str, os.PathLike)) else "image"
     if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
         raise ImageError(f"{name}: is a folder, not an image file")
@@ -54,6 +57,10 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     try:
         if isinstance(src, Image.Image):
             im = src
+            try:
+                im.load()
+            except (AssertionError, AttributeError) as e:  # PIL's own check of a closed file: a bare assert
+                raise ImageError("a PIL image whose file is closed: load() it before closing the file") from e
         else:
             im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
         w, h = im.size
@@ -74,10 +81,12 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 def _pil_to_rgb(im: Any) -> np.ndarray:
     from PIL import Image
 
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # I;16*: uint16 arrays, scaled by the 16-bit range
         return _array_to_rgb(np.asarray(im))
     if im.mode == "P":
         im = im.convert("RGBA")
+    if im.mode in ("La", "RGBa"):  # premultiplied alpha
+        im = im.convert({"La": "LA", "RGBa": "RGBA"}[im.mode])
     if im.mode in ("RGBA", "LA", "PA"):
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -96,10 +105,12 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
         a = (a.astype(np.float64) / 257).round().astype(np.uint8)
     elif a.dtype != np.uint8:
         a = a.astype(np.float64)
-        if a.max(initial=0) <= 1.0:
+        top = a.max(initial=0)
+        if top <= 1.0:
             a = a * 255
-        elif a.max() > 255:
-            a = a / (65535.0 if a.max() <= 65535 else a.max()) * 255
+        elif top > MAX_8BIT_OVERSHOOT:  # 16-bit values (or any larger range)
+            a = a / (65535.0 if top <= 65535 else top) * 255
+        # else 0-255 values, some past 255 after, say, cubic resizing: clipped (they were divided by 65535)
         a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
     if a.ndim == 2 or a.shape[2] == 1:
         return np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)
