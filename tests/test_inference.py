@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from PIL import Image
 from ferkit.checkpoint import CheckpointError
 from ferkit.data import CLASSES
 from ferkit.export import _set_metadata, export_onnx, read_metadata
+from ferkit.faces import HaarDetector, crop_faces
 from ferkit.inference import DEFAULT_MODEL, MAX_PIXELS, EmotionRecognizer, FaceResult, ImageError, annotate, load_image
 
 
@@ -204,6 +206,31 @@ def test_custom_detector_and_classify_crops(rec):
     assert rec.classify_crops(np.zeros((0, 48, 48), np.uint8)).shape == (0, 7)
     probs = rec.classify_crops(np.random.default_rng(0).integers(0, 256, (5, 48, 48), dtype=np.uint8), batch_size=2)
     assert probs.shape == (5, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_a_custom_detector_may_return_an_array_or_boxes_past_the_edge(rec):
+    """An (N, 4) array (as detectMultiScale gives) raised "truth value of an array is ambiguous"; a box past the
+    image's edge made crop_faces read uninitialised memory, one outside it crashed the process."""
+
+    class Loose:
+        def detect(self, rgb):
+            return np.array([[50, 30, 20, 40], [5000, 5000, 10, 10], [5, 5, 10, 10]])
+
+    faces = EmotionRecognizer(detector=Loose(), threads=1).predict(np.full((60, 60, 3), 77, np.uint8))
+    assert [f.box for f in faces] == [(5, 5, 10, 10), (50, 30, 10, 30)]  # clipped, the empty one dropped, sorted
+    with pytest.raises(ValueError, match=re.escape("face box (5000, 5000, 10, 10) has no area inside the 60x60")):
+        crop_faces(np.full((60, 60, 3), 77, np.uint8), [(5000, 5000, 10, 10)])
+
+
+def test_one_detector_gives_the_same_boxes_from_several_threads():
+    """OpenCV's cascade is not safe to run from two threads at once: shared, it gave other boxes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    detector = HaarDetector()
+    photos = [read_rgb(p) for p in (ASTRONAUT, CANVAS)] * 4
+    alone = [detector.detect(p) for p in photos]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(detector.detect, photos)) == alone
 
 
 # --- image modes and orientation --------------------------------------------------------------

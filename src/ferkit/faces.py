@@ -10,8 +10,9 @@ most of its time; pass 24 or 32 for crowds.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -39,7 +40,9 @@ def _to_gray(rgb: np.ndarray) -> np.ndarray:
     return rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
 
 
-def _rescale(boxes: np.ndarray, scale: float, shape: tuple[int, ...]) -> list[Box]:
+def fit_boxes(boxes: Any, shape: tuple[int, ...], scale: float = 1.0) -> list[Box]:
+    """Boxes (a list of (x, y, w, h) or an (N, 4) array, as any detector may give) divided by ``scale`` and
+    clipped to an image of ``shape``, those left without area dropped; sorted left to right."""
     out = []
     h, w = shape[:2]
     for x, y, bw, bh in np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / scale:
@@ -89,6 +92,7 @@ class HaarDetector:
             min_size,
             max_side,
         )
+        self._lock = threading.Lock()  # one OpenCV detector is not safe to run from two threads at once
 
     def detect(self, rgb: np.ndarray) -> list[Box]:
         # Haar finds faces reliably from about 1.7 times its window (24 px): shrink no further than
@@ -97,10 +101,11 @@ class HaarDetector:
         gray, scale = _downscale(_to_gray(rgb), self.max_side, reliable / self.min_size)
         gray = cv2.equalizeHist(gray)
         min_size = round(self.min_size * scale)
-        boxes = self.classifier.detectMultiScale(
-            gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(min_size, min_size)
-        )
-        return _rescale(boxes, scale, rgb.shape)
+        with self._lock:
+            boxes = self.classifier.detectMultiScale(
+                gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(min_size, min_size)
+            )
+        return fit_boxes(boxes, rgb.shape, scale)
 
 
 class YuNetDetector:
@@ -112,6 +117,7 @@ class YuNetDetector:
         if not Path(model_path).is_file():
             raise FileNotFoundError(f"{model_path}: YuNet model file not found")
         self.min_size, self.max_side = min_size, max_side
+        self._lock = threading.Lock()  # as HaarDetector's
         level = cv2.utils.logging.getLogLevel()
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # OpenCV logs what it raises
         try:  # a wrong network often loads, and fails only on its first image: try one
@@ -124,9 +130,10 @@ class YuNetDetector:
 
     def detect(self, rgb: np.ndarray) -> list[Box]:
         img, scale = _downscale(rgb if rgb.ndim == 3 else cv2.cvtColor(rgb, cv2.COLOR_GRAY2RGB), self.max_side)
-        self.net.setInputSize((img.shape[1], img.shape[0]))
-        _, faces = self.net.detect(cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        boxes = [] if faces is None else _rescale(faces[:, :4], scale, rgb.shape)
+        with self._lock:
+            self.net.setInputSize((img.shape[1], img.shape[0]))
+            _, faces = self.net.detect(cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        boxes = [] if faces is None else fit_boxes(faces[:, :4], rgb.shape, scale)
         return [b for b in boxes if max(b[2], b[3]) >= self.min_size]
 
 
@@ -165,6 +172,8 @@ def crop_faces(rgb: np.ndarray, boxes: list[Box], size: int = 48, margin: float 
     crops = np.empty((len(boxes), size, size), dtype=np.uint8)
     height, width = gray.shape
     for i, (x, y, w, h) in enumerate(boxes):
+        if w <= 0 or h <= 0 or x >= width or y >= height or x + w <= 0 or y + h <= 0:
+            raise ValueError(f"face box {(x, y, w, h)} has no area inside the {width}x{height} image")
         side = max(w, h) * (1 + 2 * margin)
         cx, cy = x + w / 2, y + h / 2
         x0, y0 = round(cx - side / 2), round(cy - side / 2)

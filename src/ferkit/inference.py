@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import DETECTOR, MARGIN, MIN_FACE, TTA, TTA_CHOICES
 from .data import CLASSES, model_input, scores_shape_problem
-from .faces import Box, FaceDetector, check_margin, crop_faces, make_detector
+from .faces import Box, FaceDetector, check_margin, crop_faces, fit_boxes, make_detector
 from .images import (  # noqa: F401 - re-exported: decoding images is part of the inference API
     MAX_PIXELS,
     ImageError,
@@ -204,7 +204,7 @@ class EmotionRecognizer:
         """Every face in ``image`` with its scores; ``[]`` when no face is found, unless
         ``whole_image_fallback`` classifies the whole image as one face."""
         rgb = load_image(image, self.max_pixels)
-        boxes = self.detector.detect(rgb)
+        boxes = fit_boxes(self.detector.detect(rgb), rgb.shape)  # a custom detector's too: an array, or past the edge
         if not boxes and whole_image_fallback:
             boxes = [(0, 0, rgb.shape[1], rgb.shape[0])]
             crops = crop_faces(rgb, boxes, margin=0.0)
