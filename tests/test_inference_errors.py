@@ -3,6 +3,7 @@ problem (ferkit.inference, ferkit.faces, ferkit.checkpoint)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,36 @@ def test_checkpoints_that_are_not_emotion_models_are_refused(tmp_path):
 def test_an_empty_model_list_is_no_model():
     with pytest.raises(ValueError, match="no model given"):
         EmotionRecognizer(model=[])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"min_face": float("nan")}, "min_face must be a whole number of at least 1, got nan"),  # failed in predict
+        ({"min_face": 2.5}, "min_face must be a whole number of at least 1, got 2.5"),  # taken
+        ({"max_pixels": None}, "max_pixels must be a whole number of at least 1, got None"),  # every predict failed
+        ({"max_pixels": 0}, "max_pixels must be a whole number of at least 1, got 0"),
+        ({"threads": -1}, "threads must be a whole number of at least 1, got -1"),
+        ({"threads": 2.5}, "threads must be a whole number of at least 1, got 2.5"),  # a pybind TypeError
+        ({"margin": "0.1"}, "margin must be between 0 and 1"),  # TypeError '<='
+        ({"model": 3}, "model must be a file path or a list of them, got 3"),
+        ({"model": ""}, "model must be a file path or a list of them, got ''"),  # loaded the shipped model
+    ],
+)
+def test_recognizer_arguments_are_checked_when_it_is_made(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EmotionRecognizer(**kwargs)
+
+
+def test_classify_crops_checks_its_crops(rec):
+    """A single crop, float crops in 0-1 or other sizes reached ONNX Runtime (raw errors) or were scored as
+    near-black; batch_size 0 or -1 gave a range() error or no scores at all."""
+    for crops in (np.zeros((48, 48), np.uint8), np.zeros((2, 48, 48), np.float32), np.zeros((2, 64, 64), np.uint8)):
+        with pytest.raises(ValueError, match=re.escape("crops must be a uint8 array (N, 48, 48) as crop_faces gives")):
+            rec.classify_crops(crops)
+    for batch_size in (0, -1):
+        with pytest.raises(ValueError, match=f"batch_size must be at least 1, got {batch_size}"):
+            rec.classify_crops(np.zeros((3, 48, 48), np.uint8), batch_size=batch_size)
 
 
 # --- inputs -----------------------------------------------------------------------------------

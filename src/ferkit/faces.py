@@ -157,7 +157,7 @@ def make_detector(spec: str | Path | FaceDetector | None = None, min_size: int =
 def check_margin(margin: float) -> None:
     """Refuse a crop margin outside [0, 1]: a negative one can shrink a crop to nothing, a large one
     pads the image by many face sizes (1 already makes the crop three times the face box)."""
-    if not 0 <= margin <= 1:
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin <= 1:
         raise ValueError(f"margin must be between 0 and 1 (a fraction of the face box), got {margin!r}")
 
 

@@ -8,6 +8,7 @@ inside the package, so a fresh install predicts with no download.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .config import DETECTOR, MARGIN, MIN_FACE, TTA, TTA_CHOICES
-from .data import CLASSES, model_input, scores_shape_problem
+from .data import CLASSES, IMAGE_SIZE, model_input, scores_shape_problem
 from .faces import Box, FaceDetector, check_margin, crop_faces, fit_boxes, make_detector
 from .images import (  # noqa: F401 - re-exported: decoding images is part of the inference API
     MAX_PIXELS,
@@ -140,8 +141,8 @@ class EmotionRecognizer:
     a YuNet ``.onnx`` path or any object with ``detect(rgb)``. ``min_face``: smallest face side found, in
     pixels (48, the model's input, by default; smaller ones cost detection time). ``margin``: crop margin.
     ``tta``: ``flip`` averages each face and its mirror image (chosen on PublicTest), ``none`` is faster.
-    One instance must not be shared between threads (OpenCV's detectors are not thread-safe): give each
-    thread its own, as the web app does."""
+    One instance may be shared between threads, but its face detection then runs one image at a time
+    (OpenCV's detectors are not thread-safe): for parallel work give each thread its own, as the web app does."""
 
     def __init__(
         self,
@@ -157,10 +158,16 @@ class EmotionRecognizer:
         if tta not in TTA_CHOICES:
             raise ValueError(f"unknown tta {tta!r}: use {' or '.join(TTA_CHOICES)}")
         check_margin(margin)
-        if isinstance(model, (list, tuple)) and not model:
+        for name, value in (("min_face", min_face), ("max_pixels", max_pixels), ("threads", threads or 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+        members = model if isinstance(model, (list, tuple)) else [DEFAULT_MODEL if model is None else model]
+        if not members:
             raise ValueError("no model given")
+        if not all(isinstance(m, (str, os.PathLike)) and str(m) for m in members):
+            raise ValueError(f"model must be a file path or a list of them, got {model!r}")
         self.tta = tta
-        paths = [Path(m) for m in (model if isinstance(model, (list, tuple)) else [model or DEFAULT_MODEL])]
+        paths = [Path(m) for m in members]
         self.backends = [_load_backend(p, backend, threads) for p in paths]
         infos = [b.info for b in self.backends]
         self.classes: tuple[str, ...] = tuple(infos[0].get("classes", CLASSES))
@@ -179,6 +186,12 @@ class EmotionRecognizer:
 
     def classify_crops(self, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Probabilities (N, 7) for grayscale uint8 crops (N, 48, 48)."""
+        size = (IMAGE_SIZE, IMAGE_SIZE)
+        if not isinstance(crops, np.ndarray) or crops.ndim != 3 or crops.shape[1:] != size or crops.dtype != np.uint8:
+            got = f"{crops.dtype} {crops.shape}" if isinstance(crops, np.ndarray) else type(crops).__name__
+            raise ValueError(f"crops must be a uint8 array (N, 48, 48) as crop_faces gives, got {got}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
         out = []
         for i in range(0, len(crops), batch_size):
             x = model_input(crops[i : i + batch_size])
