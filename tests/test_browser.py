@@ -124,3 +124,12 @@ def test_live_webcam_stream(page, shots):
         sync_api.expect(scores).to_contain_text(cls)
     sync_api.expect(page.locator("#ferkit-cam-result img")).to_be_visible()
     page.screenshot(path=str(shots / "app_webcam_screenshot.png"), full_page=True)
+
+
+def test_a_bad_upload_is_named_as_the_api_names_it(page, tmp_path):
+    """Gradio decoded the upload before ferkit saw it and showed its own internal error (with server paths)."""
+    fake = tmp_path / "notes.jpg"
+    fake.write_text("these are notes, not a photo")
+    page.locator("#ferkit-photo input[type=file]").set_input_files(str(fake))
+    sync_api.expect(page.get_by_text("not an image file").first).to_be_visible(timeout=TIMEOUT_MS)
+    assert page.get_by_text("Could not preprocess").count() == 0

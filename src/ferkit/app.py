@@ -483,6 +483,23 @@ def _summary(a: Analysis, fallback_used: bool) -> str:
     return head + "\n\n" + "\n".join(rows) + more
 
 
+def _photo_input(**options: Any) -> Any:
+    """A ``gr.Image`` that hands ferkit the uploaded file undecoded: Gradio's own decoding failed first on
+    a non-image, a corrupt or a huge file, and showed its internal error (with server paths) where the REST
+    API names the problem."""
+    import gradio as gr
+
+    class PhotoInput(gr.Image):
+        is_template = True  # drawn by the frontend as the gr.Image it is
+
+        def preprocess(self, payload: Any) -> str | None:
+            if payload is None or (payload.url or "").startswith("data:"):  # a webcam or clipboard image
+                return super().preprocess(payload)
+            return payload.path
+
+    return PhotoInput(**options)
+
+
 def build_ui(service: RecognizerService) -> Any:
     """The Gradio UI (a ``gr.Blocks``) on ``service``: photo upload, webcam snapshot or live stream,
     examples; the annotated image and the 7 scores of each face."""
@@ -543,7 +560,7 @@ def build_ui(service: RecognizerService) -> Any:
         with gr.Tab("Photo"):
             with gr.Row():
                 with gr.Column():
-                    photo = gr.Image(
+                    photo = _photo_input(
                         label="Photo",
                         type="filepath",
                         image_mode=None,
