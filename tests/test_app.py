@@ -22,6 +22,7 @@ httpx = pytest.importorskip("httpx")
 
 from appserver import running_server  # noqa: E402
 
+import ferkit.app  # noqa: E402
 from ferkit.app import ASSETS_DIR, AppSettings, create_app  # noqa: E402
 from ferkit.data import CLASSES  # noqa: E402
 
@@ -495,6 +496,7 @@ def test_the_ui_names_the_detector_it_runs():
     with TestClient(create_app(detector=xml, max_concurrency=1, threads=1)) as c:
         page = c.get("/config").text
     assert "Faces are found by the Haar cascade haarcascade_frontalface_alt2.xml: faces of" in page
+    assert not Path(ferkit.app.__file__).with_suffix(".pyi").exists()  # building the UI writes nothing beside it
     assert "frontal Haar" not in page
     assert _detector_text("haar") == "OpenCV's frontal Haar cascade"
     assert (

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import threading
 import time
+import unittest.mock
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -483,21 +485,25 @@ def _summary(a: Analysis, fallback_used: bool) -> str:
     return head + "\n\n" + "\n".join(rows) + more
 
 
-def _photo_input(**options: Any) -> Any:
+@functools.cache
+def _photo_input_class() -> type:
     """A ``gr.Image`` that hands ferkit the uploaded file undecoded: Gradio's own decoding failed first on
     a non-image, a corrupt or a huge file, and showed its internal error (with server paths) where the REST
-    API names the problem."""
+    API names the problem. A subclass, as Gradio rebuilds components from their class; made with Gradio's
+    stub writer switched off, or it would write a .pyi file beside this module."""
     import gradio as gr
+    import gradio.component_meta
 
-    class PhotoInput(gr.Image):
-        is_template = True  # drawn by the frontend as the gr.Image it is
+    def preprocess(self: Any, payload: Any) -> str | None:
+        if payload is None or (payload.url or "").startswith("data:"):  # a webcam or clipboard image
+            return gr.Image.preprocess(self, payload)
+        return payload.path
 
-        def preprocess(self, payload: Any) -> str | None:
-            if payload is None or (payload.url or "").startswith("data:"):  # a webcam or clipboard image
-                return super().preprocess(payload)
-            return payload.path
-
-    return PhotoInput(**options)
+    no_stub = contextlib.nullcontext()
+    if hasattr(gradio.component_meta, "create_or_modify_pyi"):
+        no_stub = unittest.mock.patch.object(gradio.component_meta, "create_or_modify_pyi", lambda *a: None)
+    with no_stub:
+        return type("PhotoInput", (gr.Image,), {"is_template": True, "preprocess": preprocess})  # drawn as gr.Image
 
 
 def build_ui(service: RecognizerService) -> Any:
@@ -521,8 +527,8 @@ def build_ui(service: RecognizerService) -> Any:
             return [None, "", *panels_off]
         try:
             a = await service.analyse(path, fallback=fallback, annotated=True)
-        except ServiceError as e:
-            raise gr.Error(e.message) from None
+        except ServiceError as e:  # said where the result goes, and kept there (a toast vanishes)
+            return [None, f"**{e.message[:1].upper() + e.message[1:]}**", *panels_off]
         used = bool(fallback and a.faces and a.faces[0].box == (0, 0, a.width, a.height))
         return [a.annotated, _summary(a, used), *panel_updates(a.faces)]
 
@@ -560,7 +566,7 @@ def build_ui(service: RecognizerService) -> Any:
         with gr.Tab("Photo"):
             with gr.Row():
                 with gr.Column():
-                    photo = _photo_input(
+                    photo = _photo_input_class()(
                         label="Photo",
                         type="filepath",
                         image_mode=None,

@@ -37,7 +37,8 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     Arrays are taken as RGB or gray: convert OpenCV's BGR first (``cv2.cvtColor(a, cv2.COLOR_BGR2RGB)``).
 
     Applies EXIF orientation; flattens alpha onto white; converts palette, 16-bit, CMYK and float
-    images; refuses images over ``max_pixels`` pixels before decoding them."""
+    images; refuses images over ``max_pixels`` pixels before decoding them. Float and integer arrays are read
+    by their range: up to 1 as 0-1, up to 1023 as 0-255 (clipped), beyond as 16-bit; uint16 as 16-bit."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not isinstance(src, (str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image)) and not hasattr(src, "read"):
