@@ -214,7 +214,17 @@ def test_train_with_config_file(tmp_path, synthetic_cache):
 
 def test_train_resume_of_no_run_says_so(tmp_path, capsys):
     assert cli.main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
-    assert f"no run to resume in {tmp_path / 'nothing'} (no config.yaml there)" in capsys.readouterr().err
+    assert f"no run to resume in {tmp_path / 'nothing'} (no config.yaml or last.pt there)" in capsys.readouterr().err
+
+
+def test_train_resume_reads_the_recipe_from_last_pt_without_config_yaml(tmp_path, synthetic_cache):
+    """A run without its config.yaml (an older ferkit's, or one copied without it) said there was no run."""
+    run = tmp_path / "run"
+    args = ["train", "--data", str(synthetic_cache), "--out", str(run), "--model-kwargs", "{width: 0.25}"]
+    assert cli.main([*args, "--epochs", "1", "--batch-size", "16", "--no-evaluate", "--no-progress"]) == 0
+    (run / "config.yaml").unlink()
+    assert cli.main(["train", "--out", str(run), "--epochs", "2", "--resume", "--no-evaluate"]) == 0
+    assert (run / "metrics.csv").read_text().count("\n") == 3
 
 
 def test_train_resume_takes_the_runs_own_settings(tmp_path, synthetic_cache, capsys):

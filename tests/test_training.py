@@ -22,7 +22,7 @@ from ferkit.checkpoint import (
     slim_checkpoint,
 )
 from ferkit.config import TrainConfig
-from ferkit.data import CLASSES, load_cache, save_cache
+from ferkit.data import CLASSES, FERData, load_cache, save_cache
 from ferkit.fileio import atomic_write
 from ferkit.models import build_model
 from ferkit.training import amp_dtype, batch_indices, lr_factor, make_optimizer, resolve_device, train
@@ -163,6 +163,19 @@ def test_resume_errors_name_the_checkpoint(tmp_path, synthetic_cache):
     (out / "last.pt").write_bytes((out / "best.pt").read_bytes())  # a best.pt has no optimizer state
     with pytest.raises(ValueError, match="last.pt: no optimizer state to resume from"):
         train(tiny_config(synthetic_cache, out, epochs=2), resume=True)
+
+
+def test_resume_takes_moved_data_but_not_other_data(tmp_path, synthetic_cache):
+    """Resumed on a data set of another size, the cosine schedule went back up (it counts steps of an epoch)."""
+    out = tmp_path / "run"
+    train(tiny_config(synthetic_cache, out, epochs=1))
+    moved = tmp_path / "moved.npz"
+    moved.write_bytes(synthetic_cache.read_bytes())  # the same data elsewhere: fine
+    assert train(tiny_config(moved, out, epochs=2), resume=True)["epoch"] == 2
+    data = load_cache(synthetic_cache)
+    save_cache(FERData(data.images[16:], data.labels[16:], data.splits[16:], data.sources[16:]), tmp_path / "less.npz")
+    with pytest.raises(ValueError, match=r"last.pt: this run trained on other images \(n=64 sha256=\w+\) than .*less"):
+        train(tiny_config(tmp_path / "less.npz", out, epochs=3), resume=True)
 
 
 def test_a_moved_run_resumes_without_its_initial_weights_file(tmp_path, synthetic_cache, trained_run):
@@ -325,6 +338,8 @@ def test_lr_factor_unknown():
         ({"train_limit": -4}, "train_limit: -4 is outside [0, inf)"),
         ({"warmup_epochs": -1}, "warmup_epochs: -1.0 is outside [0, inf)"),
         ({"distill_temperature": 0}, "distill_temperature: 0.0 is outside (0, inf)"),
+        ({"seed": 2**32}, "seed: 4294967296 is outside [0, 4294967295]"),  # overflowed later, unnamed
+        ({"lr": "fast"}, "lr: expected float, got 'fast'"),
     ],
 )
 def test_config_refuses_bad_values(values, message):
@@ -341,6 +356,12 @@ def test_a_diverging_run_stops_and_saves_nothing_of_it(tmp_path, synthetic_cache
     with pytest.raises(ValueError, match=re.escape("training diverged: train loss nan in epoch 1 (try a lower --lr")):
         train(tiny_config(synthetic_cache, tmp_path / "run", lr=1e30, epochs=3))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "train.log"]
+
+
+def test_config_takes_yaml_s_exponent_strings_for_a_float(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\nweight_decay: 5E-4\n")  # YAML 1.1: strings without a dot
+    cfg = TrainConfig.from_yaml(tmp_path / "c.yaml")
+    assert (cfg.lr, cfg.weight_decay) == (0.001, 0.0005)
 
 
 def test_config_takes_an_int_for_a_float():
@@ -852,3 +873,33 @@ def test_fp16_on_a_cpu_is_refused_before_the_data_loads(tmp_path):
     cfg = TrainConfig(amp="fp16", device="cpu", data=str(tmp_path / "absent.npz"), out=str(tmp_path / "run"))
     with pytest.raises(ValueError, match="fp16 autocast needs CUDA"):
         training.train(cfg)
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_is_an_interrupt(tmp_path):
+    """torch's zip writer raised again while a Ctrl-C unwound it ('unexpected pos'): the run ended as an error
+    (exit 2, a cryptic message) instead of as interrupted (130); nothing of the file is left."""
+    from ferkit.fileio import atomic_write
+
+    def write(f):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "last.pt", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_start_clears_what_a_killed_write_left(tmp_path, synthetic_cache):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    train(tiny_config(synthetic_cache, out, epochs=1))
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_sync_bn_on_cpu_processes_is_refused_before_any_data_loads():
+    with pytest.raises(ValueError, match="sync_bn synchronises BatchNorm across CUDA processes only"):
+        training._check_config(_cfg(sync_bn=True), 2, torch.device("cpu"))
+    training._check_config(_cfg(sync_bn=True), 1, torch.device("cpu"))  # one process: nothing to synchronise

@@ -121,14 +121,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     own = Path(overrides.get("out", TrainConfig().out)) / "config.yaml"
     if args.config:
         cfg = TrainConfig.from_yaml(args.config, **overrides)
-    elif args.resume and own.is_file():  # the run's own recipe, written beside its checkpoints
-        cfg, dropped = TrainConfig.of_run(own, **overrides)
+    elif args.resume and (own.is_file() or (own.parent / "last.pt").is_file()):  # the run's own recipe
+        from .checkpoint import load_checkpoint
+
+        values = None if own.is_file() else load_checkpoint(own.parent / "last.pt").get("config") or {}
+        cfg, dropped = TrainConfig.of_run(own if own.is_file() else own.parent / "last.pt", values, **overrides)
         if dropped:
             print(f"ferkit train: {own}: ignoring {', '.join(dropped)} (no longer training options)", file=sys.stderr)
     else:
         cfg = TrainConfig.from_dict(overrides)
     if not cfg.data and args.resume and not args.config:
-        raise ValueError(f"no run to resume in {own.parent} (no config.yaml there); give --data to start one")
+        raise ValueError(
+            f"no run to resume in {own.parent} (no config.yaml or last.pt there); give --data to start one"
+        )
     if not cfg.data:
         raise ValueError("--data is required (or set `data:` in the --config file)")
     result = train(cfg, resume=args.resume)

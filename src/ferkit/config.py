@@ -4,6 +4,7 @@ the recognition defaults that the CLI, the web app and the Python API share, and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ class TrainConfig:
         0,
         "random seed; a CPU run repeats exactly on the same machine (on CUDA, cuDNN's autotuned kernels "
         "may differ slightly from run to run)",
-        bounds="[0, inf)",
+        bounds="[0, 4294967295]",
     )
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     amp: str = _opt(
@@ -144,6 +145,9 @@ class TrainConfig:
         """Check every field's type and choices, so that a bad config fails before any data is loaded."""
         for f in dataclasses.fields(self):
             value, kind = getattr(self, f.name), str(f.type)
+            if kind == "float" and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+                with contextlib.suppress(ValueError):
+                    value = float(value)
             if not isinstance(value, _TYPES[kind]) or (isinstance(value, bool) and kind in ("int", "float")):
                 raise ValueError(f"{f.name}: expected {kind}, got {value!r}")
             if kind == "float":
@@ -160,10 +164,13 @@ class TrainConfig:
         return cls.from_dict({**_read_mapping(path), **overrides}, source=str(path))
 
     @classmethod
-    def of_run(cls, path: str | Path, **overrides: Any) -> tuple[TrainConfig, list[str]]:
-        """The config a run wrote (its ``config.yaml``) with ``overrides``, and the fields it has that this
-        ferkit no longer knows (dropped); a field the run predates takes its default."""
-        values = _read_mapping(path)
+    def of_run(
+        cls, path: str | Path, values: dict[str, Any] | None = None, **overrides: Any
+    ) -> tuple[TrainConfig, list[str]]:
+        """The config a run wrote (its ``config.yaml`` at ``path``, or the ``values`` read from its checkpoint
+        there) with ``overrides``, and the fields it has that this ferkit no longer knows (dropped); a field the
+        run predates takes its default."""
+        values = _read_mapping(path) if values is None else values
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in values.items() if k in names}
         return cls.from_dict({**known, **overrides}, source=str(path)), sorted(set(values) - names)

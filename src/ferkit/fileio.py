@@ -33,8 +33,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e.__context__, KeyboardInterrupt) and not isinstance(e, KeyboardInterrupt):
+            raise e.__context__ from None  # Ctrl-C, not the error a writer (torch's zip) raised while unwinding
         raise
     return path
 

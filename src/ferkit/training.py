@@ -174,11 +174,15 @@ def teacher_probs(teachers: list[nn.Module], x: torch.Tensor, temperature: float
         return sum(torch.softmax(_Tempered(t, temperature)(x), 1) for t in teachers) / len(teachers)
 
 
+def _images_key(images: np.ndarray) -> str:
+    """The count and digest of training images: what a targets file and a resumable run record of them."""
+    return f"n={len(images)} sha256={bytes_digest(np.ascontiguousarray(images).data)}"
+
+
 def _targets_key(images: np.ndarray, temperature: float, teachers: Sequence[str] = ()) -> list[str]:
     """What a targets file records of how it was made: its teachers' files (name and digest), the temperature,
-    and the count and digest of the training images."""
-    images_key = f"n={len(images)} sha256={bytes_digest(np.ascontiguousarray(images).data)}"
-    return [*(f"{name} sha256={file_digest(name)}" for name in teachers), f"T={temperature}", images_key]
+    and the training images."""
+    return [*(f"{name} sha256={file_digest(name)}" for name in teachers), f"T={temperature}", _images_key(images)]
 
 
 def is_targets_file(teacher: str) -> bool:
@@ -353,6 +357,8 @@ def _check_config(cfg: TrainConfig, world: int, device: torch.device) -> None:
     if (cfg.distill_cache or files) and (cfg.mixup or cfg.cutmix):
         raise ValueError("distill_cache or a targets file cannot teach mixed images (mixup/cutmix): its targets "
                          "are per image")  # fmt: skip
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ValueError("sync_bn synchronises BatchNorm across CUDA processes only (torch's SyncBatchNorm)")
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
 
@@ -660,6 +666,9 @@ def _start(
         torch.backends.cudnn.benchmark = True  # full batches only: every step has the same shapes
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # what a killed write left (atomic_write's temporary files)
+        for stale in out.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     _setup_logging(out, rank)
     _check_config(cfg, world, device)
     if not resume and (out / "last.pt").exists():
@@ -668,6 +677,12 @@ def _start(
     if last is not None:
         _check_resumed_config(out / "last.pt", last.get("config") or {}, cfg)
     x_np, y_np, xv_np, yv_np = _load_splits(cfg, rank)
+    images = _images_key(x_np)
+    if last is not None and last.get("train_state", {}).get("train_images", images) != images:
+        raise ValueError(  # its schedule counts steps of an epoch of those images (runs before this check: not)
+            f"{out / 'last.pt'}: this run trained on other images ({last['train_state']['train_images']}) than "
+            f"{cfg.data} holds ({images}); --data may change on resuming only to where the same data lies"
+        )
     run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size, resuming=last is not None)
     targets = _distill_targets(cfg, device, run.dtype, x_np, out, rank, world)
     if last is not None:
@@ -675,6 +690,7 @@ def _start(
         log.info("resumed from %s at epoch %d", out / "last.pt", run.state["epoch"])
     elif resume:
         log.info("no %s to resume from; starting a new run", out / "last.pt")
+    run.state["train_images"] = images
     if rank == 0:  # the recipe beside the run's logs (once a resume has succeeded), even where no checkpoint is kept
         cfg.to_yaml(out / "config.yaml")
     run.wrap(world)
@@ -751,9 +767,9 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: in
             "img_per_s": fit["img_per_s"],
         }
         improved = run.record(row)
-        if rank == 0:
-            _report_epoch(out, run, row, improved, tb)
+        if rank == 0:  # checkpoints first: metrics.csv never lists an epoch that last.pt has not
             run.save(out, improved)
+            _report_epoch(out, run, row, improved, tb)
     state = run.state
     if rank == 0 and not state["history"]:  # --epochs 0: e.g. only the distill_cache targets
         log.info("no epoch trained (epochs %d): no checkpoint", cfg.epochs)
