@@ -41,6 +41,8 @@ def test_model_card_quotes_the_run_and_its_numbers(trained_run, reports, tmp_pat
     assert f"`{reproduce} --out reports/my_model`" in card  # the folder the card's numbers come from
     assert f"| my_model | PrivateTest | flip | {head['accuracy']:.2%} |" in card
     assert "| teacher |" not in card  # no distillation in this run
+    # a run on a subset says so (every card said 28,709 images), and shows its limit
+    assert "Training split (a 64-image subset of its 28,709)" in card and "| train_limit | `64` |" in card
     assert all(f"| {c} |" in card for c in head["report"] if c in ("angry", "disgust", "neutral"))
 
 

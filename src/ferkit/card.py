@@ -105,6 +105,11 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
     return {**TrainConfig().to_dict(), **cfg}
 
 
+def _images(limit: int, whole: int) -> str:
+    """How many images of a split a run used: all of FER-2013's, or its ``train_limit``/``val_limit``."""
+    return f"a {limit:,}-image subset of its {whole:,}" if 0 < limit < whole else f"{whole:,} images"
+
+
 def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], command: str, hardware: str) -> str:
     """Markdown model card from a run folder (``metrics.csv``, the config of ``best.pt`` or ``config.yaml``)
     and evaluation JSONs."""
@@ -141,6 +146,7 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
         keys.insert(2, "init_weights")
     if cfg.get("teacher"):
         keys += ["teacher", "distill_alpha", "distill_temperature", "distill_cache"]
+    keys += [k for k in ("sam_rho", "train_limit", "val_limit") if cfg.get(k)]  # shown where they are used
     started = (
         f" Started from the weights in `{cfg['init_weights']}`, whose own training is not counted here."
         if cfg.get("init_weights")
@@ -183,8 +189,9 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
   {", ".join(CLASSES)}.{output}
 
 ## Training
-- Data: FER-2013 Training split (28,709 images); model selection on PublicTest (3,589); numbers below
-  on PrivateTest ({reports[0]["n"]:,} images), which was not used for any choice.
+- Data: FER-2013 Training split ({_images(cfg["train_limit"], 28_709)}); model selection on PublicTest
+  ({_images(cfg["val_limit"], 3_589)}); numbers below on PrivateTest ({reports[0]["n"]:,} images), which was not
+  used for any choice.
 - Command: `{command}`
 - Hardware: {hardware}. {run["epochs"]} epochs, {run["train_minutes"]:.1f} minutes in training epochs
   (PublicTest checks and checkpoints excluded),
