@@ -5,9 +5,9 @@
 
 :func:`create_app` builds the whole app; :func:`build_demo` the UI alone (the Hugging Face Space entry
 point, see ``app.py`` at the project root). Inference runs in worker threads, at most
-``max_concurrency`` at a time, each on its own :class:`~ferkit.inference.EmotionRecognizer` (OpenCV's
-face detector must not be shared between threads). Every error is answered as ``{"error": "..."}``:
-413 upload or image too large, 415 not an image, 400 corrupt image, 503 busy, 504 timed out.
+``max_concurrency`` at a time, each on its own :class:`~ferkit.inference.EmotionRecognizer` (a shared one
+would detect faces one image at a time: OpenCV's detector is not thread-safe). Every error is answered as
+``{"error": "..."}``: 413 upload or image too large, 415 not an image, 400 corrupt image, 503 busy, 504 timed out.
 """
 
 from __future__ import annotations
