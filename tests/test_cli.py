@@ -197,7 +197,7 @@ def test_select_ensemble_quotes_its_command_and_refuses_a_candidate_twice(
         f"ferkit evaluate '{spaced}' --data {synthetic_cache} --split PrivateTest --tta none" in capsys.readouterr().out
     )
     assert cli.main([*args[:2], str(tmp_path / "my runs" / "." / "best model.pt"), *args[2:]]) == 2
-    assert "a candidate twice (also given as" in capsys.readouterr().err
+    assert "a candidate given twice (also as" in capsys.readouterr().err
 
 
 def test_train_with_config_file(tmp_path, synthetic_cache):

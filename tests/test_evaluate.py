@@ -181,11 +181,15 @@ def test_evaluate_checkpoint_and_ensemble(trained_run, synthetic_cache, tmp_path
     assert (tmp_path / "training_curves.png").is_file()
     assert (tmp_path / "PrivateTest_tta-flip_confusion.png").is_file()
 
-    # an ensemble of a checkpoint with itself gives the same predictions
-    ens = evaluate_checkpoints([ck, ck], synthetic_cache, split="PrivateTest", tta="flip", device="cpu")
+    # an ensemble of a checkpoint with a copy of itself gives the same predictions; the same file twice is refused
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(ck.read_bytes())
+    ens = evaluate_checkpoints([ck, copy], synthetic_cache, split="PrivateTest", tta="flip", device="cpu")
     assert ens["model"] == "ensemble(ferkit_small, ferkit_small)"
     assert ens["confusion_matrix"] == res["confusion_matrix"]
     assert "report_json" not in ens
+    with pytest.raises(ValueError, match="ensemble member given twice"):
+        evaluate_checkpoints([ck, trained_run / "." / "best.pt"], synthetic_cache, device="cpu")
 
     both = evaluate_tta([ck], synthetic_cache, split="PrivateTest", out=tmp_path, modes=("none", "flip"), device="cpu")
     assert both["flip"]["confusion_matrix"] == res["confusion_matrix"]

@@ -163,12 +163,14 @@ def test_cli_export_refuses_to_write_over_its_checkpoint(tmp_path, exported, cap
     ck = tmp_path / "best.pt"
     shutil.copy(exported["pt"], ck)
     before = ck.read_bytes()
-    assert main(["export", str(ck), "-o", str(tmp_path / "." / "best.pt")]) == 2
-    assert f"{tmp_path / '.' / 'best.pt'}: that is the checkpoint itself" in capsys.readouterr().err
-    assert ck.read_bytes() == before
-    (tmp_path / "exp").mkdir()  # its error named a temporary file: "Is a directory: 'tmpkb5eqy9r/exp' -> 'exp'"
-    assert main(["export", str(ck), "-o", str(tmp_path / "exp")]) == 2
-    assert f"{tmp_path / 'exp'}: is a folder; give a file name to write" in capsys.readouterr().err
+    # any file not named .onnx is refused: `-o runs/x/last.pt` wrote ONNX bytes over another run's checkpoint
+    for out in (tmp_path / "." / "best.pt", tmp_path / "last.pt", tmp_path / "config.yaml"):
+        assert main(["export", str(ck), "-o", str(out)]) == 2
+        assert f"{out}: name the output *.onnx" in capsys.readouterr().err
+    assert ck.read_bytes() == before and not (tmp_path / "last.pt").exists()
+    (tmp_path / "exp.onnx").mkdir()  # its error named a temporary file: "Is a directory: 'tmpkb5eqy9r/exp' -> 'exp'"
+    assert main(["export", str(ck), "-o", str(tmp_path / "exp.onnx")]) == 2
+    assert f"{tmp_path / 'exp.onnx'}: is a folder; give a file name to write" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -197,14 +199,14 @@ def test_cli_export_with_report_check_and_int8(tmp_path, exported, synthetic_cac
 
 def test_cli_export_onnx_with_report_changes_only_the_metadata(tmp_path, exported, capsys):
     report = tmp_path / "PrivateTest_tta-flip.json"
-    report.write_text(json.dumps({"accuracy": 0.72, "macro_f1": 0.7, "tta": "flip", "other": 1}))
+    report.write_text(json.dumps({"accuracy": 0.72, "macro_f1": 0.7, "tta": "flip", "split": "PrivateTest", "x": 1}))
     out = tmp_path / "shipped" / "best_int8.onnx"
     out.parent.mkdir()
     assert main(["export", str(exported["int8"]), "-o", str(out), "--report", str(report)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     info = read_metadata(out)
     assert info["name"] == "best_int8" and info["accuracy"] == 0.72 and info["tta"] == "flip"
-    assert info["quantization"] == "int8 static QDQ" and "other" not in info
+    assert info["quantization"] == "int8 static QDQ" and "x" not in info
     assert onnx.load(str(out)).graph == onnx.load(str(exported["int8"])).graph
     assert "accuracy" not in read_metadata(exported["int8"])  # the source is untouched
 
@@ -251,7 +253,7 @@ def test_cli_export_undoes_class_weights_with_the_counts_of_data(tmp_path, expor
     from ferkit.data import load_dataset
 
     report = tmp_path / "PrivateTest_tta-flip.json"
-    report.write_text(json.dumps({"accuracy": 0.73, "macro_f1": 0.72, "tta": "flip"}))
+    report.write_text(json.dumps({"accuracy": 0.73, "macro_f1": 0.72, "tta": "flip", "split": "PrivateTest"}))
     out = tmp_path / "prior.onnx"
     argv = ["export", str(exported["int8"]), "-o", str(out), "--undo-class-weights", "0.5"]
     assert main([*argv, "--data", str(synthetic_cache), "--report", str(report)]) == 0
@@ -300,3 +302,76 @@ def test_cli_export_int8_needs_readable_data_before_writing(tmp_path, exported, 
         assert main(["export", str(exported["pt"]), "-o", str(out), option, "--data", str(tmp_path / "nope.npz")]) == 2
         assert "nope.npz" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_report_must_be_one_model_s_whole_privatetest(tmp_path, exported, capsys):
+    """--report stamped whatever it was given: an ensemble's accuracy, a PublicTest subset's, a string (which
+    then crashed serve), and an older report's macro-F1 stayed beside a newer accuracy."""
+    head = {"accuracy": 0.7, "split": "PrivateTest", "checkpoints": ["m.onnx"], "tta": "flip"}
+    bad = {
+        "ens.json": ({**head, "checkpoints": ["a.onnx", "b.onnx"]}, "the report of an ensemble, not of one model"),
+        "pub.json": ({**head, "split": "PublicTest"}, "not a report on the whole PrivateTest split"),
+        "PrivateTest_limit20.json": (head, "not a report on the whole PrivateTest split"),
+        "str.json": ({**head, "accuracy": "high"}, "no accuracy between 0 and 1"),
+    }
+    for name, (report, message) in bad.items():
+        (tmp_path / name).write_text(json.dumps(report))
+        assert (
+            main(["export", str(exported["int8"]), "-o", str(tmp_path / "m.onnx"), "--report", str(tmp_path / name)])
+            == 2
+        )
+        assert message in capsys.readouterr().err
+    (tmp_path / "ok.json").write_text(json.dumps(head))  # no macro_f1: the source's 0.55 must not stay
+    assert (
+        main(["export", str(exported["onnx"]), "-o", str(tmp_path / "m.onnx"), "--report", str(tmp_path / "ok.json")])
+        == 0
+    )
+    info = read_metadata(tmp_path / "m.onnx")
+    assert info["accuracy"] == 0.7 and "macro_f1" not in info
+
+
+def test_undo_refuses_its_own_file_and_another_class_order(tmp_path, exported, synthetic_cache, capsys):
+    original = tmp_path / "m.onnx"
+    shutil.copy(exported["int8"], original)
+    before = original.read_bytes()
+    argv = ["--undo-class-weights", "0.5", "--data", str(synthetic_cache)]
+    assert main(["export", str(original), "-o", str(tmp_path / "." / "m.onnx"), *argv]) == 2
+    assert "that is the model itself" in capsys.readouterr().err and original.read_bytes() == before
+    info = read_metadata(original)
+    from ferkit.export import _set_metadata
+
+    _set_metadata(original, {**info, "classes": list(reversed(CLASSES))})
+    assert main(["export", str(original), "-o", str(tmp_path / "prior.onnx"), *argv]) == 2
+    assert "not in FER-2013's order (that of the counts)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "meta, message",
+    [("not json", "its 'ferkit' metadata is not valid JSON"), ('["a"]', "its 'ferkit' metadata is not a JSON object"),
+     ('{"classes": "abcdefg"}', "its 'ferkit' metadata names no list of classes")],
+)  # fmt: skip
+def test_foreign_metadata_is_named(tmp_path, exported, meta, message):
+    """An AttributeError traceback, an unnamed JSON error, or faces labelled 'g' before."""
+    path = tmp_path / "m.onnx"
+    model = onnx.load(str(exported["onnx"]))
+    for p in model.metadata_props:
+        if p.key == "ferkit":
+            p.value = meta
+    onnx.save(model, str(path))
+    for load in (read_metadata, lambda p: EmotionRecognizer(model=p, threads=1)):
+        with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+            load(path)
+
+
+def test_upper_case_onnx_and_a_checkpoint_without_metrics(tmp_path, exported, synthetic_cache):
+    from ferkit.checkpoint import load_checkpoint, save_checkpoint
+    from ferkit.evaluate import evaluate_tta
+
+    upper = tmp_path / "M.ONNX"
+    shutil.copy(exported["onnx"], upper)  # evaluate said "an ONNX model; this takes a .pt checkpoint"
+    assert evaluate_tta([upper], synthetic_cache, "PrivateTest", device="cpu", limit=7)["none"]["n"] == 7
+    state = load_checkpoint(exported["pt"])
+    save_checkpoint(tmp_path / "none.pt", {**state, "metrics": None})  # a TypeError traceback in predict
+    assert EmotionRecognizer(model=tmp_path / "none.pt", threads=1).model_info["accuracy"] is None
+    with pytest.raises(ValueError, match="ensemble member given twice"):
+        EmotionRecognizer(model=[exported["onnx"], exported["onnx"]], threads=1)

@@ -222,24 +222,39 @@ def cmd_slim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_metrics(path: str) -> dict[str, Any]:
+    """The metrics an export carries from ``ferkit evaluate``'s report at ``path``: one model's PrivateTest
+    accuracy (what the app and the API show as the model's), never an ensemble's or another split's."""
+    from .export import METRIC_KEYS
+    from .fileio import read_json_object
+
+    report = read_json_object(path)
+    accuracy, checkpoints = report.get("accuracy"), report.get("checkpoints", [None])
+    if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool) or not 0 <= accuracy <= 1:
+        raise ValueError(f"{path}: not a report of `ferkit evaluate` (no accuracy between 0 and 1)")
+    if not isinstance(checkpoints, list) or len(checkpoints) != 1:
+        raise ValueError(f"{path}: the report of an ensemble, not of one model")
+    if report.get("split") != "PrivateTest" or "_limit" in Path(path).stem:
+        raise ValueError(f"{path}: not a report on the whole PrivateTest split (the accuracy a model carries)")
+    return {k: report[k] for k in METRIC_KEYS if k in report}
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .data import CLASSES
     from .export import (
-        METRIC_KEYS,
         convert_fp16,
         export_onnx,
         max_abs_diff,
         quantize_int8,
+        read_metadata,
         undo_class_weights,
         with_metrics,
     )
-    from .fileio import read_json_object
 
-    metrics = {}
-    if args.report:
-        report = read_json_object(args.report)
-        metrics = {k: report[k] for k in METRIC_KEYS if k in report}
-    if Path(args.checkpoint).suffix == ".onnx":
+    if Path(args.out).suffix.lower() != ".onnx":  # `-o runs/x/last.pt` wrote ONNX bytes over a run's checkpoint
+        raise ValueError(f"{args.out}: name the output *.onnx")
+    metrics = _report_metrics(args.report) if args.report else {}
+    if Path(args.checkpoint).suffix.lower() == ".onnx":
         if args.check or args.int8 or args.fp16 or not (args.report or args.undo_class_weights is not None):
             raise ValueError(
                 "an .onnx input takes only --report (its metrics go into a copy's metadata) "
@@ -251,6 +266,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                 raise ValueError("--undo-class-weights needs --data: the class counts of its Training split")
             from .data import load_dataset
 
+            if (classes := read_metadata(args.checkpoint).get("classes")) and list(classes) != list(CLASSES):
+                raise ValueError(f"{args.checkpoint}: classes {classes}, not in FER-2013's order (that of the counts)")
             counts = np.bincount(load_dataset(args.data).split("Training")[1], minlength=len(CLASSES))
             source = undo_class_weights(source, args.out, counts, args.undo_class_weights)
             print(f"wrote {source}: {args.checkpoint} with its class weights undone (power {args.undo_class_weights})")

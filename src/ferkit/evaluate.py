@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .config import TTA_MODES
 from .data import CLASSES
-from .fileio import atomic_write, bytes_digest, file_digest
+from .fileio import atomic_write, bytes_digest, file_digest, refuse_repeats
 
 # Part of every prediction cache entry's name: raise it when a change to the code (TTA views, preprocessing)
 # changes the probabilities a model file gives, so that older entries are no longer read.
@@ -72,7 +72,7 @@ def load_for_evaluation(path: str | Path) -> tuple[nn.Module, str]:
     """A model and its name from a training checkpoint (``.pt``) or an exported ``.onnx`` file."""
     from .checkpoint import model_from_checkpoint
 
-    if Path(path).suffix == ".onnx":
+    if Path(path).suffix.lower() == ".onnx":
         model, name = OnnxModule(path), Path(path).stem
         classes = model.backend.info.get("classes", list(CLASSES))
     else:
@@ -400,6 +400,7 @@ def evaluate_tta(
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_checkpoints` for several TTA modes, each model run once over the widest mode's views
     (or its probabilities taken from the ``cache`` folder, see :func:`_probabilities`)."""
+    refuse_repeats(checkpoints, "ensemble member")  # it would count double
     if out is not None:
         _check_folder(out, "--out")
     labels, per_model, subset = _probabilities(
@@ -463,11 +464,7 @@ def select_ensemble(
     for :func:`evaluate_tta`, so that candidates already evaluated on PublicTest are not run again."""
     if not 1 <= len(checkpoints) <= MAX_CANDIDATES:
         raise ValueError(f"give 1 to {MAX_CANDIDATES} candidate models (got {len(checkpoints)})")
-    seen: dict[Path, str | Path] = {}
-    for ck in checkpoints:  # one file twice would be ranked as two models (and weigh double in an ensemble)
-        if Path(ck).resolve() in seen:
-            raise ValueError(f"{ck}: a candidate twice (also given as {seen[Path(ck).resolve()]})")
-        seen[Path(ck).resolve()] = ck
+    refuse_repeats(checkpoints, "a candidate")  # it would be ranked as two models
     labels, per_model, _ = _probabilities(checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache)
     probs = [p for _, p in per_model]
     rows = rank_ensembles(probs, labels, max_size)[:top]

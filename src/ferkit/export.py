@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .checkpoint import model_from_checkpoint
 from .data import model_input
-from .fileio import atomic_write, refuse_folder
+from .fileio import atomic_write, parse_model_metadata, refuse_folder
 
 PREPROCESSING = (
     "RGB -> grayscale (ITU-R 601 luma), face crop with 10% margin resized to 48x48, "
@@ -31,6 +31,7 @@ def read_metadata(model: str | Path | Any) -> dict[str, Any]:
     """The ferkit metadata (name, classes, preprocessing, metrics, ...) of an ONNX file or loaded model."""
     import onnx
 
+    source = model if isinstance(model, (str, Path)) else "ONNX model"
     if isinstance(model, (str, Path)):
         if not Path(model).is_file():
             raise FileNotFoundError(f"{model}: no such ONNX file")
@@ -38,7 +39,7 @@ def read_metadata(model: str | Path | Any) -> dict[str, Any]:
             model = onnx.load(str(model), load_external_data=False)
         except Exception as e:  # onnx raises protobuf's DecodeError and others for a damaged file
             raise ValueError(f"{model}: not a readable ONNX model ({e})") from e
-    return json.loads({p.key: p.value for p in model.metadata_props}.get("ferkit", "{}"))
+    return parse_model_metadata({p.key: p.value for p in model.metadata_props}.get("ferkit"), source)
 
 
 def _set_metadata(path: Path, info: dict[str, Any], out: Path | None = None) -> None:
@@ -67,7 +68,7 @@ def with_metrics(onnx_path: str | Path, out: str | Path, metrics: dict[str, Any]
     info = read_metadata(onnx_path)
     if not info.get("classes"):
         raise ValueError(f"{onnx_path}: not a ferkit ONNX export (no ferkit metadata)")
-    _set_metadata(Path(onnx_path), {**info, **metrics}, out)
+    _set_metadata(Path(onnx_path), {**_without_metrics(info), **metrics}, out)  # no metric of an older report
     return out
 
 
@@ -87,6 +88,8 @@ def undo_class_weights(onnx_path: str | Path, out: str | Path, counts: np.ndarra
     (``count ** -power``), so that its probabilities follow the Training prior again. The correction is kept
     in the metadata (asking twice is refused) and the source's measured metrics are not: they were not
     measured on this model."""
+    if Path(out).resolve() == Path(onnx_path).resolve():  # the original would be lost: undoing twice is refused
+        raise ValueError(f"{out}: that is the model itself; name another file for the corrected copy")
     import onnx
     from onnx import helper, numpy_helper
 

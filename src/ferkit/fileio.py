@@ -64,3 +64,27 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def parse_model_metadata(text: str | None, source: str | Path) -> dict[str, Any]:
+    """The ``ferkit`` metadata of an ONNX model (a JSON object; ``{}`` when absent), checked: ``classes``,
+    when given, must be a list of names."""
+    try:
+        info = json.loads(text or "{}")
+    except ValueError as e:
+        raise ValueError(f"{source}: its 'ferkit' metadata is not valid JSON ({e})") from e
+    if not isinstance(info, dict):
+        raise ValueError(f"{source}: its 'ferkit' metadata is not a JSON object")
+    classes = info.get("classes")
+    if classes is not None and not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise ValueError(f"{source}: its 'ferkit' metadata names no list of classes ({classes!r})")
+    return info
+
+
+def refuse_repeats(paths: Any, what: str) -> None:
+    """Refuse one file given twice (it would count double in an ensemble), however its path is written."""
+    seen: dict[Path, Any] = {}
+    for path in paths:
+        if Path(path).resolve() in seen:
+            raise ValueError(f"{path}: {what} given twice (also as {seen[Path(path).resolve()]})")
+        seen[Path(path).resolve()] = path

@@ -7,7 +7,6 @@ inside the package, so a fresh install predicts with no download.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from .config import DETECTOR, MARGIN, MIN_FACE, TTA, TTA_CHOICES
 from .data import CLASSES, IMAGE_SIZE, model_input, scores_shape_problem
 from .faces import Box, FaceDetector, check_margin, crop_faces, fit_boxes, make_detector
+from .fileio import parse_model_metadata, refuse_repeats
 from .images import (  # noqa: F401 - re-exported: decoding images is part of the inference API
     MAX_PIXELS,
     ImageError,
@@ -65,7 +65,7 @@ class OnnxBackend:
         except Exception as e:  # onnxruntime raises its own exception types
             raise ValueError(f"{path}: not a loadable ONNX model ({e})") from e
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.info: dict[str, Any] = json.loads(meta.get("ferkit", "{}"))
+        self.info: dict[str, Any] = parse_model_metadata(meta.get("ferkit"), path)
         self.input = self.session.get_inputs()[0].name
         self._check(path, len(self.info.get("classes", CLASSES)))
 
@@ -111,7 +111,7 @@ class TorchBackend:
         self.device = torch.device(device)
         model, state = model_from_checkpoint(path)
         self.model = model.to(self.device)
-        self.info = {"name": state["model"], "classes": state["classes"], **state.get("metrics", {})}
+        self.info = {"name": state["model"], "classes": state["classes"], **(state.get("metrics") or {})}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
@@ -124,7 +124,7 @@ def _load_backend(path: Path, backend: str, threads: int | None) -> OnnxBackend 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
     if backend == "auto":
-        backend = "torch" if path.suffix in (".pt", ".pth") else "onnx"
+        backend = "torch" if path.suffix.lower() in (".pt", ".pth") else "onnx"
     if backend == "onnx":
         return OnnxBackend(path, threads)
     if backend == "torch":
@@ -166,6 +166,7 @@ class EmotionRecognizer:
             raise ValueError("no model given")
         if not all(isinstance(m, (str, os.PathLike)) and str(m) for m in members):
             raise ValueError(f"model must be a file path or a list of them, got {model!r}")
+        refuse_repeats(members, "ensemble member")
         self.tta = tta
         paths = [Path(m) for m in members]
         self.backends = [_load_backend(p, backend, threads) for p in paths]
