@@ -19,7 +19,6 @@ import logging
 import os
 import threading
 import time
-import unittest.mock
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -499,11 +498,16 @@ def _photo_input_class() -> type:
             return gr.Image.preprocess(self, payload)
         return payload.path
 
-    no_stub = contextlib.nullcontext()
-    if hasattr(gradio.component_meta, "create_or_modify_pyi"):
-        no_stub = unittest.mock.patch.object(gradio.component_meta, "create_or_modify_pyi", lambda *a: None)
-    with no_stub:
+    meta = gradio.component_meta
+    write_stub = getattr(meta, "create_or_modify_pyi", None)
+    meta.create_or_modify_pyi = lambda *args: None
+    try:
         return type("PhotoInput", (gr.Image,), {"is_template": True, "preprocess": preprocess})  # drawn as gr.Image
+    finally:
+        if write_stub is None:
+            del meta.create_or_modify_pyi
+        else:
+            meta.create_or_modify_pyi = write_stub
 
 
 def build_ui(service: RecognizerService) -> Any:
