@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .config import TTA_MODES
 from .data import CLASSES
-from .fileio import atomic_write, bytes_digest, file_digest, refuse_repeats
+from .fileio import atomic_write, bytes_digest, file_digest, refuse_file, refuse_repeats
 
 # Part of every prediction cache entry's name: raise it when a change to the code (TTA views, preprocessing)
 # changes the probabilities a model file gives, so that older entries are no longer read.
@@ -298,7 +298,7 @@ def _probabilities(
     from .data import load_dataset
 
     if cache is not None:
-        _check_folder(cache, "--cache")
+        refuse_file(cache, "--cache")
     dev = resolve_device(device)
     data = load_dataset(data_path)
     every = data.split(split)
@@ -336,12 +336,6 @@ def _older_versions(folder: Path, key: str) -> list[Path]:
         if m and (m[1] is None or int(m[1]) < CACHE_VERSION):
             older.append(path)
     return older
-
-
-def _check_folder(path: str | Path, option: str) -> None:
-    """Refuse an output folder that is a file, before any model runs (it failed only after them)."""
-    if Path(path).exists() and not Path(path).is_dir():
-        raise ValueError(f"{option} {path}: a file, not a folder")
 
 
 def _read_cached(path: Path | None, modes: Sequence[str], n: int) -> dict[str, np.ndarray] | None:
@@ -402,7 +396,7 @@ def evaluate_tta(
     (or its probabilities taken from the ``cache`` folder, see :func:`_probabilities`)."""
     refuse_repeats(checkpoints, "ensemble member")  # it would count double
     if out is not None:
-        _check_folder(out, "--out")
+        refuse_file(out, "--out")  # before any model runs: it failed after
     labels, per_model, subset = _probabilities(
         checkpoints, data_path, split, modes, device, batch_size, limit, cache, progress
     )

@@ -20,6 +20,12 @@ def refuse_folder(path: str | Path) -> Path:
     return path
 
 
+def refuse_file(path: str | Path, option: str) -> None:
+    """Refuse an output folder (``option``'s) that names an existing file: the inverse of :func:`refuse_folder`."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{option} {path}: a file, not a folder")
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(file)`` on a temp file next to ``path`` and rename it over ``path``: readers see the
     old file or the whole new one, never a partial write."""
