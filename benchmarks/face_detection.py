@@ -6,15 +6,18 @@ as upscaled crops where they do not overlap, on a plain gradient (half the photo
 with no face in it (the astronaut portrait below her chin, the other half); JPEG q90. A face counts as found
 when a box's centre lies inside its square and the box side is 0.35-1.25 times the square's (crops are
 tight, so detectors box them at about their size); every other box is a false box. Milliseconds are per
-photo with ``--threads`` OpenCV threads (1: what each request gets when the web app is busy).
+photo with ``--threads`` OpenCV (and CenterFace's ONNX Runtime) threads (1: what each request gets when the
+web app is busy).
 
-Upscaled 48x48 crops are harder than real photos (Haar finds about two in three), so the recall here ranks
-settings; it is not the recall on your photos. Settings are ``--detectors`` specs: ``haar``, a YuNet ``.onnx``
-or a Haar ``.xml`` file, each with optional ``:key=value,...`` arguments of its class
-(:class:`~ferkit.faces.HaarDetector`, :class:`~ferkit.faces.YuNetDetector`).
+Upscaled 48x48 crops are harder than real photos (small ones most: blurred, and cut at the forehead), so
+the recall here ranks settings; it is not the recall on your photos. Settings are ``--detectors`` specs:
+``centerface``, ``haar``, a YuNet ``.onnx`` or a Haar ``.xml`` file, each with optional ``:key=value,...``
+arguments of its class (:class:`~ferkit.faces.CenterFaceDetector`, :class:`~ferkit.faces.HaarDetector`,
+:class:`~ferkit.faces.YuNetDetector`); CenterFace runs on ``--threads`` ONNX Runtime threads unless its spec
+sets ``threads``.
 
     .venv/bin/python benchmarks/face_detection.py --threads 1
-    .venv/bin/python benchmarks/face_detection.py --detectors haar haar:min_size=32 path/to/yunet.onnx
+    .venv/bin/python benchmarks/face_detection.py --detectors centerface haar haar:min_size=32 path/to/yunet.onnx
 """
 
 from __future__ import annotations
@@ -28,14 +31,19 @@ from _common import DEFAULT_DATA, base_parser, machine_info, opencv_threads, pri
 from _photos import PHOTO_SIZE, cluttered_canvas, encode_jpeg, paste, plain_canvas
 
 from ferkit.data import load_dataset
-from ferkit.faces import Box, FaceDetector, HaarDetector, YuNetDetector
+from ferkit.faces import Box, CenterFaceDetector, FaceDetector, HaarDetector, YuNetDetector
 from ferkit.inference import load_image
 
 DETECTORS = [
+    "centerface",
+    "centerface:score_threshold=0.5",
+    "centerface:score_threshold=0.2",
+    "centerface:reliable=24",
+    "centerface:min_size=32",
+    "centerface:max_side=640,reliable=48",
     "haar",
     "haar:min_neighbors=4",
     "haar:min_neighbors=3",
-    "haar:scale_factor=1.1",
     "haar:scale_factor=1.2",
     "haar:scale_factor=1.2,min_neighbors=3",
     "haar:min_size=32",
@@ -49,7 +57,7 @@ def parse_args(argv: list[str] | None = None):
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="FER-2013 cache")
     p.add_argument(
-        "--detectors", nargs="+", default=DETECTORS, help="detector specs: haar, FILE.onnx, FILE.xml[:k=v,..]"
+        "--detectors", nargs="+", default=DETECTORS, help="specs: centerface, haar, FILE.onnx, FILE.xml[:k=v,..]"
     )
     p.add_argument("--photos", type=int, default=160, help="photos, half plain and half cluttered")
     p.add_argument("--sizes", type=int, nargs=2, default=(48, 240), metavar=("MIN", "MAX"), help="face sides in px")
@@ -57,16 +65,16 @@ def parse_args(argv: list[str] | None = None):
     args = p.parse_args(argv)
     if not 24 <= args.sizes[0] <= args.sizes[1] <= 240:  # three faces of up to 240 px always fit on 640x480
         p.error(f"--sizes must satisfy 24 <= MIN <= MAX <= 240, got {args.sizes[0]} {args.sizes[1]}")
-    if args.quick:  # 8 photos, and the first two of the default detectors
+    if args.quick:  # 8 photos, and the two detectors' defaults
         args.photos = 8
         if args.detectors == DETECTORS:
-            args.detectors = DETECTORS[:2]
+            args.detectors = ["centerface", "haar"]
     return args
 
 
-def detector_from_spec(spec: str) -> FaceDetector:
-    """``haar``, ``FILE.onnx`` (YuNet) or ``FILE.xml`` (a Haar cascade), then optional ``:key=value,...``
-    (numbers) for its class's constructor."""
+def detector_from_spec(spec: str, threads: int) -> FaceDetector:
+    """``centerface``, ``haar``, ``FILE.onnx`` (YuNet) or ``FILE.xml`` (a Haar cascade), then optional
+    ``:key=value,...`` (numbers) for its class's constructor; CenterFace gets ``threads`` unless set there."""
     name, _, options = spec.partition(":")
     kwargs: dict[str, float] = {}
     for item in filter(None, options.split(",")):
@@ -78,9 +86,13 @@ def detector_from_spec(spec: str) -> FaceDetector:
         except ValueError:
             raise SystemExit(f"{spec}: {key} takes a number, got {value!r}") from None
     suffix = Path(name).suffix
-    if name != "haar" and suffix not in (".onnx", ".xml"):
-        raise SystemExit(f"{spec}: use haar, a YuNet .onnx file or a Haar .xml file")
-    cls, path = (YuNetDetector, (name,)) if suffix == ".onnx" else (HaarDetector, () if name == "haar" else (name,))
+    if name not in ("haar", "centerface") and suffix not in (".onnx", ".xml"):
+        raise SystemExit(f"{spec}: use centerface, haar, a YuNet .onnx file or a Haar .xml file")
+    if name == "centerface":
+        cls, path = CenterFaceDetector, ()
+        kwargs.setdefault("threads", threads)
+    else:
+        cls, path = (YuNetDetector, (name,)) if suffix == ".onnx" else (HaarDetector, () if name == "haar" else (name,))
     try:
         return cls(*path, **kwargs)
     except TypeError as e:
@@ -128,8 +140,8 @@ def matches(boxes: list[Box], slots: list[tuple[int, int, int]]) -> list[bool]:
     return found
 
 
-def bench(spec: str, photos: list[tuple[np.ndarray, list]]) -> dict:
-    detector = detector_from_spec(spec)
+def bench(spec: str, photos: list[tuple[np.ndarray, list]], threads: int) -> dict:
+    detector = detector_from_spec(spec, threads)
     detector.detect(photos[0][0])  # warm-up
     sides, found, false_boxes, ms = [], [], 0, []
     for rgb, slots in photos:
@@ -167,14 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     crops, _ = data.split("PublicTest")
     photos = compose(crops, args.photos, tuple(args.sizes), args.seed)
     n_faces = sum(len(s) for _, s in photos)
-    rows = [bench(spec, photos) for spec in args.detectors]
+    rows = [bench(spec, photos, threads) for spec in args.detectors]
     print()
     bins = [c for c in rows[0] if c.startswith("recall_")]
     print_table(
         rows,
         ["detector", "recall", *bins, "false_boxes", "ms_mean", "ms_plain", "ms_cluttered"],
         title=f"{len(photos)} photos 640x480, {n_faces} PublicTest faces of {args.sizes[0]}-{args.sizes[1]} px, "
-        f"{threads} OpenCV thread(s)",
+        f"{threads} OpenCV / ONNX Runtime thread(s)",
     )
     if args.quick:
         print("(--quick: tiny settings, the numbers mean nothing)")

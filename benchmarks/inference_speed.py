@@ -7,9 +7,10 @@ speed-up: the int8 model is ``--int8`` or made with ``ferkit.export.quantize_int
 calibrated on 512 Training crops; the fp16 one with ``ferkit.export.convert_fp16``. torch runs only
 when ``--checkpoint`` gives the training checkpoint (.pt) of the model.
 
-End to end: latency of ``EmotionRecognizer.predict`` (JPEG decode, Haar detection, crops, model) on a
+End to end: latency of ``EmotionRecognizer.predict`` (JPEG decode, face detection, crops, model) on a
 640x480 photo with one face and one with five, composed from real PrivateTest crops upscaled onto a
-canvas; crops are picked so that Haar finds exactly the intended faces (checked on the decoded JPEG).
+canvas; crops are picked so that the default detector finds exactly the intended faces (checked on the
+decoded JPEG).
 
     .venv/bin/python benchmarks/inference_speed.py --threads 2       # the shipped int8 model
     .venv/bin/python benchmarks/inference_speed.py --model runs/export/m.onnx --int8 m_int8.onnx \
@@ -97,7 +98,7 @@ def bench_backend(name: str, backend, crops: np.ndarray, labels: np.ndarray, arg
 
 
 def _detected_slots(detector, jpeg: bytes, slots: list[tuple[int, int, int]]) -> bool:
-    """True when Haar finds exactly one box per slot (box centre inside the slot) and nothing else."""
+    """True when ``detector`` finds exactly one box per slot (box centre inside the slot) and nothing else."""
     boxes = detector.detect(load_image(jpeg))
     if len(boxes) != len(slots):
         return False
@@ -123,7 +124,7 @@ def compose_photo(n_faces: int, detector, crops: np.ndarray, labels: np.ndarray,
         for idx in candidates:
             tries += 1
             if tries > max_tries:
-                raise RuntimeError(f"no {n_faces}-face photo that Haar detects exactly within {max_tries} crops")
+                raise RuntimeError(f"no {n_faces}-face photo that the detector finds exactly within {max_tries} crops")
             trial = canvas.copy()
             paste(trial, crops[idx], slots[k])
             if _detected_slots(detector, encode_jpeg(trial), slots[: k + 1]):
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["top1_agree_fp32"] = float((p.argmax(1) == ref.argmax(1)).mean())
                 row["max_abs_diff_fp32"] = float(np.abs(p - ref).max())
 
-        print("composing the test photos (Haar must find exactly the intended faces) ...", flush=True)
-        detector = make_detector()
+        print("composing the test photos (the detector must find exactly the intended faces) ...", flush=True)
+        detector = make_detector(threads=threads)
         photos = {}
         for n in LAYOUTS:
             jpeg, rgb, chosen, tries = compose_photo(n, detector, crops, labels)
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(
         e2e,
         ["model", "faces", "p50_ms", "p95_ms", "decode_p50_ms", "detect_p50_ms", "model_p50_ms"],
-        title=f"EmotionRecognizer.predict on a 640x480 JPEG, Haar detector, {args.e2e_runs} runs",
+        title=f"EmotionRecognizer.predict on a 640x480 JPEG, default detector, {args.e2e_runs} runs",
     )
     if args.quick:
         print("(--quick: tiny settings, the numbers mean nothing)")

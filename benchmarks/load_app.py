@@ -42,8 +42,8 @@ def one_face_photo() -> bytes:
 
 
 def detect_p50_ms(photo: bytes, runs: int = 20) -> float:
-    """Median ms of ferkit's default face detector (Haar, 48 px smallest face) on the decoded photo, in this
-    process before the server starts: each request's face detection, unless --serve-args picks another."""
+    """Median ms of ferkit's default face detector (CenterFace, 48 px smallest face) on the decoded photo, in
+    this process before the server starts: each request's face detection, unless --serve-args picks another."""
     from ferkit.faces import make_detector
     from ferkit.inference import load_image
 

@@ -499,6 +499,7 @@ def test_the_ui_names_the_detector_it_runs():
     assert not Path(ferkit.app.__file__).with_suffix(".pyi").exists()  # building the UI writes nothing beside it
     assert "frontal Haar" not in page
     assert _detector_text("haar") == "OpenCV's frontal Haar cascade"
+    assert _detector_text("centerface") == "the CenterFace detector"
     assert (
         _detector_text("/models/face_detection_yunet_2023mar.onnx")
         == "the YuNet detector face_detection_yunet_2023mar.onnx"

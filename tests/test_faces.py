@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from helpers_inference import ASTRONAUT, CANVAS, iou, placed_boxes, read_rgb
 
-from ferkit.faces import HaarDetector, YuNetDetector, crop_faces, make_detector
+from ferkit.faces import CenterFaceDetector, HaarDetector, YuNetDetector, crop_faces, make_detector
+
+DETECTORS = {"centerface": CenterFaceDetector, "haar": HaarDetector}
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +19,14 @@ def haar() -> HaarDetector:
     return HaarDetector()
 
 
+@pytest.fixture(scope="module", params=list(DETECTORS))
+def detector(request):
+    return make_detector(request.param)
+
+
 @pytest.mark.parametrize("photo", [CANVAS, ASTRONAUT], ids=["fer_canvas", "astronaut"])
-def test_haar_finds_the_faces_where_they_are(haar, photo):
-    boxes = haar.detect(read_rgb(photo))
+def test_detectors_find_the_faces_where_they_are(detector, photo):
+    boxes = detector.detect(read_rgb(photo))
     expected = placed_boxes(photo)
     assert len(boxes) == len(expected)
     for box, placed in zip(boxes, expected, strict=True):  # both left to right
@@ -27,23 +34,58 @@ def test_haar_finds_the_faces_where_they_are(haar, photo):
         assert all(isinstance(v, int) for v in box)
 
 
-def test_haar_accepts_grayscale_2d(haar):
+def test_detectors_accept_grayscale_2d(detector):
+    gray = cv2.cvtColor(read_rgb(CANVAS), cv2.COLOR_RGB2GRAY)
+    boxes = detector.detect(gray)
+    assert len(boxes) == 3 and all(iou(b, p) > 0.5 for b, p in zip(boxes, placed_boxes(CANVAS), strict=True))
+
+
+def test_haar_sees_only_the_gray_image(haar):
     gray = cv2.cvtColor(read_rgb(CANVAS), cv2.COLOR_RGB2GRAY)
     assert haar.detect(gray) == haar.detect(read_rgb(CANVAS))
 
 
-def test_large_image_boxes_are_in_original_pixels():
+def test_the_default_detector_is_the_shipped_centerface():
+    detector = make_detector()
+    assert isinstance(detector, CenterFaceDetector) and isinstance(make_detector("centerface"), CenterFaceDetector)
+    assert (detector.score_threshold, detector.min_size, detector.reliable) == (0.3, 48, 32)  # README's table
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_large_image_boxes_are_in_original_pixels(name):
     """Images over max_side are downscaled for detection; the boxes come back in original pixels."""
     big = cv2.resize(read_rgb(ASTRONAUT), (1536, 1536), interpolation=cv2.INTER_CUBIC)
-    boxes = HaarDetector(max_side=512, min_size=150).detect(big)  # detects at the photo's own 512 px
+    boxes = DETECTORS[name](max_side=512, min_size=150).detect(big)  # detects at the photo's own 512 px
     (x, y, w, h) = placed_boxes(ASTRONAUT)[0]
     assert len(boxes) == 1
     assert iou(boxes[0], (3 * x, 3 * y, 3 * w, 3 * h)) > 0.5
 
 
-def test_small_faces_in_a_large_photo_are_found():
-    """Shrinking a 2560 px photo to 1024 px for detection would take its 48-88 px faces under what Haar
-    finds (its window is 24 px): faces from the default 48 px minimum up must all be found."""
+def test_centerface_finds_a_50_px_face_at_low_resolution():
+    """CenterFace shrinks a photo towards max_side (320 px), but never so far that a min_size face falls under
+    32 px: the astronaut at 40% (a 49 px box) is found, and at 35% (39 px) only with min_size 32."""
+    astronaut = read_rgb(ASTRONAUT)
+    at_40, at_35 = (cv2.resize(astronaut, None, fx=f, fy=f, interpolation=cv2.INTER_AREA) for f in (0.4, 0.35))
+    (x, y, w, h) = placed_boxes(ASTRONAUT)[0]
+    boxes = CenterFaceDetector().detect(at_40)
+    assert len(boxes) == 1 and iou(boxes[0], (0.4 * x, 0.4 * y, 0.4 * w, 0.4 * h)) > 0.5
+    assert CenterFaceDetector().detect(at_35) == []
+    assert len(make_detector("centerface", min_size=32).detect(at_35)) == 1
+
+
+def test_centerface_model_file_errors_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.onnx: CenterFace model file not found"):
+        CenterFaceDetector(tmp_path / "missing.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a network")
+    with pytest.raises(ValueError, match=r"bad\.onnx: not a loadable CenterFace model"):
+        CenterFaceDetector(bad)
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_small_faces_in_a_large_photo_are_found(name):
+    """Shrinking a 2560 px photo to 1024 px (Haar) or 320 px (CenterFace) for detection would take its
+    48-88 px faces under what the detector finds: faces from the default 48 px minimum up must all be found."""
     tile = cv2.resize(read_rgb(CANVAS), None, fx=0.4, fy=0.4, interpolation=cv2.INTER_AREA)
     big = np.tile(tile, (2, 10, 1))  # 384x2560: 60 faces of 48, 64 and 88 px
     expected = [
@@ -52,7 +94,7 @@ def test_small_faces_in_a_large_photo_are_found():
         for j in range(2)
         for x, y, w, h in [[0.4 * v for v in b] for b in placed_boxes(CANVAS)]
     ]
-    boxes = HaarDetector().detect(big)
+    boxes = DETECTORS[name]().detect(big)
     assert len(boxes) == len(expected)
     assert all(any(iou(b, e) > 0.5 for b in boxes) for e in expected)
 
@@ -67,15 +109,16 @@ def test_faces_below_min_size_are_skipped():
     assert make_detector("haar", min_size=32).detect(small) == boxes
 
 
-def test_no_face_in_noise_or_flat_images(haar):
+def test_no_face_in_noise_or_flat_images(detector):
     noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    assert haar.detect(noise) == []
-    assert haar.detect(np.full((100, 100, 3), 128, np.uint8)) == []
-    assert haar.detect(np.zeros((10, 10, 3), np.uint8)) == []  # smaller than the smallest face
+    assert detector.detect(noise) == []
+    assert detector.detect(np.full((100, 100, 3), 128, np.uint8)) == []
+    assert detector.detect(np.zeros((10, 10, 3), np.uint8)) == []  # smaller than the smallest face
+    assert detector.detect(np.zeros((1, 5000, 3), np.uint8)) == []
 
 
 def test_make_detector():
-    assert isinstance(make_detector(None), HaarDetector)
+    assert isinstance(make_detector(None), CenterFaceDetector)
     assert isinstance(make_detector("haar"), HaarDetector)
     cascade = Path(cv2.data.haarcascades) / "haarcascade_frontalface_alt.xml"
     assert isinstance(make_detector(cascade), HaarDetector)

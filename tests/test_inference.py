@@ -20,7 +20,7 @@ from PIL import Image
 from ferkit.checkpoint import CheckpointError
 from ferkit.data import CLASSES
 from ferkit.export import _set_metadata, export_onnx, read_metadata
-from ferkit.faces import HaarDetector, crop_faces
+from ferkit.faces import CenterFaceDetector, HaarDetector, crop_faces
 from ferkit.inference import DEFAULT_MODEL, MAX_PIXELS, EmotionRecognizer, FaceResult, ImageError, annotate, load_image
 
 
@@ -222,11 +222,12 @@ def test_a_custom_detector_may_return_an_array_or_boxes_past_the_edge(rec):
         crop_faces(np.full((60, 60, 3), 77, np.uint8), [(5000, 5000, 10, 10)])
 
 
-def test_one_detector_gives_the_same_boxes_from_several_threads():
+@pytest.mark.parametrize("detector_class", [HaarDetector, CenterFaceDetector])
+def test_one_detector_gives_the_same_boxes_from_several_threads(detector_class):
     """OpenCV's cascade is not safe to run from two threads at once: shared, it gave other boxes."""
     from concurrent.futures import ThreadPoolExecutor
 
-    detector = HaarDetector()
+    detector = detector_class()
     photos = [read_rgb(p) for p in (ASTRONAUT, CANVAS)] * 4
     alone = [detector.detect(p) for p in photos]
     with ThreadPoolExecutor(4) as pool:
@@ -259,9 +260,10 @@ def test_sideways_photo_with_exif_finds_the_face(rec, tmp_path):
     exif[0x0112] = 8
     path = tmp_path / "sideways.jpg"
     stored.save(path, exif=exif, quality=90)
-    assert rec.predict(np.asarray(stored)) == []  # Haar finds no sideways face ...
-    faces = rec.predict(path)  # ... but the EXIF tag turns it upright
-    assert len(faces) == 1 and iou(faces[0].box, placed_boxes(ASTRONAUT)[0]) > 0.5
+    placed = placed_boxes(ASTRONAUT)[0]
+    assert all(iou(f.box, placed) < 0.1 for f in rec.predict(np.asarray(stored)))  # the stored pixels lie ...
+    faces = rec.predict(path)  # ... but the EXIF tag turns them upright
+    assert len(faces) == 1 and iou(faces[0].box, placed) > 0.5
 
 
 def test_rgba_is_flattened_onto_white():

@@ -5,8 +5,9 @@
 
 :func:`create_app` builds the whole app; :func:`build_demo` the UI alone (the Hugging Face Space entry
 point, see ``app.py`` at the project root). Inference runs in worker threads, at most
-``max_concurrency`` at a time, each on its own :class:`~ferkit.inference.EmotionRecognizer` (a shared one
-would detect faces one image at a time: OpenCV's detector is not thread-safe). Every error is answered as
+``max_concurrency`` at a time, each on its own :class:`~ferkit.inference.EmotionRecognizer` with its share of
+the CPU threads (a shared one would detect faces one image at a time with OpenCV's detectors, which are not
+thread-safe). Every error is answered as
 ``{"error": "..."}``: 413 upload or image too large, 415 not an image, 400 corrupt image, 503 busy, 504 timed out.
 """
 
@@ -459,7 +460,10 @@ def _accuracy_text(acc: float | None) -> str:
 
 
 def _detector_text(detector: str) -> str:
-    """The face detector in the UI's words: OpenCV's frontal Haar cascade, another cascade, or a YuNet file."""
+    """The face detector in the UI's words: the shipped CenterFace, OpenCV's frontal Haar cascade, another
+    cascade, or a YuNet file."""
+    if detector == "centerface":
+        return "the CenterFace detector"
     if detector == "haar":
         return "OpenCV's frontal Haar cascade"
     name = Path(detector).name

@@ -217,8 +217,9 @@ Reference to beat: {REFERENCE}.
 ## Limitations
 - FER-2013 faces are low-resolution web images with label noise (human accuracy is about 65±5%);
   per-class quality differs a lot (see the table): disgust is rare (1.5% of the data).
-- The bundled Haar face detector finds frontal faces; profiles and small faces are missed
-  (pass a YuNet model file with `--detector` for a stronger detector).
+- Faces are found by the bundled CenterFace detector (trained on WIDER FACE), from 48 px by default
+  (`--min-face`); the model was trained on FER-2013's near-frontal faces, so scores for strongly turned,
+  covered or tiny faces are less reliable.
 - Expression is not emotion: the model scores facial expressions as labelled in FER-2013 and must not be
   used to make decisions about people.
 """

@@ -25,7 +25,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 # Recognition defaults: `ferkit predict/serve` flags, AppSettings and EmotionRecognizer's arguments.
 MIN_FACE = 48  # smallest face side in pixels that the detector reports
-DETECTOR = "haar"  # face detector: the bundled Haar cascade
+DETECTOR = "centerface"  # face detector: the CenterFace CNN shipped in weights/
 MARGIN = 0.1  # crop margin around each face box, as a fraction of its side
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 TTA_CHOICES = ("none", "flip")  # test-time augmentation per face
@@ -223,7 +223,7 @@ class AppSettings:
     upload_timeout_s: float = 60.0  # longest time to receive a request's body before 408 (slow clients)
     threads: int | None = None  # onnxruntime threads per recognizer (default: CPU cores / max_concurrency)
     min_face: int = MIN_FACE  # smallest face side in pixels that the detector reports
-    detector: str = DETECTOR  # haar, a YuNet .onnx file or a Haar .xml cascade
+    detector: str = DETECTOR  # centerface, haar, a YuNet .onnx file or a Haar .xml cascade
     margin: float = MARGIN  # crop margin around each face box, as a fraction of its side
     tta: str = TTA  # none, or average each face with its mirror
     ui: bool = True  # mount the Gradio UI at /

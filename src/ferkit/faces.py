@@ -1,11 +1,12 @@
 """Face detection and cropping: image -> face boxes -> 48x48 grayscale crops, fully offline.
 
-The default detector is OpenCV's Haar cascade shipped inside ``opencv-python-headless<5`` (no download);
-``YuNetDetector`` uses OpenCV's ``FaceDetectorYN`` with a model file the user passes. Both downscale
-large images for detection (Haar no further than keeps a ``min_size`` face detectable), return boxes in
-the original image's pixels, and skip faces smaller than ``min_size`` pixels: by default the model's 48 px
-input (the ``fer`` package uses 50), since smaller faces are mostly noise once upscaled and they cost Haar
-most of its time; pass 24 or 32 for crowds.
+The default detector is CenterFace, a small CNN shipped inside the package (``weights/centerface.onnx``, run
+by ONNX Runtime); OpenCV's Haar cascade (inside ``opencv-python-headless<5``) and YuNet (OpenCV's
+``FaceDetectorYN`` with a model file the user passes) are the alternatives. All downscale large images for
+detection (no further than keeps a ``min_size`` face detectable), return boxes in the original image's
+pixels, and skip faces smaller than ``min_size`` pixels: by default the model's 48 px input (the ``fer``
+package uses 50), since smaller faces are mostly noise once upscaled and they cost detection most of its
+time; pass 24 or 32 for crowds.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def _downscale(img: np.ndarray, max_side: int, min_scale: float = 0.0) -> tuple[
 
 def _to_gray(rgb: np.ndarray) -> np.ndarray:
     return rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def _to_rgb(img: np.ndarray) -> np.ndarray:
+    return img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
 
 
 def fit_boxes(boxes: Any, shape: tuple[int, ...], scale: float = 1.0) -> list[Box]:
@@ -108,6 +113,61 @@ class HaarDetector:
         return fit_boxes(boxes, rgb.shape, scale)
 
 
+CENTERFACE = Path(__file__).parent / "weights" / "centerface.onnx"
+
+
+class CenterFaceDetector:
+    """CenterFace (a MobileNetV2 CNN trained on WIDER FACE; MIT licence) on ONNX Runtime, shipped in
+    ``weights/centerface.onnx``; thread-safe.
+
+    The photo is shrunk to ``max_side`` on its long side, but no further than keeps a ``min_size`` face
+    ``reliable`` pixels wide, and padded to multiples of 32. Boxes are the network's: taller than wide, from
+    the hairline to the chin. The defaults are measured (benchmarks/face_detection.py, README)."""
+
+    stride = 4  # output cells per input pixel: the network predicts one face centre heatmap at 1/4 scale
+
+    def __init__(
+        self,
+        model_path: str | Path = CENTERFACE,
+        score_threshold: float = 0.3,
+        nms_threshold: float = 0.3,
+        min_size: int = MIN_FACE,
+        max_side: int = 320,
+        reliable: int = 32,
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        if not Path(model_path).is_file():
+            raise FileNotFoundError(f"{model_path}: CenterFace model file not found")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ValueError(f"{model_path}: not a loadable CenterFace model ({e})") from e
+        self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
+        self.min_size, self.max_side, self.reliable = min_size, max_side, reliable
+
+    def detect(self, rgb: np.ndarray) -> list[Box]:
+        img, scale = _downscale(_to_rgb(rgb), self.max_side, self.reliable / self.min_size)
+        h, w = img.shape[:2]
+        img = cv2.copyMakeBorder(img, 0, -h % 32, 0, -w % 32, cv2.BORDER_CONSTANT)
+        blob = np.ascontiguousarray(img.transpose(2, 0, 1)[None], dtype=np.float32)
+        heat, size, offset, _ = self.session.run(None, {"input.1": blob})
+        ys, xs = np.nonzero(heat[0, 0] > self.score_threshold)
+        if not len(ys):
+            return []
+        bh, bw = np.exp(size[0, :, ys, xs].T) * self.stride
+        cy = (ys + offset[0, 0, ys, xs] + 0.5) * self.stride
+        cx = (xs + offset[0, 1, ys, xs] + 0.5) * self.stride
+        boxes = np.stack([cx - bw / 2, cy - bh / 2, bw, bh], axis=1)
+        keep = cv2.dnn.NMSBoxes(boxes.tolist(), heat[0, 0, ys, xs].tolist(), self.score_threshold, self.nms_threshold)
+        found = fit_boxes(boxes[np.asarray(keep, dtype=int).reshape(-1)], rgb.shape, scale)
+        return [b for b in found if max(b[2], b[3]) >= self.min_size]
+
+
 class YuNetDetector:
     """OpenCV's YuNet CNN face detector (``cv2.FaceDetectorYN``) from a local ``.onnx`` model file."""
 
@@ -129,7 +189,7 @@ class YuNetDetector:
             cv2.utils.logging.setLogLevel(level)
 
     def detect(self, rgb: np.ndarray) -> list[Box]:
-        img, scale = _downscale(rgb if rgb.ndim == 3 else cv2.cvtColor(rgb, cv2.COLOR_GRAY2RGB), self.max_side)
+        img, scale = _downscale(_to_rgb(rgb), self.max_side)
         with self._lock:
             self.net.setInputSize((img.shape[1], img.shape[0]))
             _, faces = self.net.detect(cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
@@ -137,12 +197,17 @@ class YuNetDetector:
         return [b for b in boxes if max(b[2], b[3]) >= self.min_size]
 
 
-def make_detector(spec: str | Path | FaceDetector | None = None, min_size: int = MIN_FACE) -> FaceDetector:
-    """``None``/``"haar"``: the bundled Haar cascade; a ``.onnx`` path: YuNet; an ``.xml`` path: that
-    cascade; an object with ``detect``: used as is. ``min_size``: smallest face side in pixels."""
+def make_detector(
+    spec: str | Path | FaceDetector | None = None, min_size: int = MIN_FACE, threads: int | None = None
+) -> FaceDetector:
+    """``None``/``"centerface"``: the shipped CenterFace; ``"haar"``: OpenCV's bundled Haar cascade; a
+    ``.onnx`` path: YuNet; an ``.xml`` path: that cascade; an object with ``detect``: used as is.
+    ``min_size``: smallest face side in pixels; ``threads``: CenterFace's ONNX Runtime threads."""
     if min_size < 1:
         raise ValueError(f"min_size must be at least 1 pixel, got {min_size!r}")
-    if spec is None or spec == DETECTOR:
+    if spec is None or spec == "centerface":
+        return CenterFaceDetector(min_size=min_size, threads=threads)
+    if spec == "haar":
         return HaarDetector(min_size=min_size)
     if hasattr(spec, "detect"):
         return spec  # type: ignore[return-value]
@@ -151,7 +216,9 @@ def make_detector(spec: str | Path | FaceDetector | None = None, min_size: int =
         return YuNetDetector(path, min_size=min_size)
     if path.suffix == ".xml":
         return HaarDetector(path, min_size=min_size)
-    raise ValueError(f"unknown face detector {spec!r}: use 'haar', a YuNet .onnx file or a cascade .xml file")
+    raise ValueError(
+        f"unknown face detector {spec!r}: use 'centerface', 'haar', a YuNet .onnx file or a cascade .xml file"
+    )
 
 
 def check_margin(margin: float) -> None:

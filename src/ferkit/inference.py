@@ -137,12 +137,14 @@ class EmotionRecognizer:
 
     ``model``: an ``.onnx`` export or a ``.pt`` checkpoint (default: the shipped model), or a list of them
     to average as an ensemble.
-    ``backend``: ``auto`` (by file type), ``onnx`` or ``torch``. ``detector``: ``haar`` (default),
-    a YuNet ``.onnx`` path or any object with ``detect(rgb)``. ``min_face``: smallest face side found, in
+    ``backend``: ``auto`` (by file type), ``onnx`` or ``torch``. ``detector``: ``centerface``
+    (default, the shipped CNN), ``haar`` (OpenCV's cascade), a YuNet ``.onnx`` path, a Haar ``.xml`` path or
+    any object with ``detect(rgb)``. ``min_face``: smallest face side found, in
     pixels (48, the model's input, by default; smaller ones cost detection time). ``margin``: crop margin.
     ``tta``: ``flip`` averages each face and its mirror image (chosen on PublicTest), ``none`` is faster.
-    One instance may be shared between threads, but its face detection then runs one image at a time
-    (OpenCV's detectors are not thread-safe): for parallel work give each thread its own, as the web app does."""
+    One instance may be shared between threads; with OpenCV's detectors (Haar, YuNet), which are not
+    thread-safe, its face detection then runs one image at a time: for parallel work give each thread its own,
+    as the web app does."""
 
     def __init__(
         self,
@@ -174,7 +176,7 @@ class EmotionRecognizer:
         self.classes: tuple[str, ...] = tuple(infos[0].get("classes", CLASSES))
         if any(tuple(i.get("classes", CLASSES)) != self.classes for i in infos):
             raise ValueError("ensemble members disagree on the class names or their order")
-        self.detector = make_detector(detector, min_face)
+        self.detector = make_detector(detector, min_face, threads)
         self.margin, self.max_pixels = margin, max_pixels
         names = [i.get("name", p.stem) for i, p in zip(infos, paths, strict=True)]
         self.model_info = {

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Keep the tree that travels to a device machine under its 64 MiB (README, "Training on a GPU"):
+#   bash scripts/device_tree.sh out    # take reports/, models/ and the face detector out of the index, ignored
+#   bash scripts/device_tree.sh back   # put them back: do this before committing anything
+# Training and evaluation use none of them; the pack of FER-2013 (47-52 MiB) goes in .carry/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+paths=(reports models src/ferkit/weights/centerface.onnx)
+exclude=.git/info/exclude
+case "${1:-}" in
+out)
+    git rm -r -q --cached "${paths[@]}"
+    printf '/%s\n' "${paths[@]}" >>"$exclude"
+    ;;
+back)
+    git reset -q HEAD -- "${paths[@]}"
+    for p in "${paths[@]}"; do
+        grep -vxF "/$p" "$exclude" >"$exclude.new" || true
+        mv "$exclude.new" "$exclude"
+    done
+    ;;
+*)
+    echo "usage: bash scripts/device_tree.sh out | back" >&2
+    exit 2
+    ;;
+esac
+git status --short | head -5
