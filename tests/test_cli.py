@@ -331,7 +331,7 @@ def test_card_keeps_its_own_name_in_errors_and_reads_reports_carefully(trained_r
     assert not (tmp_path / "CARD.md").exists()
 
 
-def test_an_ensemble_does_not_overwrite_its_first_model_reports(trained_run, synthetic_cache, tmp_path, capsys):
+def test_an_ensemble_or_a_sibling_does_not_overwrite_a_models_reports(trained_run, synthetic_cache, tmp_path, capsys):
     import shutil
 
     run = tmp_path / "run"
@@ -343,3 +343,6 @@ def test_an_ensemble_does_not_overwrite_its_first_model_reports(trained_run, syn
     assert cli.main(["evaluate", str(run / "best.pt"), str(run / "last.pt"), *data]) == 0
     assert (run / "eval" / "PrivateTest.json").read_bytes() == single
     assert json.loads((run / "eval_ensemble" / "PrivateTest.json").read_text())["model"].startswith("ensemble(")
+    assert cli.main(["evaluate", str(run / "last.pt"), *data]) == 0  # a sibling file: a folder of its own
+    assert (run / "eval" / "PrivateTest.json").read_bytes() == single
+    assert (run / "eval_last" / "PrivateTest.json").is_file()

@@ -168,8 +168,11 @@ def _evaluate(
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     checkpoints = args.checkpoint + (args.ensemble or [])
-    default = "eval" if len(checkpoints) == 1 else "eval_ensemble"  # an ensemble never overwrites its first model's
-    out = Path(args.out) if args.out else Path(checkpoints[0]).parent / default
+    first = Path(checkpoints[0])
+    # a run's best.pt reports into eval/; other files (exports side by side) each into their own folder; an
+    # ensemble never overwrites its first model's
+    default = "eval_ensemble" if len(checkpoints) > 1 else "eval" if first.name == "best.pt" else f"eval_{first.stem}"
+    out = Path(args.out) if args.out else first.parent / default
     _evaluate(checkpoints, args.data, args.split, out, args.tta, args.device, args.limit, args.cache)
     return 0
 
@@ -478,7 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="test-time augmentation mode(s), each reported separately (default: none)",
     )
     p.add_argument(
-        "--out", help="report folder (default: eval/ beside the checkpoint; eval_ensemble/ beside the first of several)"
+        "--out",
+        help="report folder (default beside the model: eval/ for a best.pt, eval_NAME/ for NAME.onnx or any other "
+        "file, eval_ensemble/ for several)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--limit", type=_count(0), default=0, help="evaluate a fixed random subset of N images (0 = all)")
