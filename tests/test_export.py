@@ -27,6 +27,7 @@ from ferkit.export import (
     read_metadata,
     undo_class_weights,
 )
+from ferkit.fileio import REPORT_KEYS
 from ferkit.inference import EmotionRecognizer
 
 
@@ -173,10 +174,16 @@ def test_cli_export_refuses_to_write_over_its_checkpoint(tmp_path, exported, cap
     assert f"{tmp_path / 'exp.onnx'}: is a folder; give a file name to write" in capsys.readouterr().err
 
 
+def _report(**values) -> dict:
+    """A ``ferkit evaluate`` report of one model on the whole PrivateTest split, ``values`` over placeholders."""
+    report = dict.fromkeys(REPORT_KEYS, {}) | {"model": "m", "checkpoints": ["m.onnx"], "split": "PrivateTest"}
+    return report | {"tta": "none", "n": 3589, "macro_f1": 0.6, "weighted_f1": 0.7, "macro_auc": 0.9} | values
+
+
 @pytest.mark.slow
 def test_cli_export_with_report_check_and_int8(tmp_path, exported, synthetic_cache, capsys):
     report = tmp_path / "eval.json"
-    report.write_text(json.dumps({"accuracy": 0.7, "macro_f1": 0.6, "split": "PrivateTest", "other": 1}))
+    report.write_text(json.dumps(_report(accuracy=0.7, other=1)))
     out = tmp_path / "cli" / "m.onnx"
     argv = ["export", str(exported["pt"]), "-o", str(out), "--report", str(report), "--check", "--int8", "--fp16"]
     argv += ["--data", str(synthetic_cache)]
@@ -199,7 +206,7 @@ def test_cli_export_with_report_check_and_int8(tmp_path, exported, synthetic_cac
 
 def test_cli_export_onnx_with_report_changes_only_the_metadata(tmp_path, exported, capsys):
     report = tmp_path / "PrivateTest_tta-flip.json"
-    report.write_text(json.dumps({"accuracy": 0.72, "macro_f1": 0.7, "tta": "flip", "split": "PrivateTest", "x": 1}))
+    report.write_text(json.dumps(_report(accuracy=0.72, tta="flip", x=1)))
     out = tmp_path / "shipped" / "best_int8.onnx"
     out.parent.mkdir()
     assert main(["export", str(exported["int8"]), "-o", str(out), "--report", str(report)]) == 0
@@ -253,7 +260,7 @@ def test_cli_export_undoes_class_weights_with_the_counts_of_data(tmp_path, expor
     from ferkit.data import load_dataset
 
     report = tmp_path / "PrivateTest_tta-flip.json"
-    report.write_text(json.dumps({"accuracy": 0.73, "macro_f1": 0.72, "tta": "flip", "split": "PrivateTest"}))
+    report.write_text(json.dumps(_report(accuracy=0.73, tta="flip")))
     out = tmp_path / "prior.onnx"
     argv = ["export", str(exported["int8"]), "-o", str(out), "--undo-class-weights", "0.5"]
     assert main([*argv, "--data", str(synthetic_cache), "--report", str(report)]) == 0
@@ -307,9 +314,10 @@ def test_cli_export_int8_needs_readable_data_before_writing(tmp_path, exported, 
 def test_export_report_must_be_one_model_s_whole_privatetest(tmp_path, exported, capsys):
     """--report stamped whatever it was given: an ensemble's accuracy, a PublicTest subset's, a string (which
     then crashed serve), and an older report's macro-F1 stayed beside a newer accuracy."""
-    head = {"accuracy": 0.7, "split": "PrivateTest", "checkpoints": ["m.onnx"], "tta": "flip"}
+    head = _report(accuracy=0.7, tta="flip")
     bad = {
-        "ens.json": ({**head, "checkpoints": ["a.onnx", "b.onnx"]}, "the report of an ensemble, not of one model"),
+        "ens.json": ({**head, "checkpoints": ["a.onnx", "b.onnx"]}, "an ensemble of 2 models, not of one"),
+        "short.json": ({"accuracy": 0.7}, "not a report of `ferkit evaluate` (no model, checkpoints, split"),
         "pub.json": ({**head, "split": "PublicTest"}, "not a report on the whole PrivateTest split"),
         "PrivateTest_limit20.json": (head, "not a report on the whole PrivateTest split"),
         "str.json": ({**head, "accuracy": "high"}, "no accuracy between 0 and 1"),
@@ -321,13 +329,13 @@ def test_export_report_must_be_one_model_s_whole_privatetest(tmp_path, exported,
             == 2
         )
         assert message in capsys.readouterr().err
-    (tmp_path / "ok.json").write_text(json.dumps(head))  # no macro_f1: the source's 0.55 must not stay
+    (tmp_path / "ok.json").write_text(json.dumps(head))  # the source's macro-F1 (0.55) must not stay
     assert (
         main(["export", str(exported["onnx"]), "-o", str(tmp_path / "m.onnx"), "--report", str(tmp_path / "ok.json")])
         == 0
     )
     info = read_metadata(tmp_path / "m.onnx")
-    assert info["accuracy"] == 0.7 and "macro_f1" not in info
+    assert info["accuracy"] == 0.7 and info["macro_f1"] == 0.6
 
 
 def test_undo_refuses_its_own_file_and_another_class_order(tmp_path, exported, synthetic_cache, capsys):

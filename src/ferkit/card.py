@@ -11,7 +11,7 @@ import yaml
 
 from .config import TrainConfig
 from .data import CLASSES
-from .fileio import read_json_object
+from .fileio import read_model_report
 
 REFERENCE = (
     "Keras ResNet50V2 (the seed): 65.2% validation accuracy, weighted F1 0.65, disgust F1 0.51, surprise F1 0.77"
@@ -19,20 +19,12 @@ REFERENCE = (
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-REPORT_KEYS = ("model", "checkpoints", "split", "tta", "n", "accuracy", "macro_f1", "weighted_f1", "macro_auc")
-REPORT_KEYS += ("report", "roc")
-
-
 def _load(paths: list[Path], model_file: str | None = None) -> list[dict[str, Any]]:
     """``ferkit evaluate`` reports of one model (whose file is named ``model_file`` when given), checked: the
     card and the README must not quote a ranking, an ensemble's numbers or another model's as this one's."""
     reports, sizes = [], {}
     for path in paths:
-        r = read_json_object(path)
-        if missing := [k for k in REPORT_KEYS if k not in r]:
-            raise ValueError(f"{path}: not a report of `ferkit evaluate` (no {', '.join(missing)})")
-        if len(r["checkpoints"]) != 1:
-            raise ValueError(f"{path}: the report of an ensemble of {len(r['checkpoints'])} models, not of one")
+        r = read_model_report(path)
         if model_file and Path(r["checkpoints"][0]).name != model_file:
             raise ValueError(f"{path}: the report of {r['checkpoints'][0]}, not of {model_file}")
         if sizes.setdefault(r["split"], r["n"]) != r["n"]:

@@ -231,14 +231,9 @@ def _report_metrics(path: str) -> dict[str, Any]:
     """The metrics an export carries from ``ferkit evaluate``'s report at ``path``: one model's PrivateTest
     accuracy (what the app and the API show as the model's), never an ensemble's or another split's."""
     from .export import METRIC_KEYS
-    from .fileio import read_json_object
+    from .fileio import read_model_report
 
-    report = read_json_object(path)
-    accuracy, checkpoints = report.get("accuracy"), report.get("checkpoints", [None])
-    if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool) or not 0 <= accuracy <= 1:
-        raise ValueError(f"{path}: not a report of `ferkit evaluate` (no accuracy between 0 and 1)")
-    if not isinstance(checkpoints, list) or len(checkpoints) != 1:
-        raise ValueError(f"{path}: the report of an ensemble, not of one model")
+    report = read_model_report(path)
     if report.get("split") != "PrivateTest" or "_limit" in Path(path).stem:
         raise ValueError(f"{path}: not a report on the whole PrivateTest split (the accuracy a model carries)")
     return {k: report[k] for k in METRIC_KEYS if k in report}

@@ -72,6 +72,26 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     return value
 
 
+# what every `ferkit evaluate` report holds (evaluate.evaluate writes them)
+REPORT_KEYS = ("model", "checkpoints", "split", "tta", "n", "accuracy", "macro_f1", "weighted_f1", "macro_auc")
+REPORT_KEYS += ("report", "roc")
+
+
+def read_model_report(path: str | Path) -> dict[str, Any]:
+    """A ``ferkit evaluate`` report of one model, checked: every report key, an accuracy between 0 and 1 and a
+    single checkpoint (not an ensemble's numbers, which must never pass for a model's)."""
+    report = read_json_object(path)
+    if missing := [k for k in REPORT_KEYS if k not in report]:
+        raise ValueError(f"{path}: not a report of `ferkit evaluate` (no {', '.join(missing)})")
+    accuracy, checkpoints = report["accuracy"], report["checkpoints"]
+    if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool) or not 0 <= accuracy <= 1:
+        raise ValueError(f"{path}: not a report of `ferkit evaluate` (no accuracy between 0 and 1)")
+    if not isinstance(checkpoints, list) or len(checkpoints) != 1:
+        n = len(checkpoints) if isinstance(checkpoints, list) else "?"
+        raise ValueError(f"{path}: the report of an ensemble of {n} models, not of one")
+    return report
+
+
 def parse_model_metadata(text: str | None, source: str | Path) -> dict[str, Any]:
     """The ``ferkit`` metadata of an ONNX model (a JSON object; ``{}`` when absent), checked: ``classes``,
     when given, must be a list of names."""
