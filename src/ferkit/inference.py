@@ -142,6 +142,8 @@ class EmotionRecognizer:
     any object with ``detect(rgb)``. ``min_face``: smallest face side found, in
     pixels (48, the model's input, by default; smaller ones cost detection time). ``margin``: crop margin.
     ``tta``: ``flip`` averages each face and its mirror image (chosen on PublicTest), ``none`` is faster.
+    ``threads``: ONNX Runtime's threads, for each ONNX model and for CenterFace (default: all cores); a torch
+    checkpoint runs on torch's own setting (``torch.set_num_threads``).
     One instance may be shared between threads; with OpenCV's detectors (Haar, YuNet), which are not
     thread-safe, its face detection then runs one image at a time: for parallel work give each thread its own,
     as the web app does."""
