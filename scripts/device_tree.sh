@@ -6,11 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 paths=(reports models src/ferkit/weights/centerface.onnx)
-exclude=.git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude) # .git/info/exclude, also in a worktree
+mkdir -p "$(dirname "$exclude")"
 case "${1:-}" in
 out)
+    printf '/%s\n' "${paths[@]}" >>"$exclude" # first: a failed `git rm` leaves them ignored, not deleted
     git rm -r -q --cached "${paths[@]}"
-    printf '/%s\n' "${paths[@]}" >>"$exclude"
     ;;
 back)
     git reset -q HEAD -- "${paths[@]}"

@@ -220,3 +220,33 @@ def test_a_whole_image_crop_of_a_long_thin_image_stays_small(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     shape, left, right = proc.stdout.rsplit(" ", 2)
     assert shape == "(48, 48)" and float(left) < 5 and float(right) > 195  # left half dark, right half light
+
+
+@pytest.mark.parametrize("min_size", [48, 24])
+def test_centerface_finds_a_close_up_face_once(min_size):
+    """A phone photo's close-up: the network splits or misses faces over ~400 px at the scale that keeps small
+    faces findable; a coarser level of the pyramid boxes it once, and parts of it are not faces of their own."""
+    (x, y, w, h) = placed_boxes(ASTRONAUT)[0]
+    crop = read_rgb(ASTRONAUT)[8:225, 130:320]  # the face with a margin, 190x217
+    f = 2000 / 217
+    close_up = cv2.resize(crop, (round(190 * f), 2000), interpolation=cv2.INTER_CUBIC)
+    boxes = make_detector("centerface", min_size=min_size).detect(close_up)
+    assert len(boxes) == 1 and iou(boxes[0], ((x - 130) * f, (y - 8) * f, w * f, h * f)) > 0.5, boxes
+
+
+def test_centerface_takes_what_the_api_may_pass_and_names_what_it_cannot():
+    astronaut = read_rgb(ASTRONAUT)
+    rgba = np.dstack([astronaut, np.full(astronaut.shape[:2], 255, np.uint8)])
+    detector = CenterFaceDetector()
+    assert detector.detect(rgba) == detector.detect(astronaut)
+    assert len(detector.detect(astronaut[..., :1])) == 1  # one channel: grayscale
+    assert CenterFaceDetector(min_size=100).detect(np.zeros((1, 2000, 3), np.uint8)) == []  # shrunk to 0 rows
+    with pytest.raises(ValueError, match="expected an 8-bit image"):
+        detector.detect(astronaut.astype(np.uint16) * 257)
+
+
+def test_centerface_refuses_another_network():
+    from ferkit.inference import DEFAULT_MODEL
+
+    with pytest.raises(ValueError, match=r"not a CenterFace model \(one input 'input.1' and four outputs"):
+        CenterFaceDetector(DEFAULT_MODEL)

@@ -30,10 +30,12 @@ class FaceDetector(Protocol):
 
 
 def _downscale(img: np.ndarray, max_side: int, min_scale: float = 0.0) -> tuple[np.ndarray, float]:
-    """Shrink ``img`` to ``max_side`` on its long side, but by no less than ``min_scale``; never enlarge."""
+    """Shrink ``img`` to ``max_side`` on its long side, but by no less than ``min_scale``; never enlarge; no
+    side below 1 pixel."""
     scale = min(1.0, max(min_scale, max_side / max(img.shape[:2])))
     if scale < 1.0:
-        img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
     return img, scale
 
 
@@ -42,7 +44,12 @@ def _to_gray(rgb: np.ndarray) -> np.ndarray:
 
 
 def _to_rgb(img: np.ndarray) -> np.ndarray:
-    return img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    """An 8-bit RGB image from 8-bit RGB, RGBA (alpha dropped) or grayscale (2-D or one channel)."""
+    if img.dtype != np.uint8:
+        raise ValueError(f"expected an 8-bit image (uint8), got {img.dtype}: load files with ferkit.load_image")
+    if img.ndim == 3 and img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_RGBA2RGB)
+    return img if img.ndim == 3 and img.shape[2] == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
 
 
 def fit_boxes(boxes: Any, shape: tuple[int, ...], scale: float = 1.0) -> list[Box]:
@@ -120,11 +127,19 @@ class CenterFaceDetector:
     """CenterFace (a MobileNetV2 CNN trained on WIDER FACE; MIT licence) on ONNX Runtime, shipped in
     ``weights/centerface.onnx``; thread-safe.
 
-    The photo is shrunk to ``max_side`` on its long side, but no further than keeps a ``min_size`` face
-    ``reliable`` pixels wide, and padded to multiples of 32. Boxes are the network's: taller than wide, from
-    the hairline to the chin. The defaults are measured (benchmarks/face_detection.py, README)."""
+    The network boxes faces from about 16 px to ``largest`` px (larger ones it misjudges or splits in two), so
+    it looks at a photo on a short pyramid. The first level is the photo shrunk towards ``max_side`` on its
+    long side, but no further than keeps a ``min_size`` face ``reliable`` pixels wide, and to ``max_input``
+    pixels at most (the memory of the network grows with it: photos larger than ``max_input / reliable *
+    min_size`` lose their smallest faces). While a level is over 1.5 times ``largest`` (so that a face too
+    large for it could fit in it), the next is shrunk by up to 4 times; each level but the last keeps only the
+    faces it judges right, and NMS merges the levels. Boxes are the network's: taller than wide, from the
+    hairline to the chin. The defaults are measured (benchmarks/face_detection.py, README)."""
 
-    stride = 4  # output cells per input pixel: the network predicts one face centre heatmap at 1/4 scale
+    stride = 4  # input pixels per output cell: the network predicts its face-centre heatmap at 1/4 scale
+    # the largest face box in network pixels that it judges right: on the astronaut's face upscaled, its boxes
+    # follow the face up to about 500 px, then fall behind it, and a face of about 900 px splits in two
+    largest = 384
 
     def __init__(
         self,
@@ -134,6 +149,7 @@ class CenterFaceDetector:
         min_size: int = MIN_FACE,
         max_side: int = 320,
         reliable: int = 32,
+        max_input: int = 2048,
         threads: int | None = None,
     ) -> None:
         import onnxruntime as ort
@@ -141,31 +157,65 @@ class CenterFaceDetector:
         if not Path(model_path).is_file():
             raise FileNotFoundError(f"{model_path}: CenterFace model file not found")
         opts = ort.SessionOptions()
+        opts.enable_cpu_mem_arena = False  # else a large photo's gigabyte stays with the process
         if threads:
             opts.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise ValueError(f"{model_path}: not a loadable CenterFace model ({e})") from e
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if [i.name for i in inputs] != ["input.1"] or len(outputs) != 4:
+            raise ValueError(f"{model_path}: not a CenterFace model (one input 'input.1' and four outputs expected)")
         self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
-        self.min_size, self.max_side, self.reliable = min_size, max_side, reliable
+        self.min_size, self.max_side, self.reliable, self.max_input = min_size, max_side, reliable, max_input
 
-    def detect(self, rgb: np.ndarray) -> list[Box]:
-        img, scale = _downscale(_to_rgb(rgb), self.max_side, self.reliable / self.min_size)
+    def _run(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (x, y, w, h) in ``img``'s pixels and their scores, before NMS."""
         h, w = img.shape[:2]
-        img = cv2.copyMakeBorder(img, 0, -h % 32, 0, -w % 32, cv2.BORDER_CONSTANT)
+        img = cv2.copyMakeBorder(img, 0, -h % 32, 0, -w % 32, cv2.BORDER_CONSTANT)  # sides: multiples of 32
         blob = np.ascontiguousarray(img.transpose(2, 0, 1)[None], dtype=np.float32)
         heat, size, offset, _ = self.session.run(None, {"input.1": blob})
         ys, xs = np.nonzero(heat[0, 0] > self.score_threshold)
-        if not len(ys):
-            return []
-        bh, bw = np.exp(size[0, :, ys, xs].T) * self.stride
+        bh, bw = np.exp(size[0, :, ys, xs].T.reshape(2, -1)) * self.stride
         cy = (ys + offset[0, 0, ys, xs] + 0.5) * self.stride
         cx = (xs + offset[0, 1, ys, xs] + 0.5) * self.stride
-        boxes = np.stack([cx - bw / 2, cy - bh / 2, bw, bh], axis=1)
-        keep = cv2.dnn.NMSBoxes(boxes.tolist(), heat[0, 0, ys, xs].tolist(), self.score_threshold, self.nms_threshold)
-        found = fit_boxes(boxes[np.asarray(keep, dtype=int).reshape(-1)], rgb.shape, scale)
+        return np.stack([cx - bw / 2, cy - bh / 2, bw, bh], axis=1), heat[0, 0, ys, xs]
+
+    def detect(self, rgb: np.ndarray) -> list[Box]:
+        rgb = _to_rgb(rgb)
+        long = max(rgb.shape[:2])
+        scale = min(1.0, max(self.reliable / self.min_size, self.max_side / long), self.max_input / long)
+        boxes, scores = [], []
+        while True:
+            level, scale = _downscale(rgb, round(long * scale))
+            found, score = self._run(level)
+            last = max(level.shape[:2]) <= 1.5 * self.largest
+            if not last:
+                fits = found[:, 2:].max(axis=1) <= self.largest
+                found, score = found[fits], score[fits]
+            boxes.append(found / scale)
+            scores.append(score)
+            if last:
+                break
+            scale *= max(0.25, self.largest / max(level.shape[:2]))
+        boxes, scores = np.concatenate(boxes), np.concatenate(scores)
+        keep = cv2.dnn.NMSBoxes(boxes.tolist(), scores.tolist(), self.score_threshold, self.nms_threshold)
+        boxes = boxes[np.asarray(keep, dtype=int).reshape(-1)]
+        found = fit_boxes(boxes[~_inside_larger(boxes)], rgb.shape)
         return [b for b in found if max(b[2], b[3]) >= self.min_size]
+
+
+def _inside_larger(boxes: np.ndarray, share: float = 0.6) -> np.ndarray:
+    """Which boxes (x, y, w, h) have ``share`` of their area inside a larger box: a face within a face is a
+    part of it (the network fires on parts of a face too large for it), which NMS keeps when the overlap is
+    small against the large box's area."""
+    x0, y0 = boxes[:, 0], boxes[:, 1]
+    x1, y1 = x0 + boxes[:, 2], y0 + boxes[:, 3]
+    area = boxes[:, 2] * boxes[:, 3]
+    iw = np.clip(np.minimum(x1[:, None], x1) - np.maximum(x0[:, None], x0), 0, None)
+    ih = np.clip(np.minimum(y1[:, None], y1) - np.maximum(y0[:, None], y0), 0, None)
+    return ((iw * ih >= share * area[:, None]) & (area[:, None] < area)).any(axis=1)
 
 
 class YuNetDetector:
