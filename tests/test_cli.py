@@ -345,4 +345,4 @@ def test_an_ensemble_or_a_sibling_does_not_overwrite_a_models_reports(trained_ru
     assert json.loads((run / "eval_ensemble" / "PrivateTest.json").read_text())["model"].startswith("ensemble(")
     assert cli.main(["evaluate", str(run / "last.pt"), *data]) == 0  # a sibling file: a folder of its own
     assert (run / "eval" / "PrivateTest.json").read_bytes() == single
-    assert (run / "eval_last" / "PrivateTest.json").is_file()
+    assert (run / "eval_last_pt" / "PrivateTest.json").is_file()

@@ -206,7 +206,7 @@ def test_cli_export_with_report_check_and_int8(tmp_path, exported, synthetic_cac
 
 def test_cli_export_onnx_with_report_changes_only_the_metadata(tmp_path, exported, capsys):
     report = tmp_path / "PrivateTest_tta-flip.json"
-    report.write_text(json.dumps(_report(accuracy=0.72, tta="flip", x=1)))
+    report.write_text(json.dumps(_report(accuracy=0.72, tta="flip", x=1, checkpoints=["runs/x/best_int8.onnx"])))
     out = tmp_path / "shipped" / "best_int8.onnx"
     out.parent.mkdir()
     assert main(["export", str(exported["int8"]), "-o", str(out), "--report", str(report)]) == 0
@@ -260,7 +260,7 @@ def test_cli_export_undoes_class_weights_with_the_counts_of_data(tmp_path, expor
     from ferkit.data import load_dataset
 
     report = tmp_path / "PrivateTest_tta-flip.json"
-    report.write_text(json.dumps(_report(accuracy=0.73, tta="flip")))
+    report.write_text(json.dumps(_report(accuracy=0.73, tta="flip", checkpoints=["prior.onnx"])))
     out = tmp_path / "prior.onnx"
     argv = ["export", str(exported["int8"]), "-o", str(out), "--undo-class-weights", "0.5"]
     assert main([*argv, "--data", str(synthetic_cache), "--report", str(report)]) == 0
@@ -318,6 +318,8 @@ def test_export_report_must_be_one_model_s_whole_privatetest(tmp_path, exported,
     bad = {
         "ens.json": ({**head, "checkpoints": ["a.onnx", "b.onnx"]}, "an ensemble of 2 models, not of one"),
         "short.json": ({"accuracy": 0.7}, "not a report of `ferkit evaluate` (no model, checkpoints, split"),
+        "other.json": ({**head, "checkpoints": ["runs/s/small.onnx"]}, "the report of small.onnx, not of "),
+        "crops.json": ({**head, "tta": "crops"}, "TTA 'crops', not one predict and serve run (none, flip)"),
         "pub.json": ({**head, "split": "PublicTest"}, "not a report on the whole PrivateTest split"),
         "PrivateTest_limit20.json": (head, "not a report on the whole PrivateTest split"),
         "str.json": ({**head, "accuracy": "high"}, "no accuracy between 0 and 1"),

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from helpers_inference import ASTRONAUT, CANVAS, iou, placed_boxes, read_rgb
 
+import ferkit
 from ferkit.faces import CenterFaceDetector, HaarDetector, YuNetDetector, crop_faces, make_detector
 
 DETECTORS = {"centerface": CenterFaceDetector, "haar": HaarDetector}
+GROUP = Path(ferkit.__file__).parent / "assets" / "faces_group.jpg"  # the app's example: four faces
 
 
 @pytest.fixture(scope="module")
@@ -222,14 +224,14 @@ def test_a_whole_image_crop_of_a_long_thin_image_stays_small(tmp_path):
     assert shape == "(48, 48)" and float(left) < 5 and float(right) > 195  # left half dark, right half light
 
 
-@pytest.mark.parametrize("min_size", [48, 24])
-def test_centerface_finds_a_close_up_face_once(min_size):
+@pytest.mark.parametrize(("min_size", "side"), [(48, 4000), (24, 2000)])
+def test_centerface_finds_a_close_up_face_once(min_size, side):
     """A phone photo's close-up: the network splits or misses faces over ~400 px at the scale that keeps small
     faces findable; a coarser level of the pyramid boxes it once, and parts of it are not faces of their own."""
     (x, y, w, h) = placed_boxes(ASTRONAUT)[0]
     crop = read_rgb(ASTRONAUT)[8:225, 130:320]  # the face with a margin, 190x217
-    f = 2000 / 217
-    close_up = cv2.resize(crop, (round(190 * f), 2000), interpolation=cv2.INTER_CUBIC)
+    f = side / 217
+    close_up = cv2.resize(crop, (round(190 * f), side), interpolation=cv2.INTER_CUBIC)
     boxes = make_detector("centerface", min_size=min_size).detect(close_up)
     assert len(boxes) == 1 and iou(boxes[0], ((x - 130) * f, (y - 8) * f, w * f, h * f)) > 0.5, boxes
 
@@ -243,6 +245,20 @@ def test_centerface_takes_what_the_api_may_pass_and_names_what_it_cannot():
     assert CenterFaceDetector(min_size=100).detect(np.zeros((1, 2000, 3), np.uint8)) == []  # shrunk to 0 rows
     with pytest.raises(ValueError, match="expected an 8-bit image"):
         detector.detect(astronaut.astype(np.uint16) * 257)
+    with pytest.raises(ValueError, match=r"grayscale image, got an array of shape \(512, 512, 2\)"):
+        detector.detect(astronaut[..., :2])
+
+
+def test_centerface_keeps_a_face_in_front_of_another():
+    """A face partly in front of a larger one is a face: only parts of a face too large for the pyramid level
+    that saw them are dropped (a first version dropped any box mostly inside a larger one)."""
+    astronaut = read_rgb(ASTRONAUT)[8:225, 130:320]
+    child = read_rgb(GROUP)[150:360, 45:225]  # the happy face on the left of the app's example
+    photo = np.full((800, 800, 3), 128, np.uint8)
+    photo[50:484, 100:480] = cv2.resize(astronaut, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    photo[270:438, 250:394] = cv2.resize(child, None, fx=0.8, fy=0.8, interpolation=cv2.INTER_AREA)
+    boxes = CenterFaceDetector().detect(photo)
+    assert len(boxes) == 2 and any(iou(b, (250, 270, 144, 168)) > 0.5 for b in boxes), boxes
 
 
 def test_centerface_refuses_another_network():

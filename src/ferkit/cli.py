@@ -171,7 +171,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     first = Path(checkpoints[0])
     # a run's best.pt reports into eval/; other files (exports side by side) each into their own folder; an
     # ensemble never overwrites its first model's
-    default = "eval_ensemble" if len(checkpoints) > 1 else "eval" if first.name == "best.pt" else f"eval_{first.stem}"
+    default = "eval_ensemble" if len(checkpoints) > 1 else "eval" if first.name == "best.pt" else f"eval_{first.name}"
+    default = default.replace(".", "_")  # m.pt and m.onnx side by side: eval_m_pt/ and eval_m_onnx/
     out = Path(args.out) if args.out else first.parent / default
     _evaluate(checkpoints, args.data, args.split, out, args.tta, args.device, args.limit, args.cache)
     return 0
@@ -227,15 +228,20 @@ def cmd_slim(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_metrics(path: str) -> dict[str, Any]:
-    """The metrics an export carries from ``ferkit evaluate``'s report at ``path``: one model's PrivateTest
-    accuracy (what the app and the API show as the model's), never an ensemble's or another split's."""
+def _report_metrics(path: str, models: tuple[str, ...]) -> dict[str, Any]:
+    """The metrics an export carries from ``ferkit evaluate``'s report at ``path``: the PrivateTest accuracy
+    (what the app and the API show as the model's) of one of ``models`` (the export's input or output file,
+    by name), with a TTA that predict and serve run; never an ensemble's, another model's or another split's."""
     from .export import METRIC_KEYS
     from .fileio import read_model_report
 
     report = read_model_report(path)
-    if report.get("split") != "PrivateTest" or "_limit" in Path(path).stem:
+    if report["split"] != "PrivateTest" or "_limit" in Path(path).stem:
         raise ValueError(f"{path}: not a report on the whole PrivateTest split (the accuracy a model carries)")
+    if (evaluated := Path(report["checkpoints"][0]).name) not in {Path(m).name for m in models}:
+        raise ValueError(f"{path}: the report of {evaluated}, not of {' or '.join(map(str, models))}")
+    if report["tta"] not in TTA_CHOICES:
+        raise ValueError(f"{path}: TTA {report['tta']!r}, not one predict and serve run ({', '.join(TTA_CHOICES)})")
     return {k: report[k] for k in METRIC_KEYS if k in report}
 
 
@@ -253,7 +259,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if Path(args.out).suffix.lower() != ".onnx":  # `-o runs/x/last.pt` wrote ONNX bytes over a run's checkpoint
         raise ValueError(f"{args.out}: name the output *.onnx")
-    metrics = _report_metrics(args.report) if args.report else {}
+    metrics = _report_metrics(args.report, (args.checkpoint, args.out)) if args.report else {}
     if Path(args.checkpoint).suffix.lower() == ".onnx":
         if args.check or args.int8 or args.fp16 or not (args.report or args.undo_class_weights is not None):
             raise ValueError(
@@ -477,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out",
-        help="report folder (default beside the model: eval/ for a best.pt, eval_NAME/ for NAME.onnx or any other "
-        "file, eval_ensemble/ for several)",
+        help="report folder (default beside the model: eval/ for a best.pt, eval_NAME_onnx/ for NAME.onnx and "
+        "likewise for any other file, eval_ensemble/ for several)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--limit", type=_count(0), default=0, help="evaluate a fixed random subset of N images (0 = all)")

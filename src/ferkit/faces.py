@@ -47,6 +47,8 @@ def _to_rgb(img: np.ndarray) -> np.ndarray:
     """An 8-bit RGB image from 8-bit RGB, RGBA (alpha dropped) or grayscale (2-D or one channel)."""
     if img.dtype != np.uint8:
         raise ValueError(f"expected an 8-bit image (uint8), got {img.dtype}: load files with ferkit.load_image")
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
+        raise ValueError(f"expected an RGB, RGBA or grayscale image, got an array of shape {img.shape}")
     if img.ndim == 3 and img.shape[2] == 4:
         return cv2.cvtColor(img, cv2.COLOR_RGBA2RGB)
     return img if img.ndim == 3 and img.shape[2] == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
@@ -186,7 +188,7 @@ class CenterFaceDetector:
         rgb = _to_rgb(rgb)
         long = max(rgb.shape[:2])
         scale = min(1.0, max(self.reliable / self.min_size, self.max_side / long), self.max_input / long)
-        boxes, scores = [], []
+        boxes, scores, scales = [], [], []
         while True:
             level, scale = _downscale(rgb, round(long * scale))
             found, score = self._run(level)
@@ -196,26 +198,30 @@ class CenterFaceDetector:
                 found, score = found[fits], score[fits]
             boxes.append(found / scale)
             scores.append(score)
+            scales.append(np.full(len(score), scale))
             if last:
                 break
             scale *= max(0.25, self.largest / max(level.shape[:2]))
-        boxes, scores = np.concatenate(boxes), np.concatenate(scores)
+        boxes, scores, scales = np.concatenate(boxes), np.concatenate(scores), np.concatenate(scales)
         keep = cv2.dnn.NMSBoxes(boxes.tolist(), scores.tolist(), self.score_threshold, self.nms_threshold)
-        boxes = boxes[np.asarray(keep, dtype=int).reshape(-1)]
-        found = fit_boxes(boxes[~_inside_larger(boxes)], rgb.shape)
+        keep = np.asarray(keep, dtype=int).reshape(-1)
+        boxes = boxes[keep][~_parts_of_larger_faces(boxes[keep], scales[keep], self.largest)]
+        found = fit_boxes(boxes, rgb.shape)
         return [b for b in found if max(b[2], b[3]) >= self.min_size]
 
 
-def _inside_larger(boxes: np.ndarray, share: float = 0.6) -> np.ndarray:
-    """Which boxes (x, y, w, h) have ``share`` of their area inside a larger box: a face within a face is a
-    part of it (the network fires on parts of a face too large for it), which NMS keeps when the overlap is
-    small against the large box's area."""
+def _parts_of_larger_faces(boxes: np.ndarray, scales: np.ndarray, largest: int, share: float = 0.6) -> np.ndarray:
+    """Which boxes (x, y, w, h; found on pyramid levels of ``scales``) are parts of a larger face: ``share`` of
+    their area inside a box that was too large (over ``largest`` pixels) for the level they were found on,
+    where the network fires on parts of such a face. NMS keeps them, their overlap being small against the
+    large box's area; a face partly in front of another one that the level boxes whole is kept."""
     x0, y0 = boxes[:, 0], boxes[:, 1]
     x1, y1 = x0 + boxes[:, 2], y0 + boxes[:, 3]
     area = boxes[:, 2] * boxes[:, 3]
     iw = np.clip(np.minimum(x1[:, None], x1) - np.maximum(x0[:, None], x0), 0, None)
     ih = np.clip(np.minimum(y1[:, None], y1) - np.maximum(y0[:, None], y0), 0, None)
-    return ((iw * ih >= share * area[:, None]) & (area[:, None] < area)).any(axis=1)
+    too_large = boxes[:, 2:].max(axis=1)[None, :] * scales[:, None] > largest  # [i, j]: j on i's level
+    return ((iw * ih >= share * area[:, None]) & (area[:, None] < area) & too_large).any(axis=1)
 
 
 class YuNetDetector:
