@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from .config import DETECTOR, MARGIN, MIN_FACE  # noqa: F401 - faces.DETECTOR etc. stay importable
+from .runtime import cpu_session
 
 Box = tuple[int, int, int, int]  # x, y, width, height in original-image pixels
 
@@ -154,18 +155,9 @@ class CenterFaceDetector:
         max_input: int = 2048,
         threads: int | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         if not Path(model_path).is_file():
             raise FileNotFoundError(f"{model_path}: CenterFace model file not found")
-        opts = ort.SessionOptions()
-        opts.enable_cpu_mem_arena = False  # else a large photo's gigabyte stays with the process
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise ValueError(f"{model_path}: not a loadable CenterFace model ({e})") from e
+        self.session = cpu_session(model_path, threads, "CenterFace model", arena=False)  # a photo's GB freed
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if [i.name for i in inputs] != ["input.1"] or len(outputs) != 4:
             raise ValueError(f"{model_path}: not a CenterFace model (one input 'input.1' and four outputs expected)")

@@ -26,6 +26,7 @@ from .images import (  # noqa: F401 - re-exported: decoding images is part of th
     NotAnImageError,
     load_image,
 )
+from .runtime import cpu_session
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_s1_e110_int8_prior.onnx"  # the shipped model: replace this file to upgrade
@@ -55,15 +56,7 @@ class OnnxBackend:
     kind = "onnx"
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise ValueError(f"{path}: not a loadable ONNX model ({e})") from e
+        self.session = cpu_session(path, threads, "ONNX model")
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info: dict[str, Any] = parse_model_metadata(meta.get("ferkit"), path)
         self.input = self.session.get_inputs()[0].name

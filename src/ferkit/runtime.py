@@ -1,0 +1,22 @@
+"""ONNX Runtime sessions on the CPU, shared by the emotion models and the CenterFace face detector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def cpu_session(path: str | Path, threads: int | None, what: str, arena: bool = True) -> Any:
+    """An ``onnxruntime.InferenceSession`` of ``path`` on the CPU with ``threads`` intra-op threads (None: all
+    cores); a file ONNX Runtime cannot load is a ValueError naming it as ``what``. ``arena=False`` returns
+    each run's memory to the system (else a large input's gigabytes stay with the process)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = arena
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ValueError(f"{path}: not a loadable {what} ({e})") from e
