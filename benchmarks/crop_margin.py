@@ -85,17 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         print("(--quick: tiny settings, the numbers mean nothing)")
     settings = {"faces": len(pick), "seed": args.seed, "face_px": FACE, "context_px": CONTEXT, "threads": threads}
-    write_report(
-        "crop_margin",
-        {
-            "quick": args.quick,
-            "settings": settings,
-            "model": rec.model_info["name"],
-            "rows": rows,
-            "machine": machine_info(threads),
-        },
-        args.out_dir,
-    )
+    payload = {"quick": args.quick, "settings": settings, "model": rec.model_info["name"], "rows": rows}
+    write_report("crop_margin", {**payload, "machine": machine_info(threads)}, args.out_dir)
     return 0
 
 
