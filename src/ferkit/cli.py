@@ -169,10 +169,12 @@ def _evaluate(
 def cmd_evaluate(args: argparse.Namespace) -> int:
     checkpoints = args.checkpoint + (args.ensemble or [])
     first = Path(checkpoints[0])
-    # a run's best.pt reports into eval/; other files (exports side by side) each into their own folder; an
-    # ensemble never overwrites its first model's
-    default = "eval_ensemble" if len(checkpoints) > 1 else "eval" if first.name == "best.pt" else f"eval_{first.name}"
-    default = default.replace(".", "_")  # m.pt and m.onnx side by side: eval_m_pt/ and eval_m_onnx/
+    # a run's best.pt reports into eval/; any other file into its own folder (m.pt and m.onnx side by side:
+    # eval_m_pt/ and eval_m_onnx/); an ensemble never overwrites its first model's
+    if len(checkpoints) > 1:
+        default = "eval_ensemble"
+    else:
+        default = "eval" if first.name == "best.pt" else "eval_" + first.name.replace(".", "_")
     out = Path(args.out) if args.out else first.parent / default
     _evaluate(checkpoints, args.data, args.split, out, args.tta, args.device, args.limit, args.cache)
     return 0
