@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -10,7 +11,8 @@ import pytest
 from helpers_inference import ASTRONAUT, CANVAS, iou, placed_boxes, read_rgb
 
 import ferkit
-from ferkit.faces import CenterFaceDetector, HaarDetector, YuNetDetector, crop_faces, make_detector
+from ferkit.faces import CENTERFACE, CenterFaceDetector, HaarDetector, YuNetDetector, crop_faces, make_detector
+from ferkit.inference import DEFAULT_MODEL
 
 DETECTORS = {"centerface": CenterFaceDetector, "haar": HaarDetector}
 GROUP = Path(ferkit.__file__).parent / "assets" / "faces_group.jpg"  # the app's example: four faces
@@ -266,3 +268,16 @@ def test_centerface_refuses_another_network():
 
     with pytest.raises(ValueError, match=r"not a CenterFace model \(one input 'input.1' and four outputs"):
         CenterFaceDetector(DEFAULT_MODEL)
+
+
+def test_an_onnx_detector_file_is_told_by_its_network(tmp_path):
+    """A CenterFace file under another name is CenterFace; an ONNX network that is neither CenterFace nor
+    YuNet (here the emotion model) is refused by name."""
+    copy = tmp_path / "my_centerface.onnx"
+    shutil.copy(CENTERFACE, copy)
+    detector = make_detector(copy, min_size=32, threads=1)
+    assert isinstance(detector, CenterFaceDetector) and detector.min_size == 32
+    with pytest.raises(ValueError, match=r"emotion\.onnx: neither a CenterFace nor a YuNet face detector model"):
+        make_detector(shutil.copy(DEFAULT_MODEL, tmp_path / "emotion.onnx"))
+    with pytest.raises(FileNotFoundError, match=r"gone\.onnx: face detector model file not found"):
+        make_detector(tmp_path / "gone.onnx")

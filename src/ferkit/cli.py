@@ -71,7 +71,9 @@ def _add_cache_option(p: argparse.ArgumentParser) -> None:
 def _add_image_options(p: argparse.ArgumentParser) -> None:
     """The face, crop and image-size options that ``predict`` and ``serve`` share."""
     p.add_argument(
-        "--detector", default=DETECTOR, help="centerface (shipped), haar, a YuNet .onnx file or a Haar .xml cascade"
+        "--detector",
+        default=DETECTOR,
+        help="centerface (shipped), haar, a CenterFace or YuNet .onnx file or a Haar .xml cascade",
     )
     p.add_argument("--margin", type=float, default=MARGIN, help="crop margin around each face box")
     p.add_argument("--tta", default=TTA, choices=TTA_CHOICES, help="average each face with its mirror")

@@ -249,7 +249,8 @@ def make_detector(
     spec: str | Path | FaceDetector | None = None, min_size: int = MIN_FACE, threads: int | None = None
 ) -> FaceDetector:
     """``None``/``"centerface"``: the shipped CenterFace; ``"haar"``: OpenCV's bundled Haar cascade; a
-    ``.onnx`` path: YuNet; an ``.xml`` path: that cascade; an object with ``detect``: used as is.
+    ``.onnx`` path: a CenterFace or YuNet network (told by its inputs and outputs); an ``.xml`` path: that
+    cascade; an object with ``detect``: used as is.
     ``min_size``: smallest face side in pixels; ``threads``: CenterFace's ONNX Runtime threads."""
     if min_size < 1:
         raise ValueError(f"min_size must be at least 1 pixel, got {min_size!r}")
@@ -261,11 +262,21 @@ def make_detector(
         return spec  # type: ignore[return-value]
     path = Path(str(spec))
     if path.suffix == ".onnx":
-        return YuNetDetector(path, min_size=min_size)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: face detector model file not found")
+        try:
+            return CenterFaceDetector(path, min_size=min_size, threads=threads)
+        except ValueError:  # not CenterFace's one input and four outputs: YuNet's?
+            pass
+        try:
+            return YuNetDetector(path, min_size=min_size)
+        except ValueError as e:
+            raise ValueError(f"{path}: neither a CenterFace nor a YuNet face detector model") from e
     if path.suffix == ".xml":
         return HaarDetector(path, min_size=min_size)
     raise ValueError(
-        f"unknown face detector {spec!r}: use 'centerface', 'haar', a YuNet .onnx file or a cascade .xml file"
+        f"unknown face detector {spec!r}: use 'centerface', 'haar', a CenterFace or YuNet .onnx file "
+        "or a cascade .xml file"
     )
 
 
