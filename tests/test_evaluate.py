@@ -247,11 +247,12 @@ def test_one_macro_f1_and_valid_json_when_classes_are_missing(trained_run, synth
     evaluate_checkpoints([best], synthetic_cache, "PublicTest", device="cpu", limit=1, out=tmp_path)
     assert not (tmp_path / "PublicTest.json").exists()  # a subset's report is named for it, not for the split
     text = (tmp_path / "PublicTest_limit1.json").read_text()  # one image: no class has a ROC curve
-    assert "NaN" not in text and json.loads(text)["macro_auc"] is None
+    assert "NaN" not in text and json.loads(text)["macro_auc"] is None and json.loads(text)["limit"] == 1
     assert "macro-AUC -" in format_summary(json.loads(text))
     # a --limit of more than the split's 28 images evaluates the whole split, and says so by its name
     evaluate_checkpoints([best], synthetic_cache, "PublicTest", device="cpu", limit=500, out=tmp_path)
     assert json.loads((tmp_path / "PublicTest.json").read_text())["n"] == 28
+    assert json.loads((tmp_path / "PublicTest.json").read_text())["limit"] == 0
     assert not (tmp_path / "PublicTest_limit500.json").exists()
 
 

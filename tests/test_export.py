@@ -322,6 +322,7 @@ def test_export_report_must_be_one_model_s_whole_privatetest(tmp_path, exported,
         "crops.json": ({**head, "tta": "crops"}, "TTA 'crops', not one predict and serve run (none, flip)"),
         "pub.json": ({**head, "split": "PublicTest"}, "not a report on the whole PrivateTest split"),
         "PrivateTest_limit20.json": (head, "not a report on the whole PrivateTest split"),
+        "renamed.json": ({**head, "limit": 20}, "not a report on the whole PrivateTest split"),  # a subset's, renamed
         "str.json": ({**head, "accuracy": "high"}, "no accuracy between 0 and 1"),
     }
     for name, (report, message) in bad.items():

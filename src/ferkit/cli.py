@@ -240,7 +240,7 @@ def _report_metrics(path: str, models: tuple[str, ...]) -> dict[str, Any]:
     from .fileio import read_model_report
 
     report = read_model_report(path)
-    if report["split"] != "PrivateTest" or "_limit" in Path(path).stem:
+    if report["split"] != "PrivateTest" or report.get("limit") or "_limit" in Path(path).stem:
         raise ValueError(f"{path}: not a report on the whole PrivateTest split (the accuracy a model carries)")
     if (evaluated := Path(report["checkpoints"][0]).name) not in {Path(m).name for m in models}:
         raise ValueError(f"{path}: the report of {evaluated}, not of {' or '.join(map(str, models))}")

@@ -406,6 +406,7 @@ def evaluate_tta(
     for mode in modes:
         metrics = compute_metrics(labels, _mean_probs([p for _, p in per_model], mode))
         meta = {"model": model_name, "checkpoints": [str(c) for c in checkpoints], "split": split, "tta": mode}
+        meta["limit"] = limit if subset else 0  # the report of a subset says so, whatever its file is named
         if out is not None:
             # a subset's report never takes the place of the whole split's
             name = split + (f"_limit{limit}" if subset else "") + ("" if mode == "none" else f"_tta-{mode}")
