@@ -502,7 +502,7 @@ def test_the_ui_names_the_detector_it_runs():
     assert _detector_text("centerface") == "the CenterFace detector"
     assert (
         _detector_text("/models/face_detection_yunet_2023mar.onnx")
-        == "the YuNet detector face_detection_yunet_2023mar.onnx"
+        == "the ONNX face detector face_detection_yunet_2023mar.onnx"
     )
 
 
@@ -514,3 +514,32 @@ def test_the_serve_banner_names_the_ui_only_when_it_is_served():
         text = banner(create_app(ui=ui, max_concurrency=1, threads=1), "0.0.0.0", 7861)
         assert "API http://127.0.0.1:7861/api/v1/predict" in text
         assert ("UI http://127.0.0.1:7861/ " in text) == ui
+
+
+def test_the_ui_reads_only_files_uploaded_to_it(tmp_path):
+    """A client names the path of its image in Gradio's API: the photo input read any file on the server
+    (and sent it back annotated), as a mounted Gradio app skipped Gradio's check that the file was uploaded."""
+    import gradio as gr
+    from fastapi.testclient import TestClient
+    from gradio.data_classes import FileData
+
+    from ferkit.app import _photo_input_class
+
+    private = tmp_path / "private.jpg"  # outside Gradio's upload folder
+    private.write_bytes((ASSETS_DIR / "faces_group.jpg").read_bytes())
+
+    def call(c, api: str, data: list) -> str:
+        event = c.post(f"/gradio_api/call/{api}", json={"data": data}).json()["event_id"]
+        return c.get(f"/gradio_api/call/{api}/{event}").text
+
+    with TestClient(create_app(max_concurrency=1, threads=1)) as c:
+        for api, data in {"predict": [False], "predict_frame": []}.items():
+            answer = call(c, api, [{"path": str(private), "meta": {"_type": "gradio.FileData"}}, *data])
+            assert answer.startswith("event: error") and "not uploaded" in answer and "faces" not in answer
+        with private.open("rb") as f:
+            (uploaded,) = c.post("/gradio_api/upload", files={"files": ("p.jpg", f, "image/jpeg")}).json()
+        summary = json.loads(call(c, "predict", [{"path": uploaded}, False]).split("data: ", 1)[1])[1]
+        assert summary.startswith("**4 faces** in this 640×480 image")
+    with pytest.raises(gr.Error, match="not uploaded to this server"):  # also where Gradio's check is off
+        _photo_input_class()().preprocess(FileData(path=str(private)))
+    assert not [p for p in Path(gr.utils.get_upload_folder()).rglob("private.jpg")]

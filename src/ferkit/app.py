@@ -428,6 +428,9 @@ def create_app(
             max_file_size=settings.max_upload_bytes,
             footer_links=["api"],
         )
+        # Gradio refuses a client's file path that it did not receive as an upload only once the demo has
+        # "launched", which a mounted demo never does: without this, a request naming /etc/passwd had it copied
+        demo.has_launched = True
     return app
 
 
@@ -461,13 +464,13 @@ def _accuracy_text(acc: float | None) -> str:
 
 def _detector_text(detector: str) -> str:
     """The face detector in the UI's words: the shipped CenterFace, OpenCV's frontal Haar cascade, another
-    cascade, or a YuNet file."""
+    cascade, or an ONNX file (CenterFace or YuNet)."""
     if detector == "centerface":
         return "the CenterFace detector"
     if detector == "haar":
         return "OpenCV's frontal Haar cascade"
     name = Path(detector).name
-    return f"the YuNet detector {name}" if Path(detector).suffix == ".onnx" else f"the Haar cascade {name}"
+    return f"the ONNX face detector {name}" if Path(detector).suffix == ".onnx" else f"the Haar cascade {name}"
 
 
 def _summary(a: Analysis, fallback_used: bool) -> str:
@@ -496,10 +499,13 @@ def _photo_input_class() -> type:
     stub writer switched off, or it would write a .pyi file beside this module."""
     import gradio as gr
     import gradio.component_meta
+    from gradio.utils import get_upload_folder, is_in_or_equal
 
     def preprocess(self: Any, payload: Any) -> str | None:
         if payload is None or (payload.url or "").startswith("data:"):  # a webcam or clipboard image
             return gr.Image.preprocess(self, payload)
+        if not is_in_or_equal(payload.path, get_upload_folder()):  # a client names the path: any file on disk
+            raise gr.Error("that file was not uploaded to this server")
         return payload.path
 
     meta = gradio.component_meta
