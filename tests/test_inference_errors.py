@@ -192,3 +192,43 @@ def test_missing_cascade_is_not_found(tmp_path):
         HaarDetector(missing)
     with pytest.raises(FileNotFoundError, match=r"missing\.xml"):
         make_detector(missing)
+
+
+def test_damaged_unusual_and_non_files_are_image_errors(tmp_path, monkeypatch):
+    """A damaged file made Pillow raise IndexError, RuntimeError or NotImplementedError, which became a 500
+    from the API and stopped a `predict` batch; an EPS was handed to Ghostscript; image data passed as a str
+    raised OSError; a pipe was "no such file"."""
+    import io
+    import os
+
+    from PIL import Image
+
+    import ferkit.images
+    from ferkit.images import NotAnImageError
+
+    def png(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        return buf.getvalue()
+
+    def fail(*args, **kwargs):
+        raise IndexError("list index out of range")
+
+    with monkeypatch.context() as m:
+        m.setattr(ferkit.images, "_pil_to_rgb", fail)  # as a damaged file's decoder does
+        with pytest.raises(ImageError, match=r"image: corrupt or truncated image \(list index out of range\)"):
+            load_image(png(np.zeros((4, 4), np.uint8)))
+    for fmt in ("EPS", "PPM", "ICO"):  # formats Pillow reads, not ferkit
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buf, fmt)
+        with pytest.raises(NotAnImageError, match="not an image file"):
+            load_image(buf.getvalue())
+    with pytest.raises(ImageError, match=r"^AAAA.*\.\.\. \(5,000 characters\): not a file path"):
+        load_image("A" * 5000)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ImageError, match=r"pipe: not a regular file"):
+        load_image(tmp_path / "pipe")
+    buf = io.BytesIO()  # a 32-bit TIFF's 16-bit values: 500 / 257 is about 2, not the brightest pixel's 255
+    Image.fromarray(np.full((4, 4), 500, np.int32)).save(buf, "TIFF")
+    assert load_image(buf.getvalue())[0, 0].tolist() == [2, 2, 2]
+    assert load_image(Image.fromarray(np.full((4, 4), 200, np.int32)))[0, 0].tolist() == [200, 200, 200]

@@ -168,6 +168,22 @@ def test_annotate_writes_images(capsys, good, tmp_path):
     assert not green[440:, :200].any()  # far from every face
 
 
+def test_annotated_outputs_inside_the_input_folder_are_not_inputs(capsys, good, tmp_path):
+    """With --annotate inside the folder read, each run took the last run's outputs as inputs."""
+    root = shutil.copytree(good, tmp_path / "photos")
+    for _ in range(2):
+        code, out, _ = run(capsys, root, "--annotate", root / "annotated", "--format", "jsonl")
+        assert code == 0 and len(jsonl(out)) == 3  # one record a photo, none an annotated output
+    assert sorted(p.name for p in (root / "annotated").iterdir()) == [
+        "astronaut_annotated.png",
+        "canvas_annotated.png",
+        "noise_annotated.png",
+    ]
+    assert expand_paths([root / "annotated" / "canvas_annotated.png"], skip=root / "annotated") == [
+        root / "annotated" / "canvas_annotated.png"  # a file named is read
+    ]
+
+
 def test_annotate_into_a_file_fails_before_any_work(capsys, good, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")

@@ -14,7 +14,10 @@ import numpy as np
 from .config import MAX_PIXELS
 
 MAX_8BIT_OVERSHOOT = 1023  # a float/int array's pixels up to this are 0-255 values (overshoot clipped); above: 16-bit
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # files read as images
+# the formats read (Pillow's names, MPO: a phone's JPEG): not Pillow's rarer ones, which run less used decoders
+# or hand the file to another program (EPS to Ghostscript); AVIF where this Pillow has it
+FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF", "AVIF")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif")  # files read as images
 
 ImageInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | Any  # Any: a PIL image
 ACCEPTED = "a path, bytes, a binary file object, a numpy array or a PIL image"
@@ -51,10 +54,10 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if isinstance(src, io.TextIOBase):
         raise ImageError("a file opened in text mode: open it in binary mode ('rb')")
     name = str(src) if isinstance(src, (str, os.PathLike)) else "image"
-    if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
-        raise ImageError(f"{name}: is a folder, not an image file")
-    if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
-        raise ImageError(f"{name}: no such file")
+    if len(name) > 200:  # say, image data passed as a str
+        name = name[:60] + f"... ({len(name):,} characters)"
+    if isinstance(src, (str, os.PathLike)):
+        _check_file(Path(src), name)
     try:
         if isinstance(src, Image.Image):
             im = src
@@ -63,27 +66,45 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             except (AssertionError, AttributeError) as e:  # PIL's own check of a closed file: a bare assert
                 raise ImageError("a PIL image whose file is closed: load() it before closing the file") from e
         else:
-            im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+            Image.init()
+            formats = [f for f in FORMATS if f in Image.OPEN]
+            im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src, formats=formats)
         w, h = im.size
         if w * h > max_pixels:
             raise ImageTooLargeError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
-        im = ImageOps.exif_transpose(im)
-        return _pil_to_rgb(im)
+        return _pil_to_rgb(ImageOps.exif_transpose(im), from_file=im.format is not None)  # a copy has no format
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise NotAnImageError(f"{name}: not an image file (unknown or unsupported format)") from None
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{name}: refused as a possible decompression bomb ({e})") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # a damaged file makes Pillow's decoders raise most anything (IndexError, RuntimeError...)
+        raise ImageError(f"{name}: corrupt or truncated image ({e or type(e).__name__})") from None
 
 
-def _pil_to_rgb(im: Any) -> np.ndarray:
+def _check_file(path: Path, name: str) -> None:
+    """Refuse a path that is not a readable regular file, saying what it is instead."""
+    try:
+        if path.is_dir():
+            raise ImageError(f"{name}: is a folder, not an image file")
+        if not path.is_file():
+            raise ImageError(f"{name}: " + ("not a regular file" if path.exists() else "no such file"))
+    except OSError as e:  # a name too long for a path, say (image data passed as a str)
+        raise ImageError(f"{name}: not a file path ({e.strerror})") from None
+
+
+def _pil_to_rgb(im: Any, from_file: bool = False) -> np.ndarray:
+    """RGB uint8 of a PIL image; ``from_file``: its 32-bit integer pixels (mode I) up to 65535 are 16-bit."""
     from PIL import Image
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # I;16*: uint16 arrays, scaled by the 16-bit range
-        return _array_to_rgb(np.asarray(im))
+        a = np.asarray(im)
+        if im.mode == "I" and from_file and a.min(initial=0) >= 0 and a.max(initial=0) <= 65535:
+            a = a.astype(np.uint16)
+        return _array_to_rgb(a)
     if im.mode == "P":
         im = im.convert("RGBA")
     if im.mode in ("La", "RGBa"):  # premultiplied alpha

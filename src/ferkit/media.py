@@ -44,15 +44,21 @@ class Record:
         return d
 
 
-def expand_paths(paths: list[str | Path]) -> list[Path]:
-    """Files as given (so a bad one gets reported), and folders searched recursively for images and videos;
-    a folder with none stays in the list, to be reported too."""
+def expand_paths(paths: list[str | Path], skip: str | Path | None = None) -> list[Path]:
+    """Files as given (so a bad one gets reported), and folders searched recursively for images and videos,
+    but not in the folder ``skip`` (annotated outputs, which a next run would take as inputs); a folder with
+    none stays in the list, to be reported too."""
     out: list[Path] = []
+    skip = Path(skip).resolve() if skip is not None else None
     for p in map(Path, paths):
         found = []
         if p.is_dir():
             exts = {*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS}
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts)
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in exts and not (skip and f.resolve().is_relative_to(skip))
+            )
         out += found or [p]
     return out
 
@@ -156,7 +162,8 @@ def predict_paths(
 ) -> Iterator[Record]:
     """Run ``recognizer`` over images, folders and videos, one :class:`Record` per image or sampled frame.
     ``annotate_dir`` is checked (and created) now, before the first record is asked for."""
-    return _predict_files(recognizer, expand_paths(paths), every, _annotate_dir(annotate_dir), fallback, progress)
+    files = expand_paths(paths, skip=annotate_dir)
+    return _predict_files(recognizer, files, every, _annotate_dir(annotate_dir), fallback, progress)
 
 
 def _predict_files(
