@@ -22,20 +22,18 @@ def reports(trained_run, synthetic_cache, tmp_path_factory):
     return [out / "PrivateTest_tta-flip.json", out / "PrivateTest.json"]
 
 
-def test_model_card_quotes_the_run_and_its_numbers(trained_run, reports, tmp_path):
+def test_model_card_quotes_the_run_and_its_numbers(trained_run, reports, tmp_path, monkeypatch):
+    import ferkit.inference
     from ferkit.export import export_onnx
-    from ferkit.inference import DEFAULT_MODEL
 
     onnx = export_onnx(trained_run / "best.pt", tmp_path / "my_model.onnx")
     card = render_model_card(trained_run, onnx, reports, "ferkit train --x", "a test machine")
     head = json.loads(reports[0].read_text())
     assert card.startswith("# Model card: my_model\n")  # "(shipped default)" only for a file shipped in weights/
-    of_shipped = []
-    for i, path in enumerate(reports):  # the same numbers, as if of the shipped file
-        of_shipped.append(tmp_path / f"shipped{i}.json")
-        of_shipped[-1].write_text(json.dumps({**json.loads(path.read_text()), "checkpoints": [str(DEFAULT_MODEL)]}))
-    shipped = render_model_card(trained_run, DEFAULT_MODEL, of_shipped, "ferkit train --x", "a test machine")
-    assert shipped.startswith(f"# Model card: {DEFAULT_MODEL.stem} (shipped default)\n")
+    monkeypatch.setattr(ferkit.inference, "WEIGHTS_DIR", tmp_path / "weights")  # the same file, as if shipped
+    shipped = export_onnx(trained_run / "best.pt", tmp_path / "weights" / "my_model.onnx")
+    card_shipped = render_model_card(trained_run, shipped, reports, "ferkit train --x", "a test machine")
+    assert card_shipped.startswith("# Model card: my_model (shipped default)\n")
     assert "`ferkit train --x`" in card and "Hardware: a test machine" in card and "MiB, ONNX, float32," in card
     reproduce = f"ferkit evaluate {onnx.as_posix()} --data data/fer2013.npz --split PrivateTest --tta flip none"
     assert f"`{reproduce} --out reports/my_model`" in card  # the folder the card's numbers come from
@@ -56,7 +54,8 @@ def test_model_card_names_the_initial_weights_and_the_teachers(trained_run, synt
     run = tmp_path / "finetune"
     train(tiny_config(synthetic_cache, run, epochs=1, init_weights=teacher, teacher=[teacher], distill_cache=True))
     onnx = export_onnx(run / "best.pt", tmp_path / "my_model.onnx")
-    card = render_model_card(run, onnx, reports, "ferkit train --y", "a test machine")
+    evaluate_tta([onnx], synthetic_cache, "PrivateTest", tmp_path, ("none",), device="cpu")
+    card = render_model_card(run, onnx, [tmp_path / "PrivateTest.json"], "ferkit train --y", "a test machine")
     assert f"| init_weights | `{teacher}` |" in card and f"| teacher | `['{teacher}']` |" in card
     assert "| distill_cache | `True` |" in card
     assert f"Started from the weights in `{teacher}`, whose own training is not counted here." in card
@@ -65,26 +64,30 @@ def test_model_card_names_the_initial_weights_and_the_teachers(trained_run, synt
 def test_readme_results_replace_only_the_results_block(reports, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{RESULTS_START}\nold table\n{RESULTS_END}\noutro\n")
-    text = readme_with_results(readme, reports, "my_model.onnx")
+    text = readme_with_results(readme, reports, reports[0].parent / "my_model.onnx")
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
     assert text.count("| my_model | PrivateTest |") == 2
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="results"):
-        readme_with_results(readme, reports, "my_model.onnx")
+        readme_with_results(readme, reports, reports[0].parent / "my_model.onnx")
 
 
 def test_the_card_quotes_only_reports_of_its_model(trained_run, synthetic_cache, reports, tmp_path, capsys):
     """A ranking gave a KeyError traceback; an ensemble's, another model's, a 21-image subset's and a
-    PublicTest headline's numbers went into the card as this model's."""
+    PublicTest headline's numbers went into the card as this model's; another model's report was taken for
+    this one's when its file had the same name (every run's best.pt has)."""
     from ferkit.cli import main
 
     onnx = reports[0].parent / "my_model.onnx"
     head = json.loads(reports[0].read_text())
+    other = {"checkpoints": ["runs/x/my_model.onnx"], "digests": ["0" * 16]}
     bad = {
         "ranking.json": ({"split": "PublicTest", "ranking": []}, "not a report of `ferkit evaluate` (no model,"),
         "ensemble.json": ({**head, "checkpoints": ["a.onnx", "b.onnx"]}, "an ensemble of 2 models, not of one"),
-        "other.json": ({**head, "checkpoints": ["runs/x/other.onnx"]}, "the report of runs/x/other.onnx, not of"),
+        "other.json": ({**head, **other}, f"the report of runs/x/my_model.onnx, not of {onnx}"),
         "subset.json": ({**head, "n": 21}, "21 PrivateTest images, another report has 28"),
+        "limit.json": ({**head, "limit": 5, "n": 5}, "the report of a 5-image subset of PrivateTest, not of the whole"),
+        "old.json": ({k: v for k, v in head.items() if k != "digests"}, "(an older report, which names no model dig"),
         "public.json": ({**head, "split": "PublicTest"}, "the card's headline (the first report) must be on Priv"),
     }
     for name, (report, message) in bad.items():
@@ -143,17 +146,37 @@ def test_model_card_of_a_run_whose_checkpoints_are_gone_reads_its_config_yaml(tr
         render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine")
 
 
-def test_model_card_says_when_the_class_weights_were_undone(trained_run, reports, tmp_path):
+def test_model_card_says_when_the_class_weights_were_undone(trained_run, synthetic_cache, reports, tmp_path):
+    """... and refuses a power other than the run's: the card said the copy divided out the weights of a loss
+    trained with its power, beside a table of the run's options that showed another."""
     from ferkit.export import export_onnx, undo_class_weights
 
     onnx = export_onnx(trained_run / "best.pt", tmp_path / "plain" / "my_model.onnx")
     assert "undo-class-weights" not in render_model_card(trained_run, onnx, reports, "x", "y")
-    undone = undo_class_weights(onnx, tmp_path / "prior" / "my_model.onnx", [4, 1, 4, 7, 5, 3, 5], 0.5)
-    card = render_model_card(trained_run, undone, reports, "x", "y")
-    assert "the Training class counts to the power 0.5 (`ferkit export --undo-class-weights 0.5`)" in card
+    for power in (0.5, 0.75):  # the run's class_weight_power, another
+        undone = undo_class_weights(onnx, tmp_path / str(power) / "my_model.onnx", [4, 1, 4, 7, 5, 3, 5], power)
+        evaluate_tta([undone], synthetic_cache, "PrivateTest", tmp_path / str(power), ("none",), device="cpu")
+        report = [tmp_path / str(power) / "PrivateTest.json"]
+        if power == 0.5:
+            card = render_model_card(trained_run, undone, report, "x", "y")
+            assert "the Training class counts to the power 0.5 (`ferkit export --undo-class-weights 0.5`)" in card
+        else:
+            with pytest.raises(ValueError, match="undone with power 0.75, but the run was weighted with power 0.5"):
+                render_model_card(trained_run, undone, report, "x", "y")
 
 
 def test_results_table_of_a_report_without_roc_curves(reports):
     report = json.loads(reports[0].read_text())
     table = results_table([{**report, "macro_auc": None}], label="m")  # evaluate writes null: no class had a curve
     assert "| m | " in table and "| – |" in table
+
+
+def test_the_card_refuses_an_onnx_file_of_another_model(trained_run, synthetic_cache, reports, tmp_path):
+    """The card described the run's ferkit_small for any ONNX file given (the shipped VGG, say)."""
+    from ferkit.inference import DEFAULT_MODEL
+
+    vgg = tmp_path / "vgg.onnx"
+    vgg.write_bytes(DEFAULT_MODEL.read_bytes())
+    evaluate_tta([vgg], synthetic_cache, "PrivateTest", tmp_path / "vgg", ("none",), device="cpu")
+    with pytest.raises(ValueError, match=r"vgg\.onnx: a model ferkit_vgg .*, not the run's ferkit_small"):
+        render_model_card(trained_run, vgg, [tmp_path / "vgg" / "PrivateTest.json"], "x", "y")

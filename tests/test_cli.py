@@ -342,7 +342,15 @@ def test_an_ensemble_or_a_sibling_does_not_overwrite_a_models_reports(trained_ru
     single = (run / "eval" / "PrivateTest.json").read_bytes()
     assert cli.main(["evaluate", str(run / "best.pt"), str(run / "last.pt"), *data]) == 0
     assert (run / "eval" / "PrivateTest.json").read_bytes() == single
-    assert json.loads((run / "eval_ensemble" / "PrivateTest.json").read_text())["model"].startswith("ensemble(")
+    (ensemble,) = run.glob("eval_ensemble_*")
+    assert json.loads((ensemble / "PrivateTest.json").read_text())["model"].startswith("ensemble(")
+    # another ensemble with the same first model had the same folder (and replaced the first's report); the
+    # same members in another order are the same ensemble
+    slim = run / "slim.pt"
+    assert cli.main(["slim", str(run / "best.pt"), "-o", str(slim)]) == 0
+    assert cli.main(["evaluate", str(run / "best.pt"), str(slim), *data]) == 0
+    assert cli.main(["evaluate", str(run / "last.pt"), str(run / "best.pt"), *data]) == 0
+    assert len(list(run.glob("eval_ensemble_*"))) == 2
     assert cli.main(["evaluate", str(run / "last.pt"), *data]) == 0  # a sibling file: a folder of its own
     assert (run / "eval" / "PrivateTest.json").read_bytes() == single
     assert (run / "eval_last_pt" / "PrivateTest.json").is_file()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from ferkit.checkpoint import slim_checkpoint
 from ferkit.data import CLASSES
 from ferkit.evaluate import (
     compute_metrics,
@@ -181,15 +182,19 @@ def test_evaluate_checkpoint_and_ensemble(trained_run, synthetic_cache, tmp_path
     assert (tmp_path / "training_curves.png").is_file()
     assert (tmp_path / "PrivateTest_tta-flip_confusion.png").is_file()
 
-    # an ensemble of a checkpoint with a copy of itself gives the same predictions; the same file twice is refused
-    copy = tmp_path / "copy.pt"
-    copy.write_bytes(ck.read_bytes())
-    ens = evaluate_checkpoints([ck, copy], synthetic_cache, split="PrivateTest", tta="flip", device="cpu")
+    # an ensemble of a checkpoint with its slimmed copy (the same weights) gives the same predictions; the same
+    # file twice, or in two files, is refused: it would count double
+    slim = slim_checkpoint(ck, tmp_path / "slim.pt")
+    ens = evaluate_checkpoints([ck, slim], synthetic_cache, split="PrivateTest", tta="flip", device="cpu")
     assert ens["model"] == "ensemble(ferkit_small, ferkit_small)"
     assert ens["confusion_matrix"] == res["confusion_matrix"]
     assert "report_json" not in ens
     with pytest.raises(ValueError, match="ensemble member given twice"):
         evaluate_checkpoints([ck, trained_run / "." / "best.pt"], synthetic_cache, device="cpu")
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(ck.read_bytes())
+    with pytest.raises(ValueError, match=r"copy\.pt: one model in several files"):
+        evaluate_checkpoints([ck, copy], synthetic_cache, device="cpu")
 
     both = evaluate_tta([ck], synthetic_cache, split="PrivateTest", out=tmp_path, modes=("none", "flip"), device="cpu")
     assert both["flip"]["confusion_matrix"] == res["confusion_matrix"]

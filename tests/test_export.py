@@ -27,7 +27,7 @@ from ferkit.export import (
     read_metadata,
     undo_class_weights,
 )
-from ferkit.fileio import REPORT_KEYS
+from ferkit.fileio import REPORT_KEYS, model_digest
 from ferkit.inference import EmotionRecognizer
 
 
@@ -174,16 +174,18 @@ def test_cli_export_refuses_to_write_over_its_checkpoint(tmp_path, exported, cap
     assert f"{tmp_path / 'exp.onnx'}: is a folder; give a file name to write" in capsys.readouterr().err
 
 
-def _report(**values) -> dict:
-    """A ``ferkit evaluate`` report of one model on the whole PrivateTest split, ``values`` over placeholders."""
-    report = dict.fromkeys(REPORT_KEYS, {}) | {"model": "m", "checkpoints": ["m.onnx"], "split": "PrivateTest"}
+def _report(model: Path, **values) -> dict:
+    """A ``ferkit evaluate`` report of the file ``model`` on the whole PrivateTest split, ``values`` over
+    placeholders."""
+    report = dict.fromkeys(REPORT_KEYS, {}) | {"model": "m", "checkpoints": [str(model)], "split": "PrivateTest"}
+    report |= {"digests": [model_digest(model)], "limit": 0}
     return report | {"tta": "none", "n": 3589, "macro_f1": 0.6, "weighted_f1": 0.7, "macro_auc": 0.9} | values
 
 
 @pytest.mark.slow
 def test_cli_export_with_report_check_and_int8(tmp_path, exported, synthetic_cache, capsys):
     report = tmp_path / "eval.json"
-    report.write_text(json.dumps(_report(accuracy=0.7, other=1)))
+    report.write_text(json.dumps(_report(exported["pt"], accuracy=0.7, other=1)))
     out = tmp_path / "cli" / "m.onnx"
     argv = ["export", str(exported["pt"]), "-o", str(out), "--report", str(report), "--check", "--int8", "--fp16"]
     argv += ["--data", str(synthetic_cache)]
@@ -206,7 +208,7 @@ def test_cli_export_with_report_check_and_int8(tmp_path, exported, synthetic_cac
 
 def test_cli_export_onnx_with_report_changes_only_the_metadata(tmp_path, exported, capsys):
     report = tmp_path / "PrivateTest_tta-flip.json"
-    report.write_text(json.dumps(_report(accuracy=0.72, tta="flip", x=1, checkpoints=["runs/x/best_int8.onnx"])))
+    report.write_text(json.dumps(_report(exported["int8"], accuracy=0.72, tta="flip", x=1)))
     out = tmp_path / "shipped" / "best_int8.onnx"
     out.parent.mkdir()
     assert main(["export", str(exported["int8"]), "-o", str(out), "--report", str(report)]) == 0
@@ -259,15 +261,17 @@ def test_undoing_class_weights_of_a_float16_copy_says_what_to_do_instead(tmp_pat
 def test_cli_export_undoes_class_weights_with_the_counts_of_data(tmp_path, exported, synthetic_cache, capsys):
     from ferkit.data import load_dataset
 
-    report = tmp_path / "PrivateTest_tta-flip.json"
-    report.write_text(json.dumps(_report(accuracy=0.73, tta="flip", checkpoints=["prior.onnx"])))
+    report = tmp_path / "PrivateTest_tta-flip.json"  # the source's: the corrected copy is another model
+    report.write_text(json.dumps(_report(exported["int8"], accuracy=0.73, tta="flip")))
     out = tmp_path / "prior.onnx"
     argv = ["export", str(exported["int8"]), "-o", str(out), "--undo-class-weights", "0.5"]
-    assert main([*argv, "--data", str(synthetic_cache), "--report", str(report)]) == 0
+    assert main([*argv, "--data", str(synthetic_cache), "--report", str(report)]) == 2
+    assert "--report with --undo-class-weights: the corrected copy is another model" in capsys.readouterr().err
+    assert main([*argv, "--data", str(synthetic_cache)]) == 0
     info = read_metadata(out)
     labels = load_dataset(synthetic_cache).split("Training")[1]
     assert info["class_weights_undone"]["training_counts"] == np.bincount(labels, minlength=7).tolist()
-    assert info["accuracy"] == 0.73 and info["quantization"] == "int8 static QDQ"
+    assert "accuracy" not in info and info["quantization"] == "int8 static QDQ"
 
     assert main(argv) == 2
     assert "--undo-class-weights needs --data" in capsys.readouterr().err
@@ -314,15 +318,15 @@ def test_cli_export_int8_needs_readable_data_before_writing(tmp_path, exported, 
 def test_export_report_must_be_one_model_s_whole_privatetest(tmp_path, exported, capsys):
     """--report stamped whatever it was given: an ensemble's accuracy, a PublicTest subset's, a string (which
     then crashed serve), and an older report's macro-F1 stayed beside a newer accuracy."""
-    head = _report(accuracy=0.7, tta="flip")
+    head = _report(exported["int8"], accuracy=0.7, tta="flip")
+    other = {"checkpoints": [f"runs/s/{exported['int8'].name}"], "digests": [model_digest(exported["onnx"])]}
     bad = {
         "ens.json": ({**head, "checkpoints": ["a.onnx", "b.onnx"]}, "an ensemble of 2 models, not of one"),
-        "short.json": ({"accuracy": 0.7}, "not a report of `ferkit evaluate` (no model, checkpoints, split"),
-        "other.json": ({**head, "checkpoints": ["runs/s/small.onnx"]}, "the report of small.onnx, not of "),
+        "short.json": ({"accuracy": 0.7}, "not a report of `ferkit evaluate` (no model, checkpoints, digests, spl"),
+        "other.json": ({**head, **other}, f"the report of {other['checkpoints'][0]}, not of "),  # the same name
         "crops.json": ({**head, "tta": "crops"}, "TTA 'crops', not one predict and serve run (none, flip)"),
         "pub.json": ({**head, "split": "PublicTest"}, "not a report on the whole PrivateTest split"),
-        "PrivateTest_limit20.json": (head, "not a report on the whole PrivateTest split"),
-        "renamed.json": ({**head, "limit": 20}, "not a report on the whole PrivateTest split"),  # a subset's, renamed
+        "PrivateTest.json": ({**head, "limit": 20}, "not a report on the whole PrivateTest split"),  # a subset, renamed
         "str.json": ({**head, "accuracy": "high"}, "no accuracy between 0 and 1"),
     }
     for name, (report, message) in bad.items():
@@ -332,7 +336,8 @@ def test_export_report_must_be_one_model_s_whole_privatetest(tmp_path, exported,
             == 2
         )
         assert message in capsys.readouterr().err
-    (tmp_path / "ok.json").write_text(json.dumps(head))  # the source's macro-F1 (0.55) must not stay
+    (tmp_path / "ok.json").write_text(json.dumps(_report(exported["onnx"], accuracy=0.7, tta="flip")))
+    # the source's macro-F1 (0.55) must not stay
     assert (
         main(["export", str(exported["onnx"]), "-o", str(tmp_path / "m.onnx"), "--report", str(tmp_path / "ok.json")])
         == 0

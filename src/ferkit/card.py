@@ -19,14 +19,14 @@ REFERENCE = (
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def _load(paths: list[Path], model_file: str | None = None) -> list[dict[str, Any]]:
-    """``ferkit evaluate`` reports of one model (whose file is named ``model_file`` when given), checked: the
-    card and the README must not quote a ranking, an ensemble's numbers or another model's as this one's."""
+def _load(paths: list[Path], model: Path) -> list[dict[str, Any]]:
+    """``ferkit evaluate`` reports of the file ``model`` on whole splits, checked: the card and the README
+    must not quote a ranking, an ensemble's numbers, another model's or a subset's as this one's."""
     reports, sizes = [], {}
     for path in paths:
-        r = read_model_report(path)
-        if model_file and Path(r["checkpoints"][0]).name != model_file:
-            raise ValueError(f"{path}: the report of {r['checkpoints'][0]}, not of {model_file}")
+        r = read_model_report(path, model)
+        if r["limit"]:
+            raise ValueError(f"{path}: the report of a {r['n']}-image subset of {r['split']}, not of the whole split")
         if sizes.setdefault(r["split"], r["n"]) != r["n"]:
             raise ValueError(f"{path}: {r['n']} {r['split']} images, another report has {sizes[r['split']]}")
         reports.append(r)
@@ -102,12 +102,28 @@ def _images(limit: int, whole: int) -> str:
     return f"a {limit:,}-image subset of its {whole:,}" if 0 < limit < whole else f"{whole:,} images"
 
 
+def _check_of_run(onnx_path: Path, info: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """Refuse an ONNX file (its ferkit metadata ``info``) that is not the run's (``cfg``) model, or whose class
+    weights were undone with a power other than the run's (1 after the balanced sampler)."""
+    exported = (info.get("architecture"), info.get("model_kwargs") or {})
+    if exported != (cfg["model"], cfg["model_kwargs"] or {}):
+        raise ValueError(f"{onnx_path}: a model {exported[0]} {exported[1]}, not the run's {cfg['model']} "
+                         f"{cfg['model_kwargs'] or {}}")  # fmt: skip
+    if undone := info.get("class_weights_undone"):
+        power = 1 if cfg["sampler"] == "balanced" else cfg["class_weight_power"] if cfg["class_weights"] else None
+        if undone["power"] != power:
+            raise ValueError(
+                f"{onnx_path}: its class weights were undone with power {undone['power']:g}, but the run "
+                + ("had no class weights" if power is None else f"was weighted with power {power:g}")
+            )
+
+
 def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], command: str, hardware: str) -> str:
     """Markdown model card from a run folder (``metrics.csv``, the config of ``best.pt`` or ``config.yaml``)
     and evaluation JSONs."""
     from .models import build_model, describe
 
-    reports = _load(report_paths, onnx_path.name)
+    reports = _load(report_paths, onnx_path)
     head = reports[0]
     if head["split"] != "PrivateTest":
         raise ValueError(f"{report_paths[0]}: the card's headline (the first report) must be on PrivateTest")
@@ -148,6 +164,7 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
     from .export import read_metadata
 
     info = read_metadata(onnx_path)
+    _check_of_run(onnx_path, info, cfg)
     precision = info.get("quantization") or info.get("precision") or "float32"
     modes = " ".join(dict.fromkeys(r["tta"] for r in reports))
     reproduce = (
@@ -217,11 +234,11 @@ Reference to beat: {REFERENCE}.
 """
 
 
-def readme_with_results(readme: Path, reports: list[Path], model_file: str) -> str:
+def readme_with_results(readme: Path, reports: list[Path], model: Path) -> str:
     """``readme``'s text with the block between the results markers replaced by a table of ``reports`` (of the
-    model file ``model_file``, labelled by its stem)."""
+    model file ``model``, labelled by its stem)."""
     text = readme.read_text()
-    block = f"{RESULTS_START}\n{results_table(_load(reports, model_file), Path(model_file).stem)}\n{RESULTS_END}"
+    block = f"{RESULTS_START}\n{results_table(_load(reports, model), model.stem)}\n{RESULTS_END}"
     pattern = re.compile(re.escape(RESULTS_START) + ".*?" + re.escape(RESULTS_END), re.S)
     if not pattern.search(text):
         raise ValueError(f"{readme}: no {RESULTS_START} ... {RESULTS_END} block to update")

@@ -172,9 +172,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     checkpoints = args.checkpoint + (args.ensemble or [])
     first = Path(checkpoints[0])
     # a run's best.pt reports into eval/; any other file into its own folder (m.pt and m.onnx side by side:
-    # eval_m_pt/ and eval_m_onnx/); an ensemble never overwrites its first model's
+    # eval_m_pt/ and eval_m_onnx/); an ensemble into one named for its members (in any order), never another's
     if len(checkpoints) > 1:
-        default = "eval_ensemble"
+        from .fileio import bytes_digest
+
+        members = sorted(str(Path(c).resolve()) for c in checkpoints)
+        default = "eval_ensemble_" + bytes_digest("\n".join(members).encode())[:8]
     else:
         default = "eval" if first.name == "best.pt" else "eval_" + first.name.replace(".", "_")
     out = Path(args.out) if args.out else first.parent / default
@@ -232,18 +235,16 @@ def cmd_slim(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_metrics(path: str, models: tuple[str, ...]) -> dict[str, Any]:
+def _report_metrics(path: str, model: str) -> dict[str, Any]:
     """The metrics an export carries from ``ferkit evaluate``'s report at ``path``: the PrivateTest accuracy
-    (what the app and the API show as the model's) of one of ``models`` (the export's input or output file,
-    by name), with a TTA that predict and serve run; never an ensemble's, another model's or another split's."""
+    (what the app and the API show as the model's) of the export's input file ``model`` (its network and
+    weights), with a TTA that predict and serve run; never an ensemble's, another model's or another split's."""
     from .export import METRIC_KEYS
     from .fileio import read_model_report
 
-    report = read_model_report(path)
-    if report["split"] != "PrivateTest" or report.get("limit") or "_limit" in Path(path).stem:
+    report = read_model_report(path, model)
+    if report["split"] != "PrivateTest" or report["limit"]:
         raise ValueError(f"{path}: not a report on the whole PrivateTest split (the accuracy a model carries)")
-    if (evaluated := Path(report["checkpoints"][0]).name) not in {Path(m).name for m in models}:
-        raise ValueError(f"{path}: the report of {evaluated}, not of {' or '.join(map(str, models))}")
     if report["tta"] not in TTA_CHOICES:
         raise ValueError(f"{path}: TTA {report['tta']!r}, not one predict and serve run ({', '.join(TTA_CHOICES)})")
     return {k: report[k] for k in METRIC_KEYS if k in report}
@@ -263,7 +264,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if Path(args.out).suffix.lower() != ".onnx":  # `-o runs/x/last.pt` wrote ONNX bytes over a run's checkpoint
         raise ValueError(f"{args.out}: name the output *.onnx")
-    metrics = _report_metrics(args.report, (args.checkpoint, args.out)) if args.report else {}
+    if args.report and args.undo_class_weights is not None:
+        raise ValueError(
+            "--report with --undo-class-weights: the corrected copy is another model; evaluate it, then copy it "
+            "with its report (`ferkit export COPY.onnx -o SHIPPED.onnx --report REPORT.json`)"
+        )
+    metrics = _report_metrics(args.report, args.checkpoint) if args.report else {}
     if Path(args.checkpoint).suffix.lower() == ".onnx":
         if args.check or args.int8 or args.fp16 or not (args.report or args.undo_class_weights is not None):
             raise ValueError(
@@ -386,7 +392,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 
     reports = [Path(r) for r in args.reports]
     text = render_model_card(Path(args.run), Path(args.onnx), reports, args.train_command, args.hardware)
-    readme = readme_with_results(Path(args.readme), reports, Path(args.onnx).name) if args.readme else None
+    readme = readme_with_results(Path(args.readme), reports, Path(args.onnx)) if args.readme else None
     atomic_write(args.out, lambda f: f.write(text.encode()))  # both checked before either is written
     print(f"wrote {args.out}")
     if readme is not None:
@@ -488,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         help="report folder (default beside the model: eval/ for a best.pt, eval_NAME_onnx/ for NAME.onnx and "
-        "likewise for any other file, eval_ensemble/ for several)",
+        "likewise for any other file, eval_ensemble_HASH/ for several, named for the set of them)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--limit", type=_count(0), default=0, help="evaluate a fixed random subset of N images (0 = all)")
@@ -557,8 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="the .onnx file to write")
     p.add_argument(
         "--report",
-        help="evaluation JSON whose accuracy/F1 to store in OUT's metadata (not in the _int8/_fp16 copies: "
-        "other models, to evaluate on their own)",
+        help="the input model's PrivateTest report (`ferkit evaluate`), whose accuracy/F1 to store in OUT's "
+        "metadata (not in the _int8/_fp16 copies: other models, to evaluate on their own)",
     )
     p.add_argument("--check", action="store_true", help="print the max |ONNX - torch| difference")
     p.add_argument("--int8", action="store_true", help="also write OUT_int8.onnx (static int8, calibrated)")

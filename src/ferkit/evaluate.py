@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .config import TTA_MODES
 from .data import CLASSES
-from .fileio import atomic_write, bytes_digest, file_digest, refuse_file, refuse_repeats
+from .fileio import atomic_write, bytes_digest, file_digest, model_digest, refuse_file, refuse_repeats
 
 # Part of every prediction cache entry's name: raise it when a change to the code (TTA views, preprocessing)
 # changes the probabilities a model file gives, so that older entries are no longer read.
@@ -397,6 +397,10 @@ def evaluate_tta(
     refuse_repeats(checkpoints, "ensemble member")  # it would count double
     if out is not None:
         refuse_file(out, "--out")  # before any model runs: it failed after
+    digests = [model_digest(c) for c in checkpoints]  # what a report's numbers are of (fileio.read_model_report)
+    if len(set(digests)) < len(digests):
+        twice = [str(c) for c, d in zip(checkpoints, digests, strict=True) if digests.count(d) > 1]
+        raise ValueError(f"{' and '.join(twice)}: one model in several files (it would count several times)")
     labels, per_model, subset = _probabilities(
         checkpoints, data_path, split, modes, device, batch_size, limit, cache, progress
     )
@@ -405,7 +409,8 @@ def evaluate_tta(
     results = {}
     for mode in modes:
         metrics = compute_metrics(labels, _mean_probs([p for _, p in per_model], mode))
-        meta = {"model": model_name, "checkpoints": [str(c) for c in checkpoints], "split": split, "tta": mode}
+        meta = {"model": model_name, "checkpoints": [str(c) for c in checkpoints], "digests": digests}
+        meta |= {"split": split, "tta": mode}
         meta["limit"] = limit if subset else 0  # the report of a subset says so, whatever its file is named
         if out is not None:
             # a subset's report never takes the place of the whole split's

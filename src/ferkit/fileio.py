@@ -56,6 +56,24 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def model_digest(path: str | Path) -> str:
+    """What identifies a model in the reports of ``ferkit evaluate``, checked where their numbers are quoted:
+    an ONNX file's graph with its weights (not its metadata, which ``export --report`` rewrites), or a
+    checkpoint's bytes."""
+    if not Path(path).is_file():
+        what = "model file" if Path(path).suffix.lower() == ".onnx" else "checkpoint"
+        raise FileNotFoundError(f"{path}: {what} not found")
+    if Path(path).suffix.lower() != ".onnx":
+        return file_digest(path)
+    import onnx
+
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as e:  # onnx raises protobuf's DecodeError and others for a damaged file
+        raise ValueError(f"{path}: not a readable ONNX model ({e})") from e
+    return bytes_digest(graph.SerializeToString())
+
+
 def bytes_digest(data: bytes | memoryview) -> str:
     """The first 16 hex digits of the SHA-256 of ``data`` (e.g. a contiguous array's ``.data``)."""
     return hashlib.sha256(data).hexdigest()[:16]
@@ -73,22 +91,26 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
 
 
 # what every `ferkit evaluate` report holds (evaluate.evaluate writes them)
-REPORT_KEYS = ("model", "checkpoints", "split", "tta", "n", "accuracy", "macro_f1", "weighted_f1", "macro_auc")
-REPORT_KEYS += ("report", "roc")
+REPORT_KEYS = ("model", "checkpoints", "digests", "split", "tta", "n", "limit", "accuracy", "macro_f1")
+REPORT_KEYS += ("weighted_f1", "macro_auc", "report", "roc")
 
 
-def read_model_report(path: str | Path) -> dict[str, Any]:
-    """A ``ferkit evaluate`` report of one model, checked: every report key, an accuracy between 0 and 1 and a
-    single checkpoint (not an ensemble's numbers, which must never pass for a model's)."""
+def read_model_report(path: str | Path, model: str | Path) -> dict[str, Any]:
+    """A ``ferkit evaluate`` report of the file ``model`` (its network and weights: another run's ``best.pt``
+    has the same name), checked: every report key, an accuracy between 0 and 1 and a single checkpoint (not
+    an ensemble's numbers, which must never pass for a model's)."""
     report = read_json_object(path)
     if missing := [k for k in REPORT_KEYS if k not in report]:
-        raise ValueError(f"{path}: not a report of `ferkit evaluate` (no {', '.join(missing)})")
+        old = " (an older report, which names no model digest: evaluate again)" if missing == ["digests"] else ""
+        raise ValueError(f"{path}: not a report of `ferkit evaluate` (no {', '.join(missing)}){old}")
     accuracy, checkpoints = report["accuracy"], report["checkpoints"]
     if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool) or not 0 <= accuracy <= 1:
         raise ValueError(f"{path}: not a report of `ferkit evaluate` (no accuracy between 0 and 1)")
     if not isinstance(checkpoints, list) or len(checkpoints) != 1:
         n = len(checkpoints) if isinstance(checkpoints, list) else "?"
         raise ValueError(f"{path}: the report of an ensemble of {n} models, not of one")
+    if report["digests"] != [model_digest(model)]:
+        raise ValueError(f"{path}: the report of {checkpoints[0]}, not of {model} (another network or weights)")
     return report
 
 
