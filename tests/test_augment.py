@@ -173,3 +173,16 @@ def test_sample_weights():
     np.testing.assert_allclose(per_class, np.full(7, 1 / 7))  # every class equally often
     p0 = sample_weights(LABELS, 7, power=0.0)
     np.testing.assert_allclose(p0, np.full(len(LABELS), 1 / len(LABELS)))
+    without = LABELS[LABELS != 5]  # a class with no samples is not drawn (it was refused)
+    per_class = np.bincount(without, weights=sample_weights(without, 7), minlength=7)
+    np.testing.assert_allclose(per_class[[0, 5]], [1 / 6, 0])
+
+
+def test_the_loss_names_a_class_missing_from_the_training_subset():
+    from ferkit.config import TrainConfig
+    from ferkit.training import make_criterion
+
+    cfg = TrainConfig.from_dict({"train_limit": 20})
+    with pytest.raises(ValueError, match=r"no Training images of disgust, surprise in the 5-image subset \(train_"):
+        make_criterion(cfg, np.array([0, 2, 3, 4, 6]), torch.device("cpu"))
+    make_criterion(replace(cfg, class_weights=False), np.array([0, 2, 3, 4, 6]), torch.device("cpu"))

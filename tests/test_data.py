@@ -354,6 +354,9 @@ def test_csv_missing_file(tmp_path):
         (" ".join(["7"] * 2303 + ["256"]), "pixel values must be in 0..255"),
         (" ".join(["-1"] + ["7"] * 2303), "pixel values must be in 0..255"),
         (" ".join(["7"] * 2303 + ["9" * 25]), "pixel values must be in 0..255"),
+        (" ".join(["7"] * 2303 + ["1_0"]), "pixels are not integers separated by spaces ('1_0')"),  # int() took these
+        (" ".join(["7"] * 2303 + ["+7"]), "pixels are not integers separated by spaces ('+7')"),
+        (" ".join(["7"] * 2303 + ["\u0667"]), "pixels are not integers separated by spaces ('\u0667')"),
     ],
 )
 def test_csv_bad_pixels_name_file_and_line(tmp_path, pixels, message):
@@ -502,3 +505,41 @@ def test_no_fer2013_image_is_tracked_by_git():
     assert images  # the report plots and example photos are tracked
     small = [f for f in images if max(Image.open(root / f).size) <= 64]
     assert small == []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"images": np.zeros((4, 48, 48), np.float32)}, "images of float32 (48, 48), not uint8 48x48"),
+        ({"images": np.zeros((4, 48, 48, 3), np.uint8)}, "images of uint8 (48, 48, 3), not uint8 48x48"),
+        ({"labels": np.zeros(3, np.int64)}, "4 images, 3 labels, 4 splits, 4 sources"),
+        ({"labels": np.array([0, 1, 7, 2])}, "labels outside 0..6"),
+        ({"splits": np.array([0, 1, 3, 2], np.uint8)}, "split codes outside 0..2"),
+    ],
+)
+def test_a_cache_with_wrong_arrays_is_refused(tmp_path, change, message):
+    """Float images (divided by 255 twice) and a fourth split code trained without a word; short labels
+    gave a raw IndexError."""
+    arrays = dict(
+        images=np.zeros((4, 48, 48), np.uint8),
+        labels=np.array([0, 1, 2, 3]),
+        splits=np.array([0, 1, 2, 0], np.uint8),
+        sources=np.array(["a", "b", "c", "d"]),
+        classes=np.asarray(CLASSES),
+    )
+    np.savez(tmp_path / "c.npz", **{**arrays, **change})
+    with pytest.raises(DataError, match=re.escape(f"c.npz: not a ferkit data cache ({message}); rebuild it")):
+        load_cache(tmp_path / "c.npz")
+    np.savez(tmp_path / "ok.npz", **arrays)
+    assert len(load_cache(tmp_path / "ok.npz")) == 4
+
+
+def test_atomic_writes_follow_the_umask(tmp_path, monkeypatch):
+    """Every checkpoint, cache and report was world-readable (0644) whatever the umask."""
+    import ferkit.fileio
+    from ferkit.fileio import atomic_write
+
+    for umask, mode in ((0o077, 0o600), (0o022, 0o644), (0o002, 0o664)):
+        monkeypatch.setattr(ferkit.fileio, "_UMASK", umask)
+        path = atomic_write(tmp_path / f"{umask:o}.bin", lambda f: f.write(b"x"))
+        assert path.stat().st_mode & 0o777 == mode

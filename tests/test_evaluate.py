@@ -249,6 +249,7 @@ def test_one_macro_f1_and_valid_json_when_classes_are_missing(trained_run, synth
     (row,) = select_ensemble([best], synthetic_cache, modes=("none",), device="cpu", limit=5)  # some classes absent
     res = evaluate_checkpoints([best], synthetic_cache, "PublicTest", device="cpu", limit=5)
     assert row["macro_f1"] == pytest.approx(res["macro_f1"])
+    assert res["report"]["macro avg"]["f1-score"] == pytest.approx(res["macro_f1"])  # one macro-F1 in the JSON
     evaluate_checkpoints([best], synthetic_cache, "PublicTest", device="cpu", limit=1, out=tmp_path)
     assert not (tmp_path / "PublicTest.json").exists()  # a subset's report is named for it, not for the split
     text = (tmp_path / "PublicTest_limit1.json").read_text()  # one image: no class has a ROC curve
@@ -393,3 +394,15 @@ def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
     data = bytes(range(256)) * 9000  # more than one read block
     path.write_bytes(data)
     assert file_digest(path) == hashlib.sha256(data).hexdigest()[:16]
+
+
+def test_a_foreign_metrics_csv_beside_the_model_costs_only_the_plot(trained_run, synthetic_cache, tmp_path, capsys):
+    """A metrics.csv of other columns (or text) beside the model crashed evaluate after its report was written."""
+    (tmp_path / "best.pt").write_bytes((trained_run / "best.pt").read_bytes())
+    for text in ("epoch,loss\n1,0.5\n", "epoch,train_loss,val_loss,train_acc,val_acc\nwarmup,1,1,0.1,0.1\n"):
+        (tmp_path / "metrics.csv").write_text(text)
+        out = tmp_path / "eval"
+        res = evaluate_checkpoints([tmp_path / "best.pt"], synthetic_cache, "PublicTest", out, device="cpu")
+        assert (tmp_path / "eval" / "PublicTest.json").is_file() and res["n"] == 28
+        assert "not a ferkit run's metrics" in capsys.readouterr().err
+        assert not (tmp_path / "eval" / "training_curves.png").exists()

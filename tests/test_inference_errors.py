@@ -85,7 +85,7 @@ def test_cli_predict_with_a_wrong_model_is_one_error_line(tmp_path, capsys):
     assert err.splitlines() == [f"ferkit predict: error: {wrong}: {problem}"]
 
 
-def test_checkpoints_that_are_not_emotion_models_are_refused(tmp_path):
+def test_checkpoints_that_are_not_emotion_models_are_refused(tmp_path, capsys):
     import torch
 
     from ferkit.models import build_model
@@ -102,6 +102,15 @@ def test_checkpoints_that_are_not_emotion_models_are_refused(tmp_path):
     save_checkpoint(tmp_path / "unknown.pt", {**state, "model": "nosuch"})
     with pytest.raises(CheckpointError, match=r"unknown\.pt: unknown model 'nosuch'"):
         model_from_checkpoint(tmp_path / "unknown.pt")
+    # damaged fields were a TypeError or AttributeError traceback, in `slim` a KeyError
+    damaged = {"model_kwargs": None, "state_dict": [1, 2], "model": 5, "ema_state_dict": {"w": "x"}}
+    for key, value in damaged.items():
+        save_checkpoint(tmp_path / "damaged.pt", {**state, key: value})
+        with pytest.raises(CheckpointError, match=rf"damaged\.pt: a damaged checkpoint \({key} of the wrong type\)"):
+            model_from_checkpoint(tmp_path / "damaged.pt")
+    save_checkpoint(tmp_path / "nosd.pt", {k: v for k, v in state.items() if k != "state_dict"})
+    assert main(["slim", str(tmp_path / "nosd.pt"), "-o", str(tmp_path / "slim.pt")]) == 2
+    assert "nosd.pt: checkpoint lacks state_dict" in capsys.readouterr().err
 
 
 def test_an_empty_model_list_is_no_model():

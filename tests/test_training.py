@@ -461,6 +461,15 @@ def test_config_yaml(tmp_path):
         TrainConfig.from_yaml(path)
     cfg = TrainConfig(epochs=7, model_kwargs={"width": 0.5}, teacher=["a.pt"], lr=0.02)
     assert TrainConfig.from_yaml(cfg.to_yaml(path)) == cfg
+    # a key given twice was read as its last value; a teacher of 1 and a device "gpu" failed deep inside
+    path.write_text("lr: 0.05\nepochs: 30\nlr: 0.5\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not valid YAML ('lr' given twice")):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(ValueError, match=re.escape("teacher: expected a list of file names, got [1]")):
+        TrainConfig(teacher=[1])
+    with pytest.raises(ValueError, match="device: 'gpu' is not auto, cpu, cuda or cuda:N"):
+        TrainConfig(device="gpu")
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
 
 
 # ---------------------------------------------------------------- checkpoints and atomic writes
@@ -903,3 +912,27 @@ def test_sync_bn_on_cpu_processes_is_refused_before_any_data_loads():
     with pytest.raises(ValueError, match="sync_bn synchronises BatchNorm across CUDA processes only"):
         training._check_config(_cfg(sync_bn=True), 2, torch.device("cpu"))
     training._check_config(_cfg(sync_bn=True), 1, torch.device("cpu"))  # one process: nothing to synchronise
+
+
+def test_a_cpu_run_resumes_where_fp16_needs_a_loss_scaler(tmp_path, synthetic_cache, monkeypatch):
+    """A CPU run keeps an empty loss-scaler state; resumed on a GPU without bf16 (fp16, with a scaler) its
+    loading failed ("The source state dict is empty")."""
+    import ferkit.training
+
+    out = tmp_path / "run"
+    train(tiny_config(synthetic_cache, out, epochs=1))
+    assert load_checkpoint(out / "last.pt")["scaler"] == {}
+    monkeypatch.setattr(ferkit.training, "amp_dtype", lambda cfg, device: torch.float16)  # as on a T4
+    assert train(tiny_config(synthetic_cache, out, epochs=2), resume=True)["epoch"] == 2
+
+
+def test_every_process_takes_its_own_gpu(monkeypatch):
+    """Under torchrun, --device cuda put every process on GPU 0 (only auto used LOCAL_RANK); cuda:N on N."""
+    from ferkit.training import _check_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [resolve_device(d, 3) for d in ("auto", "cuda", "cuda:1")] == [torch.device(f"cuda:{i}") for i in (3, 3, 1)]
+    _check_config(_cfg(device="cuda", amp="none"), 4, torch.device("cuda:3"))
+    with pytest.raises(ValueError, match="device cuda:1: every process would use that one GPU"):
+        _check_config(_cfg(device="cuda:1", amp="none"), 4, torch.device("cuda:1"))
+    _check_config(_cfg(device="cuda:1", amp="none"), 1, torch.device("cuda:1"))  # one process: its choice

@@ -130,6 +130,8 @@ def class_weights(labels: np.ndarray, num_classes: int, power: float = 1.0, cap:
 
 
 def sample_weights(labels: np.ndarray, num_classes: int, power: float = 1.0) -> np.ndarray:
-    """Per-sample probabilities for a class-balanced sampler (``power=1``: every class equally often)."""
-    w = class_weights(labels, num_classes, power)[labels]
+    """Per-sample probabilities for a class-balanced sampler (``power=1``: every class equally often; a class
+    with no samples is not drawn)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = (1 / counts[labels]) ** power
     return w / w.sum()

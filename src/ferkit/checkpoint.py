@@ -45,12 +45,38 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def model_from_checkpoint(path: str | Path, ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a checkpoint in eval mode; uses the EMA weights when present and ``ema``."""
+def _model_state(path: str | Path) -> dict[str, Any]:
+    """:func:`load_checkpoint`, with the fields that rebuild its model checked: present and of their types."""
     state = load_checkpoint(path)
     missing = [k for k in ("model", "model_kwargs", "classes", "state_dict") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+
+    def weights(value: Any) -> bool:
+        return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+    wrong = [
+        k
+        for k, ok in [
+            ("model", isinstance(state["model"], str)),
+            ("model_kwargs", isinstance(state["model_kwargs"], dict)),
+            (
+                "classes",
+                isinstance(state["classes"], (list, tuple)) and all(isinstance(c, str) for c in state["classes"]),
+            ),
+            ("state_dict", weights(state["state_dict"])),
+            ("ema_state_dict", state.get("ema_state_dict") is None or weights(state["ema_state_dict"])),
+        ]
+        if not ok
+    ]
+    if wrong:
+        raise CheckpointError(f"{path}: a damaged checkpoint ({', '.join(wrong)} of the wrong type)")
+    return state
+
+
+def model_from_checkpoint(path: str | Path, ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint in eval mode; uses the EMA weights when present and ``ema``."""
+    state = _model_state(path)
     try:
         model = build_model(state["model"], num_classes=len(state["classes"]), **state["model_kwargs"])
     except ValueError as e:
@@ -82,7 +108,7 @@ def slim_checkpoint(path: str | Path, out: str | Path, half: bool = False) -> Pa
     without optimiser state, optionally as float16: for shipping and carrying between machines."""
     if Path(out).resolve() == Path(path).resolve():  # a run's last.pt would lose what --resume needs
         raise ValueError(f"{out}: that is the checkpoint itself; name another file for the slimmed one")
-    state = load_checkpoint(path)
+    state = _model_state(path)
     weights = state.get("ema_state_dict") or state["state_dict"]
     if half:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}

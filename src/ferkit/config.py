@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,10 @@ class TrainConfig:
                 raise ValueError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
             if (bounds := f.metadata.get("bounds")) and not _within(value, bounds):
                 raise ValueError(f"{f.name}: {value!r} is outside {bounds}")
+            if kind == "list" and not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{f.name}: expected a list of file names, got {value!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -197,11 +202,21 @@ class TrainConfig:
         return atomic_write(path, lambda f: f.write(text.encode()))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        if twice := next((k for k in keys if keys.count(k) > 1), None):
+            raise yaml.constructor.ConstructorError(None, None, f"{twice!r} given twice", node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def _read_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file's top-level mapping (an empty file is an empty one)."""
     with open(path, encoding="utf-8") as f:
         try:
-            values = yaml.safe_load(f) or {}
+            values = yaml.load(f, Loader=_UniqueKeyLoader) or {}  # a SafeLoader
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(values, dict):

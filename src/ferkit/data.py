@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import csv
 import os
+import re
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -163,11 +164,17 @@ def load_folder(root: str | Path, progress: bool = True) -> FERData:
     )
 
 
+_PLAIN = re.compile(r"[0-9\s]*", re.ASCII)  # int() also takes '+7', '1_0' and other scripts' digits
+
+
 def _parse_pixels(text: str, where: str) -> np.ndarray:
+    if not _PLAIN.fullmatch(text):
+        bad = next((t for t in text.split(" ") if not _PLAIN.fullmatch(t)), text)
+        if bad.startswith("-") and _PLAIN.fullmatch(bad[1:]):
+            raise DataError(f"{where}: pixel values must be in 0..255")
+        raise DataError(f"{where}: pixels are not integers separated by spaces ({bad[:20]!r})")
     try:
         values = np.array(text.split(), dtype=np.int64)
-    except ValueError as e:
-        raise DataError(f"{where}: pixels are not integers ({e})") from e
     except OverflowError:  # an integer of 20 digits or more
         raise DataError(f"{where}: pixel values must be in 0..255") from None
     if values.size != IMAGE_SIZE * IMAGE_SIZE:
@@ -267,13 +274,30 @@ def load_cache(path: str | Path) -> FERData:
         with np.load(path, allow_pickle=False) as z:
             if tuple(z["classes"]) != CLASSES:
                 raise DataError(f"{path}: class order {tuple(z['classes'])} differs from {CLASSES}")
-            return FERData(z["images"], z["labels"], z["splits"], z["sources"])
+            data = FERData(z["images"], z["labels"], z["splits"], z["sources"])
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError, TypeError) as e:  # TypeError: a .npy
         if isinstance(e, DataError):
             raise
         raise DataError(f"{path}: not a ferkit data cache ({e}); rebuild it with `ferkit prepare`") from e
+    if problem := _cache_problem(data):  # what trained on silently: float images, splits other than three
+        raise DataError(f"{path}: not a ferkit data cache ({problem}); rebuild it with `ferkit prepare`")
+    return data
+
+
+def _cache_problem(data: FERData) -> str | None:
+    """What is wrong with a loaded cache's arrays, or None."""
+    n = len(data.images)
+    if data.images.dtype != np.uint8 or data.images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        return f"images of {data.images.dtype} {data.images.shape[1:]}, not uint8 {IMAGE_SIZE}x{IMAGE_SIZE}"
+    if not len(data.labels) == len(data.splits) == len(data.sources) == n:
+        return f"{n} images, {len(data.labels)} labels, {len(data.splits)} splits, {len(data.sources)} sources"
+    if data.labels.dtype.kind not in "iu" or n and not 0 <= data.labels.min() <= data.labels.max() < len(CLASSES):
+        return f"labels outside 0..{len(CLASSES) - 1}"
+    if data.splits.dtype.kind not in "iu" or n and not 0 <= data.splits.min() <= data.splits.max() < len(SPLITS):
+        return f"split codes outside 0..{len(SPLITS) - 1}"
+    return None
 
 
 def load_dataset(path: str | Path, progress: bool = True) -> FERData:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,12 @@ CACHE_VERSION = 1
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA (this process's local GPU under torchrun) when available, else the CPU."""
+    """``auto`` picks CUDA when available, else the CPU; ``auto`` and ``cuda`` take this process's local GPU
+    under torchrun (``local_rank``)."""
     if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)
@@ -145,6 +149,9 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     report = classification_report(
         y_true, y_pred, labels=labels, target_names=list(CLASSES), output_dict=True, zero_division=0
     )
+    present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))  # macro averages over these, as macro_f1's
+    rows = [report[CLASSES[i]] for i in present]
+    report["macro avg"] |= {k: float(np.mean([r[k] for r in rows])) for k in ("precision", "recall", "f1-score")}
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     roc: dict[str, Any] = {}
     for i, name in enumerate(CLASSES):
@@ -156,7 +163,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     return {
         "n": int(len(y_true)),
         "accuracy": float((y_pred == y_true).mean()),
-        "macro_f1": macro_f1(y_true, y_pred),
+        "macro_f1": report["macro avg"]["f1-score"],  # = macro_f1(y_true, y_pred)
         "weighted_f1": report["weighted avg"]["f1-score"],
         "macro_auc": float(np.mean([r["auc"] for r in roc.values()])) if roc else None,  # null: no class has a curve
         "report": report,
@@ -226,9 +233,15 @@ def plot_training_curves(metrics_csv: Path, path: Path) -> None:
 
     with open(metrics_csv, newline="") as f:
         rows = list(csv.DictReader(f))
+    needed = ("epoch", "train_loss", "val_loss", "train_acc", "val_acc")
+    try:
+        col = {k: [float(r[k]) for r in rows] for k in needed}
+    except (KeyError, TypeError, ValueError):  # not a ferkit run's file: the report stands without the plot
+        print(f"{metrics_csv}: not a ferkit run's metrics (columns {', '.join(needed)}); no training curves",
+              file=sys.stderr)  # fmt: skip
+        return
     if not rows:
         return
-    col = {k: [float(r[k]) for r in rows] for k in rows[0]}
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.plot(col["epoch"], col["train_loss"], label="train")
@@ -300,7 +313,7 @@ def _probabilities(
     if cache is not None:
         refuse_file(cache, "--cache")
     dev = resolve_device(device)
-    data = load_dataset(data_path)
+    data = load_dataset(data_path, progress=progress)
     every = data.split(split)
     images, labels = data.subset(*every, limit)
     if len(images) == 0:

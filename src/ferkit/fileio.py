@@ -26,6 +26,10 @@ def refuse_file(path: str | Path, option: str) -> None:
         raise ValueError(f"{option} {path}: a file, not a folder")
 
 
+_UMASK = os.umask(0o022)  # read once, at import: setting it is the only way to read it, and not thread-safe
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(file)`` on a temp file next to ``path`` and rename it over ``path``: readers see the
     old file or the whole new one, never a partial write."""
@@ -37,7 +41,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would create it (mkstemp's is private to its owner)
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

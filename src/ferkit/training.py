@@ -119,6 +119,10 @@ def make_criterion(cfg: TrainConfig, labels: np.ndarray, device: torch.device) -
     (not with the balanced sampler, which already shows every class equally often)."""
     weights = None
     if cfg.class_weights and cfg.sampler != "balanced":
+        if absent := [c for i, c in enumerate(CLASSES) if not (labels == i).any()]:
+            subset = f" in the {len(labels)}-image subset (train_limit)" if cfg.train_limit else ""
+            raise ValueError(f"no Training images of {', '.join(absent)}{subset}: class weights need every class "
+                             "(raise --train-limit, or --no-class-weights)")  # fmt: skip
         w = class_weights(labels, len(CLASSES), cfg.class_weight_power, cfg.class_weight_cap or None)
         weights = torch.tensor(w, dtype=torch.float32, device=device)
     return WeightedSmoothedCE(weights, cfg.label_smoothing).to(device)
@@ -310,7 +314,7 @@ def _setup_distributed(device_name: str) -> tuple[int, int, int]:
     if world == 1:
         return 0, 1, 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_nccl = torch.cuda.is_available() and device_name != "cpu"
+    use_nccl = torch.cuda.is_available() and not device_name.startswith("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_nccl else "gloo")
     return dist.get_rank(), world, local_rank
@@ -361,6 +365,9 @@ def _check_config(cfg: TrainConfig, world: int, device: torch.device) -> None:
         raise ValueError("sync_bn synchronises BatchNorm across CUDA processes only (torch's SyncBatchNorm)")
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    if world > 1 and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
+        raise ValueError(f"device {cfg.device}: every process would use that one GPU; under torchrun use auto "
+                         "or cuda (each process takes the GPU of its LOCAL_RANK)")  # fmt: skip
 
 
 def _load_splits(cfg: TrainConfig, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -468,7 +475,8 @@ class _Run:
         self.scheduler.load_state_dict(ck["scheduler"])
         if self.plateau is not None:
             self.plateau.load_state_dict(ck["plateau"])
-        self.scaler.load_state_dict(ck["scaler"])
+        if ck["scaler"]:  # empty where the run had no fp16 scaler (a CPU's): a GPU's fp16 starts it afresh
+            self.scaler.load_state_dict(ck["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(ck["ema_module"])
         self.state = ck["train_state"]
@@ -663,6 +671,7 @@ def _start(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
         torch.backends.cudnn.benchmark = True  # full batches only: every step has the same shapes
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
