@@ -108,6 +108,7 @@ def test_health_model_docs_and_ui(client):
     model = client.get("/api/v1/model").json()
     assert model["name"] == health["model"] and model["classes"] == list(CLASSES)
     assert "path" not in model  # no server file paths in public answers
+    assert (model["accuracy_tta"], model["tta"]) == ("flip", "flip")  # the shipped model's accuracy is what it runs
     assert client.get("/docs").status_code == 200
     documented = client.get("/openapi.json").json()["paths"][PREDICT]["post"]["responses"]
     assert {"200", "400", "408", "413", "415", "422", "503", "504"} <= set(documented)  # every status it answers
@@ -302,7 +303,8 @@ def test_cli_defaults_match_settings():
 class SlowRecognizer:
     """Stands in for EmotionRecognizer: no faces, after waiting ``delay`` seconds."""
 
-    model_info = {"name": "slow-stand-in", "classes": list(CLASSES), "accuracy": None, "backend": "none"}
+    model_info = {"name": "slow-stand-in", "classes": list(CLASSES), "accuracy": None, "accuracy_tta": None}
+    model_info |= {"backend": "none"}
 
     def __init__(self, delay: float) -> None:
         self.delay, self.started, self.finished = delay, threading.Event(), threading.Event()
@@ -543,3 +545,13 @@ def test_the_ui_reads_only_files_uploaded_to_it(tmp_path):
     with pytest.raises(gr.Error, match="not uploaded to this server"):  # also where Gradio's check is off
         _photo_input_class()().preprocess(FileData(path=str(private)))
     assert not [p for p in Path(gr.utils.get_upload_folder()).rglob("private.jpg")]
+
+
+def test_the_ui_says_when_the_recorded_accuracy_was_measured_with_another_tta():
+    """`serve --tta none` showed the accuracy measured with flip as the one it serves."""
+    from ferkit.app import _accuracy_text
+
+    info = {"accuracy": 0.7256, "accuracy_tta": "flip", "tta": "none"}
+    assert _accuracy_text(info) == "**72.6%** (measured with TTA flip; this server runs TTA none)"
+    assert _accuracy_text({**info, "tta": "flip"}) == "**72.6%**"
+    assert _accuracy_text({**info, "accuracy": None}) == "**not recorded**"

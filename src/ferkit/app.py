@@ -139,9 +139,11 @@ class RecognizerService:
 
     @property
     def model_info(self) -> dict[str, Any]:
-        """Name, classes, accuracy and backend of the model (not its file path)."""
+        """Name, classes, accuracy (and the TTA it was measured with), backend and the TTA this server runs (not
+        the model's file path)."""
         info = self.recognizers[0].model_info
-        return {k: info.get(k) for k in ("name", "classes", "accuracy", "backend")}
+        keys = ("name", "classes", "accuracy", "accuracy_tta", "backend")
+        return {k: info.get(k) for k in keys} | {"tta": self.settings.tta}
 
     def _release(self, rec: EmotionRecognizer) -> None:
         self._free.append(rec)
@@ -246,7 +248,9 @@ class ModelInfo(BaseModel):
     name: str
     classes: list[str]
     accuracy: float | None = Field(description="PrivateTest accuracy recorded with the model, if any")
+    accuracy_tta: str | None = Field(description="the test-time augmentation that accuracy was measured with")
     backend: str
+    tta: str = Field(description="the test-time augmentation this server runs: none, or flip (face and mirror)")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -458,8 +462,14 @@ def serve(
 # ---------------------------------------------------------------------------------------------- the UI
 
 
-def _accuracy_text(acc: float | None) -> str:
-    return "not recorded" if acc is None else f"{acc:.1%}"
+def _accuracy_text(info: dict[str, Any]) -> str:
+    """The model's recorded accuracy, with the TTA it was measured with where this server runs another."""
+    if info["accuracy"] is None:
+        return "**not recorded**"
+    text = f"**{info['accuracy']:.1%}**"
+    if info["accuracy_tta"] and info["accuracy_tta"] != info["tta"]:
+        text += f" (measured with TTA {info['accuracy_tta']}; this server runs TTA {info['tta']})"
+    return text
 
 
 def _detector_text(detector: str) -> str:
@@ -562,7 +572,7 @@ def build_ui(service: RecognizerService) -> Any:
         "# ferkit: facial expression recognition\n"
         f"Finds every face in a photo and scores 7 emotions ({', '.join(info['classes'])}). "
         f"Model **{info['name']}** ({info['backend']}), FER-2013 PrivateTest accuracy "
-        f"**{_accuracy_text(info['accuracy'])}**. Faces are found by {_detector_text(s.detector)}: faces "
+        f"{_accuracy_text(info)}. Faces are found by {_detector_text(s.detector)}: faces "
         f"of {s.min_face} px or more."
     )
     api_help = (

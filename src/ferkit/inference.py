@@ -178,6 +178,7 @@ class EmotionRecognizer:
             "name": names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")",
             "classes": list(self.classes),
             "accuracy": infos[0].get("accuracy") if len(infos) == 1 else None,
+            "accuracy_tta": infos[0].get("tta") if len(infos) == 1 and "accuracy" in infos[0] else None,
             "path": ", ".join(map(str, paths)),
             "backend": ", ".join(sorted({b.kind for b in self.backends})),
         }
