@@ -11,7 +11,7 @@ web app is busy).
 
 Upscaled 48x48 crops are harder than real photos (small ones most: blurred, and cut at the forehead), so
 the recall here ranks settings; it is not the recall on your photos. Settings are ``--detectors`` specs:
-``centerface``, ``haar``, a YuNet ``.onnx`` or a Haar ``.xml`` file, each with optional ``:key=value,...``
+``centerface``, ``haar``, a CenterFace or YuNet ``.onnx`` or a Haar ``.xml`` file, each with optional ``:key=value,...``
 arguments of its class (:class:`~ferkit.faces.CenterFaceDetector`, :class:`~ferkit.faces.HaarDetector`,
 :class:`~ferkit.faces.YuNetDetector`); CenterFace runs on ``--threads`` ONNX Runtime threads unless its spec
 sets ``threads``.
@@ -31,7 +31,7 @@ from _common import DEFAULT_DATA, base_parser, machine_info, opencv_threads, pri
 from _photos import PHOTO_SIZE, cluttered_canvas, encode_jpeg, paste, plain_canvas
 
 from ferkit.data import load_dataset
-from ferkit.faces import Box, CenterFaceDetector, FaceDetector, HaarDetector, YuNetDetector
+from ferkit.faces import Box, CenterFaceDetector, FaceDetector, HaarDetector, onnx_detector
 from ferkit.inference import load_image
 
 DETECTORS = [
@@ -87,16 +87,17 @@ def detector_from_spec(spec: str, threads: int) -> FaceDetector:
             raise SystemExit(f"{spec}: {key} takes a number, got {value!r}") from None
     suffix = Path(name).suffix
     if name not in ("haar", "centerface") and suffix not in (".onnx", ".xml"):
-        raise SystemExit(f"{spec}: use centerface, haar, a YuNet .onnx file or a Haar .xml file")
-    if name == "centerface":
-        cls, path = CenterFaceDetector, ()
+        raise SystemExit(f"{spec}: use centerface, haar, a CenterFace or YuNet .onnx file or a Haar .xml file")
+    if name == "centerface" or suffix == ".onnx":
         kwargs.setdefault("threads", threads)
-    else:
-        cls, path = (YuNetDetector, (name,)) if suffix == ".onnx" else (HaarDetector, () if name == "haar" else (name,))
     try:
-        return cls(*path, **kwargs)
-    except TypeError as e:
-        raise SystemExit(f"{spec}: {e}") from None
+        if name == "centerface":
+            return CenterFaceDetector(**kwargs)
+        if suffix == ".onnx":  # a CenterFace or a YuNet network
+            return onnx_detector(name, **kwargs)
+        return HaarDetector(**kwargs) if name == "haar" else HaarDetector(name, **kwargs)
+    except (TypeError, ValueError, FileNotFoundError) as e:  # ferkit's errors name the file already
+        raise SystemExit(str(e) if str(e).startswith(name) else f"{spec}: {e}") from None
 
 
 def compose(crops: np.ndarray, n_photos: int, sizes: tuple[int, int], seed: int) -> list[tuple[np.ndarray, list]]:

@@ -73,10 +73,18 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--detector",
         default=DETECTOR,
-        help="centerface (shipped), haar, a CenterFace or YuNet .onnx file or a Haar .xml cascade",
+        help="centerface (shipped), haar, a CenterFace or YuNet .onnx file or a Haar .xml cascade "
+        "(default: %(default)s)",
     )
-    p.add_argument("--margin", type=float, default=MARGIN, help="crop margin around each face box")
-    p.add_argument("--tta", default=TTA, choices=TTA_CHOICES, help="average each face with its mirror")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=MARGIN,
+        help="crop margin around each face box, a fraction of its side (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tta", default=TTA, choices=TTA_CHOICES, help="flip: average each face with its mirror (default: %(default)s)"
+    )
     p.add_argument(
         "--min-face", type=_count(1), default=MIN_FACE, help="smallest face side in pixels (default: %(default)s)"
     )
@@ -463,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta",
         default="none",
         choices=TTA_MODES,
-        help="test-time augmentation for that final evaluation",
+        help="test-time augmentation for that final evaluation (default: %(default)s)",
     )
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
@@ -594,11 +602,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", action="append", help="an .onnx or .pt model; repeat for an ensemble (default: the shipped model)"
     )
-    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="inference runtime")
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "onnx", "torch"], help="inference runtime (default: %(default)s)"
+    )
     _add_image_options(p)
     p.add_argument("--every", type=_count(1), default=10, help="video: use every N-th frame (default: %(default)s)")
     p.add_argument("--fallback", action="store_true", help="when no face is found, classify the whole image")
-    p.add_argument("--format", default="table", choices=["table", "jsonl", "csv"], help="output format")
+    p.add_argument(
+        "--format", default="table", choices=["table", "jsonl", "csv"], help="output format (default: %(default)s)"
+    )
     p.add_argument("--annotate", metavar="DIR", help="write annotated images/videos into DIR")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_predict, usage_error=p.error)
@@ -627,11 +639,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may wait; more get 503 (default: %(default)s)",
     )
     p.add_argument(
-        "--queue-timeout", type=_positive, default=d.queue_timeout_s, help="seconds a request may wait (then 503)"
+        "--queue-timeout",
+        type=_positive,
+        default=d.queue_timeout_s,
+        help="seconds a request may wait (then 503; default: %(default)s)",
     )
-    p.add_argument("--timeout", type=_positive, default=d.timeout_s, help="seconds one inference may take (then 504)")
     p.add_argument(
-        "--upload-timeout", type=_positive, default=d.upload_timeout_s, help="seconds to receive an upload (then 408)"
+        "--timeout",
+        type=_positive,
+        default=d.timeout_s,
+        help="seconds one inference may take (then 504; default: %(default)s)",
+    )
+    p.add_argument(
+        "--upload-timeout",
+        type=_positive,
+        default=d.upload_timeout_s,
+        help="seconds to receive an upload (then 408; default: %(default)s)",
     )
     p.add_argument("--threads", type=_count(1), help="onnxruntime threads per inference (default: cores / concurrency)")
     p.add_argument("--no-ui", action="store_true", help="serve the API only, without the Gradio UI")

@@ -245,6 +245,22 @@ class YuNetDetector:
         return [b for b in boxes if max(b[2], b[3]) >= self.min_size]
 
 
+def onnx_detector(path: str | Path, threads: int | None = None, **kwargs: Any) -> FaceDetector:
+    """The CenterFace or YuNet network of an ``.onnx`` file (told apart by its inputs and outputs), made with
+    ``kwargs``; ``threads``: CenterFace's ONNX Runtime threads."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: face detector model file not found")
+    try:
+        return CenterFaceDetector(path, threads=threads, **kwargs)
+    except ValueError:  # not CenterFace's one input and four outputs: YuNet's?
+        pass
+    try:
+        return YuNetDetector(path, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{path}: neither a CenterFace nor a YuNet face detector model") from e
+
+
 def make_detector(
     spec: str | Path | FaceDetector | None = None, min_size: int = MIN_FACE, threads: int | None = None
 ) -> FaceDetector:
@@ -262,16 +278,7 @@ def make_detector(
         return spec  # type: ignore[return-value]
     path = Path(str(spec))
     if path.suffix == ".onnx":
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: face detector model file not found")
-        try:
-            return CenterFaceDetector(path, min_size=min_size, threads=threads)
-        except ValueError:  # not CenterFace's one input and four outputs: YuNet's?
-            pass
-        try:
-            return YuNetDetector(path, min_size=min_size)
-        except ValueError as e:
-            raise ValueError(f"{path}: neither a CenterFace nor a YuNet face detector model") from e
+        return onnx_detector(path, threads, min_size=min_size)
     if path.suffix == ".xml":
         return HaarDetector(path, min_size=min_size)
     raise ValueError(
