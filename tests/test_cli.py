@@ -198,6 +198,8 @@ def test_select_ensemble_quotes_its_command_and_refuses_a_candidate_twice(
     )
     assert cli.main([*args[:2], str(tmp_path / "my runs" / "." / "best model.pt"), *args[2:]]) == 2
     assert "a candidate given twice (also as" in capsys.readouterr().err
+    assert cli.main([*args[:2], str(trained_run / "best.pt"), *args[2:]]) == 2  # a copy: ranked, then refused
+    assert "best.pt: one model in several files" in capsys.readouterr().err
 
 
 def test_train_with_config_file(tmp_path, synthetic_cache):

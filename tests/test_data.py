@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import os
 import re
 import shutil
 import subprocess
@@ -534,12 +535,16 @@ def test_a_cache_with_wrong_arrays_is_refused(tmp_path, change, message):
     assert len(load_cache(tmp_path / "ok.npz")) == 4
 
 
-def test_atomic_writes_follow_the_umask(tmp_path, monkeypatch):
+def test_atomic_writes_follow_the_umask(tmp_path):
     """Every checkpoint, cache and report was world-readable (0644) whatever the umask."""
-    import ferkit.fileio
     from ferkit.fileio import atomic_write
 
-    for umask, mode in ((0o077, 0o600), (0o022, 0o644), (0o002, 0o664)):
-        monkeypatch.setattr(ferkit.fileio, "_UMASK", umask)
-        path = atomic_write(tmp_path / f"{umask:o}.bin", lambda f: f.write(b"x"))
-        assert path.stat().st_mode & 0o777 == mode
+    before = os.umask(0o022)
+    try:
+        for umask, mode in ((0o077, 0o600), (0o022, 0o644), (0o002, 0o664)):
+            os.umask(umask)  # the one in force when the file is written, not at import
+            path = atomic_write(tmp_path / f"{umask:o}.bin", lambda f: f.write(b"x"))
+            assert path.stat().st_mode & 0o777 == mode
+    finally:
+        os.umask(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2.bin", "22.bin", "77.bin"]  # no temporary file left

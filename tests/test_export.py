@@ -26,6 +26,7 @@ from ferkit.export import (
     quantize_int8,
     read_metadata,
     undo_class_weights,
+    with_metrics,
 )
 from ferkit.fileio import REPORT_KEYS, model_digest
 from ferkit.inference import EmotionRecognizer
@@ -391,3 +392,15 @@ def test_upper_case_onnx_and_a_checkpoint_without_metrics(tmp_path, exported, sy
     assert EmotionRecognizer(model=tmp_path / "none.pt", threads=1).model_info["accuracy"] is None
     with pytest.raises(ValueError, match="ensemble member given twice"):
         EmotionRecognizer(model=[exported["onnx"], exported["onnx"]], threads=1)
+
+
+def test_a_model_s_digest_is_its_graph_and_weights(tmp_path, exported):
+    """A report names what it scored by this digest: the same network with other metadata, or its weights
+    stored beside the file, is the same model; other weights are another."""
+    model = onnx.load(str(exported["onnx"]))
+    onnx.save(model, str(tmp_path / "outside.onnx"), save_as_external_data=True, location="w.data", size_threshold=0)
+    assert (tmp_path / "w.data").stat().st_size > 10_000
+    with_metrics(exported["onnx"], tmp_path / "stamped.onnx", {"accuracy": 0.5})
+    digest = model_digest(exported["onnx"])
+    assert model_digest(tmp_path / "outside.onnx") == model_digest(tmp_path / "stamped.onnx") == digest
+    assert model_digest(exported["int8"]) != digest

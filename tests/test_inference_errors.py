@@ -241,3 +241,6 @@ def test_damaged_unusual_and_non_files_are_image_errors(tmp_path, monkeypatch):
     Image.fromarray(np.full((4, 4), 500, np.int32)).save(buf, "TIFF")
     assert load_image(buf.getvalue())[0, 0].tolist() == [2, 2, 2]
     assert load_image(Image.fromarray(np.full((4, 4), 200, np.int32)))[0, 0].tolist() == [200, 200, 200]
+    buf = io.BytesIO()  # 8-bit values saved as 32 bits stay 8-bit
+    Image.fromarray(np.full((4, 4), 200, np.int32)).save(buf, "TIFF")
+    assert load_image(buf.getvalue())[0, 0].tolist() == [200, 200, 200]

@@ -182,6 +182,8 @@ def test_annotated_outputs_inside_the_input_folder_are_not_inputs(capsys, good, 
     assert expand_paths([root / "annotated" / "canvas_annotated.png"], skip=root / "annotated") == [
         root / "annotated" / "canvas_annotated.png"  # a file named is read
     ]
+    for above in (root, tmp_path):  # --annotate at or above the folder read skipped every input
+        assert len(expand_paths([root / "sub"], skip=above)) == 2
 
 
 def test_annotate_into_a_file_fails_before_any_work(capsys, good, tmp_path):

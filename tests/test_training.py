@@ -465,6 +465,8 @@ def test_config_yaml(tmp_path):
     path.write_text("lr: 0.05\nepochs: 30\nlr: 0.5\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}: not valid YAML ('lr' given twice")):
         TrainConfig.from_yaml(path)
+    path.write_text("model_kwargs: {<<: [{width: 0.5}, {dropout: 0.2}], width: 0.25}\n")  # YAML's merge keys
+    assert TrainConfig.from_yaml(path).model_kwargs == {"width": 0.25, "dropout": 0.2}
     with pytest.raises(ValueError, match=re.escape("teacher: expected a list of file names, got [1]")):
         TrainConfig(teacher=[1])
     with pytest.raises(ValueError, match="device: 'gpu' is not auto, cpu, cuda or cuda:N"):
@@ -931,7 +933,10 @@ def test_every_process_takes_its_own_gpu(monkeypatch):
     from ferkit.training import _check_config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert [resolve_device(d, 3) for d in ("auto", "cuda", "cuda:1")] == [torch.device(f"cuda:{i}") for i in (3, 3, 1)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU visible to each process
+    assert resolve_device("cuda", 3) == torch.device("cuda:0")
     _check_config(_cfg(device="cuda", amp="none"), 4, torch.device("cuda:3"))
     with pytest.raises(ValueError, match="device cuda:1: every process would use that one GPU"):
         _check_config(_cfg(device="cuda:1", amp="none"), 4, torch.device("cuda:1"))

@@ -206,7 +206,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        merge = "tag:yaml.org,2002:merge"  # '<<: *anchor' keys, merged by the SafeLoader (a later key wins)
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value if k.tag != merge]
         if twice := next((k for k in keys if keys.count(k) > 1), None):
             raise yaml.constructor.ConstructorError(None, None, f"{twice!r} given twice", node.start_mark)
         return super().construct_mapping(node, deep)

@@ -28,8 +28,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     under torchrun (``local_rank``)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
+    if name == "cuda":  # where each process sees one GPU (CUDA_VISIBLE_DEVICES set per process), that one
+        name = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)
@@ -407,13 +407,9 @@ def evaluate_tta(
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_checkpoints` for several TTA modes, each model run once over the widest mode's views
     (or its probabilities taken from the ``cache`` folder, see :func:`_probabilities`)."""
-    refuse_repeats(checkpoints, "ensemble member")  # it would count double
     if out is not None:
         refuse_file(out, "--out")  # before any model runs: it failed after
-    digests = [model_digest(c) for c in checkpoints]  # what a report's numbers are of (fileio.read_model_report)
-    if len(set(digests)) < len(digests):
-        twice = [str(c) for c, d in zip(checkpoints, digests, strict=True) if digests.count(d) > 1]
-        raise ValueError(f"{' and '.join(twice)}: one model in several files (it would count several times)")
+    digests = _distinct_models(checkpoints, "ensemble member")  # what a report's numbers are of
     labels, per_model, subset = _probabilities(
         checkpoints, data_path, split, modes, device, batch_size, limit, cache, progress
     )
@@ -434,6 +430,17 @@ def evaluate_tta(
     if out is not None and len(checkpoints) == 1 and run_metrics.exists():
         plot_training_curves(run_metrics, Path(out) / "training_curves.png")
     return results
+
+
+def _distinct_models(checkpoints: Sequence[str | Path], what: str) -> list[str]:
+    """The digests of ``checkpoints`` (fileio.model_digest), refusing one file given twice or one model in
+    several files: it would count several times in an ensemble."""
+    refuse_repeats(checkpoints, what)
+    digests = [model_digest(c) for c in checkpoints]
+    if len(set(digests)) < len(digests):
+        twice = [str(c) for c, d in zip(checkpoints, digests, strict=True) if digests.count(d) > 1]
+        raise ValueError(f"{' and '.join(twice)}: one model in several files (it would count several times)")
+    return digests
 
 
 def rank_ensembles(
@@ -477,7 +484,7 @@ def select_ensemble(
     for :func:`evaluate_tta`, so that candidates already evaluated on PublicTest are not run again."""
     if not 1 <= len(checkpoints) <= MAX_CANDIDATES:
         raise ValueError(f"give 1 to {MAX_CANDIDATES} candidate models (got {len(checkpoints)})")
-    refuse_repeats(checkpoints, "a candidate")  # it would be ranked as two models
+    _distinct_models(checkpoints, "a candidate")  # it would be ranked as two models
     labels, per_model, _ = _probabilities(checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache)
     probs = [p for _, p in per_model]
     rows = rank_ensembles(probs, labels, max_size)[:top]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -26,22 +26,18 @@ def refuse_file(path: str | Path, option: str) -> None:
         raise ValueError(f"{option} {path}: a file, not a folder")
 
 
-_UMASK = os.umask(0o022)  # read once, at import: setting it is the only way to read it, and not thread-safe
-os.umask(_UMASK)
-
-
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(file)`` on a temp file next to ``path`` and rename it over ``path``: readers see the
     old file or the whole new one, never a partial write."""
     path = refuse_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # as open() creates files: the umask applies
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would create it (mkstemp's is private to its owner)
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -62,20 +58,27 @@ def file_digest(path: str | Path) -> str:
 
 def model_digest(path: str | Path) -> str:
     """What identifies a model in the reports of ``ferkit evaluate``, checked where their numbers are quoted:
-    an ONNX file's graph with its weights (not its metadata, which ``export --report`` rewrites), or a
-    checkpoint's bytes."""
+    an ONNX file's graph and weights (not its metadata, which ``export --report`` rewrites, nor where its
+    weights are stored: in the file or beside it), or a checkpoint's bytes."""
     if not Path(path).is_file():
         what = "model file" if Path(path).suffix.lower() == ".onnx" else "checkpoint"
         raise FileNotFoundError(f"{path}: {what} not found")
     if Path(path).suffix.lower() != ".onnx":
         return file_digest(path)
     import onnx
+    from onnx import numpy_helper
 
     try:
         graph = onnx.load(str(path)).graph
     except Exception as e:  # onnx raises protobuf's DecodeError and others for a damaged file
         raise ValueError(f"{path}: not a readable ONNX model ({e})") from e
-    return bytes_digest(graph.SerializeToString())
+    h = hashlib.sha256()
+    for tensor in graph.initializer:  # one by one: a graph with its weights may be over protobuf's 2 GB
+        h.update(f"{tensor.name} {tensor.data_type} {list(tensor.dims)}".encode())
+        h.update(numpy_helper.to_array(tensor).tobytes())
+    del graph.initializer[:]
+    h.update(graph.SerializeToString())
+    return h.hexdigest()[:16]
 
 
 def bytes_digest(data: bytes | memoryview) -> str:
@@ -105,7 +108,7 @@ def read_model_report(path: str | Path, model: str | Path) -> dict[str, Any]:
     an ensemble's numbers, which must never pass for a model's)."""
     report = read_json_object(path)
     if missing := [k for k in REPORT_KEYS if k not in report]:
-        old = " (an older report, which names no model digest: evaluate again)" if missing == ["digests"] else ""
+        old = " (an older report, which names no model digest: evaluate again)" if "digests" in missing else ""
         raise ValueError(f"{path}: not a report of `ferkit evaluate` (no {', '.join(missing)}){old}")
     accuracy, checkpoints = report["accuracy"], report["checkpoints"]
     if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool) or not 0 <= accuracy <= 1:

@@ -54,8 +54,6 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if isinstance(src, io.TextIOBase):
         raise ImageError("a file opened in text mode: open it in binary mode ('rb')")
     name = str(src) if isinstance(src, (str, os.PathLike)) else "image"
-    if len(name) > 200:  # say, image data passed as a str
-        name = name[:60] + f"... ({len(name):,} characters)"
     if isinstance(src, (str, os.PathLike)):
         _check_file(Path(src), name)
     try:
@@ -93,17 +91,19 @@ def _check_file(path: Path, name: str) -> None:
         if not path.is_file():
             raise ImageError(f"{name}: " + ("not a regular file" if path.exists() else "no such file"))
     except OSError as e:  # a name too long for a path, say (image data passed as a str)
-        raise ImageError(f"{name}: not a file path ({e.strerror})") from None
+        short = name if len(name) <= 200 else name[:60] + f"... ({len(name):,} characters)"
+        raise ImageError(f"{short}: not a file path ({e.strerror})") from None
 
 
 def _pil_to_rgb(im: Any, from_file: bool = False) -> np.ndarray:
-    """RGB uint8 of a PIL image; ``from_file``: its 32-bit integer pixels (mode I) up to 65535 are 16-bit."""
+    """RGB uint8 of a PIL image; ``from_file``: its 32-bit integer pixels (mode I) are 8-bit values when none
+    is over 255, else 16-bit ones up to 65535 (an array's rule would scale 300-1023 as 8-bit, clipped)."""
     from PIL import Image
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # I;16*: uint16 arrays, scaled by the 16-bit range
         a = np.asarray(im)
-        if im.mode == "I" and from_file and a.min(initial=0) >= 0 and a.max(initial=0) <= 65535:
-            a = a.astype(np.uint16)
+        if im.mode == "I" and from_file and a.min(initial=0) >= 0 and 255 < a.max(initial=0) <= 65535:
+            a = a.astype(np.uint16)  # 16-bit values (a PGM's, say), not scaled by the brightest; 0-255: 8-bit
         return _array_to_rgb(a)
     if im.mode == "P":
         im = im.convert("RGBA")

@@ -46,18 +46,20 @@ class Record:
 
 def expand_paths(paths: list[str | Path], skip: str | Path | None = None) -> list[Path]:
     """Files as given (so a bad one gets reported), and folders searched recursively for images and videos,
-    but not in the folder ``skip`` (annotated outputs, which a next run would take as inputs); a folder with
-    none stays in the list, to be reported too."""
+    but not in the folder ``skip`` where it lies below the folder searched (annotated outputs, which a next
+    run would take as inputs); a folder with none stays in the list, to be reported too."""
     out: list[Path] = []
-    skip = Path(skip).resolve() if skip is not None else None
     for p in map(Path, paths):
         found = []
         if p.is_dir():
             exts = {*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS}
+            outputs = Path(skip).resolve() if skip is not None else None
+            if outputs == p.resolve() or (outputs and not outputs.is_relative_to(p.resolve())):
+                outputs = None  # the outputs are not a folder below this one: every file is an input
             found = sorted(
                 f
                 for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in exts and not (skip and f.resolve().is_relative_to(skip))
+                if f.is_file() and f.suffix.lower() in exts and not (outputs and f.resolve().is_relative_to(outputs))
             )
         out += found or [p]
     return out
