@@ -406,6 +406,8 @@ def test_make_optimizer_groups():
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert isinstance(make_optimizer(model, _cfg(optimizer="adamw")), torch.optim.AdamW)
+    plain = make_optimizer(model, _cfg(momentum=0.0))  # config allows it; Nesterov without momentum raised
+    assert plain.defaults["nesterov"] is False and make_optimizer(model, _cfg()).defaults["nesterov"] is True
     cfg = _cfg()
     cfg.optimizer = "lion"
     with pytest.raises(ValueError, match="unknown optimizer"):

@@ -85,7 +85,8 @@ def undo_class_weights(onnx_path: str | Path, out: str | Path, counts: np.ndarra
     """A copy of an exported model whose probabilities are multiplied by ``counts ** power`` (renormalised):
     ``power · log(count)`` is added to the logits before the final softmax. With the Training class counts
     and the ``class_weight_power`` the model was trained with, this divides out the class weights of its loss
-    (``count ** -power``), so that its probabilities follow the Training prior again. The correction is kept
+    (``count ** -power``), so that its probabilities follow the Training prior again (exactly without label
+    smoothing, whose uniform part of the target stays tilted). The correction is kept
     in the metadata (asking twice is refused) and the source's measured metrics are not: they were not
     measured on this model."""
     if Path(out).resolve() == Path(onnx_path).resolve():  # the original would be lost: undoing twice is refused
