@@ -25,4 +25,4 @@ back)
     exit 2
     ;;
 esac
-git status --short | head -5
+git status --short | sed -n 1,5p  # not head: its closed pipe fails the script (pipefail)

@@ -27,7 +27,8 @@
 # BUDGET (default 540 s) bounds the whole call: a run still going when its share is spent is stopped and keeps its
 # best epoch, so the results always come back within a 600 s device call.
 # PY (the Python), EXTRA and EVAL_EXTRA (`ferkit evaluate` options, e.g. "--limit 64 --device cpu") serve a dry
-# run on a CPU.
+# run on a CPU; DATA (default data/fer2013_carried.npz) is where the carried pack is prepared.
+# Every run gets a new folder (runs/NAME already there is refused); the script exits 1 if a run failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 E1=${1:-70}
@@ -46,7 +47,7 @@ RUNS=${RUNS:-"${PREFIX}_s1$TAG --seed 1; ${PREFIX}_strong_s2$TAG --seed 2 --augm
 T0=$(date +%s)
 left() { local l=$((BUDGET - ($(date +%s) - T0))); echo $((l > 1 ? l : 1)); } # budget still unspent (s, ≥ 1)
 export PYTHONPATH=src PYTHONUNBUFFERED=1
-DATA=data/fer2013.npz
+DATA=${DATA:-data/fer2013_carried.npz}  # never the home cache: a Training+PublicTest pack has no PrivateTest
 LOGS=runs/logs
 mkdir -p "$OUT" "$LOGS" data
 exec > >(tee "$OUT/gpu.log") 2>&1
@@ -57,6 +58,20 @@ for variant in "${VARIANTS[@]}"; do set -- $variant; [ $# -gt 0 ] && TEACHERS+=(
 set +f
 if [ ${#TEACHERS[@]} -eq 0 ]; then echo "RUNS names no run" >&2; exit 2; fi
 if [ "$(printf '%s\n' "${TEACHERS[@]}" | sort | uniq -d)" ]; then echo "RUNS names a run twice" >&2; exit 2; fi
+STUDENTS=()
+if [ "$E2" -gt 0 ]; then STUDENTS=("ferkit_small_distill$TAG" "ferkit_vgg_half_distill$TAG"); fi
+for r in "${TEACHERS[@]}" "${STUDENTS[@]}"; do  # an old run's best.pt would come back as this session's
+  if [ -e "runs/$r" ]; then echo "runs/$r already exists: give the run a new name" >&2; exit 2; fi
+done
+FAILED=()
+finish() { # NAME... : wait for the runs started (pids, in that order); name those that failed or hit the budget
+  local names=("$@") i rc
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"; rc=$?
+    if [ $rc -eq 124 ]; then echo "${names[$i]}: stopped at its time budget (its best epoch is kept)"
+    elif [ $rc -ne 0 ]; then echo "${names[$i]}: failed (exit $rc)"; FAILED+=("${names[$i]}"); fi
+  done
+}
 train() { # LIMIT_SECONDS OPTION...
   local limit=$(($1 > 1 ? $1 : 1))
   shift
@@ -84,7 +99,7 @@ for variant in "${VARIANTS[@]}"; do
   train "$TEACHER_S" --config "$CONFIG" --epochs "$E1" --out "runs/$1" "${@:2}" >"$LOGS/$1.out" 2>&1 &
   pids+=($!)
 done
-wait "${pids[@]}"
+finish "${TEACHERS[@]}"
 for r in "${TEACHERS[@]}"; do tail -v -n 2 "$LOGS/$r.out"; done
 for r in "${TEACHERS[@]}"; do [ -f runs/$r/best.pt ] && $PY -m ferkit slim runs/$r/best.pt -o "$OUT/$r.pt" --half; done
 
@@ -99,7 +114,7 @@ if [ "$E2" -gt 0 ] && [ ${#CKPTS[@]} -gt 0 ]; then
       --teacher "${CKPTS[@]}" >"$LOGS/$r$TAG.out" 2>&1 &
     pids+=($!)
   done
-  wait "${pids[@]}"
+  finish "${STUDENTS[@]}"
   tail -v -n 2 $LOGS/*distill$TAG.out
   for r in ferkit_small_distill ferkit_vgg_half_distill; do
     [ -f runs/$r$TAG/best.pt ] && $PY -m ferkit slim runs/$r$TAG/best.pt -o "$OUT/$r$TAG.pt" --half
@@ -129,6 +144,7 @@ PY
 fi
 
 date -u +"pack %T"
-kill $SMI
+kill $SMI 2>/dev/null
 tar czf "$OUT/logs.tgz" runs/*/metrics.csv runs/*/train.log $LOGS
 date -u +"done %T"
+if [ ${#FAILED[@]} -gt 0 ]; then echo "failed: ${FAILED[*]}"; exit 1; fi
