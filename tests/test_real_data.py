@@ -157,3 +157,19 @@ def test_resume_and_evaluate(real_run, real_cache, tmp_path):
     assert 0.6 < res["macro_auc"] <= 1.0
     assert (tmp_path / "PrivateTest_limit1000.json").is_file()  # a subset, named as one
     assert (tmp_path / "PrivateTest_limit1000_confusion.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["inference_speed", "face_detection", "crop_margin", "train_throughput", "load_app"])
+def test_each_benchmark_runs_and_writes_its_quick_report(name, real_cache, tmp_path):
+    """The README's numbers come from these scripts: each must still run (tiny settings) and report."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    data = [] if name == "load_app" else ["--data", str(real_cache)]
+    cmd = [sys.executable, str(root / "benchmarks" / f"{name}.py"), "--quick", "--out-dir", str(tmp_path), *data]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / f"{name}_quick.json").read_text())
+    assert report["quick"] is True and report["machine"]

@@ -6,14 +6,17 @@ from pathlib import Path
 from typing import Any
 
 
-def cpu_session(path: str | Path, threads: int | None, what: str, arena: bool = True) -> Any:
+def cpu_session(path: str | Path, threads: int | None, what: str, arena: bool = True, spin: bool = True) -> Any:
     """An ``onnxruntime.InferenceSession`` of ``path`` on the CPU with ``threads`` intra-op threads (None: all
     cores); a file ONNX Runtime cannot load is a ValueError naming it as ``what``. ``arena=False`` returns
-    each run's memory to the system (else a large input's gigabytes stay with the process)."""
+    each run's memory to the system (else a large input's gigabytes stay with the process). ``spin=False``:
+    its threads sleep as soon as a run ends, instead of spinning a while for the next one, on cores that
+    another session (the one that runs next) needs."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = arena
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if threads:
         opts.intra_op_num_threads = threads
     try:
