@@ -244,6 +244,31 @@ def test_max_pixels_option(capsys, good):
     assert code == 0 and len(jsonl(out)[0]["faces"]) == 1
 
 
+def test_max_pixels_over_pillow_s_own_limit(capsys, tmp_path, monkeypatch):
+    """Pillow refused a 200 M-pixel image as a decompression bomb (its limit: 179 M) whatever --max-pixels said,
+    and warned from 89 M. A PNG header of 14142x14142 with no pixel data: ferkit's limit decides, then its
+    decoding fails."""
+    import struct
+    import warnings
+    import zlib
+
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the process-wide limit, restored
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 14142, 14142, 8, 0, 0, 0, 0))
+    (tmp_path / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(100))))
+    code, out, _ = run(capsys, tmp_path / "big.png", "--format", "jsonl")  # the default limit, 40 M: refused
+    assert code == 1 and "refused as a possible decompression bomb" in jsonl(out)[0]["error"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        code, out, _ = run(capsys, tmp_path / "big.png", "--max-pixels", "250000000", "--format", "jsonl")
+    assert code == 1 and "corrupt or truncated" in jsonl(out)[0]["error"]
+
+
 def test_video_every_nth_frame(capsys, video, tmp_path):
     out_dir = tmp_path / "annotated"
     code, out, _ = run(capsys, video, "--every", "4", "--format", "jsonl", "--annotate", out_dir)

@@ -369,6 +369,7 @@ def _print_records(records, fmt: str, classes: list[str]) -> bool:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .images import let_pillow_open
     from .inference import EmotionRecognizer
     from .media import predict_camera, predict_paths
 
@@ -376,6 +377,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.usage_error("give image/video/folder paths, or --webcam N")
     if args.webcam is not None and (args.paths or args.annotate):
         args.usage_error("--webcam reads the camera only: it takes no paths and no --annotate")
+    let_pillow_open(args.max_pixels)
     rec = EmotionRecognizer(
         args.model,
         backend=args.backend,
@@ -414,6 +416,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .app import serve
     except ImportError as e:
         raise ImportError(f"{e.name or e}: the web app needs its extra: pip install 'ferkit[app]'") from e
+    from .images import let_pillow_open
+
+    let_pillow_open(args.max_pixels)
 
     settings = AppSettings(
         model=args.model[0] if args.model and len(args.model) == 1 else args.model,

@@ -83,6 +83,16 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"{name}: corrupt or truncated image ({e or type(e).__name__})") from None
 
 
+def let_pillow_open(max_pixels: int) -> None:
+    """Raise Pillow's process-wide decompression-bomb limit to ``max_pixels`` where it is lower, for ferkit's own
+    processes (``predict``, ``serve``): :func:`load_image` refuses larger images itself, from their header, and
+    Pillow's limit (179 M pixels, with a warning from 89 M) stopped a larger ``--max-pixels`` first."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def _check_file(path: Path, name: str) -> None:
     """Refuse a path that is not a readable regular file, saying what it is instead."""
     try:
