@@ -8,6 +8,7 @@ inside the package, so a fresh install predicts with no download.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ class OnnxBackend:
         self.info: dict[str, Any] = parse_model_metadata(meta.get("ferkit"), path)
         self.input = self.session.get_inputs()[0].name
         self._check(path, len(self.info.get("classes", CLASSES)))
+        if "classes" not in self.info:  # a model trained on the Kaggle folders in another order would be misread
+            warnings.warn(f"{path}: no class names in its metadata; read in FER-2013's order ({', '.join(CLASSES)})",
+                          stacklevel=2)  # fmt: skip
 
     def _check(self, path: str | Path, n_classes: int) -> None:
         """Refuse a model that does not map float (N, 1, 48, 48) images to ``n_classes`` probabilities."""
