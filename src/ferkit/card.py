@@ -22,9 +22,10 @@ RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 def _load(paths: list[Path], model: Path) -> list[dict[str, Any]]:
     """``ferkit evaluate`` reports of the file ``model`` on whole splits, checked: the card and the README
     must not quote a ranking, an ensemble's numbers, another model's or a subset's as this one's."""
-    reports, sizes = [], {}
+    reports, sizes, digest = [], {}, None
     for path in paths:
-        r = read_model_report(path, model)
+        r = read_model_report(path, model, digest)
+        digest = r["digests"][0]  # checked to be the model's: not computed again for the next report
         if r["limit"]:
             raise ValueError(f"{path}: the report of a {r['n']}-image subset of {r['split']}, not of the whole split")
         if sizes.setdefault(r["split"], r["n"]) != r["n"]:

@@ -102,10 +102,10 @@ REPORT_KEYS = ("model", "checkpoints", "digests", "split", "tta", "n", "limit", 
 REPORT_KEYS += ("weighted_f1", "macro_auc", "report", "roc")
 
 
-def read_model_report(path: str | Path, model: str | Path) -> dict[str, Any]:
+def read_model_report(path: str | Path, model: str | Path, digest: str | None = None) -> dict[str, Any]:
     """A ``ferkit evaluate`` report of the file ``model`` (its network and weights: another run's ``best.pt``
     has the same name), checked: every report key, an accuracy between 0 and 1 and a single checkpoint (not
-    an ensemble's numbers, which must never pass for a model's)."""
+    an ensemble's numbers, which must never pass for a model's). ``digest``: ``model``'s, if already known."""
     report = read_json_object(path)
     if missing := [k for k in REPORT_KEYS if k not in report]:
         old = " (an older report, which names no model digest: evaluate again)" if "digests" in missing else ""
@@ -116,7 +116,7 @@ def read_model_report(path: str | Path, model: str | Path) -> dict[str, Any]:
     if not isinstance(checkpoints, list) or len(checkpoints) != 1:
         n = len(checkpoints) if isinstance(checkpoints, list) else "?"
         raise ValueError(f"{path}: the report of an ensemble of {n} models, not of one")
-    if report["digests"] != [model_digest(model)]:
+    if report["digests"] != [digest or model_digest(model)]:
         raise ValueError(f"{path}: the report of {checkpoints[0]}, not of {model} (another network or weights)")
     return report
 
