@@ -31,7 +31,7 @@ def test_train_help_lists_every_config_field(capsys):
         assert _squash(f.metadata["help"]) in flat, f.name
         if f.type in ("bool", bool):
             assert "--no-" + f.name.replace("_", "-") in out
-    for extra in ("--config", "--resume", "--evaluate", "--tta"):
+    for extra in ("--config", "--resume"):
         assert extra in out
 
 
@@ -249,6 +249,18 @@ def test_train_resume_takes_the_runs_own_settings(tmp_path, synthetic_cache, cap
     assert cli.main(["train", "--out", str(run), "--epochs", "3", "--resume", "--no-evaluate"]) == 0
     assert "config.yaml: ignoring retired_option (no longer training options)" in capsys.readouterr().err
     assert TrainConfig.from_yaml(run / "config.yaml").epochs == 3
+
+
+def test_train_resume_keeps_the_runs_final_evaluation(tmp_path, synthetic_cache):
+    """--no-evaluate and --tta are the run's settings: a resume without them once evaluated anyway."""
+    run = tmp_path / "run"
+    first = ["train", "--data", str(synthetic_cache), "--out", str(run), "--model-kwargs", "{width: 0.25}"]
+    assert cli.main([*first, "--epochs", "1", "--batch-size", "16", "--no-progress", "--no-evaluate"]) == 0
+    assert cli.main(["train", "--out", str(run), "--epochs", "2", "--resume"]) == 0
+    assert not (run / "eval").exists()
+    assert cli.main(["train", "--out", str(run), "--epochs", "3", "--resume", "--evaluate", "--tta", "flip"]) == 0
+    assert [p.name for p in (run / "eval").glob("*.json")] == ["PrivateTest_tta-flip.json"]
+    assert TrainConfig.from_yaml(run / "config.yaml").tta == "flip"
 
 
 def test_train_unknown_config_field(tmp_path, capsys):

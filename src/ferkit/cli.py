@@ -14,7 +14,18 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .config import DETECTOR, MARGIN, MAX_PIXELS, MIN_FACE, TTA, TTA_CHOICES, TTA_MODES, AppSettings, TrainConfig
+from .config import (
+    DETECTOR,
+    MARGIN,
+    MAX_PIXELS,
+    MIN_FACE,
+    RESUMABLE_CHANGES,
+    TTA,
+    TTA_CHOICES,
+    TTA_MODES,
+    AppSettings,
+    TrainConfig,
+)
 from .data import SPLITS
 
 
@@ -149,8 +160,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not cfg.data:
         raise ValueError("--data is required (or set `data:` in the --config file)")
     result = train(cfg, resume=args.resume)
-    if args.evaluate and result["history"] and int(os.environ.get("RANK", "0")) == 0:
-        _evaluate([result["best"]], cfg.data, "PrivateTest", Path(cfg.out) / "eval", [args.tta], cfg.device,
+    if cfg.evaluate and result["history"] and int(os.environ.get("RANK", "0")) == 0:
+        _evaluate([result["best"]], cfg.data, "PrivateTest", Path(cfg.out) / "eval", [cfg.tta], cfg.device,
                   progress=cfg.progress)  # fmt: skip
     return 0
 
@@ -464,19 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue from OUT/last.pt if it exists, with the run's own settings (OUT/config.yaml when no --config; "
-        "only data, out, epochs, patience, max-steps, device, threads, compile and progress may change)",
-    )
-    p.add_argument(
-        "--evaluate",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="evaluate best.pt on PrivateTest into OUT/eval when training ends (default: on)",
-    )
-    p.add_argument(
-        "--tta",
-        default="none",
-        choices=TTA_MODES,
-        help="test-time augmentation for that final evaluation (default: %(default)s)",
+        f"only {', '.join(k.replace('_', '-') for k in RESUMABLE_CHANGES)} may change)",
     )
     _add_config_options(p)
     p.set_defaults(func=cmd_train)

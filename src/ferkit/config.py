@@ -35,6 +35,12 @@ TTA_MODES = ("none", "flip", "crops")  # what evaluation can try (crops: ten-cro
 MB = 1024 * 1024
 
 
+# what a resumed run may change: where the data, the work and the run folder are, how long it goes on (a longer
+# cosine or exponential schedule bends from where it is) and its final evaluation; anything else is another recipe
+RESUMABLE_CHANGES = ("data", "out", "epochs", "patience", "max_steps", "device", "threads", "compile", "progress",
+                     "evaluate", "tta")  # fmt: skip
+
+
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
@@ -141,6 +147,8 @@ class TrainConfig:
         bounds="[0, inf)",
     )
     progress: bool = _opt(True, "show progress bars")
+    evaluate: bool = _opt(True, "when training ends, evaluate best.pt on PrivateTest into out/eval")
+    tta: str = _opt("none", "test-time augmentation of that final evaluation", choices=list(TTA_MODES))
 
     def __post_init__(self) -> None:
         """Check every field's type and choices, so that a bad config fails before any data is loaded."""

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .augment import PRESETS, augment, class_weights, mix, sample_weights
 from .checkpoint import load_checkpoint, load_init_weights, save_checkpoint
-from .config import TrainConfig
+from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import CLASSES, load_dataset
 from .evaluate import load_for_evaluation, predict_proba, resolve_device
 from .fileio import atomic_write, bytes_digest, file_digest
@@ -631,11 +631,6 @@ def _train_epoch(
         "epoch_time_s": train_time,
         "img_per_s": seen / train_time,
     }
-
-
-# what a resumed run may change: where the data, the work and the run folder are, and how long it goes on (a
-# longer cosine or exponential schedule bends from where it is); anything else would train another recipe
-RESUMABLE_CHANGES = ("data", "out", "epochs", "patience", "max_steps", "device", "threads", "compile", "progress")
 
 
 def _check_resumed_config(path: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
