@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from .config import TrainConfig
-from .data import CLASSES
+from .data import CLASSES, SPLIT_SIZES
 from .fileio import read_model_report
 
 REFERENCE = (
@@ -183,6 +183,8 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
         else ""
     )
     name = onnx_path.stem
+    train_images = _images(cfg["train_limit"], SPLIT_SIZES["Training"])
+    val_images = _images(cfg["val_limit"], SPLIT_SIZES["PublicTest"])
     from .inference import WEIGHTS_DIR
 
     shipped = " (shipped default)" if onnx_path.resolve().parent == WEIGHTS_DIR.resolve() else ""
@@ -199,8 +201,8 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
   {", ".join(CLASSES)}.{output}
 
 ## Training
-- Data: FER-2013 Training split ({_images(cfg["train_limit"], 28_709)}); model selection on PublicTest
-  ({_images(cfg["val_limit"], 3_589)}); numbers below on PrivateTest ({reports[0]["n"]:,} images), which was not
+- Data: FER-2013 Training split ({train_images}); model selection on PublicTest
+  ({val_images}); numbers below on PrivateTest ({reports[0]["n"]:,} images), which was not
   used for any choice.
 - Command: `{command}`
 - Hardware: {hardware}. {run["epochs"]} epochs, {run["train_minutes"]:.1f} minutes in training epochs
