@@ -84,7 +84,7 @@ def iou(a, b) -> float:
 
 
 def check_face(face: dict) -> None:
-    assert set(face) == {"box", "emotion", "confidence", "scores"}
+    assert set(face) == {"box", "emotion", "confidence", "scores", "whole_image"}
     assert len(face["box"]) == 4 and all(isinstance(v, int) for v in face["box"])
     assert list(face["scores"]) == list(CLASSES)
     assert sum(face["scores"].values()) == pytest.approx(1.0, abs=1e-3)
@@ -159,7 +159,7 @@ def test_no_face_with_fallback(client):
     r = post_file(client, no_face_image(), name="gradient.png", mime="image/png", fallback="true")
     assert r.status_code == 200, r.text
     faces = r.json()["faces"]
-    assert len(faces) == 1 and faces[0]["box"] == [0, 0, 400, 300]
+    assert len(faces) == 1 and faces[0]["box"] == [0, 0, 400, 300] and faces[0]["whole_image"] is True
     check_face(faces[0])
 
 
@@ -305,6 +305,7 @@ class SlowRecognizer:
 
     model_info = {"name": "slow-stand-in", "classes": list(CLASSES), "accuracy": None, "accuracy_tta": None}
     model_info |= {"backend": "none"}
+    tta, detector_name, margin, min_face = "none", "centerface", 0.1, 48
 
     def __init__(self, delay: float) -> None:
         self.delay, self.started, self.finished = delay, threading.Event(), threading.Event()
@@ -500,6 +501,7 @@ def test_the_ui_names_the_detector_it_runs():
     assert "Faces are found by the Haar cascade haarcascade_frontalface_alt2.xml: faces of" in page
     assert not Path(ferkit.app.__file__).with_suffix(".pyi").exists()  # building the UI writes nothing beside it
     assert "frontal Haar" not in page
+    assert _detector_text("MyDetector") == "the face detector MyDetector"  # a detector object's class
     assert _detector_text("haar") == "OpenCV's frontal Haar cascade"
     assert _detector_text("centerface") == "the CenterFace detector"
     assert (
@@ -545,6 +547,20 @@ def test_the_ui_reads_only_files_uploaded_to_it(tmp_path):
     with pytest.raises(gr.Error, match="not uploaded to this server"):  # also where Gradio's check is off
         _photo_input_class()().preprocess(FileData(path=str(private)))
     assert not [p for p in Path(gr.utils.get_upload_folder()).rglob("private.jpg")]
+
+
+def test_a_given_recognizer_is_described_by_its_own_settings():
+    """create_app(recognizer) reported AppSettings' TTA, detector and smallest face, not the recognizer's."""
+    from fastapi.testclient import TestClient
+
+    from ferkit.inference import EmotionRecognizer
+
+    rec = EmotionRecognizer(tta="none", detector="haar", min_face=100, threads=1)
+    with TestClient(create_app(rec)) as c:
+        assert c.get("/api/v1/model").json()["tta"] == "none"
+        page = c.get("/config").text
+    assert "Faces are found by OpenCV's frontal Haar cascade: faces of 100 px or more" in page
+    assert "this server runs TTA none" in page
 
 
 def test_the_ui_says_when_the_recorded_accuracy_was_measured_with_another_tta():

@@ -187,7 +187,7 @@ def test_whole_image_fallback(rec, shape):
     assert rec.predict(img) == []
     faces = rec.predict(img, whole_image_fallback=True)
     assert len(faces) == 1
-    assert faces[0].box == (0, 0, shape[1], shape[0])
+    assert faces[0].box == (0, 0, shape[1], shape[0]) and faces[0].whole_image
     check_scores(faces[0])
 
 

@@ -117,11 +117,14 @@ class RecognizerService:
         settings: AppSettings | None = None,
         recognizer: EmotionRecognizer | Sequence[EmotionRecognizer] | None = None,
     ) -> RecognizerService:
-        """``max_concurrency`` recognizers of ``settings.model``, or the given recognizer(s) (one slot each)."""
+        """``max_concurrency`` recognizers of ``settings.model``, or the given recognizer(s) (one slot each),
+        whose own TTA, detector, margin and smallest face then replace those of ``settings``."""
         settings = settings or AppSettings()
         if recognizer is not None:
             recs = list(recognizer) if isinstance(recognizer, (list, tuple)) else [recognizer]
-            return cls(recs, settings)
+            r = recs[0]
+            own = {"tta": r.tta, "detector": r.detector_name, "margin": r.margin, "min_face": r.min_face}
+            return cls(recs, dataclasses.replace(settings, **own))
         threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.max_concurrency)
         recs = [
             EmotionRecognizer(
@@ -224,6 +227,9 @@ class Face(BaseModel):
     emotion: str = Field(description="the most probable class", examples=["happy"])
     confidence: float = Field(description="probability of that class", examples=[0.96])
     scores: dict[str, float] = Field(description="probability of each of the 7 classes (they sum to 1)")
+    whole_image: bool = Field(
+        description="true when no face was found and the whole image was classified as one (fallback=true)"
+    )
 
 
 class Prediction(BaseModel):
@@ -354,7 +360,7 @@ def create_app(
         description="Facial expression recognition: find every face in a photo and score 7 emotions "
         f"({', '.join(info['classes'])}). Model: {info['name']}.",
     )
-    app.state.service, app.state.settings = service, settings
+    app.state.service, app.state.settings = service, service.settings
     # bodies may exceed the image by multipart headers, or by base64 in the UI's JSON (webcam frames);
     # predict() checks the uploaded file itself against max_upload_bytes exactly
     body_limit = settings.max_upload_bytes * 4 // 3 + 64 * 1024
@@ -479,11 +485,13 @@ def _detector_text(detector: str) -> str:
         return "the CenterFace detector"
     if detector == "haar":
         return "OpenCV's frontal Haar cascade"
-    name = Path(detector).name
-    return f"the ONNX face detector {name}" if Path(detector).suffix == ".onnx" else f"the Haar cascade {name}"
+    name, suffix = Path(detector).name, Path(detector).suffix
+    return {".onnx": f"the ONNX face detector {name}", ".xml": f"the Haar cascade {name}"}.get(
+        suffix, f"the face detector {detector}"
+    )
 
 
-def _summary(a: Analysis, fallback_used: bool) -> str:
+def _summary(a: Analysis) -> str:
     if not a.faces:
         return (
             f"**No face found** in this {a.width}×{a.height} image ({a.elapsed_ms:.0f} ms). Try a larger, "
@@ -491,7 +499,7 @@ def _summary(a: Analysis, fallback_used: bool) -> str:
         )
     n = len(a.faces)
     head = f"**{n} face{'s' * (n != 1)}** in this {a.width}×{a.height} image ({a.elapsed_ms:.0f} ms)"
-    if fallback_used:
+    if a.faces[0].whole_image:
         head = f"No face found: **the whole {a.width}×{a.height} image** classified as one face ({a.elapsed_ms:.0f} ms)"
     rows = ["| face | emotion | confidence | box (x, y, w, h) |", "|---:|---|---:|---|"]
     rows += [
@@ -553,8 +561,7 @@ def build_ui(service: RecognizerService) -> Any:
             a = await service.analyse(path, fallback=fallback, annotated=True)
         except ServiceError as e:  # said where the result goes, and kept there (a toast vanishes)
             return [None, f"**{e.message[:1].upper() + e.message[1:]}**", *panels_off]
-        used = bool(fallback and a.faces and a.faces[0].box == (0, 0, a.width, a.height))
-        return [a.annotated, _summary(a, used), *panel_updates(a.faces)]
+        return [a.annotated, _summary(a), *panel_updates(a.faces)]
 
     async def on_frame(frame: np.ndarray | None) -> tuple[Any, Any]:
         if frame is None:

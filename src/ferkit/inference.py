@@ -35,12 +35,14 @@ DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_s1_e110_int8_prior.onnx"  # the shippe
 
 @dataclass
 class FaceResult:
-    """One detected face: its box (x, y, w, h) in the original image, the top emotion and all 7 scores."""
+    """One detected face: its box (x, y, w, h) in the original image, the top emotion and all 7 scores;
+    ``whole_image`` when no face was found and the whole image was classified as one (``whole_image_fallback``)."""
 
     box: Box
     emotion: str
     confidence: float
     scores: dict[str, float] = field(default_factory=dict)
+    whole_image: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +50,7 @@ class FaceResult:
             "emotion": self.emotion,
             "confidence": round(self.confidence, 5),
             "scores": {k: round(v, 5) for k, v in self.scores.items()},
+            "whole_image": self.whole_image,
         }
 
 
@@ -176,7 +179,9 @@ class EmotionRecognizer:
         if any(tuple(i.get("classes", CLASSES)) != self.classes for i in infos):
             raise ValueError("ensemble members disagree on the class names or their order")
         self.detector = make_detector(detector, min_face, threads)
-        self.margin, self.max_pixels = margin, max_pixels
+        self.margin, self.max_pixels, self.min_face = margin, max_pixels, min_face
+        # how the detector was given: a name or file, or the class of a detector object (what the web app shows)
+        self.detector_name = str(detector or DETECTOR) if not hasattr(detector, "detect") else type(detector).__name__
         names = [i.get("name", p.stem) for i, p in zip(infos, paths, strict=True)]
         self.model_info = {
             "name": names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")",
@@ -202,18 +207,13 @@ class EmotionRecognizer:
             out.append(sum(b(v) for b in self.backends for v in views) / (len(self.backends) * len(views)))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
-    def _results(self, boxes: list[Box], probs: np.ndarray) -> list[FaceResult]:
+    def _results(self, boxes: list[Box], probs: np.ndarray, whole_image: bool = False) -> list[FaceResult]:
         results = []
-        for box, p in zip(boxes, probs, strict=True):
+        for (x, y, w, h), p in zip(boxes, probs, strict=True):
             k = int(p.argmax())
-            results.append(
-                FaceResult(
-                    tuple(int(v) for v in box),
-                    self.classes[k],
-                    float(p[k]),  # type: ignore[arg-type]
-                    {c: float(v) for c, v in zip(self.classes, p, strict=True)},
-                )
-            )
+            scores = {c: float(v) for c, v in zip(self.classes, p, strict=True)}
+            box = (int(x), int(y), int(w), int(h))
+            results.append(FaceResult(box, self.classes[k], float(p[k]), scores, whole_image))
         return results
 
     def predict(self, image: ImageInput, whole_image_fallback: bool = False) -> list[FaceResult]:
@@ -223,10 +223,8 @@ class EmotionRecognizer:
         boxes = fit_boxes(self.detector.detect(rgb), rgb.shape)  # a custom detector's too: an array, or past the edge
         if not boxes and whole_image_fallback:
             boxes = [(0, 0, rgb.shape[1], rgb.shape[0])]
-            crops = crop_faces(rgb, boxes, margin=0.0)
-        else:
-            crops = crop_faces(rgb, boxes, margin=self.margin)
-        return self._results(boxes, self.classify_crops(crops))
+            return self._results(boxes, self.classify_crops(crop_faces(rgb, boxes, margin=0.0)), whole_image=True)
+        return self._results(boxes, self.classify_crops(crop_faces(rgb, boxes, margin=self.margin)))
 
 
 def annotate(rgb: np.ndarray, faces: list[FaceResult]) -> np.ndarray:
