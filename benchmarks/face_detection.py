@@ -30,8 +30,9 @@ import numpy as np
 from _common import DEFAULT_DATA, base_parser, machine_info, opencv_threads, print_table, write_report
 from _photos import PHOTO_SIZE, cluttered_canvas, encode_jpeg, paste, plain_canvas
 
+from ferkit.config import MIN_FACE
 from ferkit.data import load_dataset
-from ferkit.faces import Box, CenterFaceDetector, FaceDetector, HaarDetector, onnx_detector
+from ferkit.faces import Box, FaceDetector, make_detector
 from ferkit.inference import load_image
 
 DETECTORS = [
@@ -85,17 +86,8 @@ def detector_from_spec(spec: str, threads: int) -> FaceDetector:
             kwargs[key] = float(value) if "." in value or "e" in value.lower() else int(value)
         except ValueError:
             raise SystemExit(f"{spec}: {key} takes a number, got {value!r}") from None
-    suffix = Path(name).suffix
-    if name not in ("haar", "centerface") and suffix not in (".onnx", ".xml"):
-        raise SystemExit(f"{spec}: use centerface, haar, a CenterFace or YuNet .onnx file or a Haar .xml file")
-    if name == "centerface" or suffix == ".onnx":
-        kwargs.setdefault("threads", threads)
     try:
-        if name == "centerface":
-            return CenterFaceDetector(**kwargs)
-        if suffix == ".onnx":  # a CenterFace or a YuNet network
-            return onnx_detector(name, **kwargs)
-        return HaarDetector(**kwargs) if name == "haar" else HaarDetector(name, **kwargs)
+        return make_detector(name, kwargs.pop("min_size", MIN_FACE), kwargs.pop("threads", threads), **kwargs)
     except (TypeError, ValueError, FileNotFoundError) as e:  # ferkit's errors name the file already
         raise SystemExit(str(e) if str(e).startswith(name) else f"{spec}: {e}") from None
 

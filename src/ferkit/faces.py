@@ -266,25 +266,26 @@ def onnx_detector(path: str | Path, threads: int | None = None, **kwargs: Any) -
 
 
 def make_detector(
-    spec: str | Path | FaceDetector | None = None, min_size: int = MIN_FACE, threads: int | None = None
+    spec: str | Path | FaceDetector | None = None, min_size: int = MIN_FACE, threads: int | None = None, **options: Any
 ) -> FaceDetector:
     """``None``/``"centerface"``: the shipped CenterFace; ``"haar"``: OpenCV's bundled Haar cascade; a
     ``.onnx`` path: a CenterFace or YuNet network (told by its inputs and outputs); an ``.xml`` path: that
     cascade; an object with ``detect``: used as is.
-    ``min_size``: smallest face side in pixels; ``threads``: CenterFace's ONNX Runtime threads."""
+    ``min_size``: smallest face side in pixels; ``threads``: CenterFace's ONNX Runtime threads; ``options``:
+    other arguments of the detector's class (e.g. ``score_threshold``)."""
     if min_size < 1:
         raise ValueError(f"min_size must be at least 1 pixel, got {min_size!r}")
-    if spec is None or spec == "centerface":
-        return CenterFaceDetector(min_size=min_size, threads=threads)
-    if spec == "haar":
-        return HaarDetector(min_size=min_size)
     if hasattr(spec, "detect"):
         return spec  # type: ignore[return-value]
+    if spec is None or spec == "centerface":
+        return CenterFaceDetector(min_size=min_size, threads=threads, **options)
+    if spec == "haar":
+        return HaarDetector(min_size=min_size, **options)
     path = Path(str(spec))
     if path.suffix == ".onnx":
-        return onnx_detector(path, threads, min_size=min_size)
+        return onnx_detector(path, threads, min_size=min_size, **options)
     if path.suffix == ".xml":
-        return HaarDetector(path, min_size=min_size)
+        return HaarDetector(path, min_size=min_size, **options)
     raise ValueError(
         f"unknown face detector {spec!r}: use 'centerface', 'haar', a CenterFace or YuNet .onnx file "
         "or a cascade .xml file"

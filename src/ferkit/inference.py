@@ -102,21 +102,18 @@ class TorchBackend:
 
     kind = "torch"
 
-    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+    def __init__(self, path: str | Path) -> None:
         import torch
 
         from .checkpoint import model_from_checkpoint
 
         self.torch = torch
-        self.device = torch.device(device)
-        model, state = model_from_checkpoint(path)
-        self.model = model.to(self.device)
+        self.model, state = model_from_checkpoint(path)  # on the CPU
         self.info = {"name": state["model"], "classes": state["classes"], **(state.get("metrics") or {})}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
-            logits = self.model(self.torch.from_numpy(x).to(self.device))
-            return self.torch.softmax(logits.float(), 1).cpu().numpy()
+            return self.torch.softmax(self.model(self.torch.from_numpy(x)).float(), 1).numpy()
 
 
 def _load_backend(path: Path, backend: str, threads: int | None) -> OnnxBackend | TorchBackend:
