@@ -142,7 +142,13 @@ def test_model_card_of_a_run_whose_checkpoints_are_gone_reads_its_config_yaml(tr
     (logs_only / "config.yaml").write_text("\n".join(x for x in lines if not x.startswith("sampler:")) + "\n")
     assert render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine") == card
     (logs_only / "config.yaml").write_text("[1, 2]\n")
-    with pytest.raises(ValueError, match="not a training config"):
+    with pytest.raises(ValueError, match="config.yaml: expected a mapping of config fields"):
+        render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine")
+    (logs_only / "config.yaml").write_text("epochs: 2\nepochs: 3\n")  # read as training reads it
+    with pytest.raises(ValueError, match="'epochs' given twice"):
+        render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine")
+    (logs_only / "config.yaml").write_text("epochs: 2\n")
+    with pytest.raises(ValueError, match="config.yaml: not a training config"):
         render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine")
 
 

@@ -7,9 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import TrainConfig
+from .config import TrainConfig, run_options
 from .data import CLASSES, SPLIT_SIZES
 from .fileio import read_model_report
 
@@ -81,20 +79,9 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
 def _run_config(run_dir: Path) -> dict[str, Any]:
     """A run's training config: the ``config.yaml`` training wrote beside its logs (or its ``best.pt``'s), read
     as written (a field this ferkit no longer knows is kept, one the run predates takes its default)."""
-    path = run_dir / "config.yaml"  # first: written at every start, so a resumed run's latest recipe
-    if path.exists():
-        try:
-            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(cfg, dict) or "model" not in cfg:
-            raise ValueError(f"{path}: not a training config (a mapping with a model)")
-    elif (run_dir / "best.pt").exists():  # runs from before config.yaml was written
-        from .checkpoint import load_checkpoint
-
-        cfg = load_checkpoint(run_dir / "best.pt")["config"]
-    else:
-        raise ValueError(f"{run_dir}: neither config.yaml nor best.pt to read the run's config from")
+    path, cfg = run_options(run_dir, "best.pt")
+    if "model" not in cfg:
+        raise ValueError(f"{path}: not a training config (a mapping with a model)")
     return {**TrainConfig().to_dict(), **cfg}
 
 

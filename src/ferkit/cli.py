@@ -145,10 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.config:
         cfg = TrainConfig.from_yaml(args.config, **overrides)
     elif args.resume and (own.is_file() or (own.parent / "last.pt").is_file()):  # the run's own recipe
-        from .checkpoint import load_checkpoint
-
-        values = None if own.is_file() else load_checkpoint(own.parent / "last.pt").get("config") or {}
-        cfg, dropped = TrainConfig.of_run(own if own.is_file() else own.parent / "last.pt", values, **overrides)
+        cfg, dropped = TrainConfig.of_run(own.parent, "last.pt", **overrides)
         if dropped:
             print(f"ferkit train: {own}: ignoring {', '.join(dropped)} (no longer training options)", file=sys.stderr)
     else:

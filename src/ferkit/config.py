@@ -177,13 +177,10 @@ class TrainConfig:
         return cls.from_dict({**_read_mapping(path), **overrides}, source=str(path))
 
     @classmethod
-    def of_run(
-        cls, path: str | Path, values: dict[str, Any] | None = None, **overrides: Any
-    ) -> tuple[TrainConfig, list[str]]:
-        """The config a run wrote (its ``config.yaml`` at ``path``, or the ``values`` read from its checkpoint
-        there) with ``overrides``, and the fields it has that this ferkit no longer knows (dropped); a field the
-        run predates takes its default."""
-        values = _read_mapping(path) if values is None else values
+    def of_run(cls, run_dir: str | Path, checkpoint: str, **overrides: Any) -> tuple[TrainConfig, list[str]]:
+        """The config of the run in ``run_dir`` (see :func:`run_options`) with ``overrides``, and the fields it
+        has that this ferkit no longer knows (dropped); a field the run predates takes its default."""
+        path, values = run_options(run_dir, checkpoint)
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in values.items() if k in names}
         return cls.from_dict({**known, **overrides}, source=str(path)), sorted(set(values) - names)
@@ -219,6 +216,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         if twice := next((k for k in keys if keys.count(k) > 1), None):
             raise yaml.constructor.ConstructorError(None, None, f"{twice!r} given twice", node.start_mark)
         return super().construct_mapping(node, deep)
+
+
+def run_options(run_dir: str | Path, checkpoint: str) -> tuple[Path, dict[str, Any]]:
+    """The training options a run recorded, as written, and the file they are read from: its ``config.yaml``
+    (written at every start, so a resumed run's latest recipe), else the config in its ``checkpoint`` file
+    (runs from before config.yaml was written, or copied without it)."""
+    path = Path(run_dir) / "config.yaml"
+    if path.is_file():
+        values = _read_mapping(path)
+    elif (path := Path(run_dir) / checkpoint).is_file():
+        from .checkpoint import load_checkpoint
+
+        values = load_checkpoint(path).get("config") or {}
+    else:
+        raise ValueError(f"{run_dir}: neither config.yaml nor {checkpoint} to read the run's options from")
+    return path, values
 
 
 def _read_mapping(path: str | Path) -> dict[str, Any]:
