@@ -36,7 +36,8 @@ from ferkit.augment import PRESETS, augment
 from ferkit.config import TrainConfig
 from ferkit.data import CLASSES, load_dataset
 from ferkit.models import build_model, describe
-from ferkit.training import amp_dtype, autocast, make_criterion, make_optimizer, resolve_device, train
+from ferkit.runtime import resolve_device
+from ferkit.training import amp_dtype, autocast, make_criterion, make_optimizer, train
 
 GOAL = 0.90
 

@@ -7,7 +7,7 @@
 #    TTA none/flip/crops, into reports/<shipped name>/, with the run's metrics.csv and train.log;
 # 3. copies that very file into src/ferkit/weights/, graph untouched, with the PrivateTest flip metrics in its metadata;
 # 4. regenerates MODEL_CARD.md and the README results table from the JSON.
-# Then point DEFAULT_MODEL in src/ferkit/inference.py at the new file.
+# Then point DEFAULT_MODEL in src/ferkit/config.py at the new file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?run folder}; CMD=${2:?training command}; HW=${3:-"2-core x86_64 CPU"}

@@ -23,14 +23,14 @@ def reports(trained_run, synthetic_cache, tmp_path_factory):
 
 
 def test_model_card_quotes_the_run_and_its_numbers(trained_run, reports, tmp_path, monkeypatch):
-    import ferkit.inference
+    import ferkit.card
     from ferkit.export import export_onnx
 
     onnx = export_onnx(trained_run / "best.pt", tmp_path / "my_model.onnx")
     card = render_model_card(trained_run, onnx, reports, "ferkit train --x", "a test machine")
     head = json.loads(reports[0].read_text())
     assert card.startswith("# Model card: my_model\n")  # "(shipped default)" only for a file shipped in weights/
-    monkeypatch.setattr(ferkit.inference, "WEIGHTS_DIR", tmp_path / "weights")  # the same file, as if shipped
+    monkeypatch.setattr(ferkit.card, "WEIGHTS_DIR", tmp_path / "weights")  # the same file, as if shipped
     shipped = export_onnx(trained_run / "best.pt", tmp_path / "weights" / "my_model.onnx")
     card_shipped = render_model_card(trained_run, shipped, reports, "ferkit train --x", "a test machine")
     assert card_shipped.startswith("# Model card: my_model (shipped default)\n")

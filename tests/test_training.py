@@ -25,7 +25,8 @@ from ferkit.config import TrainConfig
 from ferkit.data import CLASSES, FERData, load_cache, save_cache
 from ferkit.fileio import atomic_write
 from ferkit.models import build_model
-from ferkit.training import amp_dtype, batch_indices, lr_factor, make_optimizer, resolve_device, train
+from ferkit.runtime import resolve_device
+from ferkit.training import amp_dtype, batch_indices, lr_factor, make_optimizer, train
 
 STEPS_PER_EPOCH = 4  # tiny_config: train_limit 64 / batch 16
 

@@ -8,7 +8,8 @@ point, see ``app.py`` at the project root). Inference runs in worker threads, at
 ``max_concurrency`` at a time, each on its own :class:`~ferkit.inference.EmotionRecognizer` with its share of
 the CPU threads (a shared one would detect faces one image at a time with OpenCV's detectors, which are not
 thread-safe). Every error is answered as
-``{"error": "..."}``: 413 upload or image too large, 415 not an image, 400 corrupt image, 503 busy, 504 timed out.
+``{"error": "..."}``: 400 corrupt image, 408 upload not received in time, 413 upload or image too large,
+415 not an image, 422 no file part (or several), 500 unexpected, 503 busy, 504 timed out.
 """
 
 from __future__ import annotations

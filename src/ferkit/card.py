@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, run_options
+from .config import WEIGHTS_DIR, TrainConfig, run_options
 from .data import CLASSES, SPLIT_SIZES
 from .fileio import read_model_report
 
@@ -172,8 +172,6 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
     name = onnx_path.stem
     train_images = _images(cfg["train_limit"], SPLIT_SIZES["Training"])
     val_images = _images(cfg["val_limit"], SPLIT_SIZES["PublicTest"])
-    from .inference import WEIGHTS_DIR
-
     shipped = " (shipped default)" if onnx_path.resolve().parent == WEIGHTS_DIR.resolve() else ""
     return f"""# Model card: {name}{shipped}
 

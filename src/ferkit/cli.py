@@ -1,4 +1,5 @@
-"""The ``ferkit`` command line: prepare, train, evaluate, select-ensemble, models, export, predict, serve."""
+"""The ``ferkit`` command line: prepare, train, evaluate, select-ensemble, card, models, slim, export, predict,
+serve."""
 
 from __future__ import annotations
 

@@ -17,22 +17,11 @@ import torch.nn.functional as F
 from .config import TTA_MODES
 from .data import CLASSES
 from .fileio import atomic_write, bytes_digest, file_digest, model_digest, refuse_file, refuse_repeats
+from .runtime import resolve_device
 
 # Part of every prediction cache entry's name: raise it when a change to the code (TTA views, preprocessing)
 # changes the probabilities a model file gives, so that older entries are no longer read.
 CACHE_VERSION = 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU; ``auto`` and ``cuda`` take this process's local GPU
-    under torchrun (``local_rank``)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":  # where each process sees one GPU (CUDA_VISIBLE_DEVICES set per process), that one
-        name = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from .config import DETECTOR, MARGIN, MIN_FACE  # noqa: F401 - faces.DETECTOR etc. stay importable
+from .config import CENTERFACE, DETECTOR, MARGIN, MIN_FACE  # noqa: F401 - faces.DETECTOR etc. stay importable
 from .runtime import cpu_session
 
 Box = tuple[int, int, int, int]  # x, y, width, height in original-image pixels
@@ -121,9 +121,6 @@ class HaarDetector:
                 gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(min_size, min_size)
             )
         return fit_boxes(boxes, rgb.shape, scale)
-
-
-CENTERFACE = Path(__file__).parent / "weights" / "centerface.onnx"
 
 
 class CenterFaceDetector:

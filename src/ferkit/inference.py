@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import DETECTOR, MARGIN, MIN_FACE, TTA, TTA_CHOICES
+from .config import DEFAULT_MODEL, DETECTOR, MARGIN, MIN_FACE, TTA, TTA_CHOICES, WEIGHTS_DIR  # noqa: F401 - re-exported
 from .data import CLASSES, IMAGE_SIZE, model_input, scores_shape_problem
 from .faces import Box, FaceDetector, check_margin, crop_faces, fit_boxes, make_detector
 from .fileio import parse_model_metadata, refuse_repeats
@@ -28,9 +28,6 @@ from .images import (  # noqa: F401 - re-exported: decoding images is part of th
     load_image,
 )
 from .runtime import cpu_session
-
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_s1_e110_int8_prior.onnx"  # the shipped model: replace this file to upgrade
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 
 from .fileio import atomic_write
 from .images import IMAGE_EXTENSIONS
-from .inference import EmotionRecognizer, FaceResult, ImageError, annotate
+from .inference import EmotionRecognizer, FaceResult, ImageError, annotate, load_image
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 # ffmpeg's own log lines ("moov atom not found") would repeat the errors ferkit reports, naming the file;
@@ -177,8 +177,6 @@ def _predict_files(
     progress: bool,
 ) -> Iterator[Record]:
     from tqdm import tqdm
-
-    from .inference import load_image
 
     used: set[str] = set()
     for path in tqdm(files, desc="predicting", unit="file", disable=not progress or len(files) < 2):

@@ -1,9 +1,13 @@
-"""ONNX Runtime sessions on the CPU, shared by the emotion models and the CenterFace face detector."""
+"""Where models run: ONNX Runtime sessions on the CPU, shared by the emotion models and the CenterFace face
+detector, and the torch device of training and evaluation."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 def cpu_session(path: str | Path, threads: int | None, what: str, arena: bool = True, spin: bool = True) -> Any:
@@ -23,3 +27,17 @@ def cpu_session(path: str | Path, threads: int | None, what: str, arena: bool = 
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
         raise ValueError(f"{path}: not a loadable {what} ({e})") from e
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; ``auto`` and ``cuda`` take this process's local GPU
+    under torchrun (``local_rank``)."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":  # where each process sees one GPU (CUDA_VISIBLE_DEVICES set per process), that one
+        name = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)

@@ -29,9 +29,10 @@ from .augment import PRESETS, augment, class_weights, mix, sample_weights
 from .checkpoint import load_checkpoint, load_init_weights, save_checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import CLASSES, load_dataset
-from .evaluate import load_for_evaluation, predict_proba, resolve_device
+from .evaluate import load_for_evaluation, predict_proba
 from .fileio import atomic_write, bytes_digest, file_digest
 from .models import build_model
+from .runtime import resolve_device
 
 log = logging.getLogger("ferkit.train")
 
