@@ -25,7 +25,8 @@ CACHE_VERSION = 1
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Translate a batch by whole pixels, filling with the reflected border (a crop of a padded image)."""
+    """Translate a batch by whole pixels, filling with the reflected border (a crop of a padded image). The edge
+    pixel is not repeated, unlike training's augmentation: repeating it was worse on PublicTest (reports/runs.md)."""
     if dy == 0 and dx == 0:
         return x
     p = max(abs(dy), abs(dx))
