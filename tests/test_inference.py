@@ -172,6 +172,7 @@ def test_the_inference_api_is_importable_from_the_package():
     assert {name: getattr(ferkit, name) for name in ferkit.__all__} == {
         name: getattr(ferkit.inference, name) for name in ferkit.__all__
     }
+    assert set(ferkit.__all__) < set(dir(ferkit))  # the lazy names show in dir() and completion
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         ferkit.nope  # noqa: B018
 

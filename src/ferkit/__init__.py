@@ -9,6 +9,7 @@ if TYPE_CHECKING:
         EmotionRecognizer,
         FaceResult,
         ImageError,
+        ImageInput,
         ImageTooLargeError,
         NotAnImageError,
         annotate,
@@ -20,6 +21,7 @@ __all__ = [
     "EmotionRecognizer",
     "FaceResult",
     "ImageError",
+    "ImageInput",
     "ImageTooLargeError",
     "NotAnImageError",
     "annotate",
@@ -35,3 +37,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(inference, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
