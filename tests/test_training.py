@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from conftest import tiny_config
 
-from ferkit import training
+from ferkit import distill, training
 from ferkit.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -688,10 +688,10 @@ def test_distill_loss_is_zero_only_when_student_matches_teachers():
     torch.manual_seed(0)
     teacher = build_model("ferkit_small", width=0.25).eval()
     x = torch.rand(4, 1, 48, 48)
-    target = training.teacher_probs([teacher, teacher], x, temperature=4.0)
+    target = distill.teacher_probs([teacher, teacher], x, temperature=4.0)
     assert torch.allclose(target.sum(1), torch.ones(4))
-    assert training.distill_loss(teacher(x), target, 4.0).item() == pytest.approx(0.0, abs=1e-5)
-    assert training.distill_loss(torch.zeros(4, 7), target, 4.0).item() > 0
+    assert distill.distill_loss(teacher(x), target, 4.0).item() == pytest.approx(0.0, abs=1e-5)
+    assert distill.distill_loss(torch.zeros(4, 7), target, 4.0).item() > 0
 
 
 def test_distillation_with_cached_targets(tmp_path, synthetic_cache, trained_run, monkeypatch):
@@ -699,7 +699,13 @@ def test_distillation_with_cached_targets(tmp_path, synthetic_cache, trained_run
     computed once: a resumed run reuses them, and a run with another temperature recomputes them."""
     calls = []
     real = training.predict_proba
-    monkeypatch.setattr(training, "predict_proba", lambda *a, **k: calls.append(k.get("tta", "none")) or real(*a, **k))
+
+    def counted(*a, **k):
+        calls.append(k.get("tta", "none"))
+        return real(*a, **k)
+
+    for module in (distill, training):  # the teachers' targets, then the PublicTest checks
+        monkeypatch.setattr(module, "predict_proba", counted)
     teacher = str(trained_run / "best.pt")
     cfg = dict(epochs=1, teacher=[teacher, teacher], distill_alpha=0.5, distill_cache=True)
     out = tmp_path / "student"
@@ -752,7 +758,7 @@ def test_an_exported_model_teaches_like_its_checkpoint(tmp_path, synthetic_cache
     assert probs["pt"].max(1).mean() < 0.9  # softened: T=4 flattens the teacher's probabilities
     np.testing.assert_allclose(probs["onnx"], probs["pt"], atol=1e-5)
     x = torch.rand(4, 1, 48, 48)  # the per-batch path as well
-    per_batch = [training.teacher_probs([load_for_evaluation(t)[0]], x, 4.0) for t in (pt, onnx)]
+    per_batch = [distill.teacher_probs([load_for_evaluation(t)[0]], x, 4.0) for t in (pt, onnx)]
     torch.testing.assert_close(per_batch[1], per_batch[0], atol=1e-5, rtol=0)
 
 
@@ -777,7 +783,7 @@ def test_computing_the_targets_leaves_the_teachers_in_eval_mode(tmp_path, synthe
     teacher = model_from_checkpoint(trained_run / "best.pt")[0]
     cfg = tiny_config(synthetic_cache, tmp_path / "x", teacher=[str(trained_run / "best.pt")])
     images = np.zeros((4, 48, 48), np.uint8)
-    training.cached_teacher_probs(cfg, [teacher], images, torch.device("cpu"), tmp_path / "t.npz")
+    distill.cached_teacher_probs(cfg, [teacher], images, torch.device("cpu"), tmp_path / "t.npz")
     assert not any(m.training for m in teacher.modules())
 
 

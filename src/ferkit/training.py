@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,9 @@ from .augment import PRESETS, augment, class_weights, mix, sample_weights
 from .checkpoint import load_checkpoint, load_init_weights, save_checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import CLASSES, load_dataset
-from .evaluate import load_for_evaluation, predict_proba
-from .fileio import atomic_write, bytes_digest, file_digest
+from .distill import distill_loss, distill_targets, images_key, is_targets_file
+from .evaluate import predict_proba
+from .fileio import atomic_write
 from .models import build_model
 from .runtime import resolve_device
 
@@ -161,123 +162,6 @@ def ema_update(decay: float, step: Callable[[], int]) -> Callable[..., None]:
     return update
 
 
-class _Tempered(nn.Module):
-    """A model whose logits are divided by ``temperature`` (softened probabilities after a softmax)."""
-
-    def __init__(self, model: nn.Module, temperature: float) -> None:
-        super().__init__()
-        self.model, self.temperature = model, temperature
-        self.train(model.training)  # so that evaluating the wrapper leaves the teacher as it was
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).float() / self.temperature
-
-
-def teacher_probs(teachers: list[nn.Module], x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The mean of the teachers' softened probabilities for the batch ``x``."""
-    with torch.no_grad():
-        return sum(torch.softmax(_Tempered(t, temperature)(x), 1) for t in teachers) / len(teachers)
-
-
-def _images_key(images: np.ndarray) -> str:
-    """The count and digest of training images: what a targets file and a resumable run record of them."""
-    return f"n={len(images)} sha256={bytes_digest(np.ascontiguousarray(images).data)}"
-
-
-def _targets_key(images: np.ndarray, temperature: float, teachers: Sequence[str] = ()) -> list[str]:
-    """What a targets file records of how it was made: its teachers' files (name and digest), the temperature,
-    and the training images."""
-    return [*(f"{name} sha256={file_digest(name)}" for name in teachers), f"T={temperature}", _images_key(images)]
-
-
-def is_targets_file(teacher: str) -> bool:
-    """Whether a ``teacher`` entry is a targets file (another run's ``teacher_probs.npz``), not a model."""
-    return Path(teacher).suffix == ".npz"
-
-
-def load_targets_file(path: str | Path, images: np.ndarray, temperature: float) -> np.ndarray:
-    """The per-image targets that a run with ``distill_cache`` wrote (``teacher_probs.npz``), checked to be
-    for these training images and this temperature: teachers too big to move to a machine teach through it."""
-    if not Path(path).is_file():
-        raise ValueError(f"distillation targets {path}: not found")
-    try:
-        with np.load(path) as f:
-            key, probs = [str(k) for k in f["key"]], f["probs"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"distillation targets {path}: not a teacher_probs.npz of a run ({e})") from e
-    if len(key) < 3:
-        raise ValueError(f"distillation targets {path}: not a teacher_probs.npz of a run (its key: {key})")
-    t, images_key = _targets_key(images, temperature)
-    if key[-2] != t:
-        raise ValueError(f"distillation targets {path}: computed at {key[-2]}, this run's distill_temperature is "
-                         f"{temperature}")  # fmt: skip
-    if key[-1] != images_key or probs.shape != (len(images), len(CLASSES)):
-        raise ValueError(f"distillation targets {path}: computed on other training images ({key[-1]}) than "
-                         f"this run's ({images_key})")  # fmt: skip
-    return probs
-
-
-def cached_teacher_probs(
-    cfg: TrainConfig,
-    teachers: list[nn.Module],
-    images: np.ndarray,
-    device: torch.device,
-    path: Path,
-    rank: int = 0,
-    world: int = 1,
-) -> torch.Tensor:
-    """The teachers' softened probabilities for each training image, averaged with its mirror image,
-    computed once and kept in ``path`` (reused when the teachers' files, the temperature and the images match).
-    Under torchrun process r computes images r, r+W, ... and the processes gather the whole."""
-    key = np.asarray(_targets_key(images, cfg.distill_temperature, cfg.teacher))
-    cached = None
-    if path.exists():
-        with np.load(path) as f:
-            if np.array_equal(f["key"], key) and f["probs"].shape == (len(images), len(CLASSES)):
-                cached = f["probs"]
-    if world > 1:  # all processes must take the same branch, or some would wait forever in the gather
-        found = torch.tensor([int(cached is not None)], device=device)
-        dist.all_reduce(found, op=dist.ReduceOp.MIN)
-        cached = cached if found.item() else None
-    if cached is not None:
-        return torch.from_numpy(cached).to(device)
-    shard = images[rank::world]
-    probs = torch.zeros((len(shard), len(CLASSES)), device=device)
-    for i, (t, name) in enumerate(zip(teachers, cfg.teacher, strict=True)):
-        t0 = time.perf_counter()
-        p = predict_proba(_Tempered(t, cfg.distill_temperature), shard, device, batch_size=512, tta="flip")
-        probs += torch.from_numpy(p).to(device)
-        log.info(
-            "teacher targets %d/%d: %s on %d images x 2 (flip)%s, %.0f s",
-            i + 1,
-            len(teachers),
-            name,
-            len(shard),
-            f" in each of {world} processes" if world > 1 else "",
-            time.perf_counter() - t0,
-        )
-    probs /= len(teachers)
-    if world > 1:
-        padded = torch.zeros((-(-len(images) // world), len(CLASSES)), device=device)  # all_gather needs one shape
-        padded[: len(shard)] = probs
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-        probs = torch.empty((len(images), len(CLASSES)), device=device)
-        for r, part in enumerate(parts):
-            probs[r::world] = part[: len(probs[r::world])]
-    if rank == 0:
-        out = probs.cpu().numpy()
-        atomic_write(path, lambda f: np.savez(f, key=key, probs=out))
-    return probs
-
-
-def distill_loss(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton et al.'s distillation term: T^2 * KL(target || student) at temperature T, ``target`` being
-    the teachers' softened probabilities."""
-    log_p = torch.log_softmax(logits.float() / temperature, 1)
-    return nn.functional.kl_div(log_p, target, reduction="batchmean") * temperature**2
-
-
 @torch.no_grad()
 def sam_perturb(params: list[nn.Parameter], rho: float) -> list[torch.Tensor]:
     """SAM's ascent step (Foret et al. 2021): move the weights by ``rho * g / ||g||``, ``g`` being their
@@ -381,41 +265,6 @@ def _load_splits(cfg: TrainConfig, rank: int) -> tuple[np.ndarray, np.ndarray, n
     if len(x) < cfg.batch_size:
         raise ValueError(f"{len(x)} training images is fewer than one batch of {cfg.batch_size}")
     return x, y, xv, yv
-
-
-def _distill_targets(
-    cfg: TrainConfig,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    images: np.ndarray,
-    out: Path,
-    rank: int,
-    world: int,
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]:
-    """A function of (indices, augmented batch) giving the teachers' targets for it: cached per image
-    (``distill_cache``, or a targets file given as the teacher), computed on the batch itself, or None when
-    there are no teachers."""
-    if cfg.teacher and is_targets_file(cfg.teacher[0]):  # _check_config: then it is the only teacher
-        targets = torch.from_numpy(load_targets_file(cfg.teacher[0], images, cfg.distill_temperature)).to(device)
-        log.info("distillation targets: %s", cfg.teacher[0])
-        return lambda idx, x: targets[idx]
-    teachers = []
-    for t in cfg.teacher:
-        try:
-            teachers.append(load_for_evaluation(t)[0].to(device))
-        except (ValueError, OSError) as e:  # a missing or broken file: say it is a teacher the config names
-            raise ValueError(f"distillation teacher: {e} (train or export it first, or change --teacher)") from e
-    if not teachers:
-        return lambda idx, x: None
-    if cfg.distill_cache:
-        cached = cached_teacher_probs(cfg, teachers, images, device, out / "teacher_probs.npz", rank, world)
-        return lambda idx, x: cached[idx]
-
-    def on_batch(idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        with autocast(device, dtype):
-            return teacher_probs(teachers, x, cfg.distill_temperature)
-
-    return on_batch
 
 
 class _Run:
@@ -606,7 +455,9 @@ def _train_epoch(
         x, ya, yb, lam = mix(x, y_train[idx], aug, g, rng)
         if device.type == "cuda" and cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits, loss = run.step(x, ya, yb, lam, targets(idx, x))
+        with autocast(device, run.dtype):  # teachers run as the student does
+            target = targets(idx, x)
+        logits, loss = run.step(x, ya, yb, lam, target)
         seen += len(idx)
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(1) == ya).sum()
@@ -682,14 +533,14 @@ def _start(
     if last is not None:
         _check_resumed_config(out / "last.pt", last.get("config") or {}, cfg)
     x_np, y_np, xv_np, yv_np = _load_splits(cfg, rank)
-    images = _images_key(x_np)
+    images = images_key(x_np)
     if last is not None and last.get("train_state", {}).get("train_images", images) != images:
         raise ValueError(  # its schedule counts steps of an epoch of those images (runs before this check: not)
             f"{out / 'last.pt'}: this run trained on other images ({last['train_state']['train_images']}) than "
             f"{cfg.data} holds ({images}); --data may change on resuming only to where the same data lies"
         )
     run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size, resuming=last is not None)
-    targets = _distill_targets(cfg, device, run.dtype, x_np, out, rank, world)
+    targets = distill_targets(cfg, device, x_np, out, rank, world)
     if last is not None:
         run.resume(out / "last.pt", last)
         log.info("resumed from %s at epoch %d", out / "last.pt", run.state["epoch"])
