@@ -127,6 +127,7 @@ def test_an_empty_model_list_is_no_model():
         ({"max_pixels": None}, "max_pixels must be a whole number of at least 1, got None"),  # every predict failed
         ({"max_pixels": 0}, "max_pixels must be a whole number of at least 1, got 0"),
         ({"threads": -1}, "threads must be a whole number of at least 1, got -1"),
+        ({"threads": 0}, "threads must be a whole number of at least 1, got 0"),  # was all cores, silently
         ({"threads": 2.5}, "threads must be a whole number of at least 1, got 2.5"),  # a pybind TypeError
         ({"margin": "0.1"}, "margin must be between 0 and 1"),  # TypeError '<='
         ({"model": 3}, "model must be a file path or a list of them, got 3"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -133,7 +134,11 @@ def test_csv_output(capsys, mixed):
     code, out, _ = run(capsys, mixed, "--format", "csv")
     assert code == 1
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert list(rows[0]) == ["source", "frame", "face", "x", "y", "w", "h", "emotion", "confidence", *CLASSES, "error"]
+    assert list(rows[0]) == [
+        *("source", "frame", "time_s", "face", "x", "y", "w", "h", "emotion", "confidence"),
+        *CLASSES,
+        "error",
+    ]
     faces = [r for r in rows if not r["error"] and r["face"]]
     errors = [r for r in rows if r["error"]]
     no_face = [r for r in rows if not r["error"] and not r["face"]]
@@ -336,10 +341,35 @@ def test_video_fps_defaults_to_30_when_the_container_gives_none(reported, fps):
     assert _fps(Capture()) == fps
 
 
-def test_video_in_csv_has_frame_numbers(capsys, video):
+def test_video_in_csv_has_frame_numbers_and_times(capsys, video):
     code, out, _ = run(capsys, video, "--every", "5", "--format", "csv")
     assert code == 0
-    assert [r["frame"] for r in csv.DictReader(io.StringIO(out))] == ["0", "5", "10"]
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["frame"], r["time_s"]) for r in rows] == [("0", "0.000"), ("5", "0.500"), ("10", "1.000")]  # 10 fps
+
+
+def test_video_progress_counts_every_sampled_frame(capsys, video):
+    """12 frames every 5th are frames 0, 5 and 10: the bar's total said 2."""
+    assert main(["predict", str(video), "--every", "5", "--format", "jsonl"]) == 0
+    assert "3/3" in capsys.readouterr().err
+
+
+def test_a_video_frame_over_max_pixels_names_the_file_and_frame(capsys, video):
+    code, out, _ = run(capsys, video, "--max-pixels", "100", "--format", "jsonl")
+    (record,) = jsonl(out)
+    assert code == 1 and record["error"].startswith(f"{video}: frame 0: image is ")
+
+
+def test_a_file_name_that_is_not_utf8_does_not_stop_the_batch(capsys, good, tmp_path):
+    """Printing a name with undecodable bytes (kept by Python as surrogates) raised on a UTF-8 stdout."""
+    folder = tmp_path / "names"
+    folder.mkdir()
+    for name in (b"a.jpg", b"b\xff.jpg", b"c.jpg"):
+        shutil.copy(good / "astronaut.jpg", os.path.join(os.fsencode(folder), name))
+    for fmt in ("csv", "table", "jsonl"):
+        code, out, _ = run(capsys, folder, "--format", fmt)
+        assert code == 0 and "a.jpg" in out and "c.jpg" in out, fmt
+        assert "b\\udcff.jpg" in out, fmt  # escaped, as JSON escapes it
 
 
 def test_corrupt_video_is_reported(capsys, video, tmp_path):
@@ -431,6 +461,9 @@ def test_truncated_video_reports_its_frames_and_then_the_cut(capsys, tmp_path):
     assert code == 1 and 5 < len(records) - 1 < 35
     assert all("faces" in r for r in records[:-1])
     assert records[-1]["error"].startswith(f"{cut}: decoding stopped after frame {records[-2]['frame']} of the 40")
+    code, out, _ = run(capsys, cut, "--every", "3", "--format", "jsonl", "--fallback")
+    records = jsonl(out)  # the last sampled frame; the next one sampled was not decoded
+    assert records[-1]["error"].startswith(f"{cut}: decoding stopped before frame {records[-2]['frame'] + 3} of")
 
 
 def test_broken_video_is_reported_once_without_ffmpeg_lines(capfd, video, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import shlex
@@ -342,38 +343,31 @@ def _print_records(records, fmt: str, classes: list[str]) -> bool:
 
     failed = False
     writer = csv.writer(sys.stdout) if fmt == "csv" else None
+    face_columns = ["face", "x", "y", "w", "h", "emotion", "confidence", *classes]
     if writer:
-        writer.writerow(["source", "frame", "face", "x", "y", "w", "h", "emotion", "confidence", *classes, "error"])
+        writer.writerow(["source", "frame", "time_s", *face_columns, "error"])
     elif fmt == "table":
-        print(f"{'source':<40}{'frame':>6}{'face':>5}  {'box (x,y,w,h)':<22}{'emotion':<10}{'conf':>6}")
+        print(f"{'source':<40} {'frame':>6} {'face':>4}  {'box (x,y,w,h)':<24} {'emotion':<9} {'conf':>5}")
     for r in records:
         failed |= r.error is not None
         if fmt == "jsonl":
             print(_json(r.to_dict()), flush=True)
             continue
         frame = "" if r.frame is None else r.frame
+        where = [r.source, frame, "" if r.time_s is None else f"{r.time_s:.3f}"]
         if writer and not r.faces:  # one row with the face columns blank, for an error or no face
-            writer.writerow([r.source, frame, *[""] * (7 + len(classes)), r.error or ""])
+            writer.writerow([*where, *[""] * len(face_columns), r.error or ""])
         elif r.error is not None:
-            print(f"{r.source:<40}{frame!s:>6}     ERROR: {r.error}")
+            print(f"{r.source:<40} {frame!s:>6}  ERROR: {r.error}")
         elif not r.faces:
-            print(f"{r.source:<40}{frame!s:>6}{'-':>5}  no face found")
+            print(f"{r.source:<40} {frame!s:>6} {'-':>4}  no face found")
         for i, f in enumerate(r.faces):  # none when r.error is set
             if writer:
-                writer.writerow(
-                    [
-                        r.source,
-                        frame,
-                        i,
-                        *f.box,
-                        f.emotion,
-                        f"{f.confidence:.4f}",
-                        *(f"{f.scores[c]:.4f}" for c in classes),
-                        "",
-                    ]
-                )
+                scores = (f"{f.scores[c]:.4f}" for c in classes)
+                writer.writerow([*where, i, *f.box, f.emotion, f"{f.confidence:.4f}", *scores, ""])
             else:
-                print(f"{r.source:<40}{frame!s:>6}{i:>5}  {str(f.box):<22}{f.emotion:<10}{f.confidence:>6.2f}")
+                box = str(f.box)
+                print(f"{r.source:<40} {frame!s:>6} {i:>4}  {box:<24} {f.emotion:<9} {f.confidence:>5.2f}")
     return failed
 
 
@@ -387,11 +381,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.webcam is not None and (args.paths or args.annotate):
         args.usage_error("--webcam reads the camera only: it takes no paths and no --annotate")
     let_pillow_open(args.max_pixels)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a file name that is not valid UTF-8 is printed escaped
+        sys.stdout.reconfigure(errors="backslashreplace")
     rec = EmotionRecognizer(
         args.model,
         backend=args.backend,
         detector=args.detector,
         margin=args.margin,
+        threads=args.threads,
         max_pixels=args.max_pixels,
         tta=args.tta,
         min_face=args.min_face,
@@ -614,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="table", choices=["table", "jsonl", "csv"], help="output format (default: %(default)s)"
     )
     p.add_argument("--annotate", metavar="DIR", help="write annotated images/videos into DIR")
+    p.add_argument("--threads", type=_count(1), help="onnxruntime threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_predict, usage_error=p.error)
 

@@ -156,7 +156,11 @@ class EmotionRecognizer:
         if tta not in TTA_CHOICES:
             raise ValueError(f"unknown tta {tta!r}: use {' or '.join(TTA_CHOICES)}")
         check_margin(margin)
-        for name, value in (("min_face", min_face), ("max_pixels", max_pixels), ("threads", threads or 1)):
+        for name, value in (
+            ("min_face", min_face),
+            ("max_pixels", max_pixels),
+            ("threads", 1 if threads is None else threads),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
         members = model if isinstance(model, (list, tuple)) else [DEFAULT_MODEL if model is None else model]

@@ -216,12 +216,15 @@ def _predict_video(
     writer = None
     partial = out_dir / f".{out_name}.partial.mp4" if out_dir is not None else None  # renamed when complete
     total, fps = video_info(path)
-    bar = tqdm(total=total // every if total else None, desc=path.name, unit="frame", disable=not progress)
+    bar = tqdm(total=-(-total // every) if total else None, desc=path.name, unit="frame", disable=not progress)
     frames, last = 0, -1
     try:
         for index, t, rgb in video_frames(str(path), every):
             frames, last = frames + 1, index
-            faces = recognizer.predict(rgb, whole_image_fallback=fallback)
+            try:
+                faces = recognizer.predict(rgb, whole_image_fallback=fallback)
+            except ImageError as e:  # a frame over --max-pixels: every frame is
+                raise ImageError(f"{path}: frame {index}: {e}") from e
             bar.update()
             if partial is not None and writer is None:
                 size = (rgb.shape[1], rgb.shape[0])
@@ -246,9 +249,10 @@ def _predict_video(
         # a header's frame count may be an estimate (VFR, MKV/WebM): only a shortfall of over a second (and the
         # --every gap) that is also a tenth of the announced frames is taken for a cut file
         if frames and total - 1 - last >= max(every + fps, 0.1 * total):
+            stop = f"after frame {last}" if every == 1 else f"before frame {last + every}"  # sampled: 0, every, ...
             yield Record(
                 str(path),
-                error=f"{path}: decoding stopped after frame {last} of the {total} its header announces "
+                error=f"{path}: decoding stopped {stop} of the {total} its header announces "
                 "(truncated or damaged file?); the frames before it are reported",
             )
     except ImageError as e:
