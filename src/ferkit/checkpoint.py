@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .config import IMAGE_SIZE
 from .data import scores_shape_problem
 from .fileio import atomic_write
 from .models import build_model
@@ -95,7 +96,7 @@ def _check_model(model: nn.Module, path: str | Path, n_classes: int) -> None:
     """Refuse a model that does not map (N, 1, 48, 48) images to ``n_classes`` scores (one per class name)."""
     try:
         with torch.inference_mode():
-            out = model(torch.zeros(2, 1, 48, 48))
+            out = model(torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE))
     except RuntimeError as e:
         msg = " ".join(str(e).split())
         raise CheckpointError(f"{path}: not a ferkit emotion model (fails on a (N, 1, 48, 48) input: {msg})") from e

@@ -18,6 +18,7 @@ import yaml
 
 from .config import (
     DETECTOR,
+    IMAGE_SIZE,
     MARGIN,
     MAX_PIXELS,
     MIN_FACE,
@@ -315,7 +316,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.out}: that is the checkpoint itself; name the .onnx file to write")
     if args.int8 and not args.data:
         raise ValueError("--int8 needs --data: int8 is calibrated on FER-2013 Training faces (random images ruin it)")
-    images = np.random.default_rng(0).integers(0, 256, (64, 48, 48), dtype=np.uint8)  # for --check alone
+    size = (64, IMAGE_SIZE, IMAGE_SIZE)
+    images = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)  # for --check alone
     if args.data and (args.check or args.int8):  # read before anything is written
         from .data import load_dataset
 

@@ -24,6 +24,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+IMAGE_SIZE = 48  # FER-2013's faces, and every model's input: IMAGE_SIZE x IMAGE_SIZE grayscale
+
 # Recognition defaults: `ferkit predict/serve` flags, AppSettings and EmotionRecognizer's arguments.
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # the files shipped inside the package
 DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_s1_e110_int8_prior.onnx"  # the shipped model: replace this file to upgrade

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import IMAGE_SIZE
 from .fileio import atomic_write
 from .images import IMAGE_EXTENSIONS
 
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 SPLITS: tuple[str, ...] = ("Training", "PublicTest", "PrivateTest")
 SPLIT_SIZES = {"Training": 28_709, "PublicTest": 3_589, "PrivateTest": 3_589}  # FER-2013 as published
-IMAGE_SIZE = 48
 CSV_HEADER = ["emotion", "pixels", "Usage"]
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .config import TTA_MODES
 from .data import CLASSES
-from .fileio import atomic_write, bytes_digest, file_digest, model_digest, refuse_file, refuse_repeats
+from .fileio import atomic_write, bytes_digest, file_digest, model_digest, model_name, refuse_file, refuse_repeats
 from .runtime import resolve_device
 
 # Part of every prediction cache entry's name: raise it when a change to the code (TTA views, preprocessing)
@@ -404,11 +404,10 @@ def evaluate_tta(
         checkpoints, data_path, split, modes, device, batch_size, limit, cache, progress
     )
     names = [name for name, _ in per_model]
-    model_name = names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")"
     results = {}
     for mode in modes:
         metrics = compute_metrics(labels, _mean_probs([p for _, p in per_model], mode))
-        meta = {"model": model_name, "checkpoints": [str(c) for c in checkpoints], "digests": digests}
+        meta = {"model": model_name(names), "checkpoints": [str(c) for c in checkpoints], "digests": digests}
         meta |= {"split": split, "tta": mode}
         meta["limit"] = limit if subset else 0  # the report of a subset says so, whatever its file is named
         if out is not None:

@@ -18,12 +18,13 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import model_from_checkpoint
+from .config import IMAGE_SIZE, MARGIN
 from .data import model_input
 from .fileio import atomic_write, parse_model_metadata, refuse_folder
 
 PREPROCESSING = (
-    "RGB -> grayscale (ITU-R 601 luma), face crop with 10% margin resized to 48x48, "
-    "float32 pixels / 255 in [0, 1], shape (N, 1, 48, 48); output: softmax probabilities (N, 7)"
+    f"RGB -> grayscale (ITU-R 601 luma), face crop with {MARGIN:.0%} margin resized to {IMAGE_SIZE}x{IMAGE_SIZE}, "
+    f"float32 pixels / 255 in [0, 1], shape (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}); output: softmax probabilities (N, 7)"
 )
 
 
@@ -160,7 +161,7 @@ def export_onnx(
         with _quiet_exporter():
             torch.onnx.export(
                 net,
-                (torch.zeros(2, 1, 48, 48),),
+                (torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE),),
                 str(tmp_path),
                 input_names=["image"],
                 output_names=["probs"],
@@ -174,7 +175,7 @@ def export_onnx(
             "architecture": state["model"],
             "model_kwargs": state["model_kwargs"],
             "classes": state["classes"],
-            "input_size": 48,
+            "input_size": IMAGE_SIZE,
             "preprocessing": PREPROCESSING,
             "checkpoint": Path(checkpoint).name,
             **(metrics or {}),

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from .config import CENTERFACE, DETECTOR, MARGIN, MIN_FACE  # noqa: F401 - faces.DETECTOR etc. stay importable
+from .config import CENTERFACE, DETECTOR, IMAGE_SIZE, MARGIN, MIN_FACE  # noqa: F401 - faces.DETECTOR etc. stay importable
 from .runtime import cpu_session
 
 Box = tuple[int, int, int, int]  # x, y, width, height in original-image pixels
@@ -299,7 +299,7 @@ def check_margin(margin: float) -> None:
 MAX_WINDOW = 4096  # a crop window wider than this (pixels) is shrunk before its border is padded
 
 
-def crop_faces(rgb: np.ndarray, boxes: list[Box], size: int = 48, margin: float = MARGIN) -> np.ndarray:
+def crop_faces(rgb: np.ndarray, boxes: list[Box], size: int = IMAGE_SIZE, margin: float = MARGIN) -> np.ndarray:
     """Square grayscale crops (N, size, size) uint8 around each box, widened by ``margin`` of the box size
     on every side (FER-2013 faces include forehead and chin); borders are replicated past the image edge."""
     check_margin(margin)

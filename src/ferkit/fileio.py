@@ -143,3 +143,8 @@ def refuse_repeats(paths: Any, what: str) -> None:
         if Path(path).resolve() in seen:
             raise ValueError(f"{path}: {what} given twice (also as {seen[Path(path).resolve()]})")
         seen[Path(path).resolve()] = path
+
+
+def model_name(names: list[str]) -> str:
+    """What a model, or an ensemble of the models ``names`` (averaged in that order), is called in reports."""
+    return names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")"

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import DEFAULT_MODEL, DETECTOR, MARGIN, MIN_FACE, TTA, TTA_CHOICES, WEIGHTS_DIR  # noqa: F401 - re-exported
-from .data import CLASSES, IMAGE_SIZE, model_input, scores_shape_problem
+from .config import DEFAULT_MODEL, DETECTOR, IMAGE_SIZE, MARGIN, MIN_FACE, TTA, TTA_CHOICES, WEIGHTS_DIR  # noqa: F401 - re-exported
+from .data import CLASSES, model_input, scores_shape_problem
 from .faces import Box, FaceDetector, check_margin, crop_faces, fit_boxes, make_detector
-from .fileio import parse_model_metadata, refuse_repeats
+from .fileio import model_name, parse_model_metadata, refuse_repeats
 from .images import (  # noqa: F401 - re-exported: decoding images is part of the inference API
     MAX_PIXELS,
     ImageError,
@@ -72,12 +72,13 @@ class OnnxBackend:
         inputs = self.session.get_inputs()
         shape = inputs[0].shape  # named or None dimensions are dynamic; the batch's must be
         fits = len(inputs) == 1 and len(shape) == 4 and not isinstance(shape[0], int)
-        if not fits or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], (1, 48, 48), strict=True)):
+        expected = (1, IMAGE_SIZE, IMAGE_SIZE)
+        if not fits or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected, strict=True)):
             raise ValueError(f"{bad} (input {', '.join(_dims(i.shape) for i in inputs)}, expected (N, 1, 48, 48))")
         if inputs[0].type != "tensor(float)":
             raise ValueError(f"{bad} (input type {inputs[0].type}, expected tensor(float))")
         try:
-            probs = self(np.full((2, 1, 48, 48), 0.5, np.float32))
+            probs = self(np.full((2, 1, IMAGE_SIZE, IMAGE_SIZE), 0.5, np.float32))
         except Exception as e:  # onnxruntime raises its own exception types
             raise ValueError(f"{bad} (fails on a (N, 1, 48, 48) input: {' '.join(str(e).split())})") from e
         if problem := scores_shape_problem(probs.shape, 2, n_classes):
@@ -182,7 +183,7 @@ class EmotionRecognizer:
         self.detector_name = str(detector or DETECTOR) if not hasattr(detector, "detect") else type(detector).__name__
         names = [i.get("name", p.stem) for i, p in zip(infos, paths, strict=True)]
         self.model_info = {
-            "name": names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")",
+            "name": model_name(names),
             "classes": list(self.classes),
             "accuracy": infos[0].get("accuracy") if len(infos) == 1 else None,
             "accuracy_tta": infos[0].get("tta") if len(infos) == 1 and "accuracy" in infos[0] else None,

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .augment import PRESETS, augment, class_weights, mix, sample_weights
 from .checkpoint import load_checkpoint, load_init_weights, save_checkpoint
-from .config import RESUMABLE_CHANGES, TrainConfig
+from .config import IMAGE_SIZE, RESUMABLE_CHANGES, TrainConfig
 from .data import CLASSES, load_dataset
 from .distill import distill_loss, distill_targets, images_key, is_targets_file
 from .evaluate import predict_proba
@@ -403,7 +403,7 @@ class _Run:
             "model": self.cfg.model,
             "model_kwargs": self.cfg.model_kwargs,
             "classes": list(CLASSES),
-            "input_size": 48,
+            "input_size": IMAGE_SIZE,
             "config": self.cfg.to_dict(),
             "state_dict": self.model.state_dict(),
             "ema_state_dict": self.ema.module.state_dict() if self.ema is not None else None,
