@@ -216,6 +216,8 @@ def test_ddp_processes_leave_no_process_group_behind(tmp_path):
         "except ValueError as e:  # the second time: the run exists\n"
         "    print('refused:', e)\n"
         "print('group alive' if dist.is_initialized() else 'group destroyed')\n"
+        "import glob\n"  # the group itself gone too, not only forgotten: no gloo thread left to outlive the interpreter
+        "print(f\"gloo threads: {sum('gloo' in open(t).read() for t in glob.glob('/proc/self/task/*/comm'))}\")\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--standalone", str(script)]
@@ -224,4 +226,6 @@ def test_ddp_processes_leave_no_process_group_behind(tmp_path):
                               capture_output=True, text=True, timeout=180)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("group destroyed") == WORLD, proc.stdout
+        if os.path.isdir("/proc/self/task"):
+            assert proc.stdout.count("gloo threads: 0") == WORLD, proc.stdout
         assert proc.stdout.count("already holds a run") == refused, proc.stdout

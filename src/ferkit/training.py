@@ -201,6 +201,12 @@ def _setup_distributed(device_name: str) -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_nccl = torch.cuda.is_available() and not device_name.startswith("cpu")
     if not dist.is_initialized():
+        # torch.distributed.nn.functional's functions take group.WORLD as a default argument, bound at its first
+        # import. Imported after init (DDP's constructor imports it through torch._dynamo), they keep the group
+        # alive past destroy_process_group, and gloo's threads run into interpreter shutdown (where a rank once
+        # aborted: "terminate called without an active exception"). Imported first, they bind None.
+        from torch.distributed.nn import functional  # noqa: F401
+
         dist.init_process_group("nccl" if use_nccl else "gloo")
     return dist.get_rank(), world, local_rank
 
