@@ -254,32 +254,8 @@ def cmd_slim(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_metrics(path: str, model: str) -> dict[str, Any]:
-    """The metrics an export carries from ``ferkit evaluate``'s report at ``path``: the PrivateTest accuracy
-    (what the app and the API show as the model's) of the export's input file ``model`` (its network and
-    weights), with a TTA that predict and serve run; never an ensemble's, another model's or another split's."""
-    from .export import METRIC_KEYS
-    from .fileio import read_model_report
-
-    report = read_model_report(path, model)
-    if report["split"] != "PrivateTest" or report["limit"]:
-        raise ValueError(f"{path}: not a report on the whole PrivateTest split (the accuracy a model carries)")
-    if report["tta"] not in TTA_CHOICES:
-        raise ValueError(f"{path}: TTA {report['tta']!r}, not one predict and serve run ({', '.join(TTA_CHOICES)})")
-    return {k: report[k] for k in METRIC_KEYS if k in report}
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from .data import CLASSES
-    from .export import (
-        convert_fp16,
-        export_onnx,
-        max_abs_diff,
-        quantize_int8,
-        read_metadata,
-        undo_class_weights,
-        with_metrics,
-    )
+    from .export import report_metrics
 
     if Path(args.out).suffix.lower() != ".onnx":  # `-o runs/x/last.pt` wrote ONNX bytes over a run's checkpoint
         raise ValueError(f"{args.out}: name the output *.onnx")
@@ -288,28 +264,43 @@ def cmd_export(args: argparse.Namespace) -> int:
             "--report with --undo-class-weights: the corrected copy is another model; evaluate it, then copy it "
             "with its report (`ferkit export COPY.onnx -o SHIPPED.onnx --report REPORT.json`)"
         )
-    metrics = _report_metrics(args.report, args.checkpoint) if args.report else {}
+    metrics = report_metrics(args.report, args.checkpoint) if args.report else {}
     if Path(args.checkpoint).suffix.lower() == ".onnx":
-        if args.check or args.int8 or args.fp16 or not (args.report or args.undo_class_weights is not None):
-            raise ValueError(
-                "an .onnx input takes only --report (its metrics go into a copy's metadata) "
-                "and --undo-class-weights (with --data)"
-            )
-        source = args.checkpoint
-        if args.undo_class_weights is not None:
-            if not args.data:
-                raise ValueError("--undo-class-weights needs --data: the class counts of its Training split")
-            from .data import load_dataset
+        _copy_onnx(args, metrics)
+    else:
+        _export_checkpoint(args, metrics)
+    return 0
 
-            if (classes := read_metadata(args.checkpoint).get("classes")) and list(classes) != list(CLASSES):
-                raise ValueError(f"{args.checkpoint}: classes {classes}, not in FER-2013's order (that of the counts)")
-            counts = np.bincount(load_dataset(args.data).split("Training")[1], minlength=len(CLASSES))
-            source = undo_class_weights(source, args.out, counts, args.undo_class_weights)
-            print(f"wrote {source}: {args.checkpoint} with its class weights undone (power {args.undo_class_weights})")
-        if args.report:
-            out = with_metrics(source, args.out, metrics)
-            print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {source} with the metrics of {args.report}")
-        return 0
+
+def _copy_onnx(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
+    """``export MODEL.onnx``: a copy with its class weights undone, or with a report's metrics."""
+    from .data import CLASSES, load_dataset
+    from .export import read_metadata, undo_class_weights, with_metrics
+
+    if args.check or args.int8 or args.fp16 or not (args.report or args.undo_class_weights is not None):
+        raise ValueError(
+            "an .onnx input takes only --report (its metrics go into a copy's metadata) "
+            "and --undo-class-weights (with --data)"
+        )
+    source = args.checkpoint
+    if args.undo_class_weights is not None:
+        if not args.data:
+            raise ValueError("--undo-class-weights needs --data: the class counts of its Training split")
+        if (classes := read_metadata(args.checkpoint).get("classes")) and list(classes) != list(CLASSES):
+            raise ValueError(f"{args.checkpoint}: classes {classes}, not in FER-2013's order (that of the counts)")
+        counts = np.bincount(load_dataset(args.data).split("Training")[1], minlength=len(CLASSES))
+        source = undo_class_weights(source, args.out, counts, args.undo_class_weights)
+        print(f"wrote {source}: {args.checkpoint} with its class weights undone (power {args.undo_class_weights})")
+    if args.report:
+        out = with_metrics(source, args.out, metrics)
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {source} with the metrics of {args.report}")
+
+
+def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
+    """``export CHECKPOINT.pt``: its ONNX file (with ``metrics``), checked against torch, and its fp16/int8 copies."""
+    from .data import load_dataset
+    from .export import convert_fp16, export_onnx, max_abs_diff, quantize_int8
+
     if args.undo_class_weights is not None:
         raise ValueError("--undo-class-weights takes an exported .onnx: export the checkpoint first")
     if Path(args.out).resolve() == Path(args.checkpoint).resolve():
@@ -319,8 +310,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     size = (64, IMAGE_SIZE, IMAGE_SIZE)
     images = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)  # for --check alone
     if args.data and (args.check or args.int8):  # read before anything is written
-        from .data import load_dataset
-
         images, _ = load_dataset(args.data).split("Training")
         if len(images) == 0:
             raise ValueError(f"{args.data}: no Training images to check and calibrate on")
@@ -335,7 +324,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.int8:
             q = quantize_int8(out, Path(args.out).with_name(Path(args.out).stem + "_int8.onnx"), sample)
             print(f"wrote {q} ({q.stat().st_size / 1e6:.2f} MB)")
-    return 0
 
 
 def _print_records(records, fmt: str, classes: list[str]) -> bool:

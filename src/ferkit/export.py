@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import model_from_checkpoint
-from .config import IMAGE_SIZE, MARGIN
+from .config import IMAGE_SIZE, MARGIN, TTA_CHOICES
 from .data import model_input
-from .fileio import atomic_write, parse_model_metadata, refuse_folder
+from .fileio import atomic_write, parse_model_metadata, read_model_report, refuse_folder
 
 PREPROCESSING = (
     f"RGB -> grayscale (ITU-R 601 luma), face crop with {MARGIN:.0%} margin resized to {IMAGE_SIZE}x{IMAGE_SIZE}, "
@@ -255,3 +255,15 @@ def convert_fp16(onnx_path: str | Path, out: str | Path) -> Path:
         _set_metadata(staged, {**_without_metrics(info), "precision": "float16"})
         staged.replace(out)
     return out
+
+
+def report_metrics(path: str | Path, model: str | Path) -> dict[str, Any]:
+    """The metrics an export carries from ``ferkit evaluate``'s report at ``path``: the PrivateTest accuracy
+    (what the app and the API show as the model's) of the export's input file ``model`` (its network and
+    weights), with a TTA that predict and serve run; never an ensemble's, another model's or another split's."""
+    report = read_model_report(path, model)
+    if report["split"] != "PrivateTest" or report["limit"]:
+        raise ValueError(f"{path}: not a report on the whole PrivateTest split (the accuracy a model carries)")
+    if report["tta"] not in TTA_CHOICES:
+        raise ValueError(f"{path}: TTA {report['tta']!r}, not one predict and serve run ({', '.join(TTA_CHOICES)})")
+    return {k: report[k] for k in METRIC_KEYS if k in report}
