@@ -32,12 +32,20 @@ from _common import (
     write_report,
 )
 
-from ferkit.augment import PRESETS, augment
-from ferkit.config import TrainConfig
+from ferkit.config import IMAGE_SIZE, TrainConfig
 from ferkit.data import CLASSES, load_dataset
 from ferkit.models import build_model, describe
 from ferkit.runtime import resolve_device
-from ferkit.training import amp_dtype, autocast, make_criterion, make_optimizer, train
+from ferkit.training import (
+    amp_dtype,
+    augmentation,
+    augmented_batch,
+    autocast,
+    make_criterion,
+    make_optimizer,
+    new_model,
+    train,
+)
 
 GOAL = 0.90
 
@@ -114,7 +122,8 @@ class Synthetic:
     def __init__(self, cfg: TrainConfig, labels, device: torch.device, n_batches: int = 8) -> None:
         self.cfg, self.device = cfg, device
         g = torch.Generator().manual_seed(0)
-        self.xs = [torch.rand(cfg.batch_size, 1, 48, 48, generator=g).to(device) for _ in range(n_batches)]
+        size = (cfg.batch_size, 1, IMAGE_SIZE, IMAGE_SIZE)
+        self.xs = [torch.rand(size, generator=g).to(device) for _ in range(n_batches)]
         self.ys = [torch.randint(0, len(CLASSES), (cfg.batch_size,), generator=g).to(device) for _ in range(n_batches)]
         self.criterion = make_criterion(cfg, labels, device)
         self.dtype = amp_dtype(cfg, device)
@@ -123,10 +132,7 @@ class Synthetic:
 
     def run(self, steps: int) -> dict:
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, num_classes=len(CLASSES), **cfg.model_kwargs).to(self.device)
-        if self.device.type == "cuda" and cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = new_model(cfg, self.device)
         model.train()
         optimizer = make_optimizer(model, cfg)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -146,13 +152,13 @@ class Synthetic:
 
 def data_prep_rate(cfg: TrainConfig, x_train: torch.Tensor, steps: int, device: torch.device) -> float:
     """img/s of the loop's per-batch data work alone: index gather, uint8->float, augmentation."""
-    aug = replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
+    aug = augmentation(cfg)
     g = torch.Generator(device).manual_seed(0)
     perm = torch.randperm(len(x_train))
     t0 = time.perf_counter()
     for i in range(steps):
         idx = perm[(i * cfg.batch_size) % (len(x_train) - cfg.batch_size) :][: cfg.batch_size].to(device)
-        augment(x_train[idx].unsqueeze(1).float().div_(255), aug, g)
+        augmented_batch(x_train, idx, aug, g)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return steps * cfg.batch_size / (time.perf_counter() - t0)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .augment import PRESETS, augment, class_weights, mix, sample_weights
+from .augment import PRESETS, AugmentConfig, augment, class_weights, mix, sample_weights
 from .checkpoint import load_checkpoint, load_init_weights, save_checkpoint
 from .config import IMAGE_SIZE, RESUMABLE_CHANGES, TrainConfig
 from .data import CLASSES, load_dataset
@@ -273,6 +273,25 @@ def _load_splits(cfg: TrainConfig, rank: int) -> tuple[np.ndarray, np.ndarray, n
     return x, y, xv, yv
 
 
+def new_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The run's model, freshly initialised from its seed, on ``device`` (channels_last on CUDA if asked)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes=len(CLASSES), **cfg.model_kwargs).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def augmentation(cfg: TrainConfig) -> AugmentConfig:
+    """The run's augmentation: its preset, with its mixup and CutMix."""
+    return replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
+
+
+def augmented_batch(x_train: torch.Tensor, idx: torch.Tensor, aug: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """The training images ``idx`` (uint8 on the device) as an augmented float batch (N, 1, 48, 48) in [0, 1]."""
+    return augment(x_train[idx].unsqueeze(1).float().div_(255), aug, g)
+
+
 class _Run:
     """What a run updates and checkpoints: the model (``net``: wrapped for DDP/compile), the EMA of its
     weights, the optimizer, LR schedules, loss scaler and the state that ``last.pt`` resumes; and what
@@ -288,15 +307,12 @@ class _Run:
         resuming: bool = False,
     ) -> None:
         self.cfg, self.device = cfg, device
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, num_classes=len(CLASSES), **cfg.model_kwargs).to(device)
+        model = new_model(cfg, device)
         if cfg.init_weights and not resuming:  # a resumed run's weights come from its checkpoint
             n_loaded, n_skipped = load_init_weights(model, cfg.init_weights)
             log.info("initial weights %s: %d tensors loaded, %d skipped", cfg.init_weights, n_loaded, n_skipped)
         if world > 1 and cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if device.type == "cuda" and cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         self.model = self.net = model
         self.state: dict[str, Any] = dict(epoch=0, step=0, best_acc=-1.0, best_epoch=-1, bad_epochs=0, history=[])
         self.ema = None
@@ -319,7 +335,7 @@ class _Run:
         self.dtype = amp_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.criterion = make_criterion(cfg, labels, device)
-        self.aug = replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
+        self.aug = augmentation(cfg)
         self.sampler_w = sample_weights(labels, len(CLASSES)) if cfg.sampler == "balanced" else None
 
     def resume(self, path: Path, ck: dict[str, Any]) -> None:
@@ -457,7 +473,7 @@ def _train_epoch(
         batches = bar = tqdm(batches, total=steps, desc=desc, unit="batch", dynamic_ncols=True)
     for i, idx in enumerate(batches):
         idx = idx.to(device, non_blocking=True)
-        x = augment(x_train[idx].unsqueeze(1).float().div_(255), aug, g)
+        x = augmented_batch(x_train, idx, aug, g)
         x, ya, yb, lam = mix(x, y_train[idx], aug, g, rng)
         if device.type == "cuda" and cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
