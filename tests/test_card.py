@@ -122,7 +122,7 @@ def test_model_card_of_a_run_whose_checkpoints_are_gone_reads_its_config_yaml(tr
     logs_only = tmp_path / "logs_only"
     logs_only.mkdir()
     shutil.copy(trained_run / "metrics.csv", logs_only)
-    with pytest.raises(ValueError, match="neither config.yaml nor best.pt"):
+    with pytest.raises(ValueError, match="none of config.yaml, best.pt"):
         render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine")
     shutil.copy(trained_run / "config.yaml", logs_only)
     card = render_model_card(logs_only, onnx, reports, "ferkit train --x", "a test machine")

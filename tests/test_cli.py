@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from ferkit import cli
-from ferkit.checkpoint import load_checkpoint
+from ferkit.checkpoint import load_checkpoint, save_checkpoint
 from ferkit.config import TrainConfig
 from ferkit.data import load_cache
 from ferkit.models import MODELS
@@ -243,12 +243,19 @@ def test_train_resume_takes_the_runs_own_settings(tmp_path, synthetic_cache, cap
     assert cli.main(["train", "--out", str(run), "--epochs", "3", "--lr", "0.05", "--resume", "--no-evaluate"]) == 2
     assert "this run was trained with other settings (lr: 0.01 -> 0.05)" in capsys.readouterr().err
     assert TrainConfig.from_yaml(run / "config.yaml").epochs == 2
-    # a field this ferkit no longer has, in the run's own config.yaml, is dropped with a word
-    with open(run / "config.yaml", "a", encoding="utf-8") as f:
-        f.write("retired_option: 1\n")
+    # a field this ferkit no longer has, in the run's own recipe, is dropped with a word
+    last = load_checkpoint(run / "last.pt")
+    save_checkpoint(run / "last.pt", {**last, "config": {**last["config"], "retired_option": 1}})
     assert cli.main(["train", "--out", str(run), "--epochs", "3", "--resume", "--no-evaluate"]) == 0
-    assert "config.yaml: ignoring retired_option (no longer training options)" in capsys.readouterr().err
+    assert f"{run}: ignoring retired_option (no longer training options)" in capsys.readouterr().err
     assert TrainConfig.from_yaml(run / "config.yaml").epochs == 3
+    # the recipe is last.pt's: a config.yaml cut short (or emptied) beside it changes nothing
+    (run / "config.yaml").write_text("data: elsewhere.npz\n")
+    assert cli.main(["train", "--out", str(run), "--epochs", "4", "--resume", "--no-evaluate"]) == 0
+    assert TrainConfig.from_yaml(run / "config.yaml").lr == 0.01
+    # fewer epochs than the run has trained are refused (config.yaml said epochs: 2 of a 4-epoch run)
+    assert cli.main(["train", "--out", str(run), "--epochs", "2", "--resume", "--no-evaluate"]) == 2
+    assert "the run has trained 4 epochs, more than --epochs 2" in capsys.readouterr().err
 
 
 def test_train_resume_keeps_the_runs_final_evaluation(tmp_path, synthetic_cache):

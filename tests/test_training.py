@@ -151,6 +151,64 @@ def test_a_new_run_refuses_to_overwrite_an_old_one(tmp_path, synthetic_cache):
     assert {p: (out / p).read_bytes() for p in files} == files
 
 
+def test_a_run_killed_between_its_writes_resumes_whole(tmp_path, synthetic_cache, monkeypatch):
+    """A kill after the last epoch's last.pt lost that epoch from metrics.csv for good (no later epoch rewrote
+    it); best.pt, written before last.pt, could hold an epoch that the resumed run redid otherwise."""
+    out = tmp_path / "run"
+    cfg = tiny_config(synthetic_cache, out, epochs=2, patience=0)
+    real_save, real_record = training.save_checkpoint, training._Run.record
+
+    def killed_before_best(path, state):
+        if Path(path).name == "best.pt" and state["metrics"]["epoch"] == 2:
+            raise KeyboardInterrupt
+        return real_save(path, state)
+
+    def improved_in_epoch_2(run, row):  # so that epoch 2 writes a best.pt
+        row["val_acc"] = row["epoch"] / 10
+        return real_record(run, row)
+
+    monkeypatch.setattr(training._Run, "record", improved_in_epoch_2)
+    monkeypatch.setattr(training, "save_checkpoint", killed_before_best)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert load_checkpoint(out / "best.pt")["metrics"]["epoch"] == 1  # last.pt has epoch 2, best.pt not yet
+    assert load_checkpoint(out / "last.pt")["train_state"]["epoch"] == 2
+    assert (out / "metrics.csv").read_text().count("\n") == 2  # header + epoch 1
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    train(cfg, resume=True)  # nothing left to train: only what the kill left unwritten
+    best, last = load_checkpoint(out / "best.pt"), load_checkpoint(out / "last.pt")
+    assert best["metrics"]["epoch"] == 2 and last["train_state"]["best_epoch"] == 2
+    assert all(torch.equal(best["state_dict"][k], v) for k, v in last["state_dict"].items())
+    assert [r["epoch"] for r in csv.DictReader((out / "metrics.csv").open())] == ["1", "2"]
+    # killed after the last epoch's checkpoints, before its metrics row
+    out2 = tmp_path / "run2"
+    real_report = training._report_epoch
+
+    def killed_in_epoch_2(out, run, row, *args):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+        real_report(out, run, row, *args)
+
+    monkeypatch.setattr(training, "_report_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(synthetic_cache, out2, epochs=2))
+    monkeypatch.setattr(training, "_report_epoch", real_report)
+    train(tiny_config(synthetic_cache, out2, epochs=2), resume=True)
+    assert [r["epoch"] for r in csv.DictReader((out2 / "metrics.csv").open())] == ["1", "2"]
+
+
+def test_a_folder_holding_only_best_pt_is_not_overwritten(tmp_path, synthetic_cache):
+    out = tmp_path / "run"
+    train(tiny_config(synthetic_cache, out, epochs=1))
+    (out / "last.pt").unlink()
+    best = (out / "best.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"already holds a run \(best.pt\)"):
+        train(tiny_config(synthetic_cache, out, epochs=1))
+    with pytest.raises(ValueError, match="holds a best.pt but no last.pt to resume from"):
+        train(tiny_config(synthetic_cache, out, epochs=1), resume=True)
+    assert (out / "best.pt").read_bytes() == best
+
+
 def test_resume_errors_name_the_checkpoint(tmp_path, synthetic_cache):
     out = tmp_path / "run"
     train(tiny_config(synthetic_cache, out, epochs=1))
@@ -771,7 +829,8 @@ def test_distill_cache_notices_other_images_of_the_same_count(tmp_path, syntheti
     data = load_cache(synthetic_cache)
     data.images[:] = 255 - data.images  # other images, as many
     save_cache(data, tmp_path / "other.npz")
-    (out / "last.pt").unlink()  # a new run in the same folder
+    for name in ("last.pt", "best.pt"):  # a new run in the same folder
+        (out / name).unlink()
     train(tiny_config(tmp_path / "other.npz", out, epochs=1, teacher=[teacher], distill_cache=True))
     with np.load(out / "teacher_probs.npz") as f:
         assert not np.allclose(f["probs"], first)

@@ -79,7 +79,7 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
 def _run_config(run_dir: Path) -> dict[str, Any]:
     """A run's training config: the ``config.yaml`` training wrote beside its logs (or its ``best.pt``'s), read
     as written (a field this ferkit no longer knows is kept, one the run predates takes its default)."""
-    path, cfg = run_options(run_dir, "best.pt")
+    path, cfg = run_options(run_dir, ("config.yaml", "best.pt"))
     if "model" not in cfg:
         raise ValueError(f"{path}: not a training config (a mapping with a model)")
     return {**TrainConfig().to_dict(), **cfg}

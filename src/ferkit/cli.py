@@ -148,15 +148,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.config:
         cfg = TrainConfig.from_yaml(args.config, **overrides)
     elif args.resume and (own.is_file() or (own.parent / "last.pt").is_file()):  # the run's own recipe
-        cfg, dropped = TrainConfig.of_run(own.parent, "last.pt", **overrides)
+        cfg, dropped = TrainConfig.of_run(own.parent, ("last.pt", "config.yaml"), **overrides)
         if dropped:
-            print(f"ferkit train: {own}: ignoring {', '.join(dropped)} (no longer training options)", file=sys.stderr)
-    else:
-        cfg = TrainConfig.from_dict(overrides)
-    if not cfg.data and args.resume and not args.config:
+            print(f"ferkit train: {own.parent}: ignoring {', '.join(dropped)} (no longer training options)",
+                  file=sys.stderr)  # fmt: skip
+    elif args.resume and not args.config and "data" not in overrides:
         raise ValueError(
             f"no run to resume in {own.parent} (no config.yaml or last.pt there); give --data to start one"
         )
+    else:
+        cfg = TrainConfig.from_dict(overrides)
     if not cfg.data:
         raise ValueError("--data is required (or set `data:` in the --config file)")
     result = train(cfg, resume=args.resume)

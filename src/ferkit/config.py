@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,9 @@ TTA_MODES = ("none", "flip", "crops")  # what evaluation can try (crops: ten-cro
 MB = 1024 * 1024
 
 
-# what a resumed run may change: where the data, the work and the run folder are, how long it goes on (a longer
-# cosine or exponential schedule bends from where it is) and its final evaluation; anything else is another recipe
+# what a resumed run may change: where the data, the work and the run folder are, how long it goes on (a cosine
+# schedule is recomputed over the new length, an exponential one goes on) and its final evaluation; anything
+# else is another recipe
 RESUMABLE_CHANGES = ("data", "out", "epochs", "patience", "max_steps", "device", "threads", "compile", "progress",
                      "evaluate", "tta")  # fmt: skip
 
@@ -182,10 +184,10 @@ class TrainConfig:
         return cls.from_dict({**_read_mapping(path), **overrides}, source=str(path))
 
     @classmethod
-    def of_run(cls, run_dir: str | Path, checkpoint: str, **overrides: Any) -> tuple[TrainConfig, list[str]]:
+    def of_run(cls, run_dir: str | Path, sources: Sequence[str], **overrides: Any) -> tuple[TrainConfig, list[str]]:
         """The config of the run in ``run_dir`` (see :func:`run_options`) with ``overrides``, and the fields it
         has that this ferkit no longer knows (dropped); a field the run predates takes its default."""
-        path, values = run_options(run_dir, checkpoint)
+        path, values = run_options(run_dir, sources)
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in values.items() if k in names}
         return cls.from_dict({**known, **overrides}, source=str(path)), sorted(set(values) - names)
@@ -223,20 +225,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def run_options(run_dir: str | Path, checkpoint: str) -> tuple[Path, dict[str, Any]]:
-    """The training options a run recorded, as written, and the file they are read from: its ``config.yaml``
-    (written at every start, so a resumed run's latest recipe), else the config in its ``checkpoint`` file
-    (runs from before config.yaml was written, or copied without it)."""
-    path = Path(run_dir) / "config.yaml"
-    if path.is_file():
-        values = _read_mapping(path)
-    elif (path := Path(run_dir) / checkpoint).is_file():
+def run_options(run_dir: str | Path, sources: Sequence[str]) -> tuple[Path, dict[str, Any]]:
+    """The training options a run recorded, as written, and the file they are read from: the first of
+    ``sources`` in ``run_dir`` that exists, ``config.yaml`` (the recipe of the run's latest start, written
+    beside its logs) or a checkpoint (``last.pt``: the recipe it resumes with; ``best.pt``)."""
+    for name in sources:
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        if name == "config.yaml":
+            return path, _read_mapping(path)
         from .checkpoint import load_checkpoint
 
-        values = load_checkpoint(path).get("config") or {}
-    else:
-        raise ValueError(f"{run_dir}: neither config.yaml nor {checkpoint} to read the run's options from")
-    return path, values
+        return path, load_checkpoint(path).get("config") or {}
+    raise ValueError(f"{run_dir}: none of {', '.join(sources)} to read the run's options from")
 
 
 def _read_mapping(path: str | Path) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 The training set lives on the device as uint8; each batch is gathered, augmented and fed to the
 model there, so no DataLoader workers are needed. Every epoch ends with a PublicTest evaluation,
 a metrics row, and atomic ``last.pt``/``best.pt`` checkpoints; ``resume=True`` continues from
-``last.pt`` exactly: batch order, augmentation and dropout are seeded from (seed, epoch).
+``last.pt`` exactly (bitwise on the same device and thread count): batch order, augmentation and dropout are
+seeded from (seed, epoch).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .augment import PRESETS, AugmentConfig, augment, class_weights, mix, sample_weights
-from .checkpoint import load_checkpoint, load_init_weights, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_init_weights, save_checkpoint
 from .config import IMAGE_SIZE, RESUMABLE_CHANGES, TrainConfig
 from .data import CLASSES, load_dataset
 from .distill import distill_loss, distill_targets, images_key, is_targets_file
@@ -420,8 +421,38 @@ class _Run:
         return improved
 
     def save(self, out: Path, improved: bool) -> None:
-        """Write ``last.pt`` (everything :meth:`resume` needs) and, when ``improved``, ``best.pt``."""
-        ck = {
+        """Write ``last.pt`` (everything :meth:`resume` needs), then, when ``improved``, ``best.pt``: a kill in
+        between leaves a best.pt older than last.pt's best epoch, which :meth:`repair_best` rewrites, never a
+        best.pt of an epoch that last.pt (and so a resumed run) does not have."""
+        resumable = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "ema_module": self.ema.state_dict() if self.ema is not None else None,
+            "train_state": self.state,
+        }
+        save_checkpoint(out / "last.pt", {**self._weights(), **resumable})
+        if improved:
+            save_checkpoint(out / "best.pt", self._weights())
+
+    def repair_best(self, out: Path) -> None:
+        """After a resume: rewrite ``best.pt`` if a kill came between last.pt and it (the best epoch is the
+        last one, whose weights the run has)."""
+        best, epoch = out / "best.pt", self.state["best_epoch"]
+        if epoch < 1 or epoch != self.state["epoch"]:
+            return
+        try:
+            saved = load_checkpoint(best).get("metrics", {}).get("epoch") if best.exists() else None
+        except CheckpointError:  # damaged: rewritten too
+            saved = None
+        if saved != epoch:
+            log.info("%s: rewriting it with epoch %d, the best (the run was stopped before writing it)", best, epoch)
+            save_checkpoint(best, self._weights())
+
+    def _weights(self) -> dict[str, Any]:
+        """What every checkpoint holds: the model, its weights (and EMA's), config and latest metrics row."""
+        return {
             "model": self.cfg.model,
             "model_kwargs": self.cfg.model_kwargs,
             "classes": list(CLASSES),
@@ -431,17 +462,6 @@ class _Run:
             "ema_state_dict": self.ema.module.state_dict() if self.ema is not None else None,
             "metrics": self.state["history"][-1] if self.state["history"] else {},
         }
-        if improved:
-            save_checkpoint(out / "best.pt", ck)
-        resumable = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
-            "scaler": self.scaler.state_dict(),
-            "ema_module": self.ema.state_dict() if self.ema is not None else None,
-            "train_state": self.state,
-        }
-        save_checkpoint(out / "last.pt", {**ck, **resumable})
 
 
 def _train_epoch(
@@ -549,11 +569,17 @@ def _start(
             stale.unlink(missing_ok=True)
     _setup_logging(out, rank)
     _check_config(cfg, world, device)
-    if not resume and (out / "last.pt").exists():
-        raise ValueError(f"{out} already holds a run (last.pt): --resume continues it, another --out starts anew")
-    last = load_checkpoint(out / "last.pt") if resume and (out / "last.pt").exists() else None
+    held = [name for name in ("last.pt", "best.pt") if (out / name).exists()]
+    if held and not resume:
+        raise ValueError(f"{out} already holds a run ({held[0]}): --resume continues it, another --out starts anew")
+    if held == ["best.pt"]:
+        raise ValueError(f"{out} holds a best.pt but no last.pt to resume from (best.pt keeps no optimizer state): "
+                         "another --out starts anew")  # fmt: skip
+    last = load_checkpoint(out / "last.pt") if held else None
     if last is not None:
         _check_resumed_config(out / "last.pt", last.get("config") or {}, cfg)
+        if cfg.epochs < (done := last.get("train_state", {}).get("epoch", 0)):
+            raise ValueError(f"{out / 'last.pt'}: the run has trained {done} epochs, more than --epochs {cfg.epochs}")
     x_np, y_np, xv_np, yv_np = _load_splits(cfg, rank)
     images = images_key(x_np)
     if last is not None and last.get("train_state", {}).get("train_images", images) != images:
@@ -566,6 +592,9 @@ def _start(
     if last is not None:
         run.resume(out / "last.pt", last)
         log.info("resumed from %s at epoch %d", out / "last.pt", run.state["epoch"])
+        if rank == 0:  # what a kill after last.pt's write left unwritten
+            _write_metrics(out / "metrics.csv", run.state["history"])
+            run.repair_best(out)
     elif resume:
         log.info("no %s to resume from; starting a new run", out / "last.pt")
     run.state["train_images"] = images
