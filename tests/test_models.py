@@ -116,10 +116,11 @@ def test_load_init_weights_rgb_to_gray_and_skips_classifier(tmp_path, wrap):
     src = _rgb_state(model)
     path = tmp_path / "imagenet.pth"
     torch.save(src if wrap is None else {wrap: src}, path)
-    loaded, skipped = load_init_weights(model, path)
+    loaded, unused, untouched = load_init_weights(model, path)
     after = model.state_dict()
-    assert skipped == 3  # classifier weight + bias, aux.weight
-    assert loaded == len(after) - 2
+    counted = [k for k in after if not k.endswith("num_batches_tracked")]
+    assert (unused, untouched) == (3, 2)  # classifier weight + bias, aux.weight; the model's classifier
+    assert loaded == len(counted) - 2
     torch.testing.assert_close(after["features.1.weight"], src["features.1.weight"].sum(1, keepdim=True))
     assert after["features.1.weight"].shape[1] == 1
     assert torch.equal(after["head.3.weight"], before["head.3.weight"])
@@ -141,7 +142,7 @@ def test_load_init_weights_net_prefix(tmp_path):
     model = Wrapped()
     state = {"0.weight": torch.rand(4, 3, 3, 3), "0.bias": torch.rand(4), "2.weight": torch.rand(1000, 4 * 46 * 46)}
     torch.save(state, tmp_path / "w.pt")
-    assert load_init_weights(model, tmp_path / "w.pt") == (2, 1)
+    assert load_init_weights(model, tmp_path / "w.pt") == (2, 1, 2)  # the Linear's weight and bias stay
     torch.testing.assert_close(model.net[0].weight, state["0.weight"].sum(1, keepdim=True))
     assert torch.equal(model.net[0].bias, state["0.bias"])
 
@@ -169,6 +170,14 @@ def test_load_init_weights_refuses_what_does_not_fit(tmp_path):
     torch.save(build_model("ferkit_vgg", width=0.25).state_dict(), tmp_path / "vgg.pt")  # another architecture
     with pytest.raises(ValueError, match=r"vgg.pt: only \d+ of the model's \d+ tensors match"):
         load_init_weights(model, tmp_path / "vgg.pt")
+    torch.save(nn.Linear(2, 2), tmp_path / "pickled.pt")  # a whole module: torch would advise running its code
+    with pytest.raises(ValueError, match=r"pickled.pt: not a weights file \(it holds Python objects, left unread\)"):
+        load_init_weights(model, tmp_path / "pickled.pt")
+    # BatchNorm's step counters fit any BatchNorm of the same name: they no longer count as a match
+    counters = {k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
+    torch.save({**counters, "features.1.weight": torch.rand(8, 3, 3, 3)}, tmp_path / "counters.pt")
+    with pytest.raises(ValueError, match=r"counters.pt: only 1 of the model's \d+ tensors match"):
+        load_init_weights(model, tmp_path / "counters.pt")
 
 
 def test_load_init_weights_from_a_ferkit_checkpoint_takes_its_ema_weights(tmp_path):
@@ -180,5 +189,77 @@ def test_load_init_weights_from_a_ferkit_checkpoint_takes_its_ema_weights(tmp_pa
     state = {"model": "ferkit_small", "model_kwargs": {"width": 0.25}, "classes": ["a"] * 7, "state_dict": weights}
     path = save_checkpoint(tmp_path / "best.pt", {**state, "ema_state_dict": ema})
     model = build_model("ferkit_small", width=0.25)
-    assert load_init_weights(model, path) == (len(weights), 0)
+    counted = sum(not k.endswith("num_batches_tracked") for k in weights)
+    assert load_init_weights(model, path) == (counted, 0, 0)
     assert torch.equal(model.state_dict()["head.3.weight"], ema["head.3.weight"])  # what it was evaluated with
+
+
+def test_vgg16_sees_its_whole_last_feature_map():
+    """At 48x48 block 5 runs at 3x3: a floor-rounding max-pool dropped its last row and column."""
+    model = build_model("vgg16").eval()
+    last = model.features[:-1](torch.rand(1, 1, 48, 48)).detach().requires_grad_()
+    assert last.shape[-2:] == (3, 3)
+    model.head(model.features[-1](last)).sum().backward()
+    assert (last.grad.abs().sum(1) > 0).all()
+
+
+def _renamed(state: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
+    return {names.get(k, k): v for k, v in state.items()}
+
+
+def test_vgg16_takes_vgg16_bn_imagenet_weights(tmp_path):
+    """torchvision's (and timm's) vgg16_bn: conv i, BN i+1, ReLU, ..., max-pools; conv biases folded into BN.
+    (Checked against timm's own vgg16_bn and resnetv2_50 too: identical features, README.)"""
+    from ferkit.models import FOREIGN_LAYOUTS
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(*list(build_model("vgg16", in_chans=3).features)[1:]).eval()  # no Preprocess
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):  # BN statistics that matter
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
+        if isinstance(m, nn.Conv2d):  # vgg16_bn's convs have biases
+            m.bias = nn.Parameter(torch.rand(m.out_channels) - 0.5)
+    imagenet = {f"features.{k}": v for k, v in reference.state_dict().items()}
+    assert "features.0.bias" in imagenet and "features.1.running_mean" in imagenet  # conv 0, its BN at 1
+    imagenet |= {"classifier.0.weight": torch.rand(64, 25088), "classifier.6.weight": torch.rand(1000, 64)}
+    torch.save(imagenet, tmp_path / "vgg16_bn.pth")
+    model = build_model("vgg16", in_chans=3).eval()
+    assert load_init_weights(model, tmp_path / "vgg16_bn.pth", FOREIGN_LAYOUTS["vgg16"]) == (65, 2, 2)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model.features[1:](x), reference(x), atol=1e-4, rtol=1e-4)
+
+
+def test_init_weights_in_a_foreign_layout_load_through_the_model_s_converter(tmp_path):
+    from ferkit.models import FOREIGN_LAYOUTS
+
+    model = build_model("resnet50v2")
+    names = {  # timm's resnetv2_50 names for some of ours
+        "stem.0.weight": "stem.conv.weight",
+        "blocks.0.shortcut.weight": "stages.0.blocks.0.downsample.conv.weight",
+        "blocks.0.bn1.weight": "stages.0.blocks.0.norm1.weight",
+        "blocks.3.conv2.weight": "stages.1.blocks.0.conv2.weight",
+        "blocks.15.bn3.running_var": "stages.3.blocks.2.norm3.running_var",
+        "head.0.bias": "norm.bias",
+    }
+    inverse = {}  # every other name, in timm's layout, from the converter itself
+    for k in model.state_dict():
+        if k.startswith("blocks."):
+            i, rest = int(k.split(".")[1]), k.split(".", 2)[2]
+            stage = next(s for s, end in enumerate((3, 7, 13, 16)) if i < end)
+            block = i - (0, 3, 7, 13)[stage]
+            rest = rest.replace("shortcut.", "downsample.conv.").replace("bn", "norm")
+            inverse[k] = f"stages.{stage}.blocks.{block}.{rest}"
+    inverse |= names
+    state = {
+        inverse.get(k, k): torch.rand_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()
+    }
+    state["stem.conv.weight"] = torch.rand(64, 3, 7, 7)
+    assert FOREIGN_LAYOUTS["resnet50v2"](state).keys() == model.state_dict().keys()
+    torch.save(state, tmp_path / "resnetv2_50.pth")
+    with pytest.raises(ValueError, match=r"only \d+ of the model's"):  # by name alone: a few
+        load_init_weights(build_model("resnet50v2"), tmp_path / "resnetv2_50.pth")
+    loaded, unused, untouched = load_init_weights(model, tmp_path / "resnetv2_50.pth", FOREIGN_LAYOUTS["resnet50v2"])
+    assert (unused, untouched) == (0, 0) and loaded > 250
+    torch.testing.assert_close(model.state_dict()["stem.0.weight"], state["stem.conv.weight"].sum(1, keepdim=True))
+    assert torch.equal(model.state_dict()["blocks.15.bn3.running_var"], state["stages.3.blocks.2.norm3.running_var"])

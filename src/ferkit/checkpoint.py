@@ -4,6 +4,7 @@ initial weights (e.g. ImageNet) loaded into a model by name and shape."""
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs from the file
     except pickle.UnpicklingError as e:  # torch's advice (weights_only=False) would run the file's code: not given
-        raise CheckpointError(f"{path}: not a ferkit checkpoint (it holds Python objects, left unread)") from e
+        if _holds_objects(e):
+            raise CheckpointError(f"{path}: not a ferkit checkpoint (it holds Python objects, left unread)") from e
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file)") from e
     except Exception as e:  # torch raises many types for truncated or foreign files
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a ferkit checkpoint (no '{FORMAT}' marker)")
     return state
+
+
+def _holds_objects(e: pickle.UnpicklingError) -> bool:
+    """Whether torch's safe loader refused a pickle for the Python objects in it (not for being garbage)."""
+    return "Unsupported global" in str(e)
 
 
 def _model_state(path: str | Path) -> dict[str, Any]:
@@ -117,19 +125,26 @@ def slim_checkpoint(path: str | Path, out: str | Path, half: bool = False) -> Pa
     return save_checkpoint(out, {**keep, "state_dict": weights, "ema_state_dict": None})
 
 
-def load_init_weights(model: nn.Module, path: str | Path) -> tuple[int, int]:
+Weights = dict[str, torch.Tensor]
+
+
+def load_init_weights(
+    model: nn.Module, path: str | Path, layout: Callable[[Weights], Weights] | None = None
+) -> tuple[int, int, int]:
     """Load initial weights (e.g. ImageNet) from a local ``.pt``/``.pth``/``.safetensors`` file or a ferkit
     checkpoint (its EMA weights when it has them, the ones it was evaluated with).
 
-    Tensors are matched by name (a ``net.`` prefix is tried for timm models); an RGB first convolution
-    is summed over its input channels to take grayscale input; tensors whose shapes still differ
-    (usually the classifier) are skipped. A file that fits less than half of the model's tensors is refused:
-    it is for another architecture or layout. Returns (loaded, skipped)."""
+    Tensors are matched by name (a ``net.`` prefix is tried for timm models), or, where that fits less, by the
+    names ``layout`` gives the file's (another library's layout of the same network: models.FOREIGN_LAYOUTS);
+    an RGB first convolution is summed over its input channels to take grayscale input; tensors whose shapes
+    still differ (usually the classifier) are skipped. A file that fits less than half of the model's tensors
+    is refused: it is for another architecture or layout. Returns the number of tensors loaded, of the file's
+    left unused and of the model's left as initialised (BatchNorm's step counters not counted)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: initial weights file not found")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
@@ -137,6 +152,10 @@ def load_init_weights(model: nn.Module, path: str | Path) -> tuple[int, int]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except ImportError as e:
         raise ValueError(f"{path}: reading .safetensors files needs `pip install safetensors` ({e})") from e
+    except pickle.UnpicklingError as e:  # torch's advice (weights_only=False) would run the file's code: not given
+        if _holds_objects(e):
+            raise ValueError(f"{path}: not a weights file (it holds Python objects, left unread)") from e
+        raise ValueError(f"{path}: not a readable weights file (not a torch file)") from e
     except Exception as e:  # torch and safetensors raise many types for truncated or foreign files
         raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {' '.join(str(e).split())})") from e
     if isinstance(state, dict) and state.get("format") == FORMAT:
@@ -146,7 +165,27 @@ def load_init_weights(model: nn.Module, path: str | Path) -> tuple[int, int]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a weights file (expected a mapping of names to tensors)")
     own = model.state_dict()
-    loaded: dict[str, torch.Tensor] = {}
+    counted = [k for k in own if not k.endswith("num_batches_tracked")]
+    loaded = _matching(state, own)
+    if layout is not None and len(loaded) < len(own) and len(other := _matching(layout(state), own)) > len(loaded):
+        state, loaded = layout(state), other  # (a vgg16_bn file's conv biases are folded into its BatchNorms)
+    fits = sum(k in loaded for k in counted)
+    if fits < len(counted) / 2:
+        raise ValueError(
+            f"{path}: only {fits} of the model's {len(counted)} tensors match it by name and shape: weights of "
+            "another architecture or layer naming (ImageNet files fit timm:<arch> models, and vgg16 and "
+            "resnet50v2 take vgg16_bn's and timm's resnetv2_50's; ferkit's own models take ferkit checkpoints)"
+        )
+    model.load_state_dict(loaded, strict=False)
+    used = sum(not k.endswith("num_batches_tracked") for k in loaded)
+    unused = sum(not k.endswith("num_batches_tracked") for k in state) - used
+    return used, unused, len(counted) - fits
+
+
+def _matching(state: Weights, own: Weights) -> Weights:
+    """The tensors of ``state`` that fit ``own`` by name (or ``net.`` + name) and shape, an RGB first
+    convolution summed to one input channel."""
+    loaded = {}
     for key, value in state.items():
         target = key if key in own else f"net.{key}"
         if target not in own:
@@ -155,11 +194,4 @@ def load_init_weights(model: nn.Module, path: str | Path) -> tuple[int, int]:
             value = value.sum(dim=1, keepdim=True)
         if value.shape == own[target].shape:
             loaded[target] = value
-    if len(loaded) < len(own) / 2:
-        raise ValueError(
-            f"{path}: only {len(loaded)} of the model's {len(own)} tensors match it by name and shape: weights of "
-            "another architecture or layer naming (ImageNet files fit timm:<arch> models; ferkit's own models, "
-            "vgg16 and resnet50v2 included, take ferkit checkpoints)"
-        )
-    model.load_state_dict(loaded, strict=False)
-    return len(loaded), len(state) - len(loaded)
+    return loaded

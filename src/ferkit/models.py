@@ -9,6 +9,7 @@ so training, evaluation, ONNX export and inference all feed it the same thing.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 
 import torch
@@ -57,7 +58,7 @@ class VGGNet(nn.Module):
             for cout in stage:
                 layers += _conv_bn(cin, cout)
                 cin = cout
-            layers.append(nn.MaxPool2d(2))
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))  # an odd size keeps its last row and column
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes)
@@ -184,7 +185,7 @@ def _scaled(stages: list[list[int]], width: float) -> list[list[int]]:
 MODELS: dict[str, Callable[..., nn.Module]] = {
     # ~1.2M params: trains on a 2-core CPU in about 3 minutes an epoch.
     "ferkit_small": lambda width=1.0, **kw: VGGNet(_scaled([[32, 32], [64, 64], [128, 128], [256, 256]], width), **kw),
-    # ~9M params: the stronger 48x48 VGG-style net, for a GPU.
+    # ~7.6M params: the stronger 48x48 VGG-style net, for a GPU.
     "ferkit_vgg": lambda width=1.0, **kw: VGGNet(
         _scaled([[64, 64], [128, 128], [256, 256, 256], [512, 512, 512]], width), **kw
     ),
@@ -194,6 +195,44 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
         (2, 2, 2, 2), **{"block": PreActBasic, "small_input": True, "pre_size": None, **kw}
     ),
     "resnet50v2": lambda **kw: ResNetV2((3, 4, 6, 3), **kw),
+}
+
+
+def _from_vgg_bn(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's (or timm's) ``vgg16_bn`` ImageNet weights in :class:`VGGNet`'s names: its layers are
+    ``features.N`` one place further on (after Preprocess); each conv bias, which VGGNet's convs do without,
+    is folded into the BatchNorm after it (BN(conv(x) + b) with mean m is BN(conv(x)) with mean m - b)."""
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"features\.(\d+)\.(.+)", key)
+        out[f"features.{int(m[1]) + 1}.{m[2]}" if m else key] = value  # the classifier: another head, unused
+    for key in [k for k in out if re.fullmatch(r"features\.\d+\.bias", k)]:
+        i = int(key.split(".")[1])
+        weight, mean = out.get(f"features.{i}.weight"), f"features.{i + 1}.running_mean"
+        if weight is not None and weight.ndim == 4 and mean in out:  # a conv's bias, a BatchNorm after it
+            out[mean] = out[mean] - out.pop(key)
+    return out
+
+
+def _from_timm_resnetv2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's ``resnetv2_50`` ImageNet weights in :class:`ResNetV2`'s names (the same network: stem conv,
+    stages of pre-activation bottlenecks, final norm)."""
+    layers = (3, 4, 6, 3)  # blocks per stage
+    out = {}
+    for key, value in state.items():
+        if m := re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.+)", key):
+            rest = m[3].replace("downsample.conv.", "shortcut.").replace("norm", "bn")
+            key = f"blocks.{sum(layers[: int(m[1])]) + int(m[2])}.{rest}"
+        else:
+            key = key.replace("stem.conv.", "stem.0.").replace("norm.", "head.0.")
+        out[key] = value
+    return out
+
+
+# other layouts of a model's weights that --init-weights reads: the ImageNet files of the same networks
+FOREIGN_LAYOUTS: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
+    "vgg16": _from_vgg_bn,
+    "resnet50v2": _from_timm_resnetv2,
 }
 
 

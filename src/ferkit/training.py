@@ -33,7 +33,7 @@ from .data import CLASSES, load_dataset
 from .distill import distill_loss, distill_targets, images_key, is_targets_file
 from .evaluate import predict_proba
 from .fileio import atomic_write
-from .models import build_model
+from .models import FOREIGN_LAYOUTS, build_model
 from .runtime import resolve_device
 
 log = logging.getLogger("ferkit.train")
@@ -310,8 +310,9 @@ class _Run:
         self.cfg, self.device = cfg, device
         model = new_model(cfg, device)
         if cfg.init_weights and not resuming:  # a resumed run's weights come from its checkpoint
-            n_loaded, n_skipped = load_init_weights(model, cfg.init_weights)
-            log.info("initial weights %s: %d tensors loaded, %d skipped", cfg.init_weights, n_loaded, n_skipped)
+            counts = load_init_weights(model, cfg.init_weights, FOREIGN_LAYOUTS.get(cfg.model))
+            log.info("initial weights %s: %d tensors loaded, %d of the file's unused, %d of the model's left as "
+                     "initialised", cfg.init_weights, *counts)  # fmt: skip
         if world > 1 and cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = self.net = model
