@@ -10,8 +10,9 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -30,6 +31,9 @@ from .config import (
     TrainConfig,
 )
 from .data import SPLITS
+
+if TYPE_CHECKING:
+    from .media import Record
 
 
 def _yaml_mapping(text: str) -> dict:
@@ -327,7 +331,7 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
             print(f"wrote {q} ({q.stat().st_size / 1e6:.2f} MB)")
 
 
-def _print_records(records, fmt: str, classes: list[str]) -> bool:
+def _print_records(records: Iterable[Record], fmt: str, classes: Sequence[str]) -> bool:
     """Print prediction records as a table, JSON lines or CSV (a column per class); returns whether any
     input failed."""
     import csv
