@@ -375,3 +375,30 @@ def test_an_ensemble_or_a_sibling_does_not_overwrite_a_models_reports(trained_ru
     assert cli.main(["evaluate", str(run / "last.pt"), *data]) == 0  # a sibling file: a folder of its own
     assert (run / "eval" / "PrivateTest.json").read_bytes() == single
     assert (run / "eval_last_pt" / "PrivateTest.json").is_file()
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temp_file(tmp_path):
+    """`kill` during `prepare`'s write left a hidden 130 MB temp file beside the cache, never removed."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys\n"
+        "import ferkit.data\n"
+        "from ferkit import cli\n"
+        "from ferkit.fileio import atomic_write\n"
+        "def write(f):\n"
+        "    f.write(b'half a cache')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    f.write(b'never')\n"
+        "ferkit.data.prepare = lambda src, out: atomic_write(out, write)\n"
+        "before = signal.getsignal(signal.SIGTERM)\n"
+        "try:\n"
+        "    cli.main(['prepare', sys.argv[1], '-o', sys.argv[1] + '/fer.npz'])\n"
+        "finally:\n"
+        "    print('handler restored' if signal.getsignal(signal.SIGTERM) == before else 'handler kept')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + 15, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert proc.stdout == "handler restored\n"

@@ -218,6 +218,29 @@ def test_unknown_class_folder_names_it(tmp_path):
         load_folder(tmp_path, progress=False)
 
 
+def test_hidden_folders_are_skipped_as_hidden_files_are(tmp_path):
+    """Jupyter's .ipynb_checkpoints/ in a class's parent folder stopped the load as an unknown class."""
+    _tree(tmp_path, ["train"])
+    Image.fromarray(synthetic_face(0, 0)).save(_mk(tmp_path / "train/.ipynb_checkpoints/x.png"))
+    assert load_folder(tmp_path, progress=False).counts()["Training"] == dict.fromkeys(CLASSES, 1)
+
+
+def test_a_class_given_twice_in_two_cases_is_refused(tmp_path):
+    """Angry/ beside angry/ loaded both: that class's images twice."""
+    _tree(tmp_path, ["train"])
+    shutil.copytree(tmp_path / "train/angry", tmp_path / "train/Angry")
+    with pytest.raises(DataError, match=r"train/angry: class 'angry' given twice \(also Angry/\)"):
+        load_folder(tmp_path, progress=False)
+
+
+def test_a_link_to_nothing_is_named(tmp_path):
+    """A broken symlinked image was dropped without a word."""
+    _tree(tmp_path, ["train"])
+    (tmp_path / "train/fear/Training_9.jpg").symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'train/fear/Training_9.jpg'}: a link to nothing")):
+        load_folder(tmp_path, progress=False)
+
+
 @pytest.mark.parametrize("kind", ["garbage", "truncated", "empty"])
 def test_corrupt_image_names_the_file(tmp_path, kind):
     _tree(tmp_path, ["train"])
@@ -275,7 +298,7 @@ def test_csv_utf8_bom(tmp_path):
 
 def test_csv_ignores_blank_lines(tmp_path):
     path = tmp_path / "f.csv"
-    path.write_text(_csv_text(_good_row(1), (), _good_row(2), (), ()))
+    path.write_text(_csv_text(_good_row(1), (), _good_row(2), ("  ",), ()))  # a line of spaces is blank too
     data = load_csv(path, progress=False)
     assert data.labels.tolist() == [1, 2]
     assert data.sources.tolist() == ["f.csv:2", "f.csv:4"]

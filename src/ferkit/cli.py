@@ -9,7 +9,9 @@ import io
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -658,8 +660,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (kill, a scheduler's stop) unwinds as Ctrl-C does, so that no temp file or partial video stays
+    # behind; not under torchrun, whose SIGTERM to one process while another waits in a collective must end it
+    catch = threading.current_thread() is threading.main_thread() and "LOCAL_RANK" not in os.environ
+    previous = signal.signal(signal.SIGTERM, _terminated) if catch else None
     try:
         return args.func(args)
     except BrokenPipeError:  # `ferkit predict ... | head -1`: the reader has all it wanted; no error to show
@@ -671,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ferkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if catch:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _json(obj: Any) -> str:

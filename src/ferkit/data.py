@@ -133,14 +133,19 @@ def load_folder(root: str | Path, progress: bool = True) -> FERData:
     labels: list[int] = []
     splits: list[int] = []
     for top in tops:
-        found: set[str] = set()
-        for cls_dir in sorted(p for p in (root / top).iterdir() if p.is_dir()):
+        found: dict[str, Path] = {}
+        for cls_dir in sorted(p for p in (root / top).iterdir() if p.is_dir() and not p.name.startswith(".")):
             if cls_dir.name.lower() not in CLASSES:
                 raise DataError(f"{cls_dir}: unknown class folder {cls_dir.name!r}; expected {', '.join(CLASSES)}")
-            names = sorted(p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if twin := found.get(cls_dir.name.lower()):
+                raise DataError(f"{cls_dir}: class {cls_dir.name.lower()!r} given twice (also {twin.name}/)")
+            images = [p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+            if broken := next((p for p in images if p.is_symlink() and not p.exists()), None):
+                raise DataError(f"{broken}: a link to nothing ({os.readlink(broken)})")
+            names = sorted(p for p in images if p.is_file())
             if not names:
                 raise DataError(f"{cls_dir}: no images (expected {', '.join('*' + e for e in IMAGE_EXTENSIONS)})")
-            found.add(cls_dir.name.lower())
+            found[cls_dir.name.lower()] = cls_dir
             for i, p in enumerate(names):
                 files.append(p)
                 labels.append(CLASSES.index(cls_dir.name.lower()))
@@ -193,13 +198,14 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             for row in reader:
-                if row:
+                if any(field.strip() for field in row):  # blank and whitespace-only lines are skipped
                     yield end + 1, row
                 end = reader.line_num
     except UnicodeDecodeError as e:
         raise DataError(f"{path}:{_first_non_utf8_line(path)}: not a UTF-8 text CSV ({e.reason})") from None
     except csv.Error as e:
-        raise DataError(f"{path}:{end + 1}: malformed CSV row ({e}); is a quote unmatched?") from None
+        why = "is a quote unmatched, or a line far too long?"
+        raise DataError(f"{path}:{end + 1}: malformed CSV row ({e}); {why}") from None
 
 
 def _first_non_utf8_line(path: Path) -> int:
