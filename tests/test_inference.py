@@ -386,8 +386,11 @@ def test_png_header_claiming_a_huge_size_is_refused_before_decoding(tmp_path):
         load_image(path)
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header(100_000, 100_000))  # past PIL's own decompression-bomb limit
-    with pytest.raises(ImageError, match=r"bomb\.png.*decompression bomb"):
+    too_many = rf"bomb\.png: image is 10,000,000,000 pixels, over the limit of {MAX_PIXELS:,}"
+    with pytest.raises(ImageError, match=too_many):
         load_image(path)
+    with pytest.raises(ImageError, match=r"bomb\.png.*decompression bomb"):  # ferkit's limit above Pillow's
+        load_image(path, max_pixels=10**11)
 
 
 @pytest.fixture

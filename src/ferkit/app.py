@@ -32,7 +32,8 @@ import anyio.lowlevel
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -260,12 +261,14 @@ class ModelInfo(BaseModel):
     tta: str = Field(description="the test-time augmentation this server runs: none, or flip (face and mirror)")
 
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "empty, corrupt or truncated image"},
     408: {"model": ErrorBody, "description": "upload not received within the upload timeout"},
     413: {"model": ErrorBody, "description": "upload too large, or image has too many pixels"},
     415: {"model": ErrorBody, "description": "not an image file"},
-    422: {"model": ErrorBody, "description": "no `file` field in the form"},
+    422: {"model": ErrorBody, "description": "no `file` part in the form, several, or a bad query parameter"},
+    500: {"model": ErrorBody, "description": "unexpected server error"},
     503: {"model": ErrorBody, "description": "server busy: retry later"},
     504: {"model": ErrorBody, "description": "inference timed out"},
 }
@@ -422,9 +425,21 @@ def create_app(
     async def model() -> dict[str, Any]:
         return info
 
-    @app.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness check")
+    @app.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health, tags=["ops"], summary="Liveness check")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "model": info["name"]}
+
+    @app.api_route("/api/{rest:path}", methods=list(METHODS), include_in_schema=False)
+    async def no_route(request: Request, rest: str) -> Response:
+        """The API's answer to an unknown path or method, in its JSON (the UI mounted at / would answer 404
+        with its own body)."""
+        path = request.url.path
+        routes = [r for r in request.app.routes if isinstance(r, APIRoute)]
+        if path.endswith("/") and any(r.path == path.rstrip("/") for r in routes):
+            return RedirectResponse(path.rstrip("/"), status_code=307)
+        if allowed := sorted({m for r in routes if r.path == path for m in r.methods or ()}):
+            return _error(405, "Method Not Allowed", {"Allow": ", ".join(allowed)})
+        return _error(404, "Not Found")
 
     if settings.ui:
         import gradio as gr
@@ -584,10 +599,11 @@ def build_ui(service: RecognizerService) -> Any:
         f"of {s.min_face} px or more."
     )
     api_help = (
-        "The same model answers HTTP requests (when run with `ferkit serve`):\n\n"
-        "```bash\ncurl -F file=@photo.jpg 'http://127.0.0.1:7860/api/v1/predict'\n"
-        "curl -F file=@photo.jpg 'http://127.0.0.1:7860/api/v1/predict?fallback=true'  # no face: whole image\n```\n\n"
-        "Answer: `{faces: [{box, emotion, confidence, scores}], width, height, model, elapsed_ms}`. "
+        "The same model answers HTTP requests (when run with `ferkit serve`; `SERVER` is this page's address, "
+        "e.g. http://127.0.0.1:7860):\n\n"
+        '```bash\ncurl -F file=@photo.jpg "$SERVER/api/v1/predict"\n'
+        'curl -F file=@photo.jpg "$SERVER/api/v1/predict?fallback=true"  # no face: the whole image\n```\n\n'
+        "Answer: `{faces: [{box, emotion, confidence, scores, whole_image}], width, height, model, elapsed_ms}`. "
         f"Limits: uploads up to {s.max_upload_mb:g} MB, images up to {s.max_pixels:,} pixels. "
         "Interactive documentation: [/docs](/docs)."
     )
@@ -662,8 +678,10 @@ def build_ui(service: RecognizerService) -> Any:
                 outputs=[cam_result, cam_scores],
                 stream_every=0.5,
                 time_limit=300,
-                concurrency_limit=s.max_concurrency,
-                concurrency_id="ferkit",
+                # a stream holds its Gradio slot for the whole session (up to time_limit): sharing the photos'
+                # slots, two open webcams left photos waiting; the recognizers' own queue bounds the work
+                concurrency_limit=None,
+                concurrency_id="ferkit-webcam",
                 api_name="predict_frame",
                 show_progress="hidden",
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -75,7 +76,9 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise
     except UnidentifiedImageError:
         raise NotAnImageError(f"{name}: not an image file (unknown or unsupported format)") from None
-    except Image.DecompressionBombError as e:
+    except Image.DecompressionBombError as e:  # Pillow's own limit, met in Image.open before the check above
+        if (m := re.search(r"Image size \((\d+) pixels\)", str(e))) and (n := int(m[1])) > max_pixels:
+            raise ImageTooLargeError(f"{name}: image is {n:,} pixels, over the limit of {max_pixels:,}") from None
         raise ImageTooLargeError(f"{name}: refused as a possible decompression bomb ({e})") from None
     except MemoryError:
         raise
