@@ -601,3 +601,46 @@ def test_the_ui_says_when_the_recorded_accuracy_was_measured_with_another_tta():
     assert _accuracy_text(info) == "**72.6%** (measured with TTA flip; this server runs TTA none)"
     assert _accuracy_text({**info, "tta": "flip"}) == "**72.6%**"
     assert _accuracy_text({**info, "accuracy": None}) == "**not recorded**"
+
+
+def test_a_file_exactly_at_the_upload_limit_is_taken(tmp_path):
+    from ferkit.app import RecognizerService, ServiceError
+
+    s = AppSettings(max_upload_mb=0.01, max_concurrency=1)
+    service = RecognizerService.from_settings(s, recognizer=SlowRecognizer(0))
+    f = tmp_path / "x.jpg"
+    f.write_bytes(b"0" * s.max_upload_bytes)
+    with pytest.raises(ServiceError) as e:
+        anyio.run(service.analyse, f)
+    assert e.value.status == 415  # not an image, but not refused for its size
+    f.write_bytes(b"0" * (s.max_upload_bytes + 1))
+    with pytest.raises(ServiceError) as e:
+        anyio.run(service.analyse, f)
+    assert e.value.status == 413
+
+
+def test_a_content_length_over_the_limit_is_refused_before_the_body_is_read():
+    from ferkit.app import UploadLimits
+
+    called, sent = [], []
+
+    async def app(scope, receive, send):
+        called.append(1)
+
+    async def receive():
+        raise AssertionError("the body was read")
+
+    async def send(message):
+        sent.append(message)
+
+    anyio.run(UploadLimits(app, limit=10, timeout_s=5), {"type": "http", "headers": [(b"content-length", b"11")]},
+              receive, send)  # fmt: skip
+    assert sent[0]["status"] == 413 and not called
+
+
+def test_text_is_415_not_400():
+    from ferkit.app import ServiceError, decode_image
+
+    with pytest.raises(ServiceError) as e:
+        decode_image(b"hello, this is plain text and no image", 10**8)
+    assert e.value.status == 415

@@ -281,3 +281,30 @@ def test_an_onnx_detector_file_is_told_by_its_network(tmp_path):
         make_detector(shutil.copy(DEFAULT_MODEL, tmp_path / "emotion.onnx"))
     with pytest.raises(FileNotFoundError, match=r"gone\.onnx: face detector model file not found"):
         make_detector(tmp_path / "gone.onnx")
+
+
+def test_boxes_of_no_area_inside_the_image_are_dropped():
+    from ferkit.faces import fit_boxes
+
+    assert fit_boxes([(160, 10, 20, 20), (10, 10, 0, 5), (10, 120, 5, 5)], (120, 160)) == []
+
+
+@pytest.mark.parametrize("box", [(50, -5, 20, 20), (50, 0, 30, 30), (50, 90, 30, 30), (50, 110, 40, 40)])
+def test_crops_past_the_top_or_bottom_are_padded_on_that_side(box):
+    """A vertical ramp: the crop's centre is the box's (clipped), and the rows never run backwards."""
+    gray = np.tile(np.arange(120, dtype=np.uint8)[:, None], (1, 160))
+    crop = crop_faces(gray, [box], margin=0.5)[0].astype(int)
+    assert abs(crop[24, 24] - min(max(box[1] + box[3] / 2, 0), 119)) <= 2
+    assert (np.diff(crop, axis=0) >= 0).all()
+
+
+def test_centerface_takes_its_thresholds():
+    rgb = read_rgb(ASTRONAUT)
+    assert len(make_detector("centerface", threads=1, nms_threshold=0.9).detect(rgb)) > 1
+    assert len(make_detector("centerface", threads=1, score_threshold=0.5, nms_threshold=0.05).detect(rgb)) == 1
+
+
+def test_centerface_boxes_the_astronaut_where_it_did():
+    """The decoder's half-pixel offsets: without them boxes move by about 3 px."""
+    (box,) = make_detector("centerface", threads=1).detect(read_rgb(ASTRONAUT))
+    assert np.abs(np.subtract(box, (183, 61, 85, 113))).max() <= 1

@@ -450,3 +450,19 @@ def test_annotate_draws_on_a_copy(rec):
     np.testing.assert_array_equal(out[-50:], rgb[-50:])  # far from the face: untouched
     edge = FaceResult((0, 0, 30, 30), "happy", 0.9, {})  # label below the box when no room above
     assert annotate(rgb, [edge]).shape == rgb.shape
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.4])
+def test_the_margin_reaches_the_crop(margin):
+    rec = EmotionRecognizer(threads=1, margin=margin)
+    (face,) = rec.predict(ASTRONAUT)
+    want = rec.classify_crops(crop_faces(read_rgb(ASTRONAUT), [face.box], margin=margin))[0]
+    np.testing.assert_allclose(list(face.scores.values()), want, atol=1e-5)
+
+
+def test_a_detector_box_outside_the_image_is_no_face():
+    class Edge:
+        def detect(self, rgb):
+            return [(rgb.shape[1], 10, 30, 30)]
+
+    assert EmotionRecognizer(detector=Edge(), threads=1).predict(np.zeros((100, 100, 3), np.uint8)) == []

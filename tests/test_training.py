@@ -742,6 +742,14 @@ def test_weighted_smoothed_cross_entropy():
 # ---------------------------------------------------------------- distillation
 
 
+def test_distill_loss_is_hinton_s_t_squared_kl_per_image():
+    g = torch.Generator().manual_seed(0)
+    logits, t = torch.randn(3, 7, generator=g) * 3, 4.0
+    target = torch.softmax(torch.randn(3, 7, generator=g), 1)
+    want = t**2 * (target * (target.log() - torch.log_softmax(logits / t, 1))).sum(1).mean()
+    assert distill.distill_loss(logits, target, t).item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_distill_loss_is_zero_only_when_student_matches_teachers():
     torch.manual_seed(0)
     teacher = build_model("ferkit_small", width=0.25).eval()
