@@ -173,6 +173,10 @@ def test_cli_export_refuses_to_write_over_its_checkpoint(tmp_path, exported, cap
     (tmp_path / "exp.onnx").mkdir()  # its error named a temporary file: "Is a directory: 'tmpkb5eqy9r/exp' -> 'exp'"
     assert main(["export", str(ck), "-o", str(tmp_path / "exp.onnx")]) == 2
     assert f"{tmp_path / 'exp.onnx'}: is a folder; give a file name to write" in capsys.readouterr().err
+    (tmp_path / "m_fp16.onnx").mkdir()  # a copy's name: refused before the export (it failed after, naming a temp)
+    assert main(["export", str(ck), "-o", str(tmp_path / "m.onnx"), "--fp16"]) == 2
+    assert f"{tmp_path / 'm_fp16.onnx'}: is a folder; give a file name to write" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def _report(model: Path, **values) -> dict:
@@ -251,7 +255,7 @@ def test_undoing_class_weights_multiplies_the_probabilities_by_the_counts(tmp_pa
 
 
 def test_undoing_class_weights_of_a_float16_copy_says_what_to_do_instead(tmp_path, exported):
-    with pytest.raises(ValueError, match="float16 copy; undo the class weights of the float32 export, then convert"):
+    with pytest.raises(ValueError, match="float16 copy; undo the class weights of the float32 or int8 export"):
         undo_class_weights(exported["fp16"], tmp_path / "x.onnx", np.arange(1, 8), 0.5)
     undone = undo_class_weights(exported["onnx"], tmp_path / "undone.onnx", np.arange(1, 8), 0.5)
     half = convert_fp16(undone, tmp_path / "undone_fp16.onnx")  # the order that works

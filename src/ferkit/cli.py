@@ -307,6 +307,7 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
     """``export CHECKPOINT.pt``: its ONNX file (with ``metrics``), checked against torch, and its fp16/int8 copies."""
     from .data import load_dataset
     from .export import convert_fp16, export_onnx, max_abs_diff, quantize_int8
+    from .fileio import refuse_folder
 
     if args.undo_class_weights is not None:
         raise ValueError("--undo-class-weights takes an exported .onnx: export the checkpoint first")
@@ -314,13 +315,17 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
         raise ValueError(f"{args.out}: that is the checkpoint itself; name the .onnx file to write")
     if args.int8 and not args.data:
         raise ValueError("--int8 needs --data: int8 is calibrated on FER-2013 Training faces (random images ruin it)")
+    out = Path(args.out)
+    copies = {"_fp16": args.fp16, "_int8": args.int8}
+    for path in [out.with_name(out.stem + suffix + ".onnx") for suffix, wanted in copies.items() if wanted]:
+        refuse_folder(path)  # before the export and the calibration run: they failed after
     size = (64, IMAGE_SIZE, IMAGE_SIZE)
     images = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)  # for --check alone
     if args.data and (args.check or args.int8):  # read before anything is written
         images, _ = load_dataset(args.data).split("Training")
         if len(images) == 0:
             raise ValueError(f"{args.data}: no Training images to check and calibrate on")
-    out = export_onnx(args.checkpoint, args.out, metrics)
+    out = export_onnx(args.checkpoint, out, metrics)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     if args.fp16:
         half = convert_fp16(out, out.with_name(out.stem + "_fp16.onnx"))
@@ -329,7 +334,7 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
         sample = images[np.random.default_rng(0).permutation(len(images))[:512]]
         print(f"max |onnx - torch| on {len(sample)} images: {max_abs_diff(out, args.checkpoint, sample):.2e}")
         if args.int8:
-            q = quantize_int8(out, Path(args.out).with_name(Path(args.out).stem + "_int8.onnx"), sample)
+            q = quantize_int8(out, out.with_name(out.stem + "_int8.onnx"), sample)
             print(f"wrote {q} ({q.stat().st_size / 1e6:.2f} MB)")
 
 

@@ -102,7 +102,7 @@ def undo_class_weights(onnx_path: str | Path, out: str | Path, counts: np.ndarra
     if "class_weights_undone" in info:
         raise ValueError(f"{onnx_path}: its class weights are already undone ({info['class_weights_undone']})")
     if info.get("precision") == "float16":
-        raise ValueError(f"{onnx_path}: a float16 copy; undo the class weights of the float32 export, then convert")
+        raise ValueError(f"{onnx_path}: a float16 copy; undo the class weights of the float32 or int8 export")
     if not (math.isfinite(power) and power > 0):
         raise ValueError(f"power {power}: expected a positive number (the run's class_weight_power)")
     counts = np.asarray(counts, dtype=np.float64)
