@@ -26,8 +26,8 @@ case "${1:-}" in
     if [ -z "${FERKIT_DATA:-}" ] && [ -d ../shared/datasets/fer2013 ]; then
       export FERKIT_DATA="$PWD/../shared/datasets/fer2013"
     fi
-    .venv/bin/ruff check src tests benchmarks app.py
-    .venv/bin/ruff format --check src tests benchmarks app.py
+    .venv/bin/ruff check src tests benchmarks app.py scripts
+    .venv/bin/ruff format --check src tests benchmarks app.py scripts
     shift
     exec .venv/bin/pytest -q -p no:cacheprovider "$@"
     ;;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Keep the tree that travels to a device machine under its 64 MiB (README, "Training on a GPU"):
+# Keep the tree that travels to a device machine under its 64 MiB (README, "On a GPU machine"):
 #   bash scripts/device_tree.sh out    # take reports/, models/ and the face detector out of the index, ignored
 #   bash scripts/device_tree.sh back   # put them back: do this before committing anything
 # Training and evaluation use none of them; the pack of FER-2013 (47-52 MiB) goes in .carry/.

@@ -402,3 +402,14 @@ def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temp_file(tmp_path):
     assert proc.returncode == 128 + 15, proc.stderr
     assert list(tmp_path.iterdir()) == []
     assert proc.stdout == "handler restored\n"
+
+
+def test_a_missing_train_extra_is_named(monkeypatch, capsys):
+    """With only the app extra installed, `ferkit train` said "import of torch halted" and nothing more."""
+
+    def no_torch(args):
+        raise ImportError("import of torch halted", name="torch")
+
+    monkeypatch.setattr(cli, "cmd_train", no_torch)
+    assert cli.main(["train", "--data", "x.npz"]) == 2
+    assert "pip install 'ferkit[train]'" in capsys.readouterr().err

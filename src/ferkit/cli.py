@@ -471,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue from OUT/last.pt if it exists, with the run's own settings (OUT/config.yaml when no --config; "
-        f"only {', '.join(k.replace('_', '-') for k in RESUMABLE_CHANGES)} may change)",
+        help="continue from OUT/last.pt if it exists, with the run's own settings (without --config: those in "
+        f"OUT/last.pt, else OUT/config.yaml; only {', '.join(k.replace('_', '-') for k in RESUMABLE_CHANGES)} "
+        "may change)",
     )
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
@@ -665,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAIN_EXTRA = {"torch", "sklearn", "matplotlib", "onnx", "onnxscript"}  # pyproject's train extra, as imported
+
+
 def _terminated(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -681,7 +685,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail
         return 1
     except (ValueError, OSError, ImportError, RuntimeError) as e:
-        print(f"ferkit {args.command}: error: {e}", file=sys.stderr)
+        hint = ""
+        if isinstance(e, ImportError) and e.name in TRAIN_EXTRA:  # torch, onnx, ...: not in a bare install
+            hint = " (training, evaluation and export need the train extra: pip install 'ferkit[train]')"
+        print(f"ferkit {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ferkit {args.command}: interrupted", file=sys.stderr)

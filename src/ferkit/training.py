@@ -535,8 +535,8 @@ def _check_resumed_config(path: Path, saved: dict[str, Any], cfg: TrainConfig) -
     if wrong := {k: c for k, c in changed.items() if k not in RESUMABLE_CHANGES}:
         diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in wrong.items())
         raise ValueError(
-            f"{path}: this run was trained with other settings ({diff}); resume it with its own "
-            f"(`--config {path.parent / 'config.yaml'}`, or no --config: the run's config.yaml is read)"
+            f"{path}: this run was trained with other settings ({diff}); resume it without changing them "
+            f"(with no --config, --resume reads them from {path})"
         )
     for k, (old, new) in changed.items():
         log.info("resuming with %s %r instead of %r", k, new, old)
