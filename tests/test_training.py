@@ -285,11 +285,21 @@ def test_plateau_halves_the_lr_used_for_training(tmp_path, synthetic_cache, monk
     out = tmp_path / "run"
     cfg = tiny_config(synthetic_cache, out, epochs=4, schedule="plateau", plateau_patience=0, lr=0.01)
     train(cfg)
-    lrs = [r["lr"] for r in _metrics(out)]
-    # epoch 1 sets the best; each later epoch without improvement halves the LR, cumulatively
-    assert lrs == pytest.approx([0.01, 0.005, 0.0025, 0.00125])
-    # and it is the LR the optimizer steps with
+    lrs = [r["lr"] for r in _metrics(out)]  # each epoch's LR, as it starts
+    # epoch 1 sets the best; each later epoch without improvement halves the next one's LR, cumulatively
+    assert lrs == pytest.approx([0.01, 0.01, 0.005, 0.0025])
+    # and the optimizer steps with them: epoch 4's halving is the one a fifth epoch would start with
     assert load_checkpoint(out / "last.pt")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.00125)
+
+
+def test_the_logged_lr_is_the_one_each_epoch_starts_with(tmp_path, synthetic_cache):
+    """metrics.csv logged the LR after the epoch's last step: the next epoch's (0 for a cosine's last epoch)."""
+    out = tmp_path / "run"
+    cfg = tiny_config(synthetic_cache, out, epochs=3, warmup_epochs=0.0, lr=0.1)
+    train(cfg)
+    steps = int(_metrics(out)[0]["step"])  # an epoch's
+    assert [r["lr"] for r in _metrics(out)] == pytest.approx([0.1 * lr_factor(cfg, e * steps, steps) for e in range(3)])
+    assert _metrics(out)[-1]["lr"] > 0
 
 
 def test_plateau_state_survives_resume(tmp_path, synthetic_cache, monkeypatch):

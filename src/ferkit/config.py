@@ -90,7 +90,10 @@ class TrainConfig:
         0.5, "0 = uniform, 0.5 = square-root smoothed, 1 = fully 'balanced'", bounds="[0, inf)"
     )
     class_weight_cap: float = _opt(
-        0.0, "cap on a class weight before the weights are scaled to average 1 (0 = no cap)", bounds="[0, inf)"
+        0.0,
+        "cap on a class weight (count^-power) before the weights are scaled to average 1 over the training images "
+        "(so a capped weight may end above the cap; 0 = no cap)",
+        bounds="[0, inf)",
     )
     sampler: str = _opt(
         "random",
@@ -107,7 +110,10 @@ class TrainConfig:
         bounds="[0, inf)",
     )
     ema: float = _opt(
-        0.0, "exponential moving average of weights, decay per step (0 = off, e.g. 0.999)", bounds="[0, 1)"
+        0.0,
+        "exponential moving average of weights, decay per step (0 = off, e.g. 0.999), warmed up as "
+        "min(ema, (1 + step) / (10 + step)): 0.999 is reached after about 9,000 steps",
+        bounds="[0, 1)",
     )
     teacher: list = _opt(
         [],

@@ -656,6 +656,7 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: in
     for epoch in range(run.state["epoch"], cfg.epochs):
         if _stopped(cfg, run.state, rank):
             break
+        lr = run.optimizer.param_groups[0]["lr"]  # the epoch's first step's (after it: the next epoch's)
         fit = _train_epoch(run, epoch, x_train, y_train, targets, rank, world)
         if not math.isfinite(fit["train_loss"]):  # the same in every process (all-reduced); nothing saved
             raise ValueError(f"training diverged: train loss {fit['train_loss']} in epoch {epoch + 1} (try a lower "
@@ -666,7 +667,7 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: in
         row = {
             "epoch": epoch + 1,
             "step": run.state["step"],
-            "lr": run.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "train_loss": fit["train_loss"],
             "train_acc": fit["train_acc"],
             "val_loss": val_loss,
