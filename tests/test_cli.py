@@ -177,10 +177,16 @@ def test_select_ensemble_prints_the_choice_and_saves_the_ranking(trained_run, sy
     assert len(list((tmp_path / "probs").glob("*.npz"))) == 2  # one entry per candidate, for later evaluations
     saved = json.loads(out.read_text())
     assert saved["split"] == "PublicTest" and saved["candidates"] == [best, last] and len(saved["ranking"]) == 4
+    assert saved["limit"] == 0  # the whole split (a --limit N ranking says N)
     winner = saved["ranking"][0]
     printed = capsys.readouterr().out
     assert f"ferkit evaluate {' '.join(winner['checkpoints'])} --data {synthetic_cache} --split PrivateTest" in printed
     assert f"{winner['accuracy']:.4f}" in printed
+    # an --out that cannot be written is refused before any model runs (it was after the ranking)
+    for bad, why in ((tmp_path, "is a folder"), (out / "x.json", f"{out} is a file, not a folder")):
+        assert cli.main([*args, "--device", "cpu", "--out", str(bad)]) == 2
+        captured = capsys.readouterr()
+        assert why in captured.err and "rank" not in captured.out
 
 
 def test_select_ensemble_quotes_its_command_and_refuses_a_candidate_twice(

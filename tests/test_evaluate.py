@@ -347,8 +347,29 @@ def test_output_folders_that_are_files_are_refused_before_any_model_runs(trained
     a_file = tmp_path / "one.jpg"
     a_file.write_bytes(b"x")
     for option, kwargs in (("--out", {"out": a_file}), ("--cache", {"cache": a_file})):
-        with pytest.raises(ValueError, match=re.escape(f"{option} {a_file}: a file, not a folder")):
+        with pytest.raises(ValueError, match=re.escape(f"{option} {a_file}: {a_file} is a file, not a folder")):
             evaluate_tta([trained_run / "best.pt"], synthetic_cache, "PrivateTest", device="cpu", **kwargs)
+        below = {k: a_file / "sub" for k in kwargs}  # failed after the models ran: "Not a directory"
+        with pytest.raises(ValueError, match=re.escape(f"{option} {a_file / 'sub'}: {a_file} is a file, not a folder")):
+            evaluate_tta([trained_run / "best.pt"], synthetic_cache, "PrivateTest", device="cpu", **below)
+
+
+def test_an_out_folder_of_another_model_s_reports_is_refused(trained_run, synthetic_cache, tmp_path, monkeypatch):
+    """A second model's reports went into the first's folder: each file replaced, the other TTAs' left, mixed."""
+    import ferkit.evaluate
+
+    titles = []
+    real = ferkit.evaluate.plot_confusion
+    monkeypatch.setattr(ferkit.evaluate, "plot_confusion", lambda *a: titles.append(a[3]) or real(*a))
+    out, best, last = tmp_path / "eval", trained_run / "best.pt", trained_run / "last.pt"
+    evaluate_tta([best], synthetic_cache, "PublicTest", out, ("none", "flip"), device="cpu", limit=10)
+    assert titles[0] == "ferkit_small on PublicTest, a 10-image subset, TTA none"  # the plots say what they are
+    with pytest.raises(ValueError, match=re.escape(f"--out {out}: holds PublicTest_limit10.json, a report of {best}")):
+        evaluate_tta([last], synthetic_cache, "PublicTest", out, device="cpu", limit=10)
+    copy = tmp_path / "elsewhere.pt"  # the same weights in another file, or the same file retrained: its own
+    shutil.copy(best, copy)
+    evaluate_tta([copy], synthetic_cache, "PublicTest", out, device="cpu", limit=10)
+    evaluate_tta([copy], synthetic_cache, "PublicTest", out, device="cpu", limit=10)
 
 
 def test_prediction_cache_drops_a_models_entries_of_older_versions(trained_run, synthetic_cache, tmp_path):

@@ -213,8 +213,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_select_ensemble(args: argparse.Namespace) -> int:
     from .evaluate import select_ensemble
-    from .fileio import atomic_write
+    from .fileio import atomic_write, refuse_file, refuse_folder
 
+    if args.out:  # before any model runs: it failed after
+        refuse_folder(args.out)
+        refuse_file(Path(args.out).parent, "--out")
     rows = select_ensemble(
         args.checkpoint, args.data, args.tta, args.max_size, args.top, args.device, limit=args.limit, cache=args.cache
     )
@@ -225,7 +228,8 @@ def cmd_select_ensemble(args: argparse.Namespace) -> int:
     command = ["ferkit", "evaluate", *best["checkpoints"], "--data", args.data, "--split", "PrivateTest"]
     print(f"report the choice on PrivateTest with: {shlex.join([*command, '--tta', best['tta']])}")
     if args.out:
-        payload = json.dumps({"split": "PublicTest", "candidates": args.checkpoint, "ranking": rows}, indent=1)
+        ranked = {"split": "PublicTest", "limit": args.limit, "candidates": args.checkpoint, "ranking": rows}
+        payload = json.dumps(ranked, indent=1)
         print(f"wrote {atomic_write(args.out, lambda f: f.write(payload.encode()))}")
     return 0
 

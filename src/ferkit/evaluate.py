@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -251,7 +252,8 @@ def plot_training_curves(metrics_csv: Path, path: Path) -> None:
 def write_report(metrics: dict[str, Any], out: Path, name: str, meta: dict[str, Any]) -> Path:
     """Write ``{name}.json`` and the confusion-matrix and ROC PNGs into ``out``; returns the JSON path."""
     out.mkdir(parents=True, exist_ok=True)
-    title = f"{meta.get('model', 'model')} on {meta.get('split', '')}"
+    subset = f", a {meta['limit']}-image subset" if meta.get("limit") else ""
+    title = textwrap.fill(f"{meta.get('model', 'model')} on {meta.get('split', '')}{subset}, TTA {meta.get('tta')}", 60)
     plot_confusion(np.array(metrics["confusion_matrix"]), out / f"{name}_confusion.png", False, title)
     plot_confusion(
         np.array(metrics["confusion_matrix_normalized"]), out / f"{name}_confusion_norm.png", True, title + " (recall)"
@@ -275,9 +277,10 @@ def format_summary(metrics: dict[str, Any]) -> str:
         f"{'class':<10}{'precision':>10}{'recall':>8}{'F1':>8}{'AUC':>8}{'support':>9}",
     ]
     for c in CLASSES:
-        r, a = rep[c], metrics["roc"].get(c, {}).get("auc", float("nan"))
+        r, a = rep[c], metrics["roc"].get(c, {}).get("auc")
+        auc = "-" if a is None else f"{a:.3f}"
         lines.append(
-            f"{c:<10}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1-score']:>8.3f}{a:>8.3f}{int(r['support']):>9}"
+            f"{c:<10}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1-score']:>8.3f}{auc:>8}{int(r['support']):>9}"
         )
     return "\n".join(lines)
 
@@ -400,6 +403,8 @@ def evaluate_tta(
     if out is not None:
         refuse_file(out, "--out")  # before any model runs: it failed after
     digests = _distinct_models(checkpoints, "ensemble member")  # what a report's numbers are of
+    if out is not None:
+        _refuse_other_models(Path(out), checkpoints, digests)
     labels, per_model, subset = _probabilities(
         checkpoints, data_path, split, modes, device, batch_size, limit, cache, progress
     )
@@ -454,6 +459,23 @@ def rank_ensembles(
 
 
 MAX_CANDIDATES = 14
+
+
+def _refuse_other_models(out: Path, checkpoints: Sequence[str | Path], digests: list[str]) -> None:
+    """Refuse an ``--out`` folder that holds reports of other models (neither these files, retrained or not, nor
+    these weights elsewhere): theirs and these would mix, each file replaced on its own, the rest left."""
+    mine = sorted(str(Path(c).resolve()) for c in checkpoints)  # an ensemble's members in any order
+    for report in sorted(out.glob("*.json")) if out.is_dir() else []:
+        try:
+            old = json.loads(report.read_text(encoding="utf-8"))
+            theirs = old.get("checkpoints")
+        except (OSError, ValueError, AttributeError):
+            continue  # not a report
+        if not isinstance(theirs, list) or sorted(old.get("digests") or []) == sorted(digests):
+            continue
+        if sorted(str(Path(c).resolve()) for c in theirs) != mine:
+            raise ValueError(f"--out {out}: holds {report.name}, a report of {', '.join(theirs)}; another model's "
+                             "reports would mix with it: choose another --out")  # fmt: skip
 
 
 def select_ensemble(

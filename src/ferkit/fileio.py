@@ -21,9 +21,11 @@ def refuse_folder(path: str | Path) -> Path:
 
 
 def refuse_file(path: str | Path, option: str) -> None:
-    """Refuse an output folder (``option``'s) that names an existing file: the inverse of :func:`refuse_folder`."""
-    if Path(path).exists() and not Path(path).is_dir():
-        raise ValueError(f"{option} {path}: a file, not a folder")
+    """Refuse an output folder (``option``'s) that names an existing file, or lies below one: the inverse of
+    :func:`refuse_folder`."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{option} {path}: {p} is a file, not a folder")
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
