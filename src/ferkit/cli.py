@@ -77,8 +77,8 @@ def _positive(text: str) -> float:
 _positive.__name__ = "number"  # argparse then says "invalid number value: 'x'"
 
 
-def _add_cache_option(p: argparse.ArgumentParser) -> None:
-    """``--cache``, which ``evaluate`` and ``select-ensemble`` share."""
+def _add_evaluation_options(p: argparse.ArgumentParser) -> None:
+    """``--cache`` and ``--no-progress``, which ``evaluate`` and ``select-ensemble`` share."""
     p.add_argument(
         "--cache",
         metavar="DIR",
@@ -86,6 +86,7 @@ def _add_cache_option(p: argparse.ArgumentParser) -> None:
         "and reuse them (a later ensemble or select-ensemble runs no model twice); clear DIR after changing "
         "ferkit's TTA or preprocessing code",
     )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _add_image_options(p: argparse.ArgumentParser) -> None:
@@ -207,7 +208,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         default = "eval" if first.name == "best.pt" else "eval_" + first.name.replace(".", "_")
     out = Path(args.out) if args.out else first.parent / default
-    _evaluate(checkpoints, args.data, args.split, out, args.tta, args.device, args.limit, args.cache)
+    _evaluate(checkpoints, args.data, args.split, out, args.tta, args.device, args.limit, args.cache,
+              not args.no_progress)  # fmt: skip
     return 0
 
 
@@ -219,7 +221,15 @@ def cmd_select_ensemble(args: argparse.Namespace) -> int:
         refuse_folder(args.out)
         refuse_file(Path(args.out).parent, "--out")
     rows = select_ensemble(
-        args.checkpoint, args.data, args.tta, args.max_size, args.top, args.device, limit=args.limit, cache=args.cache
+        args.checkpoint,
+        args.data,
+        args.tta,
+        args.max_size,
+        args.top,
+        args.device,
+        limit=args.limit,
+        cache=args.cache,
+        progress=not args.no_progress,
     )
     print(f"{'rank':>4}{'PublicTest':>12}{'macro-F1':>10}  {'TTA':<6}models")
     for i, row in enumerate(rows, 1):
@@ -512,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--limit", type=_count(0), default=0, help="evaluate a fixed random subset of N images (0 = all)")
-    _add_cache_option(p)
+    _add_evaluation_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -532,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--limit", type=_count(0), default=0, help="use a fixed random subset of N PublicTest images (0 = all)"
     )
-    _add_cache_option(p)
+    _add_evaluation_options(p)
     p.set_defaults(func=cmd_select_ensemble)
 
     p = sub.add_parser("card", help="write the model card (and README results) from evaluation JSON")

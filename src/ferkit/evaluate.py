@@ -488,6 +488,7 @@ def select_ensemble(
     batch_size: int = 512,
     limit: int = 0,
     cache: str | Path | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Choose an ensemble on PublicTest: each model runs once, then every subset and TTA mode is
     scored (:func:`rank_ensembles`). Returns the ``top`` rows, naming their checkpoints, with the
@@ -496,7 +497,9 @@ def select_ensemble(
     if not 1 <= len(checkpoints) <= MAX_CANDIDATES:
         raise ValueError(f"give 1 to {MAX_CANDIDATES} candidate models (got {len(checkpoints)})")
     _distinct_models(checkpoints, "a candidate")  # it would be ranked as two models
-    labels, per_model, _ = _probabilities(checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache)
+    labels, per_model, _ = _probabilities(
+        checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache, progress
+    )
     probs = [p for _, p in per_model]
     rows = rank_ensembles(probs, labels, max_size)[:top]
     for row in rows:
