@@ -370,6 +370,13 @@ def test_an_out_folder_of_another_model_s_reports_is_refused(trained_run, synthe
     shutil.copy(best, copy)
     evaluate_tta([copy], synthetic_cache, "PublicTest", out, device="cpu", limit=10)
     evaluate_tta([copy], synthetic_cache, "PublicTest", out, device="cpu", limit=10)
+    retrained = tmp_path / "moved_run" / "elsewhere.pt"  # a resumed run's file, after the run was moved
+    retrained.parent.mkdir()
+    shutil.copy(last, retrained)
+    out2 = tmp_path / "eval2"
+    evaluate_tta([copy], synthetic_cache, "PublicTest", out2, device="cpu", limit=10)
+    (out2 / "notes.json").write_text('{"checkpoints": [null]}')  # not a report: ignored
+    evaluate_tta([retrained], synthetic_cache, "PublicTest", out2, device="cpu", limit=10)
 
 
 def test_prediction_cache_drops_a_models_entries_of_older_versions(trained_run, synthetic_cache, tmp_path):

@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
@@ -433,12 +434,13 @@ def create_app(
     async def no_route(request: Request, rest: str) -> Response:
         """The API's answer to an unknown path or method, in its JSON (the UI mounted at / would answer 404
         with its own body)."""
-        path = request.url.path
-        routes = [r for r in request.app.routes if isinstance(r, APIRoute)]
-        if path.endswith("/") and any(r.path == path.rstrip("/") for r in routes):
-            return RedirectResponse(path.rstrip("/"), status_code=307)
-        if allowed := sorted({m for r in routes if r.path == path for m in r.methods or ()}):
+        routes = [r for r in request.app.routes if isinstance(r, APIRoute) and r.endpoint is not no_route]
+        if allowed := sorted({m for r in routes if r.matches(request.scope)[0] == Match.PARTIAL for m in r.methods}):
             return _error(405, "Method Not Allowed", {"Allow": ", ".join(allowed)})
+        path = request.url.path
+        bare = {**request.scope, "path": request.scope["path"].rstrip("/")}
+        if path.endswith("/") and any(r.matches(bare)[0] != Match.NONE for r in routes):
+            return RedirectResponse(str(request.url.replace(path=path.rstrip("/"))), status_code=307)  # query kept
         return _error(404, "Not Found")
 
     if settings.ui:
@@ -679,8 +681,8 @@ def build_ui(service: RecognizerService) -> Any:
                 stream_every=0.5,
                 time_limit=300,
                 # a stream holds its Gradio slot for the whole session (up to time_limit): sharing the photos'
-                # slots, two open webcams left photos waiting; the recognizers' own queue bounds the work
-                concurrency_limit=None,
+                # slots, two open webcams left photos waiting; webcams have as many slots of their own
+                concurrency_limit=s.max_concurrency,
                 concurrency_id="ferkit-webcam",
                 api_name="predict_frame",
                 show_progress="hidden",

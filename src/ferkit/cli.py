@@ -683,8 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
 TRAIN_EXTRA = {"torch", "sklearn", "matplotlib", "onnx", "onnxscript"}  # pyproject's train extra, as imported
 
 
+class _Terminated(SystemExit):
+    """SIGTERM, raised where the program is, so that it unwinds (cleaning up) before the process ends by it."""
+
+
 def _terminated(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+    raise _Terminated(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -707,8 +711,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ferkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:  # unwound: now end by the signal, as the process would have without the handler
+        print(f"ferkit {args.command}: terminated", file=sys.stderr)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise
     finally:
-        if catch:
+        if catch and previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 

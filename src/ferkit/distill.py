@@ -68,13 +68,13 @@ def load_targets_file(path: str | Path, images: np.ndarray, temperature: float) 
         raise ValueError(f"distillation targets {path}: not a teacher_probs.npz of a run ({e})") from e
     if len(key) < 3:
         raise ValueError(f"distillation targets {path}: not a teacher_probs.npz of a run (its key: {key})")
-    t, images_key = _targets_key(images, temperature)
+    t, images_now = _targets_key(images, temperature)
     if key[-2] != t:
         raise ValueError(f"distillation targets {path}: computed at {key[-2]}, this run's distill_temperature is "
                          f"{temperature}")  # fmt: skip
-    if key[-1] != images_key or probs.shape != (len(images), len(CLASSES)):
+    if key[-1] != images_now or probs.shape != (len(images), len(CLASSES)):
         raise ValueError(f"distillation targets {path}: computed on other training images ({key[-1]}) than "
-                         f"this run's ({images_key})")  # fmt: skip
+                         f"this run's ({images_now})")  # fmt: skip
     return probs
 
 

@@ -22,7 +22,7 @@ from .runtime import resolve_device
 
 # Part of every prediction cache entry's name: raise it when a change to the code (TTA views, preprocessing)
 # changes the probabilities a model file gives, so that older entries are no longer read.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: vgg16's pools round up (its last row and column were dropped at 48x48)
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -462,18 +462,21 @@ MAX_CANDIDATES = 14
 
 
 def _refuse_other_models(out: Path, checkpoints: Sequence[str | Path], digests: list[str]) -> None:
-    """Refuse an ``--out`` folder that holds reports of other models (neither these files, retrained or not, nor
-    these weights elsewhere): theirs and these would mix, each file replaced on its own, the rest left."""
-    mine = sorted(str(Path(c).resolve()) for c in checkpoints)  # an ensemble's members in any order
+    """Refuse an ``--out`` folder that holds reports of other models: theirs and these would mix, each file
+    replaced on its own, the rest left. Other models are other weights in files of other names: the same
+    weights elsewhere, or a file retrained (a resumed run's best.pt, moved or not), are the same model's."""
+    mine = sorted(Path(c).name for c in checkpoints)  # an ensemble's members in any order
     for report in sorted(out.glob("*.json")) if out.is_dir() else []:
         try:
             old = json.loads(report.read_text(encoding="utf-8"))
             theirs = old.get("checkpoints")
         except (OSError, ValueError, AttributeError):
             continue  # not a report
-        if not isinstance(theirs, list) or sorted(old.get("digests") or []) == sorted(digests):
+        if not isinstance(theirs, list) or not all(isinstance(c, str) for c in theirs):
             continue
-        if sorted(str(Path(c).resolve()) for c in theirs) != mine:
+        if sorted(old.get("digests") or []) == sorted(digests):
+            continue
+        if sorted(Path(c).name for c in theirs) != mine:
             raise ValueError(f"--out {out}: holds {report.name}, a report of {', '.join(theirs)}; another model's "
                              "reports would mix with it: choose another --out")  # fmt: skip
 

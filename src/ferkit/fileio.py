@@ -43,8 +43,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e.__context__, KeyboardInterrupt) and not isinstance(e, KeyboardInterrupt):
-            raise e.__context__ from None  # Ctrl-C, not the error a writer (torch's zip) raised while unwinding
+        stop = (KeyboardInterrupt, SystemExit)  # Ctrl-C, or SIGTERM as the CLI raises it
+        if isinstance(e.__context__, stop) and not isinstance(e, stop):
+            raise e.__context__ from None  # not the error a writer (torch's zip) raised while unwinding
         raise
     return path
 
