@@ -135,7 +135,7 @@ def test_csv_output(capsys, mixed):
     assert code == 1
     rows = list(csv.DictReader(io.StringIO(out)))
     assert list(rows[0]) == [
-        *("source", "frame", "time_s", "face", "x", "y", "w", "h", "emotion", "confidence"),
+        *("source", "frame", "time_s", "face", "x", "y", "w", "h", "emotion", "confidence", "whole_image"),
         *CLASSES,
         "error",
     ]
@@ -229,7 +229,11 @@ def test_fallback_classifies_faceless_images(capsys, good):
     code, out, _ = run(capsys, good / "sub" / "noise.bmp", "--fallback", "--format", "jsonl")
     assert code == 0
     (record,) = jsonl(out)
-    assert [f["box"] for f in record["faces"]] == [[0, 0, 64, 64]]
+    assert [f["box"] for f in record["faces"]] == [[0, 0, 64, 64]] and record["faces"][0]["whole_image"]
+    code, out, _ = run(capsys, good / "sub" / "noise.bmp", "--fallback", "--format", "csv")
+    assert [r["whole_image"] for r in csv.DictReader(io.StringIO(out))] == ["1"]  # and 0 for a detected face
+    code, out, _ = run(capsys, good / "sub" / "noise.bmp", "--fallback")
+    assert "whole image" in out
 
 
 def test_min_face_option(capsys, tmp_path):

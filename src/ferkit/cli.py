@@ -359,7 +359,7 @@ def _print_records(records: Iterable[Record], fmt: str, classes: Sequence[str]) 
 
     failed = False
     writer = csv.writer(sys.stdout) if fmt == "csv" else None
-    face_columns = ["face", "x", "y", "w", "h", "emotion", "confidence", *classes]
+    face_columns = ["face", "x", "y", "w", "h", "emotion", "confidence", "whole_image", *classes]
     if writer:
         writer.writerow(["source", "frame", "time_s", *face_columns, "error"])
     elif fmt == "table":
@@ -380,9 +380,10 @@ def _print_records(records: Iterable[Record], fmt: str, classes: Sequence[str]) 
         for i, f in enumerate(r.faces):  # none when r.error is set
             if writer:
                 scores = (f"{f.scores[c]:.4f}" for c in classes)
-                writer.writerow([*where, i, *f.box, f.emotion, f"{f.confidence:.4f}", *scores, ""])
+                whole = int(f.whole_image)  # 1: no face found, the whole image classified (--fallback)
+                writer.writerow([*where, i, *f.box, f.emotion, f"{f.confidence:.4f}", whole, *scores, ""])
             else:
-                box = str(f.box)
+                box = str(f.box) if not f.whole_image else "whole image"
                 print(f"{r.source:<40} {frame!s:>6} {i:>4}  {box:<24} {f.emotion:<9} {f.confidence:>5.2f}")
     return failed
 
