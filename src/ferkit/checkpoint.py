@@ -28,15 +28,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; ``mmap``: map its tensors instead of reading them
+    (to read its config or metrics alone)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.suffix.lower() == ".onnx":
         raise CheckpointError(f"{path}: an ONNX model; this takes a .pt checkpoint (evaluate/predict/serve take both)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs from the file
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # no code runs from the file
     except pickle.UnpicklingError as e:  # torch's advice (weights_only=False) would run the file's code: not given
         if _holds_objects(e):
             raise CheckpointError(f"{path}: not a ferkit checkpoint (it holds Python objects, left unread)") from e
@@ -167,8 +168,10 @@ def load_init_weights(
     own = model.state_dict()
     counted = [k for k in own if not k.endswith("num_batches_tracked")]
     loaded = _matching(state, own)
-    if layout is not None and len(loaded) < len(own) and len(other := _matching(layout(state), own)) > len(loaded):
-        state, loaded = layout(state), other  # (a vgg16_bn file's conv biases are folded into its BatchNorms)
+    if layout is not None and len(loaded) < len(own):
+        converted = layout(state)  # (a vgg16_bn file's conv biases are folded into its BatchNorms)
+        if len(other := _matching(converted, own)) > len(loaded):
+            state, loaded = converted, other
     fits = sum(k in loaded for k in counted)
     if fits < len(counted) / 2:
         raise ValueError(

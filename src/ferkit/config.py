@@ -243,7 +243,7 @@ def run_options(run_dir: str | Path, sources: Sequence[str]) -> tuple[Path, dict
             return path, _read_mapping(path)
         from .checkpoint import load_checkpoint
 
-        return path, load_checkpoint(path).get("config") or {}
+        return path, load_checkpoint(path, mmap=True).get("config") or {}  # the config, not the tensors
     raise ValueError(f"{run_dir}: none of {', '.join(sources)} to read the run's options from")
 
 

@@ -444,7 +444,7 @@ class _Run:
         if epoch < 1 or epoch != self.state["epoch"]:
             return
         try:
-            saved = load_checkpoint(best).get("metrics", {}).get("epoch") if best.exists() else None
+            saved = load_checkpoint(best, mmap=True).get("metrics", {}).get("epoch") if best.exists() else None
         except CheckpointError:  # damaged: rewritten too
             saved = None
         if saved != epoch:
