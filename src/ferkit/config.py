@@ -29,7 +29,8 @@ IMAGE_SIZE = 48  # FER-2013's faces, and every model's input: IMAGE_SIZE x IMAGE
 
 # Recognition defaults: `ferkit predict/serve` flags, AppSettings and EmotionRecognizer's arguments.
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # the files shipped inside the package
-DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_ba_light_s7_e110_int8_prior.onnx"  # the shipped model: replace this file to upgrade
+# the shipped model: replace this file to upgrade
+DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_ba_light_s7_e110_int8_prior.onnx"
 CENTERFACE = WEIGHTS_DIR / "centerface.onnx"  # the shipped face detector
 MIN_FACE = 48  # smallest face side in pixels that the detector reports
 DETECTOR = "centerface"  # face detector: the CenterFace CNN shipped in weights/
