@@ -40,6 +40,7 @@ from _common import (
 )
 from _photos import encode_jpeg, paste, plain_canvas
 
+from ferkit.config import TTA_MODES
 from ferkit.data import CLASSES, SPLITS, load_dataset, model_input
 from ferkit.export import convert_fp16, quantize_int8
 from ferkit.faces import crop_faces, make_detector
@@ -67,11 +68,15 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--int8", type=Path, help="an int8 export of a float32 --model, instead of quantizing it")
     p.add_argument("--limit", type=int, default=0, help="PrivateTest images for accuracy (0 = all 3,589)")
     p.add_argument("--no-int8-e2e", action="store_true", help="end to end with the fp32 model only")
+    p.add_argument("--tta", default="flip,crops", help="TTA modes timed end to end, comma-separated")
     args = p.parse_args(argv)
     if args.quick:
         args.min_time, args.latency_runs, args.e2e_runs = 0.2, 10, 5
         args.calibration, args.limit = 64, args.limit or 256
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
+    args.tta = [t for t in str(args.tta).split(",") if t]
+    if not args.tta or not set(args.tta) <= set(TTA_MODES):
+        p.error(f"--tta: comma-separated modes of {', '.join(TTA_MODES)}")
     return args
 
 
@@ -153,6 +158,7 @@ def bench_end_to_end(recognizer: EmotionRecognizer, photos: dict, runs: int) -> 
         rows.append(
             {
                 "model": Path(recognizer.model_info["path"]).name,
+                "tta": recognizer.tta,
                 "faces": n,
                 "p50_ms": total["p50_ms"],
                 "p95_ms": total["p95_ms"],
@@ -163,7 +169,8 @@ def bench_end_to_end(recognizer: EmotionRecognizer, photos: dict, runs: int) -> 
                 "predicted": [f.emotion for f in faces],
             }
         )
-        print(f"end to end, {n} face(s): p50 {total['p50_ms']:.1f} ms, p95 {total['p95_ms']:.1f} ms", flush=True)
+        p50, p95 = total["p50_ms"], total["p95_ms"]
+        print(f"end to end, TTA {recognizer.tta}, {n} face(s): p50 {p50:.1f} ms, p95 {p95:.1f} ms", flush=True)
     return rows
 
 
@@ -226,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             e2e_models.append(int8_model)
         e2e = []
         for path in e2e_models:
-            e2e += bench_end_to_end(EmotionRecognizer(path, detector=detector, threads=threads), photos, args.e2e_runs)
+            for tta in args.tta:
+                rec = EmotionRecognizer(path, detector=detector, threads=threads, tta=tta)
+                e2e += bench_end_to_end(rec, photos, args.e2e_runs)
 
     print()
     cols = ["backend", "accuracy", "macro_f1", *[f"faces_per_s_b{b}" for b in args.batch_sizes]]
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(
         e2e,
-        ["model", "faces", "p50_ms", "p95_ms", "decode_alone_p50_ms", "detect_alone_p50_ms", "model_alone_p50_ms"],
+        ["model", "tta", "faces", "p50_ms", "p95_ms"] + [f"{s}_alone_p50_ms" for s in ("decode", "detect", "model")],
         title=f"EmotionRecognizer.predict on a 640x480 JPEG, default detector, {args.e2e_runs} runs",
     )
     if args.quick:
@@ -257,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 "min_time_s": args.min_time,
                 "latency_runs": args.latency_runs,
                 "e2e_runs": args.e2e_runs,
+                "e2e_tta": args.tta,
                 "calibration_images": args.calibration if quantized else None,
                 "privatetest_images": len(labels),
             },

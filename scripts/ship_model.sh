@@ -4,7 +4,7 @@
 # 1. exports RUN_DIR/best.pt to ONNX (checked against torch), with INT8=1 quantizes it (static int8), and with
 #    UNDO=POWER (the run's class_weight_power) divides its class weights out (`--undo-class-weights`);
 # 2. evaluates the file that ships on PublicTest (to choose the TTA) and PrivateTest (the headline),
-#    TTA none/flip/crops, into reports/<shipped name>/, with the run's metrics.csv and train.log;
+#    TTA none/flip/crops, into reports/<shipped name>/, with the run's metrics.csv, train.log and training curves;
 # 3. copies that very file into src/ferkit/weights/, graph untouched, with the PrivateTest flip metrics in its metadata;
 # 4. regenerates MODEL_CARD.md and the README results table from the JSON.
 # Then point DEFAULT_MODEL in src/ferkit/config.py at the new file.
@@ -26,6 +26,7 @@ $F export "$RUN/best.pt" -o "$TMP/$NAME.onnx" "${OPTS[@]}" --check --data "$DATA
 if [ -n "${UNDO:-}" ]; then
   $F export "$TMP/$EXPORTED.onnx" -o "$TMP/$SHIP.onnx" --undo-class-weights "$UNDO" --data "$DATA"
 fi
+cp "$RUN/metrics.csv" "$TMP/"  # beside the evaluated file, so that evaluate plots the training curves into $OUT
 for split in PublicTest PrivateTest; do
   $F evaluate "$TMP/$SHIP.onnx" --data "$DATA" --split $split --tta none flip crops --out "$OUT"
 done

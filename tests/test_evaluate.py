@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ferkit.checkpoint import slim_checkpoint
-from ferkit.data import CLASSES
+from ferkit.data import CLASSES, tta_views
 from ferkit.evaluate import (
     compute_metrics,
     evaluate_checkpoints,
@@ -24,7 +24,6 @@ from ferkit.evaluate import (
     predict_proba_modes,
     rank_ensembles,
     select_ensemble,
-    tta_views,
     write_report,
 )
 from ferkit.models import build_model
@@ -101,21 +100,24 @@ def test_macro_f1_leaves_out_a_class_neither_present_nor_predicted():
 
 
 def test_tta_views():
-    x = torch.rand(3, 1, 48, 48)
+    x = np.random.default_rng(0).random((3, 1, 48, 48), dtype=np.float32)
     assert len(tta_views(x, "none")) == 1 and tta_views(x, "none")[0] is x
     flip = tta_views(x, "flip")
     assert len(flip) == 2
-    assert torch.equal(flip[0], x) and torch.equal(flip[1], x.flip(-1))
+    assert np.array_equal(flip[0], x) and np.array_equal(flip[1], x[..., ::-1])
     crops = tta_views(x, "crops")
     assert len(crops) == 10
-    assert all(v.shape == x.shape for v in crops)
-    assert torch.equal(crops[0], x)
+    assert all(v.shape == x.shape and v.flags.c_contiguous for v in crops)  # what torch.from_numpy takes
+    assert np.array_equal(crops[0], x)
     for v, f in zip(crops[:5], crops[5:], strict=True):
-        assert torch.equal(f, v.flip(-1))
-    assert len({tuple(v.flatten()[:200].tolist()) for v in crops}) == 10  # all different
-    # each corner view is a 3-pixel shift of the image (a crop of the padded image)
-    shifted = [v for v in crops[1:5] if torch.equal(v[..., 3:, 3:], x[..., :-3, :-3])]
+        assert np.array_equal(f, v[..., ::-1])
+    assert len({v.tobytes() for v in crops}) == 10  # all different
+    # each corner view is a 3-pixel shift of the image (a crop of the padded image), its border reflected
+    shifted = [v for v in crops[1:5] if np.array_equal(v[..., 3:, 3:], x[..., :-3, :-3])]
     assert len(shifted) == 1
+    # rows -3 and -1 of the image are its rows 3 and 1: reflected, the edge row not repeated
+    assert np.array_equal(shifted[0][..., 0, 3:], x[..., 3, :-3])
+    assert np.array_equal(shifted[0][..., 2, 3:], x[..., 1, :-3])
     with pytest.raises(ValueError, match="unknown TTA mode"):
         tta_views(x, "rotate")
 

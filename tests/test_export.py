@@ -329,7 +329,6 @@ def test_export_report_must_be_one_model_s_whole_privatetest(tmp_path, exported,
         "ens.json": ({**head, "checkpoints": ["a.onnx", "b.onnx"]}, "an ensemble of 2 models, not of one"),
         "short.json": ({"accuracy": 0.7}, "not a report of `ferkit evaluate` (no model, checkpoints, digests, spl"),
         "other.json": ({**head, **other}, f"the report of {other['checkpoints'][0]}, not of "),  # the same name
-        "crops.json": ({**head, "tta": "crops"}, "TTA 'crops', not one predict and serve run (none, flip)"),
         "pub.json": ({**head, "split": "PublicTest"}, "not a report on the whole PrivateTest split"),
         "PrivateTest.json": ({**head, "limit": 20}, "not a report on the whole PrivateTest split"),  # a subset, renamed
         "str.json": ({**head, "accuracy": "high"}, "no accuracy between 0 and 1"),

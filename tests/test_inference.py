@@ -192,6 +192,22 @@ def test_whole_image_fallback(rec, shape):
     check_scores(faces[0])
 
 
+def test_recognition_runs_the_tta_that_evaluation_measured():
+    """predict's TTA modes give, face for face, the probabilities `ferkit evaluate` scored with the same mode:
+    the accuracy a model carries is that of what recognition runs (ten-crop included)."""
+    pytest.importorskip("torch")
+    from ferkit.evaluate import OnnxModule, predict_proba
+
+    crops = photo_crops(12, seed=3)
+    by_mode = {}
+    for mode in ("none", "flip", "crops"):
+        by_mode[mode] = EmotionRecognizer(tta=mode, threads=1).classify_crops(crops)
+        np.testing.assert_allclose(by_mode[mode], predict_proba(OnnxModule(DEFAULT_MODEL), crops, tta=mode), atol=1e-5)
+    assert np.abs(by_mode["crops"] - by_mode["flip"]).max() > 1e-3  # ten views are not flip's two
+    with pytest.raises(ValueError, match="unknown tta 'rotate': use none, flip, crops"):
+        EmotionRecognizer(tta="rotate", threads=1)
+
+
 def test_blank_image_has_no_face(rec):
     assert rec.predict(np.full((480, 640, 3), 255, np.uint8)) == []
 

@@ -139,6 +139,20 @@ def test_recognizer_arguments_are_checked_when_it_is_made(kwargs, message):
         EmotionRecognizer(**kwargs)
 
 
+@pytest.mark.parametrize("threads", [0, -2, 1.5, True])
+def test_every_onnx_session_refuses_a_bad_thread_count(threads):
+    """CenterFace and a bare OnnxBackend took 0 (and True) as "all cores" where the recognizer refused them."""
+    from ferkit.faces import CenterFaceDetector
+    from ferkit.inference import DEFAULT_MODEL, OnnxBackend
+
+    for make in (lambda: CenterFaceDetector(threads=threads), lambda: OnnxBackend(DEFAULT_MODEL, threads)):
+        with pytest.raises(
+            ValueError,
+            match=re.escape(f"threads must be a whole number of at least 1 (None: all cores), got {threads!r}"),
+        ):
+            make()
+
+
 def test_classify_crops_checks_its_crops(rec):
     """A single crop, float crops in 0-1 or other sizes reached ONNX Runtime (raw errors) or were scored as
     near-black; batch_size 0 or -1 gave a range() error or no scores at all."""

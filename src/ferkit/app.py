@@ -259,7 +259,7 @@ class ModelInfo(BaseModel):
     accuracy: float | None = Field(description="PrivateTest accuracy recorded with the model, if any")
     accuracy_tta: str | None = Field(description="the test-time augmentation that accuracy was measured with")
     backend: str
-    tta: str = Field(description="the test-time augmentation this server runs: none, or flip (face and mirror)")
+    tta: str = Field(description="the test-time augmentation this server runs: none, flip or crops (ten-crop)")
 
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")

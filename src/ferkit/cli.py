@@ -27,7 +27,6 @@ from .config import (
     MIN_FACE,
     RESUMABLE_CHANGES,
     TTA,
-    TTA_CHOICES,
     TTA_MODES,
     AppSettings,
     TrainConfig,
@@ -104,7 +103,10 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
         help="crop margin around each face box, a fraction of its side (default: %(default)s)",
     )
     p.add_argument(
-        "--tta", default=TTA, choices=TTA_CHOICES, help="flip: average each face with its mirror (default: %(default)s)"
+        "--tta",
+        default=TTA,
+        choices=TTA_MODES,
+        help="flip: average each face with its mirror; crops: ten-crop, 5x flip's model time (default: %(default)s)",
     )
     p.add_argument(
         "--min-face", type=_count(1), default=MIN_FACE, help="smallest face side in pixels (default: %(default)s)"

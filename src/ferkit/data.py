@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import IMAGE_SIZE
+from .config import IMAGE_SIZE, TTA_MODES
 from .fileio import atomic_write
 from .images import IMAGE_EXTENSIONS
 
@@ -31,6 +31,28 @@ CSV_HEADER = ["emotion", "pixels", "Usage"]
 def model_input(crops: np.ndarray) -> np.ndarray:
     """What every ferkit model takes for uint8 face crops (N, 48, 48): float32 (N, 1, 48, 48) in [0, 1]."""
     return crops[:, None].astype(np.float32) / 255
+
+
+def _shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Translate a batch by whole pixels, filling with the reflected border (a crop of a padded image). The edge
+    pixel is not repeated, unlike training's augmentation: repeating it was worse on PublicTest (reports/runs.md)."""
+    p = max(abs(dy), abs(dx))
+    padded = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(p, p), (p, p)], mode="reflect")
+    h, w = x.shape[-2:]
+    return np.ascontiguousarray(padded[..., p - dy : p - dy + h, p - dx : p - dx + w])
+
+
+def tta_views(x: np.ndarray, mode: str) -> list[np.ndarray]:
+    """Views of a batch (N, 1, H, W) for test-time augmentation, the same for evaluation and recognition:
+    ``none`` (the batch), ``flip`` (it and its mirror) or ``crops`` (ten-crop: the centre and four corner crops
+    of a 3-pixel-padded image, then each mirrored). The first view is the batch, the one half-way along its mirror."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {mode!r}; choose one of {', '.join(TTA_MODES)}")
+    if mode == "none":
+        return [x]
+    shifts = [(-3, -3), (-3, 3), (3, -3), (3, 3)] if mode == "crops" else []
+    views = [x, *(_shift(x, dy, dx) for dy, dx in shifts)]
+    return views + [np.ascontiguousarray(v[..., ::-1]) for v in views]
 
 
 def scores_shape_problem(shape: tuple[int, ...], batch: int, n_classes: int) -> str | None:

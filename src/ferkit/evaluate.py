@@ -16,36 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TTA_MODES
-from .data import CLASSES
+from .data import CLASSES, model_input, tta_views
 from .fileio import atomic_write, bytes_digest, file_digest, model_digest, model_name, refuse_file, refuse_repeats
 from .runtime import resolve_device
 
 # Part of every prediction cache entry's name: raise it when a change to the code (TTA views, preprocessing)
 # changes the probabilities a model file gives, so that older entries are no longer read.
 CACHE_VERSION = 2  # 2: vgg16's pools round up (its last row and column were dropped at 48x48)
-
-
-def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Translate a batch by whole pixels, filling with the reflected border (a crop of a padded image). The edge
-    pixel is not repeated, unlike training's augmentation: repeating it was worse on PublicTest (reports/runs.md)."""
-    if dy == 0 and dx == 0:
-        return x
-    p = max(abs(dy), abs(dx))
-    padded = F.pad(x, (p, p, p, p), mode="reflect")
-    h, w = x.shape[-2:]
-    return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
-
-
-def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    """Views of a batch for test-time augmentation: ``flip`` (2 views) or ``crops`` (ten-crop: the
-    centre and four corner crops of a 3-pixel-padded image, each also flipped)."""
-    if mode == "none":
-        return [x]
-    shifts = [(0, 0)] if mode == "flip" else [(0, 0), (-3, -3), (-3, 3), (3, -3), (3, 3)]
-    if mode not in TTA_MODES:
-        raise ValueError(f"unknown TTA mode {mode!r}; choose one of {', '.join(TTA_MODES)}")
-    views = [_shift(x, dy, dx) for dy, dx in shifts]
-    return views + [v.flip(-1) for v in views]
 
 
 class OnnxModule(nn.Module):
@@ -111,9 +88,8 @@ def predict_proba_modes(
 
         starts = tqdm(starts, desc=progress, unit="batch", dynamic_ncols=True)
     for i in starts:
-        x = torch.from_numpy(images[i : i + batch_size]).to(device).unsqueeze(1).float().div_(255)
-        views = tta_views(x, widest)
-        probs = [F.softmax(model(v).float(), dim=1) for v in views]
+        views = tta_views(model_input(images[i : i + batch_size]), widest)
+        probs = [F.softmax(model(torch.from_numpy(v).to(device)).float(), dim=1) for v in views]
         picks = {"none": [0], "flip": [0, len(views) // 2], "crops": range(len(views))}
         for mode in modes:
             out[mode].append((sum(probs[j] for j in picks[mode]) / len(picks[mode])).cpu().numpy())

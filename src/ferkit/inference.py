@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import DEFAULT_MODEL, DETECTOR, IMAGE_SIZE, MARGIN, MIN_FACE, TTA, TTA_CHOICES, WEIGHTS_DIR  # noqa: F401 - re-exported
-from .data import CLASSES, model_input, scores_shape_problem
+from .config import DEFAULT_MODEL, DETECTOR, IMAGE_SIZE, MARGIN, MIN_FACE, TTA, TTA_MODES, WEIGHTS_DIR  # noqa: F401 - re-exported
+from .data import CLASSES, model_input, scores_shape_problem, tta_views
 from .faces import Box, FaceDetector, check_margin, crop_faces, fit_boxes, make_detector
 from .fileio import model_name, parse_model_metadata, refuse_repeats
 from .images import (  # noqa: F401 - re-exported: decoding images is part of the inference API
@@ -136,7 +136,8 @@ class EmotionRecognizer:
     (default, the shipped CNN), ``haar`` (OpenCV's cascade), a YuNet ``.onnx`` path, a Haar ``.xml`` path or
     any object with ``detect(rgb)``. ``min_face``: smallest face side found, in
     pixels (48, the model's input, by default; smaller ones cost detection time). ``margin``: crop margin.
-    ``tta``: ``flip`` averages each face and its mirror image (chosen on PublicTest), ``none`` is faster.
+    ``tta``: ``flip`` averages each face and its mirror image (the default), ``none`` is faster, ``crops``
+    (ten-crop) runs the model on ten views, five times flip's work.
     ``threads``: ONNX Runtime's threads, for each ONNX model and for CenterFace (default: all cores); a torch
     checkpoint runs on torch's own setting (``torch.set_num_threads``).
     One instance may be shared between threads; with OpenCV's detectors (Haar, YuNet), which are not
@@ -154,8 +155,8 @@ class EmotionRecognizer:
         tta: str = TTA,
         min_face: int = MIN_FACE,
     ) -> None:
-        if tta not in TTA_CHOICES:
-            raise ValueError(f"unknown tta {tta!r}: use {' or '.join(TTA_CHOICES)}")
+        if tta not in TTA_MODES:
+            raise ValueError(f"unknown tta {tta!r}: use {', '.join(TTA_MODES)}")
         check_margin(margin)
         for name, value in (
             ("min_face", min_face),
@@ -202,7 +203,7 @@ class EmotionRecognizer:
         out = []
         for i in range(0, len(crops), batch_size):
             x = model_input(crops[i : i + batch_size])
-            views = [x, np.ascontiguousarray(x[..., ::-1])] if self.tta == "flip" else [x]
+            views = tta_views(x, self.tta)
             out.append(sum(b(v) for b in self.backends for v in views) / (len(self.backends) * len(views)))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 

@@ -18,10 +18,12 @@ def cpu_session(path: str | Path, threads: int | None, what: str, arena: bool = 
     another session (the one that runs next) needs."""
     import onnxruntime as ort
 
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads must be a whole number of at least 1 (None: all cores), got {threads!r}")
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = arena
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    if threads:
+    if threads is not None:
         opts.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
