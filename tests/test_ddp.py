@@ -190,12 +190,14 @@ def test_ddp_processes_stop_early_together(tmp_path):
     from conftest import synthetic_data
 
     save_cache(synthetic_data({"Training": 16, "PublicTest": 60, "PrivateTest": 1}), tmp_path / "val.npz")
-    options = dict(model_kwargs={"width": 0.25}, epochs=8, batch_size=BATCH, lr=0.05, augment="light",
-                   schedule="constant", warmup_epochs=0.0, patience=3)  # fmt: skip
+    # patience 1: PublicTest accuracy moves a class (60 like faces) at a time, so within 10 epochs some epoch does
+    # not improve it on any CPU (patience 3 stopped on an Intel Xeon and ran all 8 epochs on an AMD EPYC)
+    options = dict(model_kwargs={"width": 0.25}, epochs=10, batch_size=BATCH, lr=0.05, augment="light",
+                   schedule="constant", warmup_epochs=0.0, patience=1)  # fmt: skip
     _torchrun(tmp_path, tmp_path / "run", data="val.npz", options=options)  # hung here (a timeout) before
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) < 8 and "early stopping" in (tmp_path / "run" / "train.log").read_text()
+    assert len(rows) < 10 and "early stopping" in (tmp_path / "run" / "train.log").read_text()
 
 
 @pytest.mark.slow

@@ -108,12 +108,14 @@ def test_ensemble_averages_its_members(tmp_path):
 
 
 def test_kept_ensemble_members():
-    """models/ keeps the members that, with the shipped model, make the runnable ensemble of the README:
-    same classes and preprocessing, class weights undone like the shipped model, usable together."""
-    members = sorted((Path(__file__).parents[1] / "models").glob("*.onnx"))
-    assert len(members) == 3, members
+    """models/ keeps the members that, with the shipped model, make the runnable ensemble of the README (and
+    models/candidates/ the other kept models): same classes and preprocessing, class weights undone like the
+    shipped model, usable together."""
+    models = Path(__file__).parents[1] / "models"
+    members, candidates = sorted(models.glob("*.onnx")), sorted((models / "candidates").glob("*.onnx"))
+    assert len(members) == 3 and len(candidates) == 3, (members, candidates)
     shipped = read_metadata(DEFAULT_MODEL)
-    for m in members:
+    for m in members + candidates:  # a candidate must be able to join the ensemble too
         meta = read_metadata(m)
         assert meta["classes"] == list(CLASSES)
         assert meta["preprocessing"] == shipped["preprocessing"]
