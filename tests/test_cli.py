@@ -419,3 +419,16 @@ def test_a_missing_train_extra_is_named(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_train", no_torch)
     assert cli.main(["train", "--data", "x.npz"]) == 2
     assert "pip install 'ferkit[train]'" in capsys.readouterr().err
+
+
+def test_evaluating_the_shipped_model_writes_nothing_into_the_package(synthetic_cache, tmp_path, monkeypatch):
+    """Its default report folder was beside the file: inside the installed package (site-packages)."""
+    from ferkit.config import DEFAULT_MODEL, WEIGHTS_DIR
+
+    before = sorted(WEIGHTS_DIR.iterdir())
+    monkeypatch.chdir(tmp_path)
+    argv = ["evaluate", str(DEFAULT_MODEL), "--data", str(synthetic_cache), "--split", "PublicTest", "--limit", "14"]
+    assert cli.main([*argv, "--no-progress"]) == 0
+    assert sorted(WEIGHTS_DIR.iterdir()) == before
+    folder = "eval_" + DEFAULT_MODEL.name.replace(".", "_")
+    assert (tmp_path / folder / "PublicTest_limit14.json").is_file()

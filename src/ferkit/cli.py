@@ -28,6 +28,7 @@ from .config import (
     RESUMABLE_CHANGES,
     TTA,
     TTA_MODES,
+    WEIGHTS_DIR,
     AppSettings,
     TrainConfig,
 )
@@ -209,7 +210,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         default = "eval_ensemble_" + bytes_digest("\n".join(members).encode())[:8]
     else:
         default = "eval" if first.name == "best.pt" else "eval_" + first.name.replace(".", "_")
-    out = Path(args.out) if args.out else first.parent / default
+    # a file of the installed package (the shipped model) reports into the current folder, not into the package
+    home = Path.cwd() if first.resolve().parent == WEIGHTS_DIR.resolve() else first.parent
+    out = Path(args.out) if args.out else home / default
     _evaluate(checkpoints, args.data, args.split, out, args.tta, args.device, args.limit, args.cache,
               not args.no_progress)  # fmt: skip
     return 0
@@ -521,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         help="report folder (default beside the model: eval/ for a best.pt, eval_NAME_onnx/ for NAME.onnx and "
-        "likewise for any other file, eval_ensemble_HASH/ for several, named for the set of them)",
+        "likewise for any other file, eval_ensemble_HASH/ for several, named for the set of them; in the current "
+        "folder for a model of the package, such as the shipped one)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--limit", type=_count(0), default=0, help="evaluate a fixed random subset of N images (0 = all)")
