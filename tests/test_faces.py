@@ -135,7 +135,7 @@ def test_make_detector():
     assert make_detector(fixed) is fixed
     with pytest.raises(ValueError, match="unknown face detector"):
         make_detector("mtcnn")
-    with pytest.raises(ValueError, match="min_size must be at least 1"):
+    with pytest.raises(ValueError, match="min_size must be a whole number of at least 1, got 0"):
         make_detector("haar", min_size=0)
     with pytest.raises(FileNotFoundError, match="yunet.onnx"):
         make_detector("missing/yunet.onnx")

@@ -126,9 +126,9 @@ def test_an_empty_model_list_is_no_model():
         ({"min_face": 2.5}, "min_face must be a whole number of at least 1, got 2.5"),  # taken
         ({"max_pixels": None}, "max_pixels must be a whole number of at least 1, got None"),  # every predict failed
         ({"max_pixels": 0}, "max_pixels must be a whole number of at least 1, got 0"),
-        ({"threads": -1}, "threads must be a whole number of at least 1, got -1"),
-        ({"threads": 0}, "threads must be a whole number of at least 1, got 0"),  # was all cores, silently
-        ({"threads": 2.5}, "threads must be a whole number of at least 1, got 2.5"),  # a pybind TypeError
+        ({"threads": -1}, "threads must be a whole number of at least 1 (None: all cores), got -1"),
+        ({"threads": 0}, "threads must be a whole number of at least 1 (None: all cores), got 0"),  # all cores
+        ({"threads": 2.5}, "threads must be a whole number of at least 1 (None: all cores), got 2.5"),  # TypeError
         ({"margin": "0.1"}, "margin must be between 0 and 1"),  # TypeError '<='
         ({"model": 3}, "model must be a file path or a list of them, got 3"),
         ({"model": ""}, "model must be a file path or a list of them, got ''"),  # loaded the shipped model
@@ -153,6 +153,19 @@ def test_every_onnx_session_refuses_a_bad_thread_count(threads):
             make()
 
 
+def test_counts_are_checked_alike_everywhere():
+    """video_frames took every=2.5 (and kept every fifth frame); make_detector took min_size=2.5. A numpy
+    integer is a whole number."""
+    from ferkit.faces import make_detector
+    from ferkit.media import video_frames
+
+    with pytest.raises(ValueError, match=re.escape("every must be a whole number of at least 1, got 2.5")):
+        next(video_frames("clip.mp4", every=2.5))
+    with pytest.raises(ValueError, match=re.escape("min_size must be a whole number of at least 1, got 2.5")):
+        make_detector("haar", min_size=2.5)
+    assert make_detector("haar", min_size=np.int64(30)).min_size == 30
+
+
 def test_classify_crops_checks_its_crops(rec):
     """A single crop, float crops in 0-1 or other sizes reached ONNX Runtime (raw errors) or were scored as
     near-black; batch_size 0 or -1 gave a range() error or no scores at all."""
@@ -160,7 +173,7 @@ def test_classify_crops_checks_its_crops(rec):
         with pytest.raises(ValueError, match=re.escape("crops must be a uint8 array (N, 48, 48) as crop_faces gives")):
             rec.classify_crops(crops)
     for batch_size in (0, -1):
-        with pytest.raises(ValueError, match=f"batch_size must be at least 1, got {batch_size}"):
+        with pytest.raises(ValueError, match=f"batch_size must be a whole number of at least 1, got {batch_size}"):
             rec.classify_crops(np.zeros((3, 48, 48), np.uint8), batch_size=batch_size)
 
 

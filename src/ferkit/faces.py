@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from .config import CENTERFACE, DETECTOR, IMAGE_SIZE, MARGIN, MIN_FACE  # noqa: F401 - faces.DETECTOR etc. stay importable
-from .runtime import cpu_session
+from .runtime import check_count, cpu_session
 
 Box = tuple[int, int, int, int]  # x, y, width, height in original-image pixels
 
@@ -270,8 +270,7 @@ def make_detector(
     cascade; an object with ``detect``: used as is.
     ``min_size``: smallest face side in pixels; ``threads``: CenterFace's ONNX Runtime threads; ``options``:
     other arguments of the detector's class (e.g. ``score_threshold``)."""
-    if min_size < 1:
-        raise ValueError(f"min_size must be at least 1 pixel, got {min_size!r}")
+    check_count("min_size", min_size)
     if hasattr(spec, "detect"):
         return spec  # type: ignore[return-value]
     if spec is None or spec == "centerface":

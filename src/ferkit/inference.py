@@ -27,7 +27,7 @@ from .images import (  # noqa: F401 - re-exported: decoding images is part of th
     NotAnImageError,
     load_image,
 )
-from .runtime import cpu_session
+from .runtime import check_count, cpu_session
 
 
 @dataclass
@@ -158,13 +158,9 @@ class EmotionRecognizer:
         if tta not in TTA_MODES:
             raise ValueError(f"unknown tta {tta!r}: use {', '.join(TTA_MODES)}")
         check_margin(margin)
-        for name, value in (
-            ("min_face", min_face),
-            ("max_pixels", max_pixels),
-            ("threads", 1 if threads is None else threads),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+        check_count("min_face", min_face)
+        check_count("max_pixels", max_pixels)
+        check_count("threads", threads, none_means="all cores")  # a torch model with Haar opens no ONNX session
         members = model if isinstance(model, (list, tuple)) else [DEFAULT_MODEL if model is None else model]
         if not members:
             raise ValueError("no model given")
@@ -198,8 +194,7 @@ class EmotionRecognizer:
         if not isinstance(crops, np.ndarray) or crops.ndim != 3 or crops.shape[1:] != size or crops.dtype != np.uint8:
             got = f"{crops.dtype} {crops.shape}" if isinstance(crops, np.ndarray) else type(crops).__name__
             raise ValueError(f"crops must be a uint8 array (N, 48, 48) as crop_faces gives, got {got}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+        check_count("batch_size", batch_size)
         out = []
         for i in range(0, len(crops), batch_size):
             x = model_input(crops[i : i + batch_size])

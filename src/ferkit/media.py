@@ -16,6 +16,7 @@ import numpy as np
 from .fileio import atomic_write
 from .images import IMAGE_EXTENSIONS
 from .inference import EmotionRecognizer, FaceResult, ImageError, annotate, load_image
+from .runtime import check_count
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 # ffmpeg's own log lines ("moov atom not found") would repeat the errors ferkit reports, naming the file;
@@ -77,8 +78,7 @@ def video_frames(source: str | int, every: int = 1) -> Iterator[tuple[int, float
     """(frame index, time in seconds, RGB frame) for every ``every``-th frame of a video file or camera."""
     import cv2
 
-    if every < 1:
-        raise ValueError(f"every must be at least 1, not {every}")
+    check_count("every", every)
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
         raise ImageError(f"{source}: cannot open as a video" + (" camera" if isinstance(source, int) else " file"))

@@ -3,11 +3,22 @@ detector, and the torch device of training and evaluation."""
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+
+def check_count(name: str, value: object, none_means: str = "") -> None:
+    """Refuse anything but a whole number of at least 1 (a bool or a float: refused) as ``name``; ``none_means``: what
+    None stands for, where None is allowed."""
+    if none_means and value is None:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        allowed = f" (None: {none_means})" if none_means else ""
+        raise ValueError(f"{name} must be a whole number of at least 1{allowed}, got {value!r}")
 
 
 def cpu_session(path: str | Path, threads: int | None, what: str, arena: bool = True, spin: bool = True) -> Any:
@@ -18,8 +29,7 @@ def cpu_session(path: str | Path, threads: int | None, what: str, arena: bool = 
     another session (the one that runs next) needs."""
     import onnxruntime as ort
 
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads must be a whole number of at least 1 (None: all cores), got {threads!r}")
+    check_count("threads", threads, none_means="all cores")
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = arena
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
