@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make a finished training run the shipped model, with every number regenerated from its evaluation:
-#   [INT8=1] [UNDO=POWER] bash scripts/ship_model.sh RUN_DIR "TRAINING COMMAND" ["HARDWARE"]
+#   [INT8=1] [UNDO=POWER] [DATA=CACHE] [FERKIT=CMD] bash scripts/ship_model.sh RUN_DIR "TRAINING COMMAND" ["HARDWARE"]
 # 1. exports RUN_DIR/best.pt to ONNX (checked against torch), with INT8=1 quantizes it (static int8), and with
 #    UNDO=POWER (the run's class_weight_power) divides its class weights out (`--undo-class-weights`);
 # 2. evaluates the file that ships on PublicTest (to choose the TTA) and PrivateTest (the headline),
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?run folder}; CMD=${2:?training command}; HW=${3:-"2-core x86_64 CPU"}
 DATA=${DATA:-data/fer2013.npz}
-F=.venv/bin/ferkit
+F=${FERKIT:-.venv/bin/ferkit}
 NAME=$(basename "$RUN")
 OPTS=(); SHIP=$NAME
 if [ "${INT8:-0}" = 1 ]; then OPTS=(--int8); SHIP=${NAME}_int8; fi

@@ -1,11 +1,12 @@
-"""The shell scripts of a GPU session: what they refuse before any device time is spent, and the tree that
-travels (scripts/gpu_flagship.sh, scripts/device_tree.sh)."""
+"""The shell scripts: what those of a GPU session refuse before any device time is spent, the tree that
+travels (scripts/gpu_flagship.sh, scripts/device_tree.sh), and shipping a run (scripts/ship_model.sh)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,33 @@ def test_device_tree_takes_the_big_folders_out_and_puts_them_back(tmp_path):
     assert (clone / "reports").is_dir() and (clone / "src/ferkit/weights/centerface.onnx").is_file()  # kept here
     assert run("bash", "scripts/device_tree.sh", "back").returncode == 0
     assert run("git", "ls-files").stdout.splitlines() == tracked and run("git", "status", "--short").stdout == ""
+
+
+def test_ship_model_makes_a_run_the_shipped_model_with_its_own_numbers(trained_run, synthetic_cache, tmp_path):
+    """scripts/ship_model.sh in a copy of the project: the int8 export with its class weights undone is evaluated,
+    that very file ships with its PrivateTest flip accuracy, and the card and README quote the same report."""
+    import json
+
+    from ferkit.export import read_metadata
+
+    project = tmp_path / "project"
+    (project / "scripts").mkdir(parents=True)
+    (project / "src/ferkit/weights").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "ship_model.sh", project / "scripts")
+    shutil.copy(ROOT / "README.md", project)
+    run = shutil.copytree(trained_run, tmp_path / "tiny_run")
+    env = {**os.environ, "FERKIT": str(Path(sys.executable).with_name("ferkit")), "DATA": str(synthetic_cache)}
+    env.update(INT8="1", UNDO="0.5")
+    argv = ["bash", "scripts/ship_model.sh", str(run), "ferkit train --tiny", "a test machine"]
+    done = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shipped = project / "src/ferkit/weights/tiny_run_int8_prior.onnx"
+    reports = project / "reports/tiny_run_int8_prior"
+    head = json.loads((reports / "PrivateTest_tta-flip.json").read_text())
+    assert read_metadata(shipped)["accuracy"] == head["accuracy"]
+    assert {"PublicTest.json", "PrivateTest_tta-crops.json", "metrics.csv", "train.log"} <= {
+        p.name for p in reports.iterdir()
+    }
+    card = (project / "MODEL_CARD.md").read_text()
+    assert card.startswith("# Model card: tiny_run_int8_prior") and "`ferkit train --tiny`" in card
+    assert f"{head['accuracy']:.2%}" in card and f"{head['accuracy']:.2%}" in (project / "README.md").read_text()
