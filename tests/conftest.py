@@ -1,9 +1,13 @@
 """Shared fixtures: tiny synthetic FER-2013 data in every form ferkit reads (image folders with and
-without split prefixes, fer2013.csv, .npz cache), a tiny training config and one trained run."""
+without split prefixes, fer2013.csv, .npz cache), a tiny training config, one trained run, and a read-only
+file system (tests run as root, whom file modes do not stop)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +27,21 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def read_only_filesystem(monkeypatch: pytest.MonkeyPatch):
+    """Within: creating a file fails as on a read-only mount (EROFS, naming the file)."""
+    real_open = os.open
+
+    def refuse(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", refuse)
+        yield
 
 
 def synthetic_face(label: int, k: int, seed: int = 0) -> np.ndarray:

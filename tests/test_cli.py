@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from conftest import read_only_filesystem
 
 from ferkit import cli
 from ferkit.checkpoint import load_checkpoint, save_checkpoint
@@ -170,7 +171,9 @@ def test_train_zero_epochs_computes_only_the_teachers_targets(tmp_path, syntheti
     assert "no epoch trained (epochs 0): no checkpoint" in capsys.readouterr().err
 
 
-def test_select_ensemble_prints_the_choice_and_saves_the_ranking(trained_run, synthetic_cache, tmp_path, capsys):
+def test_select_ensemble_prints_the_choice_and_saves_the_ranking(
+    trained_run, synthetic_cache, tmp_path, capsys, monkeypatch
+):
     best, last, out = str(trained_run / "best.pt"), str(trained_run / "last.pt"), tmp_path / "select.json"
     args = ["select-ensemble", best, last, "--data", str(synthetic_cache), "--tta", "none", "flip", "--top", "4"]
     assert cli.main(args + ["--device", "cpu", "--out", str(out), "--cache", str(tmp_path / "probs")]) == 0
@@ -182,11 +185,16 @@ def test_select_ensemble_prints_the_choice_and_saves_the_ranking(trained_run, sy
     printed = capsys.readouterr().out
     assert f"ferkit evaluate {' '.join(winner['checkpoints'])} --data {synthetic_cache} --split PrivateTest" in printed
     assert f"{winner['accuracy']:.4f}" in printed
-    # an --out that cannot be written is refused before any model runs (it was after the ranking)
+    # an --out that cannot be written is refused before any model runs (it was after the ranking; a read-only
+    # folder's error named the hidden temp file)
     for bad, why in ((tmp_path, "is a folder"), (out / "x.json", f"{out} is a file, not a folder")):
         assert cli.main([*args, "--device", "cpu", "--out", str(bad)]) == 2
         captured = capsys.readouterr()
         assert why in captured.err and "rank" not in captured.out
+    with read_only_filesystem(monkeypatch):
+        assert cli.main([*args, "--device", "cpu", "--out", str(tmp_path / "ro" / "rank.json")]) == 2
+    captured = capsys.readouterr()
+    assert f"Read-only file system: '{tmp_path / 'ro' / 'rank.json'}'" in captured.err and "rank" not in captured.out
 
 
 def test_select_ensemble_quotes_its_command_and_refuses_a_candidate_twice(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import pixels_str, synthetic_data, synthetic_face, write_csv
+from conftest import pixels_str, read_only_filesystem, synthetic_data, synthetic_face, write_csv
 from PIL import Image
 
 from ferkit.data import (
@@ -571,3 +571,19 @@ def test_atomic_writes_follow_the_umask(tmp_path):
     finally:
         os.umask(before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2.bin", "22.bin", "77.bin"]  # no temporary file left
+
+
+def test_write_errors_name_the_file_to_write_not_its_temp_file(tmp_path, monkeypatch):
+    """A read-only folder's error named '.out.npz.<hex>.tmp'; a file where a folder should be gave
+    '[Errno 17] File exists: face.png'. prepare checks before decoding the data."""
+    from ferkit.fileio import atomic_write, check_writable
+
+    (tmp_path / "face.png").write_bytes(b"x")
+    for write in (check_writable, lambda p: atomic_write(p, lambda f: f.write(b"x"))):
+        with pytest.raises(NotADirectoryError, match=re.escape(f"{tmp_path / 'face.png'} is a file, not a folder")):
+            write(tmp_path / "face.png" / "sub" / "out.npz")
+        with read_only_filesystem(monkeypatch), pytest.raises(OSError, match=re.escape(f"'{tmp_path / 'out.npz'}'")):
+            write(tmp_path / "out.npz")
+    with read_only_filesystem(monkeypatch), pytest.raises(OSError, match="Read-only file system"):
+        prepare(tmp_path / "no_such_data", tmp_path / "ro.npz")  # not "not found": the data is not read first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["face.png"]  # nothing left behind

@@ -220,11 +220,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_select_ensemble(args: argparse.Namespace) -> int:
     from .evaluate import select_ensemble
-    from .fileio import atomic_write, refuse_file, refuse_folder
+    from .fileio import atomic_write, check_writable
 
     if args.out:  # before any model runs: it failed after
-        refuse_folder(args.out)
-        refuse_file(Path(args.out).parent, "--out")
+        check_writable(args.out)
     rows = select_ensemble(
         args.checkpoint,
         args.data,
@@ -326,7 +325,7 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
     """``export CHECKPOINT.pt``: its ONNX file (with ``metrics``), checked against torch, and its fp16/int8 copies."""
     from .data import load_dataset
     from .export import convert_fp16, export_onnx, max_abs_diff, quantize_int8
-    from .fileio import refuse_folder
+    from .fileio import check_writable
 
     if args.undo_class_weights is not None:
         raise ValueError("--undo-class-weights takes an exported .onnx: export the checkpoint first")
@@ -336,8 +335,8 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
         raise ValueError("--int8 needs --data: int8 is calibrated on FER-2013 Training faces (random images ruin it)")
     out = Path(args.out)
     copies = {"_fp16": args.fp16, "_int8": args.int8}
-    for path in [out.with_name(out.stem + suffix + ".onnx") for suffix, wanted in copies.items() if wanted]:
-        refuse_folder(path)  # before the export and the calibration run: they failed after
+    for path in [out, *(out.with_name(out.stem + suffix + ".onnx") for suffix, wanted in copies.items() if wanted)]:
+        check_writable(path)  # before the export and the calibration run: they failed after
     size = (64, IMAGE_SIZE, IMAGE_SIZE)
     images = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)  # for --check alone
     if args.data and (args.check or args.int8):  # read before anything is written

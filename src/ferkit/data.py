@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import IMAGE_SIZE, TTA_MODES
-from .fileio import atomic_write
+from .fileio import atomic_write, check_writable
 from .images import IMAGE_EXTENSIONS
 
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -350,6 +350,7 @@ def prepare(src: str | Path, out: str | Path, progress: bool = True) -> FERData:
         raise DataError(f"{out}: that is the data set itself; name another file for the cache")
     if Path(out).suffix.lower() != ".npz":
         raise DataError(f"{out}: name the cache *.npz (the other commands read a .npz file as a cache)")
+    check_writable(out)  # before minutes of decoding
     data = load_dataset(src, progress=progress)
     save_cache(data, out)
     return data

@@ -3,6 +3,7 @@ content digests (the keys of the prediction caches)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,21 +29,42 @@ def refuse_file(path: str | Path, option: str) -> None:
             raise ValueError(f"{option} {path}: {p} is a file, not a folder")
 
 
+def _open_temp(path: Path) -> tuple[Path, int]:
+    """A new temp file beside ``path`` (its folders made), open for writing; errors name ``path``."""
+    if file := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
+        raise NotADirectoryError(errno.ENOTDIR, f"{file} is a file, not a folder", str(path))
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # as open() does: the umask applies
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(path)) from e
+
+
+def check_writable(path: str | Path) -> Path:
+    """``path``, once a file can be written there (its folders are made): checked before long work."""
+    tmp, fd = _open_temp(refuse_folder(path))
+    os.close(fd)
+    tmp.unlink()
+    return Path(path)
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(file)`` on a temp file next to ``path`` and rename it over ``path``: readers see the
     old file or the whole new one, never a partial write."""
     path = refuse_folder(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # as open() creates files: the umask applies
+    tmp, fd = _open_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise type(e)(e.errno, e.strerror, str(path)) from e
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         stop = (KeyboardInterrupt, SystemExit)  # Ctrl-C, or SIGTERM as the CLI raises it
         if isinstance(e.__context__, stop) and not isinstance(e, stop):
             raise e.__context__ from None  # not the error a writer (torch's zip) raised while unwinding
