@@ -818,6 +818,19 @@ def test_distill_cache_notices_a_retrained_teacher(tmp_path, synthetic_cache, tr
         assert not np.allclose(f["probs"], first)
 
 
+def test_a_damaged_targets_cache_is_computed_again(tmp_path, synthetic_cache, trained_run):
+    """A run's own teacher_probs.npz, cut short (a copy interrupted), failed its resume with a BadZipFile."""
+    cfg = dict(epochs=1, teacher=[str(trained_run / "best.pt")], distill_cache=True)
+    out = tmp_path / "student"
+    train(tiny_config(synthetic_cache, out, **cfg))
+    with np.load(out / "teacher_probs.npz") as f:
+        first = f["probs"]
+    (out / "teacher_probs.npz").write_bytes((out / "teacher_probs.npz").read_bytes()[:1000])
+    train(tiny_config(synthetic_cache, out, **{**cfg, "epochs": 2}), resume=True)
+    with np.load(out / "teacher_probs.npz") as f:
+        np.testing.assert_array_equal(f["probs"], first)
+
+
 def test_an_exported_model_teaches_like_its_checkpoint(tmp_path, synthetic_cache, trained_run):
     """An .onnx teacher (e.g. the shipped model, on a machine without the teachers' checkpoints) gives the
     targets its checkpoint gives: ONNX models end in a softmax, which the temperature must see through."""
@@ -891,8 +904,10 @@ def test_a_targets_file_must_fit_the_run(tmp_path, synthetic_cache, trained_run)
     data.images[:] = 255 - data.images
     save_cache(data, tmp_path / "other.npz")
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    (tmp_path / "cut.npz").write_bytes(Path(targets).read_bytes()[:1000])  # a BadZipFile traceback
+    (tmp_path / "empty.npz").write_bytes(b"")  # an EOFError traceback
     np.savez(tmp_path / "nokey.npz", probs=np.zeros((64, 7)))
-    bad, nokey, none = (str(tmp_path / name) for name in ("bad.npz", "nokey.npz", "none.npz"))
+    bad, cut, empty, nokey, none = (str(tmp_path / f"{n}.npz") for n in ("bad", "cut", "empty", "nokey", "none"))
     refusals = {
         "computed at T=4.0, this run's distill_temperature is 2.0": dict(distill_temperature=2.0),
         "computed on other training images (n=64 sha256=": dict(data=tmp_path / "other.npz"),
@@ -901,6 +916,8 @@ def test_a_targets_file_must_fit_the_run(tmp_path, synthetic_cache, trained_run)
         f"distillation targets {none}: not found": dict(teacher=[none]),
         f"distillation targets {bad}: not a teacher_probs.npz": dict(teacher=[bad]),
         f"distillation targets {nokey}: not a teacher_probs.npz": dict(teacher=[nokey]),
+        f"distillation targets {cut}: not a teacher_probs.npz of a run (File is not a zip": dict(teacher=[cut]),
+        f"distillation targets {empty}: not a teacher_probs.npz of a run (No data left": dict(teacher=[empty]),
     }
     for i, (message, change) in enumerate(refusals.items()):
         data = change.pop("data", synthetic_cache)

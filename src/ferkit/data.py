@@ -10,7 +10,6 @@ import codecs
 import csv
 import os
 import re
-import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import IMAGE_SIZE, TTA_MODES
-from .fileio import atomic_write, check_writable
+from .fileio import atomic_write, check_writable, read_npz
 from .images import IMAGE_EXTENSIONS
 
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -300,16 +299,14 @@ def load_cache(path: str | Path) -> FERData:
     """Load a cache written by :func:`save_cache`."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if tuple(z["classes"]) != CLASSES:
-                raise DataError(f"{path}: class order {tuple(z['classes'])} differs from {CLASSES}")
-            data = FERData(z["images"], z["labels"], z["splits"], z["sources"])
+        z = read_npz(path, ["classes", "images", "labels", "splits", "sources"])
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError, TypeError) as e:  # TypeError: a .npy
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{path}: not a ferkit data cache ({e}); rebuild it with `ferkit prepare`") from e
+    except ValueError as e:
+        raise DataError(f"{path}: not a ferkit data cache ({e.__cause__}); rebuild it with `ferkit prepare`") from e
+    if tuple(z["classes"]) != CLASSES:
+        raise DataError(f"{path}: class order {tuple(z['classes'])} differs from {CLASSES}")
+    data = FERData(z["images"], z["labels"], z["splits"], z["sources"])
     if problem := _cache_problem(data):  # what trained on silently: float images, splits other than three
         raise DataError(f"{path}: not a ferkit data cache ({problem}); rebuild it with `ferkit prepare`")
     return data

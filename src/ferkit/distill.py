@@ -17,7 +17,7 @@ import torch.nn as nn
 from .config import TrainConfig
 from .data import CLASSES
 from .evaluate import load_for_evaluation, predict_proba
-from .fileio import atomic_write, bytes_digest, file_digest
+from .fileio import atomic_write, bytes_digest, file_digest, read_npz
 
 log = logging.getLogger("ferkit.train")
 
@@ -62,10 +62,10 @@ def load_targets_file(path: str | Path, images: np.ndarray, temperature: float) 
     if not Path(path).is_file():
         raise ValueError(f"distillation targets {path}: not found")
     try:
-        with np.load(path) as f:
-            key, probs = [str(k) for k in f["key"]], f["probs"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"distillation targets {path}: not a teacher_probs.npz of a run ({e})") from e
+        f = read_npz(path, ["key", "probs"])
+    except ValueError as e:
+        raise ValueError(f"distillation targets {path}: not a teacher_probs.npz of a run ({e.__cause__})") from e
+    key, probs = [str(k) for k in f["key"]], f["probs"]
     if len(key) < 3:
         raise ValueError(f"distillation targets {path}: not a teacher_probs.npz of a run (its key: {key})")
     t, images_now = _targets_key(images, temperature)
@@ -92,10 +92,12 @@ def cached_teacher_probs(
     Under torchrun process r computes images r, r+W, ... and the processes gather the whole."""
     key = np.asarray(_targets_key(images, cfg.distill_temperature, cfg.teacher))
     cached = None
-    if path.exists():
-        with np.load(path) as f:
-            if np.array_equal(f["key"], key) and f["probs"].shape == (len(images), len(CLASSES)):
-                cached = f["probs"]
+    try:
+        f = read_npz(path, ["key", "probs"]) if path.exists() else None
+    except ValueError:  # a damaged cache is computed again
+        f = None
+    if f is not None and np.array_equal(f["key"], key) and f["probs"].shape == (len(images), len(CLASSES)):
+        cached = f["probs"]
     if world > 1:  # all processes must take the same branch, or some would wait forever in the gather
         found = torch.tensor([int(cached is not None)], device=device)
         dist.all_reduce(found, op=dist.ReduceOp.MIN)

@@ -17,7 +17,16 @@ import torch.nn.functional as F
 
 from .config import TTA_MODES
 from .data import CLASSES, model_input, tta_views
-from .fileio import atomic_write, bytes_digest, file_digest, model_digest, model_name, refuse_file, refuse_repeats
+from .fileio import (
+    atomic_write,
+    bytes_digest,
+    file_digest,
+    model_digest,
+    model_name,
+    read_npz,
+    refuse_file,
+    refuse_repeats,
+)
 from .runtime import resolve_device
 
 # Part of every prediction cache entry's name: raise it when a change to the code (TTA views, preprocessing)
@@ -326,9 +335,8 @@ def _read_cached(path: Path | None, modes: Sequence[str], n: int) -> dict[str, n
     if path is None or not path.exists():
         return None
     try:
-        with np.load(path) as f:
-            kept = {m: f[m] for m in (modes or f.files)}
-    except Exception:  # noqa: BLE001 - a damaged entry (bad zip, bad deflate stream, ...) is computed again
+        kept = read_npz(path, list(modes) or None)
+    except ValueError:  # a damaged entry (bad zip, bad deflate stream, ...) is computed again
         return None
     if any(p.shape != (n, len(CLASSES)) for p in kept.values()):
         return None

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 
 def refuse_folder(path: str | Path) -> Path:
     """``path``, unless it names an existing folder (an output file's name was expected)."""
@@ -109,6 +111,18 @@ def model_digest(path: str | Path) -> str:
 def bytes_digest(data: bytes | memoryview) -> str:
     """The first 16 hex digits of the SHA-256 of ``data`` (e.g. a contiguous array's ``.data``)."""
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def read_npz(path: str | Path, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (all when None) of a ``.npz`` file, never unpickled; a damaged or foreign file, or
+    one without a key, is a ValueError naming it (a missing one: FileNotFoundError)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in (f.files if keys is None else keys)}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy raises many types: BadZipFile, EOFError, zlib.error, KeyError, ...
+        raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:
