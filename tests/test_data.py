@@ -92,8 +92,8 @@ def test_split_of(name, top, index, expected):
 
 
 def test_folder_details(tmp_path):
-    """val/ is read like test/; class folders are case-insensitive; other files are ignored; RGB and
-    other sizes are converted to 48x48 grayscale."""
+    """val/ is read like test/; class folders are case-insensitive; other files and hidden ones (macOS's ._x.jpg
+    failed the whole prepare) are ignored; RGB and other sizes are converted to 48x48 grayscale."""
     img = synthetic_face(3, 0)
     _tree(tmp_path, ["train"], skip=("happy", "sad"))
     _tree(tmp_path, ["val"], skip=("angry",))
@@ -102,6 +102,7 @@ def test_folder_details(tmp_path):
     Image.fromarray(rgb).save(_mk(tmp_path / "train/sad/Training_big.PNG"))
     (tmp_path / "train/sad/notes.txt").write_text("not an image")
     (tmp_path / "train/sad/sub").mkdir()
+    (tmp_path / "train/sad/._Training_big.PNG").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble metadata
     Image.fromarray(img).save(_mk(tmp_path / "val/angry/x0.png"))
     Image.fromarray(img).save(_mk(tmp_path / "val/angry/x1.png"))
     data = load_dataset(tmp_path, progress=False)

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from PIL import Image
 
 from ferkit.cli import main
 from ferkit.data import CLASSES
+from ferkit.inference import ImageError, load_image
 from ferkit.media import _fps, expand_paths
 
 
@@ -74,6 +76,20 @@ def test_expand_paths(mixed):
         "bad/fake.png",
     }
     assert expand_paths([mixed / "notes.txt"]) == [mixed / "notes.txt"]  # named files are kept as given
+
+
+def test_expand_paths_skips_hidden_files_and_reports_links_to_nothing(tmp_path):
+    """A notebook's .ipynb_checkpoints/ copy was predicted twice, macOS's ._a.jpg failed the run; a link to
+    nothing was skipped in silence (prepare reports it)."""
+    shutil.copy(ASTRONAUT, tmp_path / "a.jpg")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    shutil.copy(ASTRONAUT, tmp_path / ".ipynb_checkpoints" / "a-checkpoint.jpg")
+    (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble metadata
+    (tmp_path / "dead.jpg").symlink_to(tmp_path / "gone.jpg")
+    assert expand_paths([tmp_path]) == [tmp_path / "a.jpg", tmp_path / "dead.jpg"]
+    assert expand_paths([tmp_path / ".ipynb_checkpoints"]) == [tmp_path / ".ipynb_checkpoints" / "a-checkpoint.jpg"]
+    with pytest.raises(ImageError, match=re.escape(f"dead.jpg: a link to nothing ({tmp_path / 'gone.jpg'})")):
+        load_image(tmp_path / "dead.jpg")
 
 
 def test_all_good_folder_exits_0(capsys, good):

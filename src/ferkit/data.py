@@ -160,7 +160,7 @@ def load_folder(root: str | Path, progress: bool = True) -> FERData:
                 raise DataError(f"{cls_dir}: unknown class folder {cls_dir.name!r}; expected {', '.join(CLASSES)}")
             if twin := found.get(cls_dir.name.lower()):
                 raise DataError(f"{cls_dir}: class {cls_dir.name.lower()!r} given twice (also {twin.name}/)")
-            images = [p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+            images = [p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != "."]
             if broken := next((p for p in images if p.is_symlink() and not p.exists()), None):
                 raise DataError(f"{broken}: a link to nothing ({os.readlink(broken)})")
             names = sorted(p for p in images if p.is_file())

@@ -101,6 +101,8 @@ def _check_file(path: Path, name: str) -> None:
     try:
         if path.is_dir():
             raise ImageError(f"{name}: is a folder, not an image file")
+        if path.is_symlink() and not path.exists():
+            raise ImageError(f"{name}: a link to nothing ({os.readlink(path)})")
         if not path.is_file():
             raise ImageError(f"{name}: " + ("not a regular file" if path.exists() else "no such file"))
     except OSError as e:  # a name too long for a path, say (image data passed as a str)

@@ -46,9 +46,10 @@ class Record:
 
 
 def expand_paths(paths: list[str | Path], skip: str | Path | None = None) -> list[Path]:
-    """Files as given (so a bad one gets reported), and folders searched recursively for images and videos,
-    but not in the folder ``skip`` where it lies below the folder searched (annotated outputs, which a next
-    run would take as inputs); a folder with none stays in the list, to be reported too."""
+    """Files as given (so a bad one gets reported), and folders searched recursively for images and videos
+    (and links to nothing, to be reported), but not hidden files and folders (``._a.jpg`` of macOS,
+    ``.ipynb_checkpoints/``) nor the folder ``skip`` where it lies below the folder searched (annotated
+    outputs, which a next run would take as inputs); a folder with none stays in the list, to be reported too."""
     out: list[Path] = []
     for p in map(Path, paths):
         found = []
@@ -60,7 +61,10 @@ def expand_paths(paths: list[str | Path], skip: str | Path | None = None) -> lis
             found = sorted(
                 f
                 for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in exts and not (outputs and f.resolve().is_relative_to(outputs))
+                if (f.is_file() or f.is_symlink() and not f.exists())
+                and f.suffix.lower() in exts
+                and not any(part[0] == "." for part in f.relative_to(p).parts)
+                and not (outputs and f.resolve().is_relative_to(outputs))
             )
         out += found or [p]
     return out
