@@ -427,10 +427,12 @@ def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
 
 
 def test_a_foreign_metrics_csv_beside_the_model_costs_only_the_plot(trained_run, synthetic_cache, tmp_path, capsys):
-    """A metrics.csv of other columns (or text) beside the model crashed evaluate after its report was written."""
+    """A metrics.csv of other columns (or text, or bytes that are not UTF-8) beside the model crashed evaluate
+    after its report was written."""
     (tmp_path / "best.pt").write_bytes((trained_run / "best.pt").read_bytes())
-    for text in ("epoch,loss\n1,0.5\n", "epoch,train_loss,val_loss,train_acc,val_acc\nwarmup,1,1,0.1,0.1\n"):
-        (tmp_path / "metrics.csv").write_text(text)
+    header = b"epoch,train_loss,val_loss,train_acc,val_acc\n"
+    for text in (b"epoch,loss\n1,0.5\n", header + b"warmup,1,1,0.1,0.1\n", header + b"\xff,1,1,0.1,0.1\n"):
+        (tmp_path / "metrics.csv").write_bytes(text)
         out = tmp_path / "eval"
         res = evaluate_checkpoints([tmp_path / "best.pt"], synthetic_cache, "PublicTest", out, device="cpu")
         assert (tmp_path / "eval" / "PublicTest.json").is_file() and res["n"] == 28

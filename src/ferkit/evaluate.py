@@ -207,12 +207,12 @@ def plot_training_curves(metrics_csv: Path, path: Path) -> None:
     """Loss and accuracy per epoch (train vs PublicTest) from a run's ``metrics.csv``."""
     import csv
 
-    with open(metrics_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
     needed = ("epoch", "train_loss", "val_loss", "train_acc", "val_acc")
     try:
+        with open(metrics_csv, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
         col = {k: [float(r[k]) for r in rows] for k in needed}
-    except (KeyError, TypeError, ValueError):  # not a ferkit run's file: the report stands without the plot
+    except (KeyError, TypeError, ValueError, csv.Error):  # not a ferkit run's file, or not text: no plot
         print(f"{metrics_csv}: not a ferkit run's metrics (columns {', '.join(needed)}); no training curves",
               file=sys.stderr)  # fmt: skip
         return
