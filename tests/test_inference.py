@@ -454,6 +454,12 @@ def test_bad_model_files_are_named(tmp_path):
         EmotionRecognizer(tmp_path / "broken.pt")
     with pytest.raises(ValueError, match="unknown backend"):
         EmotionRecognizer(DEFAULT_MODEL, backend="tensorflow")
+    # the file's error for a model of the other kind: "Protobuf parsing failed" for a .pt on ONNX Runtime,
+    # "this takes a .pt checkpoint (evaluate/predict/serve take both)" for the shipped .onnx on torch
+    with pytest.raises(ValueError, match=re.escape("backend torch takes a .pt checkpoint; backend auto picks")):
+        EmotionRecognizer(DEFAULT_MODEL, backend="torch")
+    with pytest.raises(ValueError, match=re.escape("broken.pt: backend onnx takes an exported .onnx model")):
+        EmotionRecognizer(tmp_path / "broken.pt", backend="onnx")
 
 
 def test_annotate_draws_on_a_copy(rec):

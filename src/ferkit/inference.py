@@ -118,8 +118,12 @@ def _load_backend(path: Path, backend: str, threads: int | None) -> OnnxBackend 
     """``backend``: ``onnx``, ``torch`` or ``auto`` (torch for .pt/.pth files, else ONNX Runtime)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
+    checkpoint = path.suffix.lower() in (".pt", ".pth")
     if backend == "auto":
-        backend = "torch" if path.suffix.lower() in (".pt", ".pth") else "onnx"
+        backend = "torch" if checkpoint else "onnx"
+    if {"torch": path.suffix.lower() == ".onnx", "onnx": checkpoint}.get(backend):
+        needs = "a .pt checkpoint" if backend == "torch" else "an exported .onnx model (`ferkit export`)"
+        raise ValueError(f"{path}: backend {backend} takes {needs}; backend auto picks the backend by file type")
     if backend == "onnx":
         return OnnxBackend(path, threads)
     if backend == "torch":
