@@ -46,8 +46,13 @@ def test_prepare_writes_cache(tmp_path, fer_folder, capsys):
         "PublicTest": 14,
         "PrivateTest": 14,
     }
-    printed = capsys.readouterr().out
-    assert f"wrote {out}: 49 images" in printed and "Training" in printed
+    printed = capsys.readouterr()
+    assert f"wrote {out}: 49 images" in printed.out and "Training" in printed.out and "warning" not in printed.err
+    # a folder without test/ is a cache of Training images alone: written, with a warning (it was silent)
+    train_only = tmp_path / "train_only"
+    shutil.copytree(fer_folder.root / "train", train_only / "train")
+    assert cli.main(["prepare", str(train_only), "-o", str(tmp_path / "t.npz")]) == 0
+    assert f"warning: no PublicTest or PrivateTest images in {train_only}" in capsys.readouterr().err
 
 
 def test_prepare_csv(tmp_path, fer_csv):

@@ -147,6 +147,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {len(data)} images")
     for split, c in counts.items():
         print(f"  {split:<12}{sum(c.values()):>7}  " + "  ".join(f"{k} {v}" for k, v in c.items()))
+    if empty := [split for split, c in counts.items() if not sum(c.values())]:  # a test/ folder left out, say
+        print(f"ferkit prepare: warning: no {' or '.join(empty)} images in {args.src} (training needs Training "
+              "images and PublicTest ones to pick its best epoch; PrivateTest gives the headline numbers)",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 
