@@ -36,6 +36,11 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.suffix.lower() == ".onnx":
         raise CheckpointError(f"{path}: an ONNX model; this takes a .pt checkpoint (evaluate/predict/serve take both)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # torch.save's zip: torch's errors for other bytes read "pop from empty list"
+        what = "an empty file" if not head else "not the zip file torch.save writes"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({what})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # no code runs from the file
     except pickle.UnpicklingError as e:  # torch's advice (weights_only=False) would run the file's code: not given

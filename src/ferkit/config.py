@@ -254,6 +254,8 @@ def _read_mapping(path: str | Path) -> dict[str, Any]:
             values = yaml.load(f, Loader=_UniqueKeyLoader) or {}  # a SafeLoader
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML ({e})") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not a UTF-8 text file, so not a YAML config ({e})") from e
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of config fields")
     return values
