@@ -248,10 +248,15 @@ def test_a_moved_run_resumes_without_its_initial_weights_file(tmp_path, syntheti
     assert "resuming with out" in (tmp_path / "b" / "train.log").read_text()
 
 
-def test_a_missing_teacher_is_named_as_one(tmp_path, synthetic_cache):
+def test_a_missing_teacher_or_initial_weights_file_is_named_before_the_run_folder_is_made(tmp_path, synthetic_cache):
+    """They were found missing after the data was read, and left an empty run folder with an empty train.log."""
     missing = tmp_path / "teacher" / "best.pt"
-    with pytest.raises(ValueError, match=re.escape(f"distillation teacher: {missing}: checkpoint not found")):
-        train(tiny_config(synthetic_cache, tmp_path / "run", teacher=[str(missing)]))
+    for option, change in (("teacher", {"teacher": [str(missing)]}), ("init-weights", {"init_weights": str(missing)})):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"--{option} {missing}: no such file (train or export")):
+            train(tiny_config(synthetic_cache, tmp_path / "run", **change))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train(tiny_config(synthetic_cache, tmp_path / "run", train_limit=8, batch_size=16))
+    assert not (tmp_path / "run").exists()
 
 
 def test_max_steps_stops_mid_epoch(tmp_path, synthetic_cache):
@@ -259,11 +264,6 @@ def test_max_steps_stops_mid_epoch(tmp_path, synthetic_cache):
     result = train(tiny_config(synthetic_cache, out, epochs=5, max_steps=STEPS_PER_EPOCH + 2))
     assert result["step"] == STEPS_PER_EPOCH + 2
     assert [r["step"] for r in _metrics(out)] == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2]
-
-
-def test_too_few_images_for_a_batch(tmp_path, synthetic_cache):
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        train(tiny_config(synthetic_cache, tmp_path / "run", train_limit=8, batch_size=16))
 
 
 # ---------------------------------------------------------------- plateau and early stopping
@@ -926,7 +926,7 @@ def test_a_targets_file_must_fit_the_run(tmp_path, synthetic_cache, trained_run)
         "computed on other training images (n=64 sha256=": dict(data=tmp_path / "other.npz"),
         "teaches alone, without other teachers": dict(teacher=[targets, teacher]),
         "cannot teach mixed images": dict(mixup=0.2),
-        f"distillation targets {none}: not found": dict(teacher=[none]),
+        f"--teacher {none}: no such file": dict(teacher=[none]),
         f"distillation targets {bad}: not a teacher_probs.npz": dict(teacher=[bad]),
         f"distillation targets {nokey}: not a teacher_probs.npz": dict(teacher=[nokey]),
         f"distillation targets {cut}: not a teacher_probs.npz of a run (File is not a zip": dict(teacher=[cut]),
@@ -934,7 +934,7 @@ def test_a_targets_file_must_fit_the_run(tmp_path, synthetic_cache, trained_run)
     }
     for i, (message, change) in enumerate(refusals.items()):
         data = change.pop("data", synthetic_cache)
-        with pytest.raises(ValueError, match=re.escape(message)):
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
             train(tiny_config(data, tmp_path / f"run{i}", **{"teacher": [targets], "epochs": 1, **change}))
 
 

@@ -564,11 +564,6 @@ def _start(
         torch.cuda.set_device(device)  # NCCL's collectives run on the current device
         torch.backends.cudnn.benchmark = True  # full batches only: every step has the same shapes
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:  # what a killed write left (atomic_write's temporary files)
-        for stale in out.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-    _setup_logging(out, rank)
     _check_config(cfg, world, device)
     held = [name for name in ("last.pt", "best.pt") if (out / name).exists()]
     if held and not resume:
@@ -577,6 +572,9 @@ def _start(
         raise ValueError(f"{out} holds a best.pt but no last.pt to resume from (best.pt keeps no optimizer state): "
                          "another --out starts anew")  # fmt: skip
     last = load_checkpoint(out / "last.pt") if held else None
+    wanted = [*(("teacher", t) for t in cfg.teacher), *([("init-weights", cfg.init_weights)] if not held else [])]
+    if missing := [f"--{option} {path}" for option, path in wanted if path and not Path(path).is_file()]:
+        raise FileNotFoundError(f"{missing[0]}: no such file (train or export it first, or change it)")
     if last is not None:
         _check_resumed_config(out / "last.pt", last.get("config") or {}, cfg)
         if cfg.epochs < (done := last.get("train_state", {}).get("epoch", 0)):
@@ -588,6 +586,11 @@ def _start(
             f"{out / 'last.pt'}: this run trained on other images ({last['train_state']['train_images']}) than "
             f"{cfg.data} holds ({images}); --data may change on resuming only to where the same data lies"
         )
+    out.mkdir(parents=True, exist_ok=True)  # once the options and the data passed: no empty run folder
+    if rank == 0:  # what a killed write left (atomic_write's temporary files)
+        for stale in out.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+    _setup_logging(out, rank)
     run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size, resuming=last is not None)
     targets = distill_targets(cfg, device, x_np, out, rank, world)
     if last is not None:
