@@ -576,7 +576,7 @@ def test_atomic_writes_follow_the_umask(tmp_path):
 
 def test_write_errors_name_the_file_to_write_not_its_temp_file(tmp_path, monkeypatch):
     """A read-only folder's error named '.out.npz.<hex>.tmp'; a file where a folder should be gave
-    '[Errno 17] File exists: face.png'. prepare checks before decoding the data."""
+    '[Errno 17] File exists: face.png'. prepare checks before decoding the data (once it exists)."""
     from ferkit.fileio import atomic_write, check_writable
 
     (tmp_path / "face.png").write_bytes(b"x")
@@ -586,5 +586,7 @@ def test_write_errors_name_the_file_to_write_not_its_temp_file(tmp_path, monkeyp
         with read_only_filesystem(monkeypatch), pytest.raises(OSError, match=re.escape(f"'{tmp_path / 'out.npz'}'")):
             write(tmp_path / "out.npz")
     with read_only_filesystem(monkeypatch), pytest.raises(OSError, match="Read-only file system"):
-        prepare(tmp_path / "no_such_data", tmp_path / "ro.npz")  # not "not found": the data is not read first
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["face.png"]  # nothing left behind
+        prepare(tmp_path / "face.png", tmp_path / "ro.npz")  # not "expected a folder": the data is not read first
+    with pytest.raises(DataError, match="no_such_data: no such file or folder"):
+        prepare(tmp_path / "no_such_data", tmp_path / "new" / "out.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["face.png"]  # nothing left behind, no folder made

@@ -329,16 +329,21 @@ def _cache_problem(data: FERData) -> str | None:
 def load_dataset(path: str | Path, progress: bool = True) -> FERData:
     """Load FER-2013 from a cache (``.npz``), a ``fer2013.csv`` or a Kaggle image folder (the
     suffix is matched case-insensitively)."""
-    path = Path(path)
+    path = _existing(path)
     if path.is_dir():
         return load_folder(path, progress=progress)
     if path.suffix.lower() == ".npz":
         return load_cache(path)
     if path.suffix.lower() == ".csv":
         return load_csv(path, progress=progress)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
     raise DataError(f"{path}: expected a folder, a .csv file or a .npz cache")
+
+
+def _existing(path: str | Path) -> Path:
+    """``path``, which must exist."""
+    if not Path(path).exists():
+        raise DataError(f"{path}: no such file or folder")
+    return Path(path)
 
 
 def prepare(src: str | Path, out: str | Path, progress: bool = True) -> FERData:
@@ -347,6 +352,7 @@ def prepare(src: str | Path, out: str | Path, progress: bool = True) -> FERData:
         raise DataError(f"{out}: that is the data set itself; name another file for the cache")
     if Path(out).suffix.lower() != ".npz":
         raise DataError(f"{out}: name the cache *.npz (the other commands read a .npz file as a cache)")
+    _existing(src)
     check_writable(out)  # before minutes of decoding
     data = load_dataset(src, progress=progress)
     save_cache(data, out)
