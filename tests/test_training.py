@@ -248,15 +248,23 @@ def test_a_moved_run_resumes_without_its_initial_weights_file(tmp_path, syntheti
     assert "resuming with out" in (tmp_path / "b" / "train.log").read_text()
 
 
-def test_a_missing_teacher_or_initial_weights_file_is_named_before_the_run_folder_is_made(tmp_path, synthetic_cache):
-    """They were found missing after the data was read, and left an empty run folder with an empty train.log."""
+def test_a_run_that_fails_to_start_leaves_no_run_folder(tmp_path, synthetic_cache):
+    """They were found missing after the data was read, and left an empty run folder with an empty train.log, as
+    initial weights, a model or a targets file that fail still did."""
     missing = tmp_path / "teacher" / "best.pt"
     for option, change in (("teacher", {"teacher": [str(missing)]}), ("init-weights", {"init_weights": str(missing)})):
         with pytest.raises(FileNotFoundError, match=re.escape(f"--{option} {missing}: no such file (train or export")):
             train(tiny_config(synthetic_cache, tmp_path / "run", **change))
     with pytest.raises(ValueError, match="fewer than one batch"):
         train(tiny_config(synthetic_cache, tmp_path / "run", train_limit=8, batch_size=16))
+    (tmp_path / "text.pt").write_text("not weights")  # found wanting once the run's log is open
+    with pytest.raises(ValueError, match="text.pt: not a readable weights file"):
+        train(tiny_config(synthetic_cache, tmp_path / "run", init_weights=str(tmp_path / "text.pt")))
     assert not (tmp_path / "run").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there stays
+    with pytest.raises(ValueError, match="text.pt: not a readable weights file"):
+        train(tiny_config(synthetic_cache, tmp_path / "kept", init_weights=str(tmp_path / "text.pt")))
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_max_steps_stops_mid_epoch(tmp_path, synthetic_cache):

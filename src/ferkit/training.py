@@ -212,9 +212,17 @@ def _setup_distributed(device_name: str) -> tuple[int, int, int]:
     return dist.get_rank(), world, local_rank
 
 
-def _setup_logging(out: Path, rank: int) -> None:
-    log.setLevel(logging.INFO)
+def _close_log() -> None:
+    """Close the log's handlers (a previous run's train.log) and remove them."""
+    for h in log.handlers:
+        h.close()
     log.handlers.clear()
+
+
+def _setup_logging(out: Path, rank: int) -> None:
+    """The run's log to ``out/train.log`` and the console on rank 0, nowhere on the others."""
+    log.setLevel(logging.INFO)
+    _close_log()
     log.propagate = False
     if rank == 0:
         for h in (logging.FileHandler(out / "train.log"), logging.StreamHandler()):
@@ -586,13 +594,21 @@ def _start(
             f"{out / 'last.pt'}: this run trained on other images ({last['train_state']['train_images']}) than "
             f"{cfg.data} holds ({images}); --data may change on resuming only to where the same data lies"
         )
-    out.mkdir(parents=True, exist_ok=True)  # once the options and the data passed: no empty run folder
+    new_folder = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)  # once the options and the data passed
     if rank == 0:  # what a killed write left (atomic_write's temporary files)
         for stale in out.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
     _setup_logging(out, rank)
-    run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size, resuming=last is not None)
-    targets = distill_targets(cfg, device, x_np, out, rank, world)
+    try:
+        run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size, resuming=last is not None)
+        targets = distill_targets(cfg, device, x_np, out, rank, world)
+    except BaseException:  # a model, initial weights or targets that fail: no run folder with only its log left
+        if new_folder and rank == 0 and [p.name for p in out.iterdir()] == ["train.log"]:
+            _close_log()
+            (out / "train.log").unlink()
+            out.rmdir()
+        raise
     if last is not None:
         run.resume(out / "last.pt", last)
         log.info("resumed from %s at epoch %d", out / "last.pt", run.state["epoch"])
