@@ -439,8 +439,10 @@ def test_bad_files_raise_image_error_naming_the_file(rec, bad_files):
         load_image(bad_files["empty.jpg"].parent / "missing.jpg")
     with pytest.raises(ImageError, match="is a folder"):
         load_image(bad_files["empty.jpg"].parent)
+    with pytest.raises(ImageError, match=re.escape("corrupt image (a GIF header, then unreadable data)")):
+        load_image(b"GIF89a garbage")  # was "not an image file": its header says it is one
     with pytest.raises(ImageError, match="not an image"):
-        load_image(b"GIF89a garbage")
+        load_image(b"plain text, no header of an image")
 
 
 def test_bad_model_files_are_named(tmp_path):

@@ -162,7 +162,8 @@ class RecognizerService:
         if self._slots is None:
             self._slots = anyio.Semaphore(len(self.recognizers))
         if self._slots.value == 0 and self._waiting >= s.max_queue:
-            raise ServiceError(503, f"server busy: {self._waiting} requests already waiting", {"Retry-After": "1"})
+            waiting = f"{self._waiting} request{'s' * (self._waiting != 1)}"
+            raise ServiceError(503, f"server busy: {waiting} already waiting", {"Retry-After": "1"})
         self._waiting += 1
         try:
             with anyio.move_on_after(s.queue_timeout_s) as scope:
@@ -431,7 +432,8 @@ def create_app(
         return {"status": "ok", "version": __version__, "model": info["name"]}
 
     @app.api_route("/api/{rest:path}", methods=list(METHODS), include_in_schema=False)
-    async def no_route(request: Request, rest: str) -> Response:
+    @app.api_route("/healthz", methods=sorted(set(METHODS) - {"GET", "HEAD"}), include_in_schema=False)
+    async def no_route(request: Request, rest: str = "") -> Response:
         """The API's answer to an unknown path or method, in its JSON (the UI mounted at / would answer 404
         with its own body)."""
         routes = [r for r in request.app.routes if isinstance(r, APIRoute) and r.endpoint is not no_route]

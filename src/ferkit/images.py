@@ -75,6 +75,8 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except ImageError:
         raise
     except UnidentifiedImageError:
+        if claimed := _claimed_format(src, formats):  # its header, then data Pillow's decoder could not read
+            raise ImageError(f"{name}: corrupt image (a {claimed} header, then unreadable data)") from None
         raise NotAnImageError(f"{name}: not an image file (unknown or unsupported format)") from None
     except Image.DecompressionBombError as e:  # Pillow's own limit, met in Image.open before the check above
         if (m := re.search(r"Image size \((\d+) pixels\)", str(e))) and (n := int(m[1])) > max_pixels:
@@ -84,6 +86,20 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise
     except Exception as e:  # a damaged file makes Pillow's decoders raise most anything (IndexError, RuntimeError...)
         raise ImageError(f"{name}: corrupt or truncated image ({e or type(e).__name__})") from None
+
+
+def _claimed_format(src: Any, formats: list[str]) -> str | None:
+    """The format among ``formats`` whose signature begins the bytes or file ``src``, or None."""
+    from PIL import Image
+
+    if isinstance(src, (bytes, bytearray)):
+        head = bytes(src[:16])
+    elif isinstance(src, (str, os.PathLike)):
+        with open(src, "rb") as f:
+            head = f.read(16)
+    else:
+        return None
+    return next((f for f in formats if (accept := Image.OPEN[f][1]) is not None and accept(head)), None)
 
 
 def let_pillow_open(max_pixels: int) -> None:
