@@ -352,6 +352,16 @@ def test_a_camera_that_gives_no_frame_is_reported(capsys, monkeypatch):
     assert jsonl(out) == [{"source": "webcam:3", "error": "camera 3: opened, but gave no frame"}]
 
 
+def test_a_camera_that_cannot_open_prints_no_table_header(capsys, monkeypatch):
+    def closed(source, every):
+        raise ImageError(f"{source}: cannot open as a video camera")
+        yield
+
+    monkeypatch.setattr("ferkit.media.video_frames", closed)
+    code, out, err = run(capsys, "--webcam", "7")
+    assert code == 2 and out == "" and "7: cannot open as a video camera" in err
+
+
 @pytest.mark.parametrize("reported, fps", [(15.0, 15.0), (0.0, 30.0), (float("nan"), 30.0)])
 def test_video_fps_defaults_to_30_when_the_container_gives_none(reported, fps):
     class Capture:

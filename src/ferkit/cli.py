@@ -364,7 +364,11 @@ def _print_records(records: Iterable[Record], fmt: str, classes: Sequence[str]) 
     """Print prediction records as a table, JSON lines or CSV (a column per class); returns whether any
     input failed."""
     import csv
+    import itertools
 
+    records = iter(records)
+    first = next(records, None)  # a camera that cannot open fails here, before a header is printed
+    records = itertools.chain([first] if first is not None else [], records)
     failed = False
     writer = csv.writer(sys.stdout) if fmt == "csv" else None
     face_columns = ["face", "x", "y", "w", "h", "emotion", "confidence", "whole_image", *classes]
