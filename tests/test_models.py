@@ -159,11 +159,16 @@ def test_load_init_weights_refuses_what_does_not_fit(tmp_path):
     cases = {
         "truncated.pt": (good[: len(good) // 2], "not a readable weights file"),
         "garbage.pt": (b"\x80\x02 not a torch file" * 10, "not a readable weights file"),
+        # torch's words for these were "KeyError: 101" and a bare "EOFError"
+        "text.pt": (b"hello text", "not a readable weights file (not the zip file torch.save writes, nor in its older"),
+        "empty.pt": (b"", "not a readable weights file (an empty file)"),
     }
     for name, (data, message) in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}: {message}")):
             load_init_weights(model, tmp_path / name)
+    torch.save(_rgb_state(model), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # still read
+    assert load_init_weights(model, tmp_path / "legacy.pt")[0] > 0
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="list.pt: not a weights file"):
         load_init_weights(model, tmp_path / "list.pt")

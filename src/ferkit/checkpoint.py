@@ -36,11 +36,8 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.suffix.lower() == ".onnx":
         raise CheckpointError(f"{path}: an ONNX model; this takes a .pt checkpoint (evaluate/predict/serve take both)")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != b"PK\x03\x04":  # torch.save's zip: torch's errors for other bytes read "pop from empty list"
-        what = "an empty file" if not head else "not the zip file torch.save writes"
-        raise CheckpointError(f"{path}: not a readable checkpoint ({what})")
+    if problem := _not_torch_zip(path):  # torch's own errors for these read "pop from empty list"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({problem})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # no code runs from the file
     except pickle.UnpicklingError as e:  # torch's advice (weights_only=False) would run the file's code: not given
@@ -53,6 +50,13 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a ferkit checkpoint (no '{FORMAT}' marker)")
     return state
+
+
+def _not_torch_zip(path: Path) -> str | None:
+    """What ``path`` is instead of the zip file ``torch.save`` writes, or None."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return None if head == b"PK\x03\x04" else "an empty file" if not head else "not the zip file torch.save writes"
 
 
 def _holds_objects(e: pickle.UnpicklingError) -> bool:
@@ -163,7 +167,11 @@ def load_init_weights(
             raise ValueError(f"{path}: not a weights file (it holds Python objects, left unread)") from e
         raise ValueError(f"{path}: not a readable weights file (not a torch file)") from e
     except Exception as e:  # torch and safetensors raise many types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {' '.join(str(e).split())})") from e
+        problem = _not_torch_zip(path) if path.suffix.lower() != ".safetensors" else None
+        if problem and problem != "an empty file":
+            problem += ", nor in its older format"
+        why = problem or f"{type(e).__name__}: {' '.join(str(e).split())}"
+        raise ValueError(f"{path}: not a readable weights file ({why})") from e
     if isinstance(state, dict) and state.get("format") == FORMAT:
         state = state.get("ema_state_dict") or state.get("state_dict")
     elif isinstance(state, dict):
