@@ -52,11 +52,16 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
-def _not_torch_zip(path: Path) -> str | None:
-    """What ``path`` is instead of the zip file ``torch.save`` writes, or None."""
+def _not_torch_zip(path: Path, older_tried: bool = False) -> str | None:
+    """What ``path`` is instead of the zip file ``torch.save`` writes, or None; ``older_tried``: torch's older
+    format failed to read it as well."""
     with open(path, "rb") as f:
         head = f.read(4)
-    return None if head == b"PK\x03\x04" else "an empty file" if not head else "not the zip file torch.save writes"
+    if head == b"PK\x03\x04":
+        return None
+    if not head:
+        return "an empty file"
+    return "not the zip file torch.save writes" + (", nor in its older format" if older_tried else "")
 
 
 def _holds_objects(e: pickle.UnpicklingError) -> bool:
@@ -167,9 +172,7 @@ def load_init_weights(
             raise ValueError(f"{path}: not a weights file (it holds Python objects, left unread)") from e
         raise ValueError(f"{path}: not a readable weights file (not a torch file)") from e
     except Exception as e:  # torch and safetensors raise many types for truncated or foreign files
-        problem = _not_torch_zip(path) if path.suffix.lower() != ".safetensors" else None
-        if problem and problem != "an empty file":
-            problem += ", nor in its older format"
+        problem = _not_torch_zip(path, older_tried=True) if path.suffix.lower() != ".safetensors" else None
         why = problem or f"{type(e).__name__}: {' '.join(str(e).split())}"
         raise ValueError(f"{path}: not a readable weights file ({why})") from e
     if isinstance(state, dict) and state.get("format") == FORMAT:
