@@ -492,9 +492,12 @@ def test_truncated_video_reports_its_frames_and_then_the_cut(capsys, tmp_path):
     assert code == 1 and 5 < len(records) - 1 < 35
     assert all("faces" in r for r in records[:-1])
     assert records[-1]["error"].startswith(f"{cut}: decoding stopped after frame {records[-2]['frame']} of the 40")
-    code, out, _ = run(capsys, cut, "--every", "3", "--format", "jsonl", "--fallback")
-    records = jsonl(out)  # the last sampled frame; the next one sampled was not decoded
-    assert records[-1]["error"].startswith(f"{cut}: decoding stopped before frame {records[-2]['frame'] + 3} of")
+    stop = records[-1]["error"]
+    for every in (3, 20):  # sampled 0, 20: a cut after frame 20 was taken for the gap to the next sample
+        code, out, _ = run(capsys, cut, "--every", str(every), "--format", "jsonl", "--fallback")
+        records = jsonl(out)
+        assert code == 1 and records[-1]["error"] == stop
+        assert [r["frame"] for r in records[:-1]] == list(range(0, len(records[:-1]) * every, every))
 
 
 def test_broken_video_is_reported_once_without_ffmpeg_lines(capfd, video, tmp_path):

@@ -6,7 +6,7 @@ One bad input never stops a batch: it becomes a record with an ``error`` naming 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,8 +78,9 @@ def _fps(cap: Any) -> float:
     return fps if fps > 0 else 30.0
 
 
-def video_frames(source: str | int, every: int = 1) -> Iterator[tuple[int, float, np.ndarray]]:
-    """(frame index, time in seconds, RGB frame) for every ``every``-th frame of a video file or camera."""
+def video_frames(source: str | int, every: int = 1) -> Generator[tuple[int, float, np.ndarray], None, int]:
+    """(frame index, time in seconds, RGB frame) for every ``every``-th frame of a video file or camera; returns
+    the number of frames decoded, sampled or not."""
     import cv2
 
     check_count("every", every)
@@ -100,6 +101,7 @@ def video_frames(source: str | int, every: int = 1) -> Iterator[tuple[int, float
             index += 1
     finally:
         cap.release()
+    return index
 
 
 def predict_camera(
@@ -221,10 +223,15 @@ def _predict_video(
     partial = out_dir / f".{out_name}.partial.mp4" if out_dir is not None else None  # renamed when complete
     total, fps = video_info(path)
     bar = tqdm(total=-(-total // every) if total else None, desc=path.name, unit="frame", disable=not progress)
-    frames, last = 0, -1
+    frames, decoded = 0, video_frames(str(path), every)
     try:
-        for index, t, rgb in video_frames(str(path), every):
-            frames, last = frames + 1, index
+        while True:
+            try:
+                index, t, rgb = next(decoded)
+            except StopIteration as end:
+                grabbed = end.value  # frames decoded, sampled or not
+                break
+            frames += 1
             try:
                 faces = recognizer.predict(rgb, whole_image_fallback=fallback)
             except ImageError as e:  # a frame over --max-pixels: every frame is
@@ -250,13 +257,12 @@ def _predict_video(
                 os.replace(partial, out_dir / out_name)
             except OSError as e:  # the frames are reported above; only the video is missing
                 yield Record(str(path), error=f"annotated video not written: {e}")
-        # a header's frame count may be an estimate (VFR, MKV/WebM): only a shortfall of over a second (and the
-        # --every gap) that is also a tenth of the announced frames is taken for a cut file
-        if frames and total - 1 - last >= max(every + fps, 0.1 * total):
-            stop = f"after frame {last}" if every == 1 else f"before frame {last + every}"  # sampled: 0, every, ...
+        # a header's frame count may be an estimate (VFR, MKV/WebM): only a shortfall of over a second that is
+        # also a tenth of the announced frames is taken for a cut file
+        if frames and total - grabbed >= max(1 + fps, 0.1 * total):
             yield Record(
                 str(path),
-                error=f"{path}: decoding stopped {stop} of the {total} its header announces "
+                error=f"{path}: decoding stopped after frame {grabbed - 1} of the {total} its header announces "
                 "(truncated or damaged file?); the frames before it are reported",
             )
     except ImageError as e:
