@@ -310,7 +310,7 @@ class SlowRecognizer:
 
     model_info = {"name": "slow-stand-in", "classes": list(CLASSES), "accuracy": None, "accuracy_tta": None}
     model_info |= {"backend": "none"}
-    tta, detector_name, margin, min_face = "none", "centerface", 0.1, 48
+    tta, detector_name, margin, min_face, max_pixels = "none", "centerface", 0.1, 48, 40_000_000
 
     def __init__(self, delay: float) -> None:
         self.delay, self.started, self.finished = delay, threading.Event(), threading.Event()
@@ -596,6 +596,20 @@ def test_a_given_recognizer_is_described_by_its_own_settings():
         page = c.get("/config").text
     assert "Faces are found by OpenCV's frontal Haar cascade: faces of 100 px or more" in page
     assert "this server runs TTA none" in page
+
+
+def test_a_given_recognizers_pixel_limit_is_the_servers():
+    """create_app(EmotionRecognizer(max_pixels=...)) answered an image between the two limits with a 500."""
+    from fastapi.testclient import TestClient
+
+    from ferkit.inference import EmotionRecognizer
+
+    rec = EmotionRecognizer(tta="none", max_pixels=10_000, threads=1)
+    png = io.BytesIO()
+    Image.new("RGB", (200, 200)).save(png, "PNG")
+    with TestClient(create_app(rec)) as c:
+        r = c.post("/api/v1/predict", files={"file": ("big.png", png.getvalue(), "image/png")})
+    assert r.status_code == 413 and "over the limit of 10,000" in r.json()["error"]
 
 
 def test_the_ui_says_when_the_recorded_accuracy_was_measured_with_another_tta():

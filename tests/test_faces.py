@@ -44,6 +44,14 @@ def test_detectors_accept_grayscale_2d(detector):
     assert len(boxes) == 3 and all(iou(b, p) > 0.5 for b, p in zip(boxes, placed_boxes(CANVAS), strict=True))
 
 
+def test_detectors_and_crops_take_one_channel_images(detector):
+    """(H, W, 1) arrays, which CenterFace took, failed Haar and crop_faces in OpenCV ("'scn' is 1")."""
+    gray = cv2.cvtColor(read_rgb(CANVAS), cv2.COLOR_RGB2GRAY)
+    boxes = detector.detect(gray[:, :, None])
+    assert boxes == detector.detect(gray) and len(boxes) == 3
+    assert np.array_equal(crop_faces(gray[:, :, None], boxes), crop_faces(gray, boxes))
+
+
 def test_haar_sees_only_the_gray_image(haar):
     gray = cv2.cvtColor(read_rgb(CANVAS), cv2.COLOR_RGB2GRAY)
     assert haar.detect(gray) == haar.detect(read_rgb(CANVAS))

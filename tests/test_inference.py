@@ -492,3 +492,21 @@ def test_a_detector_box_outside_the_image_is_no_face():
             return [(rgb.shape[1], 10, 30, 30)]
 
     assert EmotionRecognizer(detector=Edge(), threads=1).predict(np.zeros((100, 100, 3), np.uint8)) == []
+
+
+def test_files_load_image_opens_are_closed(tmp_path):
+    """A file refused for its size, or of several frames (GIF), stayed open until garbage collection."""
+    import contextlib
+    import gc
+    import warnings
+
+    big, gif = tmp_path / "big.png", tmp_path / "two.gif"
+    Image.new("L", (300, 300)).save(big)
+    Image.new("L", (64, 64)).save(gif, save_all=True, append_images=[Image.new("L", (64, 64), 255)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with contextlib.suppress(ImageError):
+            load_image(big, max_pixels=100)
+        assert load_image(gif).shape == (64, 64, 3)
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

@@ -121,12 +121,18 @@ class RecognizerService:
         recognizer: EmotionRecognizer | Sequence[EmotionRecognizer] | None = None,
     ) -> RecognizerService:
         """``max_concurrency`` recognizers of ``settings.model``, or the given recognizer(s) (one slot each),
-        whose own TTA, detector, margin and smallest face then replace those of ``settings``."""
+        whose own TTA, detector, margin, smallest face and pixel limit then replace those of ``settings``."""
         settings = settings or AppSettings()
         if recognizer is not None:
             recs = list(recognizer) if isinstance(recognizer, (list, tuple)) else [recognizer]
             r = recs[0]
-            own = {"tta": r.tta, "detector": r.detector_name, "margin": r.margin, "min_face": r.min_face}
+            own = {
+                "tta": r.tta,
+                "detector": r.detector_name,
+                "margin": r.margin,
+                "min_face": r.min_face,
+                "max_pixels": r.max_pixels,
+            }
             return cls(recs, dataclasses.replace(settings, **own))
         threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.max_concurrency)
         recs = [

@@ -40,8 +40,11 @@ def _downscale(img: np.ndarray, max_side: int, min_scale: float = 0.0) -> tuple[
     return img, scale
 
 
-def _to_gray(rgb: np.ndarray) -> np.ndarray:
-    return rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+def _to_gray(img: np.ndarray) -> np.ndarray:
+    """8-bit grayscale (ITU-R 601) from any image :func:`_to_rgb` takes."""
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    return img if img.ndim == 2 and img.dtype == np.uint8 else cv2.cvtColor(_to_rgb(img), cv2.COLOR_RGB2GRAY)
 
 
 def _to_rgb(img: np.ndarray) -> np.ndarray:

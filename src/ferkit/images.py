@@ -57,21 +57,23 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     name = str(src) if isinstance(src, (str, os.PathLike)) else "image"
     if isinstance(src, (str, os.PathLike)):
         _check_file(Path(src), name)
-    try:
-        if isinstance(src, Image.Image):
-            im = src
-            try:
-                im.load()
-            except (AssertionError, AttributeError) as e:  # PIL's own check of a closed file: a bare assert
-                raise ImageError("a PIL image whose file is closed: load() it before closing the file") from e
-        else:
-            Image.init()
-            formats = [f for f in FORMATS if f in Image.OPEN]
-            im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src, formats=formats)
+    def decode(im: Image.Image) -> np.ndarray:
         w, h = im.size
         if w * h > max_pixels:
             raise ImageTooLargeError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
         return _pil_to_rgb(ImageOps.exif_transpose(im), from_file=im.format is not None)  # a copy has no format
+
+    try:
+        if isinstance(src, Image.Image):
+            try:
+                src.load()
+            except (AssertionError, AttributeError) as e:  # PIL's own check of a closed file: a bare assert
+                raise ImageError("a PIL image whose file is closed: load() it before closing the file") from e
+            return decode(src)
+        Image.init()
+        formats = [f for f in FORMATS if f in Image.OPEN]
+        with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src, formats=formats) as im:
+            return decode(im)  # closes a file it opened (a caller's file object stays open)
     except ImageError:
         raise
     except UnidentifiedImageError:
