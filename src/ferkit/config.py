@@ -81,7 +81,9 @@ class TrainConfig:
     warmup_epochs: float = _opt(1.0, "linear warm-up length (cosine and exponential)", bounds="[0, inf)")
     decay_rate: float = _opt(0.96, "exponential schedule: factor per epoch", bounds="(0, 1]")
     plateau_patience: int = _opt(
-        3, "plateau schedule: epochs without improvement before the LR is halved", bounds="[0, inf)"
+        3,
+        "plateau schedule: epochs in a row without PublicTest improvement that are allowed; one more halves the LR",
+        bounds="[0, inf)",
     )
     min_lr_ratio: float = _opt(0.0, "cosine schedule: final LR as a fraction of the peak", bounds="[0, 1]")
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss", bounds="[0, 1)")
