@@ -92,6 +92,38 @@ def test_expand_paths_skips_hidden_files_and_reports_links_to_nothing(tmp_path):
         load_image(tmp_path / "dead.jpg")
 
 
+def test_expand_paths_follows_linked_folders_once_and_reports_link_loops(capsys, tmp_path):
+    """A linked folder was skipped in silence; a link to itself was called "a link to nothing", and with
+    --annotate below the folder it stopped the batch (RuntimeError: Symlink loop)."""
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(ASTRONAUT, tmp_path / "elsewhere" / "b.jfif")
+    root = tmp_path / "photos"
+    root.mkdir()
+    shutil.copy(ASTRONAUT, root / "a.jpg")
+    (root / "trip").symlink_to(tmp_path / "elsewhere")
+    (root / "trip2").symlink_to(tmp_path / "elsewhere")  # the same folder again: read once
+    (root / "up").symlink_to(tmp_path)  # a cycle: photos/up/photos/...
+    (root / "loop.jpg").symlink_to("loop.jpg")
+    files = [p.relative_to(root).as_posix() for p in expand_paths([root], skip=root / "annotated")]
+    assert files == ["a.jpg", "loop.jpg", "trip/b.jfif"]
+    code, out, _ = run(capsys, root, "--annotate", root / "annotated", "--format", "jsonl")
+    records = jsonl(out)
+    assert code == 1 and [len(r.get("faces", [])) for r in records] == [1, 0, 1]
+    assert records[1]["error"] == f"{root / 'loop.jpg'}: a loop of links (loop.jpg)"
+
+
+def test_annotated_outputs_in_the_folder_read_are_not_inputs(capsys, good, tmp_path):
+    """`predict photos --annotate photos` took the last run's outputs as inputs (and annotated them again)."""
+    root = shutil.copytree(good, tmp_path / "photos")
+    (root / "me_annotated.jpg").write_bytes((root / "astronaut.jpg").read_bytes())  # not a name ferkit writes
+    for _ in range(2):
+        code, out, _ = run(capsys, root, "--annotate", root, "--format", "jsonl")
+        assert code == 0 and len(jsonl(out)) == 4
+    written = sorted(p.name for p in root.iterdir() if p.suffix == ".png")
+    assert written == [f"{n}_annotated.png" for n in ("astronaut", "canvas", "me_annotated", "noise")]
+    assert root / written[0] in expand_paths([root])  # without --annotate, an image like any other
+
+
 def test_all_good_folder_exits_0(capsys, good):
     code, out, _ = run(capsys, good, "--format", "jsonl")
     assert code == 0

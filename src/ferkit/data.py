@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import IMAGE_SIZE, TTA_MODES
-from .fileio import atomic_write, check_writable, read_npz
+from .fileio import atomic_write, broken_link, check_writable, read_npz
 from .images import IMAGE_EXTENSIONS
 
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -161,8 +161,8 @@ def load_folder(root: str | Path, progress: bool = True) -> FERData:
             if twin := found.get(cls_dir.name.lower()):
                 raise DataError(f"{cls_dir}: class {cls_dir.name.lower()!r} given twice (also {twin.name}/)")
             images = [p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != "."]
-            if broken := next((p for p in images if p.is_symlink() and not p.exists()), None):
-                raise DataError(f"{broken}: a link to nothing ({os.readlink(broken)})")
+            if broken := next((p for p in images if broken_link(p)), None):
+                raise DataError(f"{broken}: {broken_link(broken)}")
             names = sorted(p for p in images if p.is_file())
             if not names:
                 raise DataError(f"{cls_dir}: no images (expected {', '.join('*' + e for e in IMAGE_EXTENSIONS)})")

@@ -31,6 +31,20 @@ def refuse_file(path: str | Path, option: str) -> None:
             raise ValueError(f"{option} {path}: {p} is a file, not a folder")
 
 
+def broken_link(path: str | Path) -> str | None:
+    """What is wrong with ``path`` if it is a link that leads to no file or folder ("a link to nothing (target)",
+    "a loop of links (target)"), else None."""
+    path = Path(path)
+    if not path.is_symlink() or path.exists():
+        return None
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"a loop of links ({os.readlink(path)})"
+    return f"a link to nothing ({os.readlink(path)})"
+
+
 def _open_temp(path: Path) -> tuple[Path, int]:
     """A new temp file beside ``path`` (its folders made), open for writing; errors name ``path``."""
     if file := next((p for p in path.parents if p.exists() and not p.is_dir()), None):

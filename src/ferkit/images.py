@@ -13,12 +13,14 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .config import MAX_PIXELS
+from .fileio import broken_link
 
 MAX_8BIT_OVERSHOOT = 1023  # a float/int array's pixels up to this are 0-255 values (overshoot clipped); above: 16-bit
 # the formats read (Pillow's names, MPO: a phone's JPEG): not Pillow's rarer ones, which run less used decoders
 # or hand the file to another program (EPS to Ghostscript); AVIF where this Pillow has it
 FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF", "AVIF")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif")  # files read as images
+# files read as images (a folder's search; files given by name are read whatever they are called)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif")
 
 ImageInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | Any  # Any: a PIL image
 ACCEPTED = "a path, bytes, a binary file object, a numpy array or a PIL image"
@@ -57,6 +59,7 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     name = str(src) if isinstance(src, (str, os.PathLike)) else "image"
     if isinstance(src, (str, os.PathLike)):
         _check_file(Path(src), name)
+
     def decode(im: Image.Image) -> np.ndarray:
         w, h = im.size
         if w * h > max_pixels:
@@ -119,8 +122,8 @@ def _check_file(path: Path, name: str) -> None:
     try:
         if path.is_dir():
             raise ImageError(f"{name}: is a folder, not an image file")
-        if path.is_symlink() and not path.exists():
-            raise ImageError(f"{name}: a link to nothing ({os.readlink(path)})")
+        if problem := broken_link(path):
+            raise ImageError(f"{name}: {problem}")
         if not path.is_file():
             raise ImageError(f"{name}: " + ("not a regular file" if path.exists() else "no such file"))
     except OSError as e:  # a name too long for a path, say (image data passed as a str)

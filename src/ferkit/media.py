@@ -6,6 +6,7 @@ One bad input never stops a batch: it becomes a record with an ``error`` naming 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from .images import IMAGE_EXTENSIONS
 from .inference import EmotionRecognizer, FaceResult, ImageError, annotate, load_image
 from .runtime import check_count
 
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"}
+ANNOTATED_NAME = re.compile(r".+_annotated(_\d+)?\.(png|mp4)")  # what --annotate writes (see _unique_name)
 # ffmpeg's own log lines ("moov atom not found") would repeat the errors ferkit reports, naming the file;
 # OpenCV reads this when its ffmpeg backend starts, so it is set before any video is opened.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
@@ -46,28 +48,35 @@ class Record:
 
 
 def expand_paths(paths: list[str | Path], skip: str | Path | None = None) -> list[Path]:
-    """Files as given (so a bad one gets reported), and folders searched recursively for images and videos
-    (and links to nothing, to be reported), but not hidden files and folders (``._a.jpg`` of macOS,
-    ``.ipynb_checkpoints/``) nor the folder ``skip`` where it lies below the folder searched (annotated
-    outputs, which a next run would take as inputs); a folder with none stays in the list, to be reported too."""
+    """Files as given (so a bad one gets reported), and folders searched by :func:`_search`; a folder with
+    no image or video stays in the list, to be reported too."""
     out: list[Path] = []
     for p in map(Path, paths):
-        found = []
-        if p.is_dir():
-            exts = {*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS}
-            outputs = Path(skip).resolve() if skip is not None else None
-            if outputs == p.resolve() or (outputs and not outputs.is_relative_to(p.resolve())):
-                outputs = None  # the outputs are not a folder below this one: every file is an input
-            found = sorted(
-                f
-                for f in p.rglob("*")
-                if (f.is_file() or f.is_symlink() and not f.exists())
-                and f.suffix.lower() in exts
-                and not any(part[0] == "." for part in f.relative_to(p).parts)
-                and not (outputs and f.resolve().is_relative_to(outputs))
-            )
-        out += found or [p]
+        out += (sorted(_search(p, skip)) if p.is_dir() else []) or [p]
     return out
+
+
+def _search(folder: Path, skip: str | Path | None) -> Iterator[Path]:
+    """The images and videos below ``folder`` (and links to nothing, to be reported), through linked folders
+    (each real folder once), but not hidden files and folders (``._a.jpg`` of macOS, ``.ipynb_checkpoints/``)
+    nor annotated outputs, which a next run would take as inputs: the folder ``skip`` where it lies below
+    ``folder``, or the files named as ferkit names them where ``skip`` is ``folder`` itself."""
+    exts = {*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS}
+    outputs = os.path.realpath(skip) if skip is not None else None
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if d[0] != "." and os.path.realpath(os.path.join(root, d)) != outputs]
+        for name in files:
+            if name[0] == "." or os.path.splitext(name)[1].lower() not in exts:
+                continue
+            if real == outputs and ANNOTATED_NAME.fullmatch(name):
+                continue
+            yield Path(root, name)
 
 
 def _fps(cap: Any) -> float:
