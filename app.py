@@ -18,7 +18,10 @@ from ferkit.app import AppSettings, build_demo, launch_options
 
 options = {"model": os.environ.get("FERKIT_MODEL") or None}
 if upload_mb := os.environ.get("FERKIT_MAX_UPLOAD_MB"):  # else AppSettings' default
-    options["max_upload_mb"] = float(upload_mb)
+    try:
+        options["max_upload_mb"] = float(upload_mb)
+    except ValueError:
+        sys.exit(f"FERKIT_MAX_UPLOAD_MB={upload_mb!r}: not a number of MiB")
 settings = AppSettings(**options)
 demo = build_demo(settings)
 

@@ -185,7 +185,7 @@ def test_concurrent_requests(client, server):
 
 def test_too_large_by_content_length(client):
     error = check_error(post_file(client, b"\xff\xd8" + b"0" * 2 * MAX_UPLOAD_MB * 2**20), 413)
-    assert "too large" in error and "over the limit of 1 MB" in error
+    assert "too large" in error and "over the limit of 1 MiB" in error
 
 
 def test_too_large_file_just_over_the_limit(client):
@@ -506,7 +506,7 @@ def test_webcam_streams_do_not_take_the_photos_slots():
 def test_upload_limits_are_shown_without_rounding_to_zero():
     from ferkit.app import _mb
 
-    assert [_mb(n * 2**20) for n in (0.01, 1, 2.5, 10)] == ["0.01 MB", "1 MB", "2.5 MB", "10 MB"]
+    assert [_mb(n * 2**20) for n in (0.01, 1, 2.5, 10)] == ["0.01 MiB", "1 MiB", "2.5 MiB", "10 MiB"]
 
 
 @pytest.mark.parametrize("command", ["predict", "serve"])
@@ -553,6 +553,19 @@ def test_the_serve_banner_names_the_ui_only_when_it_is_served():
         text = banner(create_app(ui=ui, max_concurrency=1, threads=1), "0.0.0.0", 7861)
         assert "API http://127.0.0.1:7861/api/v1/predict" in text
         assert ("UI http://127.0.0.1:7861/ " in text) == ui
+
+
+def test_serve_on_a_port_in_use_is_one_error_without_a_banner(capsys):
+    """The banner named the addresses, then uvicorn logged "[Errno 98] error while attempting to bind"."""
+    import socket
+
+    from ferkit.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--no-ui", "--concurrency", "1", "--threads", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"error: cannot serve on 127.0.0.1:{port}: Address already in use" in err
 
 
 def test_the_ui_reads_only_files_uploaded_to_it(tmp_path):

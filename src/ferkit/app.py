@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +41,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .config import MB, AppSettings
+from .config import MIB, AppSettings
 from .inference import (
     EmotionRecognizer,
     FaceResult,
@@ -68,7 +69,7 @@ class ServiceError(Exception):
 
 
 def _mb(n: float) -> str:
-    return f"{n / MB:.3g} MB"
+    return f"{n / MIB:.3g} MiB"
 
 
 def decode_image(src: bytes | np.ndarray, max_pixels: int) -> np.ndarray:
@@ -483,12 +484,32 @@ def banner(app: FastAPI, host: str, port: int) -> str:
 def serve(
     settings: AppSettings | None = None, host: str = "127.0.0.1", port: int = 7860, log_level: str = "info"
 ) -> None:
-    """Run the app with uvicorn until interrupted (``ferkit serve``)."""
+    """Run the app with uvicorn until interrupted (``ferkit serve``), on a socket bound before the banner
+    names it (a port in use is an error of ours, not a banner and then uvicorn's)."""
     import uvicorn
 
     app = create_app(settings=settings)
-    print(banner(app, host, port), flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    with _listen(host, port) as sock:
+        print(banner(app, host, port), flush=True)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+        uvicorn.Server(config).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host``:``port``, or an OSError that names them and why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as e:
+        raise OSError(f"cannot serve on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 # ---------------------------------------------------------------------------------------------- the UI
@@ -614,7 +635,7 @@ def build_ui(service: RecognizerService) -> Any:
         '```bash\ncurl -F file=@photo.jpg "$SERVER/api/v1/predict"\n'
         'curl -F file=@photo.jpg "$SERVER/api/v1/predict?fallback=true"  # no face: the whole image\n```\n\n'
         "Answer: `{faces: [{box, emotion, confidence, scores, whole_image}], width, height, model, elapsed_ms}`. "
-        f"Limits: uploads up to {s.max_upload_mb:g} MB, images up to {s.max_pixels:,} pixels. "
+        f"Limits: uploads up to {s.max_upload_mb:g} MiB, images up to {s.max_pixels:,} pixels. "
         "Interactive documentation: [/docs](/docs)."
     )
     with gr.Blocks(

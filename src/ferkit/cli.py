@@ -657,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", help="an .onnx or .pt model; repeat for an ensemble (default: shipped)")
     d = AppSettings()
     p.add_argument(
-        "--max-upload-mb", type=_positive, default=d.max_upload_mb, help="largest upload (default: %(default)s)"
+        "--max-upload-mb", type=_positive, default=d.max_upload_mb, help="largest upload in MiB (default: %(default)s)"
     )
     _add_image_options(p)
     p.add_argument(

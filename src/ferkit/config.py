@@ -38,7 +38,7 @@ MARGIN = 0.1  # crop margin around each face box, as a fraction of its side
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 TTA = "flip"  # the default: ten-crop was 4 PublicTest images better at 5x the model time (README, Results)
 TTA_MODES = ("none", "flip", "crops")  # test-time augmentation per face (crops: ten-crop, 5x flip's model time)
-MB = 1024 * 1024
+MIB = 1024 * 1024  # uploads are limited in MiB
 
 
 # what a resumed run may change: where the data, the work and the run folder are, how long it goes on (a cosine
@@ -292,4 +292,4 @@ class AppSettings:
 
     @property
     def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * MB)
+        return int(self.max_upload_mb * MIB)

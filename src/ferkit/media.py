@@ -93,9 +93,19 @@ def video_frames(source: str | int, every: int = 1) -> Generator[tuple[int, floa
     import cv2
 
     check_count("every", every)
-    cap = cv2.VideoCapture(source)
-    if not cap.isOpened():
-        raise ImageError(f"{source}: cannot open as a video" + (" camera" if isinstance(source, int) else " file"))
+    if isinstance(source, int):  # OpenCV warns of each backend that found no such camera: the error says it
+        level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        try:
+            cap = cv2.VideoCapture(source)
+        finally:
+            cv2.utils.logging.setLogLevel(level)
+        if not cap.isOpened():
+            raise ImageError(f"camera {source}: cannot open (no such camera, or no access to it)")
+    else:
+        cap = cv2.VideoCapture(source)
+        if not cap.isOpened():
+            raise ImageError(f"{source}: cannot open as a video file")
     fps = _fps(cap)
     index = 0
     try:
