@@ -344,11 +344,24 @@ def test_bad_option_values_are_usage_errors(argv, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_model_kwargs_the_model_does_not_take(tmp_path, synthetic_cache, capsys):
-    argv = ["train", "--data", str(synthetic_cache), "--out", str(tmp_path / "run"), "--model-kwargs", "{depth: 3}"]
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ("{depth: 3}", "model ferkit_small with arguments {'depth': 3}:"),
+        ("{num_classes: 3}", "config: model_kwargs: num_classes cannot be set: FER-2013 has 7 classes, 1 channel"),
+        ("{width: 0}", "model ferkit_small: width must be positive, got 0"),
+        ("{pre_size: 0}", "model ferkit_small {'pre_size': 0}: cannot take FER-2013's images:"),
+    ],
+)
+def test_model_kwargs_the_model_does_not_take(tmp_path, synthetic_cache, capsys, kwargs, message):
+    """num_classes was a TypeError traceback; width 0 trained a 4-channel net; pre_size 0 failed at the first
+    batch, in torch's words, leaving a run folder."""
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(synthetic_cache), "--out", str(run), "--model-kwargs", kwargs]
     argv += ["--batch-size", "16", "--device", "cpu", "--no-progress"]
     assert cli.main(argv) == 2
-    assert "ferkit train: error: model ferkit_small with arguments {'depth': 3}:" in capsys.readouterr().err
+    assert f"ferkit train: error: {message}" in capsys.readouterr().err
+    assert not run.exists()
 
 
 def test_an_output_path_that_is_a_folder_is_an_error(tmp_path, fer_csv, capsys):

@@ -183,6 +183,8 @@ class TrainConfig:
                 raise ValueError(f"{f.name}: {value!r} is outside {bounds}")
             if kind == "list" and not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{f.name}: expected a list of file names, got {value!r}")
+        if fixed := sorted({"num_classes", "in_chans"} & set(self.model_kwargs)):
+            raise ValueError(f"model_kwargs: {' and '.join(fixed)} cannot be set: FER-2013 has 7 classes, 1 channel")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
 

@@ -252,6 +252,8 @@ def build_model(name: str, num_classes: int = 7, **kwargs) -> nn.Module:
             is_number = isinstance(v, (int, float)) and not isinstance(v, bool)
             if isinstance(default, (int, float)) and not isinstance(default, bool) and not is_number:
                 raise ValueError(f"model {name}: {k} must be a number (default {default}), got {v!r}")
+        if "width" in kwargs and not kwargs["width"] > 0:  # every layer would be clamped to 4 channels
+            raise ValueError(f"model {name}: width must be positive, got {kwargs['width']!r}")
     try:
         if name.startswith("timm:"):
             return TimmModel(name.removeprefix("timm:"), num_classes=num_classes, **kwargs)

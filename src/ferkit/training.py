@@ -285,7 +285,13 @@ def _load_splits(cfg: TrainConfig, rank: int) -> tuple[np.ndarray, np.ndarray, n
 def new_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """The run's model, freshly initialised from its seed, on ``device`` (channels_last on CUDA if asked)."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes=len(CLASSES), **cfg.model_kwargs).to(device)
+    model = build_model(cfg.model, num_classes=len(CLASSES), **cfg.model_kwargs)
+    try:  # arguments that build a model for other images ('{pre_size: 0}') fail here, not at the first batch
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE))
+    except RuntimeError as e:
+        raise ValueError(f"model {cfg.model} {cfg.model_kwargs or ''}: cannot take FER-2013's images: {e}") from e
+    model = model.train().to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
