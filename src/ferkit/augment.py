@@ -129,9 +129,9 @@ def class_weights(labels: np.ndarray, num_classes: int, power: float = 1.0, cap:
     return w / (w[labels].mean())
 
 
-def sample_weights(labels: np.ndarray, num_classes: int, power: float = 1.0) -> np.ndarray:
-    """Per-sample probabilities for a class-balanced sampler (``power=1``: every class equally often; a class
-    with no samples is not drawn)."""
+def sample_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-sample probabilities for a class-balanced sampler: every class equally often (a class with no
+    samples is not drawn)."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    w = (1 / counts[labels]) ** power
+    w = 1 / counts[labels]
     return w / w.sum()

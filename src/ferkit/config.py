@@ -93,8 +93,9 @@ class TrainConfig:
     )
     class_weight_cap: float = _opt(
         0.0,
-        "cap on a class weight (count^-power) before the weights are scaled to average 1 over the training images "
-        "(so a capped weight may end above the cap; 0 = no cap)",
+        "cap on a class weight, (images / (7 x class count))^power (1 for a class of average size), before the "
+        "weights are scaled to average 1 over the training images (so a capped weight may end above the cap; a cap "
+        "under every weight makes them equal; 0 = no cap)",
         bounds="[0, inf)",
     )
     sampler: str = _opt(
