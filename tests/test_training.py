@@ -126,6 +126,18 @@ def test_resume_is_exact(tmp_path, synthetic_cache, variant):
     assert ra == rb
 
 
+def test_a_longer_cosine_takes_its_own_learning_rate_from_the_first_new_step(tmp_path, synthetic_cache):
+    """A finished cosine run extended spent its first new step at the old curve's end, LR 0 (metrics.csv said so)."""
+    out = tmp_path / "run"
+    train(tiny_config(synthetic_cache, out, epochs=1, min_lr_ratio=0.0))
+    before = load_checkpoint(out / "last.pt")["state_dict"]
+    train(tiny_config(synthetic_cache, out, epochs=2, max_steps=STEPS_PER_EPOCH + 1), resume=True)
+    cfg = tiny_config(synthetic_cache, out, epochs=2)
+    assert _metrics(out)[1]["lr"] == pytest.approx(cfg.lr * lr_factor(cfg, STEPS_PER_EPOCH, STEPS_PER_EPOCH))
+    after = load_checkpoint(out / "last.pt")["state_dict"]
+    assert not torch.equal(before["head.3.weight"], after["head.3.weight"])  # the step moved the weights
+
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path, synthetic_cache):
     out = tmp_path / "run"
     result = train(tiny_config(synthetic_cache, out, epochs=1), resume=True)

@@ -363,6 +363,10 @@ class _Run:
         self.scheduler.load_state_dict(ck["scheduler"])
         if self.plateau is not None:
             self.plateau.load_state_dict(ck["plateau"])
+        else:  # this step's LR on the run's schedule now (a longer cosine's), not the one saved with the step
+            sched = self.scheduler
+            for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+                group["lr"] = base * factor(sched.last_epoch)
         if ck["scaler"]:  # empty where the run had no fp16 scaler (a CPU's): a GPU's fp16 starts it afresh
             self.scaler.load_state_dict(ck["scaler"])
         if self.ema is not None:
