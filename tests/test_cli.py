@@ -167,13 +167,15 @@ def test_train_then_evaluate(tmp_path, synthetic_cache, capsys):
 
 def test_train_zero_epochs_computes_only_the_teachers_targets(tmp_path, synthetic_cache, trained_run, capsys):
     """`--epochs 0 --distill-cache`: the targets file for another machine, no checkpoint and no evaluation
-    of one (which had failed with 'best.pt: checkpoint not found' after logging a best epoch -1)."""
-    out = tmp_path / "targets"
+    of one (which had failed with 'best.pt: checkpoint not found' after logging a best epoch -1); a progress
+    bar per teacher (minutes of silence each on a CPU)."""
+    out, teacher = tmp_path / "targets", str(trained_run / "best.pt")
     args = ["train", "--data", str(synthetic_cache), "--out", str(out), "--epochs", "0", "--batch-size", "16"]
-    args += ["--teacher", str(trained_run / "best.pt"), "--distill-cache", "--device", "cpu", "--no-progress"]
+    args += ["--teacher", teacher, "--distill-cache", "--device", "cpu", "--progress"]
     assert cli.main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "teacher_probs.npz", "train.log"]
-    assert "no epoch trained (epochs 0): no checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no epoch trained (epochs 0): no checkpoint" in err and f"teacher 1/1 {teacher}: 100%" in err
 
 
 def test_select_ensemble_prints_the_choice_and_saves_the_ranking(

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .config import TrainConfig
 from .data import CLASSES
-from .evaluate import load_for_evaluation, predict_proba
+from .evaluate import load_for_evaluation, predict_proba_modes
 from .fileio import atomic_write, bytes_digest, file_digest, read_npz
 
 log = logging.getLogger("ferkit.train")
@@ -108,7 +108,9 @@ def cached_teacher_probs(
     probs = torch.zeros((len(shard), len(CLASSES)), device=device)
     for i, (t, name) in enumerate(zip(teachers, cfg.teacher, strict=True)):
         t0 = time.perf_counter()
-        p = predict_proba(_Tempered(t, cfg.distill_temperature), shard, device, batch_size=512, tta="flip")
+        label = f"teacher {i + 1}/{len(teachers)} {name}" if cfg.progress and rank == 0 else None  # minutes on a CPU
+        tempered = _Tempered(t, cfg.distill_temperature)
+        p = predict_proba_modes(tempered, shard, device, batch_size=512, modes=("flip",), progress=label)["flip"]
         probs += torch.from_numpy(p).to(device)
         log.info(
             "teacher targets %d/%d: %s on %d images x 2 (flip)%s, %.0f s",
