@@ -277,6 +277,10 @@ def test_a_run_that_fails_to_start_leaves_no_run_folder(tmp_path, synthetic_cach
     with pytest.raises(ValueError, match="text.pt: not a readable weights file"):
         train(tiny_config(synthetic_cache, tmp_path / "kept", init_weights=str(tmp_path / "text.pt")))
     assert (tmp_path / "kept").is_dir()
+    (tmp_path / "afile").write_text("")  # was "[Errno 17] File exists: 'afile'", after the data was read
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ValueError, match=re.escape(f"--out {out}: {tmp_path / 'afile'} is a file, not a folder")):
+            train(tiny_config(tmp_path / "no-data.npz", out))
 
 
 def test_max_steps_stops_mid_epoch(tmp_path, synthetic_cache):

@@ -32,7 +32,7 @@ from .config import IMAGE_SIZE, RESUMABLE_CHANGES, TrainConfig
 from .data import CLASSES, load_dataset
 from .distill import distill_loss, distill_targets, images_key, is_targets_file
 from .evaluate import predict_proba
-from .fileio import atomic_write
+from .fileio import atomic_write, refuse_file
 from .models import FOREIGN_LAYOUTS, build_model
 from .runtime import resolve_device
 
@@ -571,6 +571,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+def _resumable(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
+    """The ``last.pt`` of the run in ``cfg.out`` to continue, checked against ``cfg``, or None for a new run;
+    refuses an ``--out`` that is a file or holds a run without ``--resume``, and teacher or initial-weights
+    files that are missing (before the data is read)."""
+    out = Path(cfg.out)
+    refuse_file(out, "--out")
+    held = [name for name in ("last.pt", "best.pt") if (out / name).exists()]
+    if held and not resume:
+        raise ValueError(f"{out} already holds a run ({held[0]}): --resume continues it, another --out starts anew")
+    if held == ["best.pt"]:
+        raise ValueError(f"{out} holds a best.pt but no last.pt to resume from (best.pt keeps no optimizer state): "
+                         "another --out starts anew")  # fmt: skip
+    wanted = [*(("teacher", t) for t in cfg.teacher), *([("init-weights", cfg.init_weights)] if not held else [])]
+    if missing := [f"--{option} {path}" for option, path in wanted if path and not Path(path).is_file()]:
+        raise FileNotFoundError(f"{missing[0]}: no such file (train or export it first, or change it)")
+    if not held:
+        return None
+    last = load_checkpoint(out / "last.pt")
+    _check_resumed_config(out / "last.pt", last.get("config") or {}, cfg)
+    if cfg.epochs < (done := last.get("train_state", {}).get("epoch", 0)):
+        raise ValueError(f"{out / 'last.pt'}: the run has trained {done} epochs, more than --epochs {cfg.epochs}")
+    return last
+
+
 def _start(
     cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: int
 ) -> tuple[_Run, tuple[np.ndarray, ...], Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]]:
@@ -583,20 +607,7 @@ def _start(
         torch.backends.cudnn.benchmark = True  # full batches only: every step has the same shapes
     out = Path(cfg.out)
     _check_config(cfg, world, device)
-    held = [name for name in ("last.pt", "best.pt") if (out / name).exists()]
-    if held and not resume:
-        raise ValueError(f"{out} already holds a run ({held[0]}): --resume continues it, another --out starts anew")
-    if held == ["best.pt"]:
-        raise ValueError(f"{out} holds a best.pt but no last.pt to resume from (best.pt keeps no optimizer state): "
-                         "another --out starts anew")  # fmt: skip
-    last = load_checkpoint(out / "last.pt") if held else None
-    wanted = [*(("teacher", t) for t in cfg.teacher), *([("init-weights", cfg.init_weights)] if not held else [])]
-    if missing := [f"--{option} {path}" for option, path in wanted if path and not Path(path).is_file()]:
-        raise FileNotFoundError(f"{missing[0]}: no such file (train or export it first, or change it)")
-    if last is not None:
-        _check_resumed_config(out / "last.pt", last.get("config") or {}, cfg)
-        if cfg.epochs < (done := last.get("train_state", {}).get("epoch", 0)):
-            raise ValueError(f"{out / 'last.pt'}: the run has trained {done} epochs, more than --epochs {cfg.epochs}")
+    last = _resumable(cfg, resume)
     x_np, y_np, xv_np, yv_np = _load_splits(cfg, rank)
     images = images_key(x_np)
     if last is not None and last.get("train_state", {}).get("train_images", images) != images:
