@@ -162,6 +162,15 @@ def test_folder_missing_emotion_names_it(tmp_path, top):
         load_folder(tmp_path, progress=False)
 
 
+def test_a_folder_of_kaggles_csv_download_points_to_the_csv(tmp_path):
+    """The folder of Kaggle's original download holds fer2013.csv, no train/ or test/: say which to give."""
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}: expected a train/ and/or test/ folder with one")):
+        load_folder(tmp_path, progress=False)
+    (tmp_path / "fer2013.csv").write_text("emotion,pixels,Usage\n")
+    with pytest.raises(DataError, match=re.escape(f"per emotion (or give the CSV file: {tmp_path / 'fer2013.csv'})")):
+        load_folder(tmp_path, progress=False)
+
+
 def test_folder_empty_emotion_names_it(tmp_path):
     _tree(tmp_path)
     (tmp_path / "train/fear/filler.png").unlink()

@@ -147,7 +147,9 @@ def load_folder(root: str | Path, progress: bool = True) -> FERData:
         raise DataError(f"{root}: no such folder")
     tops = [t for t in ("train", "test", "val") if (root / t).is_dir()]
     if not tops:
-        raise DataError(f"{root}: expected a train/ and/or test/ folder with one folder per emotion")
+        csvs = sorted(p.name for p in root.glob("*.csv") if p.name[0] != ".")  # Kaggle's original download
+        hint = f" (or give the CSV file: {root / csvs[0]})" if csvs else ""
+        raise DataError(f"{root}: expected a train/ and/or test/ folder with one folder per emotion{hint}")
     if "test" in tops and "val" in tops:  # both would be read as PublicTest/PrivateTest: one split twice
         raise DataError(f"{root}: both test/ and val/; keep one (val/ is read as test/ is)")
     files: list[Path] = []
