@@ -166,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if dropped:
             print(f"ferkit train: {own.parent}: ignoring {', '.join(dropped)} (no longer training options)",
                   file=sys.stderr)  # fmt: skip
-    elif args.resume and not args.config and "data" not in overrides:
+    elif args.resume and "data" not in overrides:
         raise ValueError(
             f"no run to resume in {own.parent} (no config.yaml or last.pt there); give --data to start one"
         )
@@ -311,18 +311,17 @@ def _copy_onnx(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
             "an .onnx input takes only --report (its metrics go into a copy's metadata) "
             "and --undo-class-weights (with --data)"
         )
-    source = args.checkpoint
-    if args.undo_class_weights is not None:
-        if not args.data:
-            raise ValueError("--undo-class-weights needs --data: the class counts of its Training split")
-        if (classes := read_metadata(args.checkpoint).get("classes")) and list(classes) != list(CLASSES):
-            raise ValueError(f"{args.checkpoint}: classes {classes}, not in FER-2013's order (that of the counts)")
-        counts = np.bincount(load_dataset(args.data).split("Training")[1], minlength=len(CLASSES))
-        source = undo_class_weights(source, args.out, counts, args.undo_class_weights)
-        print(f"wrote {source}: {args.checkpoint} with its class weights undone (power {args.undo_class_weights})")
-    if args.report:
-        out = with_metrics(source, args.out, metrics)
-        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {source} with the metrics of {args.report}")
+    if args.report:  # cmd_export refused it with --undo-class-weights
+        out = with_metrics(args.checkpoint, args.out, metrics)
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {args.checkpoint} with the metrics of {args.report}")
+        return
+    if not args.data:
+        raise ValueError("--undo-class-weights needs --data: the class counts of its Training split")
+    if (classes := read_metadata(args.checkpoint).get("classes")) and list(classes) != list(CLASSES):
+        raise ValueError(f"{args.checkpoint}: classes {classes}, not in FER-2013's order (that of the counts)")
+    counts = np.bincount(load_dataset(args.data).split("Training")[1], minlength=len(CLASSES))
+    out = undo_class_weights(args.checkpoint, args.out, counts, args.undo_class_weights)
+    print(f"wrote {out}: {args.checkpoint} with its class weights undone (power {args.undo_class_weights})")
 
 
 def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> None:

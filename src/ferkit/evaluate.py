@@ -470,7 +470,7 @@ def select_ensemble(
     data_path: str | Path,
     modes: Sequence[str] = ("none",),
     max_size: int = 0,
-    top: int = 20,
+    top: int = 10,
     device: str = "auto",
     batch_size: int = 512,
     limit: int = 0,

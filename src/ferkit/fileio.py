@@ -150,7 +150,7 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     return value
 
 
-# what every `ferkit evaluate` report holds (evaluate.evaluate writes them)
+# what every `ferkit evaluate` report holds (evaluate.evaluate_tta writes them)
 REPORT_KEYS = ("model", "checkpoints", "digests", "split", "tta", "n", "limit", "accuracy", "macro_f1")
 REPORT_KEYS += ("weighted_f1", "macro_auc", "report", "roc")
 
