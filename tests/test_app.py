@@ -285,21 +285,22 @@ def test_server_survived_bad_inputs(client):
     assert post_file(client, (ASSETS_DIR / "astronaut.jpg").read_bytes()).status_code == 200
 
 
-def test_cli_defaults_match_settings():
-    from ferkit.cli import build_parser
+def test_every_setting_is_a_serve_flag_with_its_default(monkeypatch):
+    """Each AppSettings field (but the model and the UI switch) is the dest of a serve flag, which reaches it."""
+    import dataclasses
 
-    args = build_parser().parse_args(["serve"])
-    s = AppSettings()
-    assert (args.host, args.port) == ("127.0.0.1", 7860)
-    assert (args.max_upload_mb, args.max_pixels, args.concurrency, args.queue, args.queue_timeout, args.timeout) == (
-        s.max_upload_mb,
-        s.max_pixels,
-        s.max_concurrency,
-        s.max_queue,
-        s.queue_timeout_s,
-        s.timeout_s,
-    )
-    assert args.upload_timeout == s.upload_timeout_s
+    from ferkit.cli import build_parser, main
+
+    args = vars(build_parser().parse_args(["serve"]))
+    assert (args["host"], args["port"]) == ("127.0.0.1", 7860)
+    for name, default in dataclasses.asdict(AppSettings()).items():
+        assert name in ("model", "ui") or args[name] == default, name
+    got = {}
+    monkeypatch.setattr("ferkit.app.serve", lambda settings, **where: got.update(settings=settings, **where))
+    argv = ["serve", "--concurrency", "3", "--queue", "5", "--queue-timeout", "2", "--timeout", "7", "--no-ui"]
+    assert main(argv + ["--upload-timeout", "9", "--threads", "1", "--max-upload-mb", "4", "--model", "a.onnx"]) == 0
+    expected = dict(max_concurrency=3, max_queue=5, queue_timeout_s=2, timeout_s=7, upload_timeout_s=9, threads=1)
+    assert got["settings"] == AppSettings(model="a.onnx", ui=False, max_upload_mb=4, **expected)
 
 
 # ---------------------------------------------- busy and timeout, in-process with a slow stand-in model

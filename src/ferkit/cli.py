@@ -454,21 +454,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     let_pillow_open(args.max_pixels)
 
+    fields = {f.name for f in dataclasses.fields(AppSettings)} - {"model", "ui"}  # each a flag's dest
     settings = AppSettings(
         model=args.model[0] if args.model and len(args.model) == 1 else args.model,
-        max_upload_mb=args.max_upload_mb,
-        max_pixels=args.max_pixels,
-        max_concurrency=args.concurrency,
-        max_queue=args.queue,
-        queue_timeout_s=args.queue_timeout,
-        timeout_s=args.timeout,
-        upload_timeout_s=args.upload_timeout,
-        threads=args.threads,
-        min_face=args.min_face,
-        detector=args.detector,
-        margin=args.margin,
-        tta=args.tta,
         ui=not args.no_ui,
+        **{k: v for k, v in vars(args).items() if k in fields},
     )
     serve(settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -648,8 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="run the web app: UI at /, JSON API at /api/v1/predict, docs at /docs",
-        description="Serve the Gradio UI and the JSON API (POST /api/v1/predict, GET /healthz, /docs) "
-        "with uvicorn. Needs the app extra: pip install 'ferkit[app]'.",
+        description="Serve the Gradio UI and the JSON API (POST /api/v1/predict, GET /api/v1/model, GET /healthz, "
+        "/docs) with uvicorn. Needs the app extra: pip install 'ferkit[app]'.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: %(default)s)")
     p.add_argument("--port", type=_count(1, 65535), default=7860, help="port (default: %(default)s)")
@@ -660,28 +650,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_image_options(p)
     p.add_argument(
-        "--concurrency", type=_count(1), default=d.max_concurrency, help="inferences at once (default: %(default)s)"
+        "--concurrency",
+        dest="max_concurrency",
+        metavar="N",
+        type=_count(1),
+        default=d.max_concurrency,
+        help="inferences at once (default: %(default)s)",
     )
     p.add_argument(
         "--queue",
+        dest="max_queue",
+        metavar="N",
         type=_count(0),
         default=d.max_queue,
         help="requests that may wait; more get 503 (default: %(default)s)",
     )
     p.add_argument(
         "--queue-timeout",
+        dest="queue_timeout_s",
+        metavar="S",
         type=_positive,
         default=d.queue_timeout_s,
         help="seconds a request may wait (then 503; default: %(default)s)",
     )
     p.add_argument(
         "--timeout",
+        dest="timeout_s",
+        metavar="S",
         type=_positive,
         default=d.timeout_s,
         help="seconds one inference may take (then 504; default: %(default)s)",
     )
     p.add_argument(
         "--upload-timeout",
+        dest="upload_timeout_s",
+        metavar="S",
         type=_positive,
         default=d.upload_timeout_s,
         help="seconds to receive an upload (then 408; default: %(default)s)",
