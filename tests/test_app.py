@@ -164,20 +164,24 @@ def test_no_face_with_fallback(client):
 
 
 def test_concurrent_requests(client, server):
+    """18 requests from 6 clients at once (the server runs 2, the others wait) get the answer of one alone."""
     data = (ASSETS_DIR / "astronaut.jpg").read_bytes()
-    results: list[int] = []
+    alone = post_file(client, data).json()
+    results: list[tuple[int, dict]] = []
 
     def worker():
         with httpx.Client(base_url=server, timeout=60) as c:
             for _ in range(3):
-                results.append(post_file(c, data).status_code)
+                r = post_file(c, data)
+                results.append((r.status_code, r.json()))
 
     threads = [threading.Thread(target=worker) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results == [200] * 18
+    assert [code for code, _ in results] == [200] * 18
+    assert all(body["faces"] == alone["faces"] for _, body in results)
 
 
 # ------------------------------------------------------------------------------------- bad inputs

@@ -522,10 +522,13 @@ def test_bf16_on_a_cpu_without_it_warns(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="ferkit.train"):
         assert amp_dtype(_cfg(amp="bf16"), torch.device("cpu")) == torch.bfloat16
     assert "no native bfloat16" in caplog.text
-    if not torch.cuda.is_available():
-        assert resolve_device("auto") == torch.device("cpu")
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
-            resolve_device("cuda")
+
+
+def test_resolve_device_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        resolve_device("cuda")
 
 
 def test_bf16_autocast_on_cpu(tmp_path, synthetic_cache):
@@ -811,14 +814,18 @@ def test_distillation_with_cached_targets(tmp_path, synthetic_cache, trained_run
     """The cached targets are the teachers' flip-averaged softened probabilities for each training image,
     computed once: a resumed run reuses them, and a run with another temperature recomputes them."""
     calls = []
-    real = training.predict_proba
+    real, real_modes = training.predict_proba, distill.predict_proba_modes
 
-    def counted(*a, **k):
+    def counted(*a, **k):  # the PublicTest checks
         calls.append(k.get("tta", "none"))
         return real(*a, **k)
 
-    for module in (distill, training):  # the teachers' targets, then the PublicTest checks
-        monkeypatch.setattr(module, "predict_proba", counted)
+    def counted_modes(*a, **k):  # the teachers' targets
+        calls.append("+".join(k["modes"]))
+        return real_modes(*a, **k)
+
+    monkeypatch.setattr(training, "predict_proba", counted)
+    monkeypatch.setattr(distill, "predict_proba_modes", counted_modes)
     teacher = str(trained_run / "best.pt")
     cfg = dict(epochs=1, teacher=[teacher, teacher], distill_alpha=0.5, distill_cache=True)
     out = tmp_path / "student"
