@@ -549,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_select_ensemble)
 
     p = sub.add_parser("card", help="write the model card (and README results) from evaluation JSON")
-    p.add_argument("--run", required=True, help="the training run folder (metrics.csv, best.pt)")
+    p.add_argument("--run", required=True, help="the training run folder (metrics.csv, and best.pt or config.yaml)")
     p.add_argument("--onnx", required=True, help="the shipped ONNX file")
     p.add_argument("--reports", nargs="+", required=True, help="evaluation JSON files, the headline first")
     p.add_argument("--command", dest="train_command", required=True, help="the training command, quoted in the card")
