@@ -145,7 +145,7 @@ class TrainConfig:
     amp: str = _opt(
         "auto",
         "mixed precision: on CUDA auto means bf16 if supported, else fp16; on a CPU only bf16 turns it on "
-        "(2x faster on some CPUs with AVX512-BF16, no faster on others; auto is float32 there)",
+        "(2x faster on some CPUs, no faster on others: benchmarks/train_throughput.py tells; auto is float32 there)",
         choices=["auto", "bf16", "fp16", "none"],
     )
     channels_last: bool = _opt(True, "use the channels_last memory format on CUDA")
