@@ -163,8 +163,8 @@ def load_folder(root: str | Path, progress: bool = True) -> FERData:
             if twin := found.get(cls_dir.name.lower()):
                 raise DataError(f"{cls_dir}: class {cls_dir.name.lower()!r} given twice (also {twin.name}/)")
             images = [p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != "."]
-            if broken := next((p for p in images if broken_link(p)), None):
-                raise DataError(f"{broken}: {broken_link(broken)}")
+            if broken := next((f"{p}: {why}" for p in images if (why := broken_link(p))), None):
+                raise DataError(broken)
             names = sorted(p for p in images if p.is_file())
             if not names:
                 raise DataError(f"{cls_dir}: no images (expected {', '.join('*' + e for e in IMAGE_EXTENSIONS)})")
