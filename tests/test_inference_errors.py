@@ -154,13 +154,13 @@ def test_every_onnx_session_refuses_a_bad_thread_count(threads):
 
 
 def test_counts_are_checked_alike_everywhere():
-    """video_frames took every=2.5 (and kept every fifth frame); make_detector took min_size=2.5. A numpy
+    """VideoFrames took every=2.5 (and kept every fifth frame); make_detector took min_size=2.5. A numpy
     integer is a whole number."""
     from ferkit.faces import make_detector
-    from ferkit.media import video_frames
+    from ferkit.media import VideoFrames
 
     with pytest.raises(ValueError, match=re.escape("every must be a whole number of at least 1, got 2.5")):
-        next(video_frames("clip.mp4", every=2.5))
+        VideoFrames("clip.mp4", every=2.5)
     with pytest.raises(ValueError, match=re.escape("min_size must be a whole number of at least 1, got 2.5")):
         make_detector("haar", min_size=2.5)
     assert make_detector("haar", min_size=np.int64(30)).min_size == 30

@@ -378,7 +378,7 @@ def test_annotated_video_that_cannot_be_written_keeps_its_frames(capsys, video, 
 
 
 def test_a_camera_that_gives_no_frame_is_reported(capsys, monkeypatch):
-    monkeypatch.setattr("ferkit.media.video_frames", lambda source, every: iter(()))
+    monkeypatch.setattr("ferkit.media.VideoFrames", lambda source, every: iter(()))
     code, out, _ = run(capsys, "--webcam", "3", "--format", "jsonl")
     assert code == 1
     assert jsonl(out) == [{"source": "webcam:3", "error": "camera 3: opened, but gave no frame"}]

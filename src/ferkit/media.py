@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,40 +87,47 @@ def _fps(cap: Any) -> float:
     return fps if fps > 0 else 30.0
 
 
-def video_frames(source: str | int, every: int = 1) -> Generator[tuple[int, float, np.ndarray], None, int]:
-    """(frame index, time in seconds, RGB frame) for every ``every``-th frame of a video file or camera; returns
-    the number of frames decoded, sampled or not."""
-    import cv2
+class VideoFrames:
+    """(frame index, time in seconds, RGB frame) for every ``every``-th frame of a video file or camera;
+    ``decoded`` counts the frames decoded so far, sampled or not (after the loop: all that could be)."""
 
-    check_count("every", every)
-    if isinstance(source, int):  # OpenCV warns of each backend that found no such camera: the error says it
-        level = cv2.utils.logging.getLogLevel()
+    def __init__(self, source: str | int, every: int = 1) -> None:
+        check_count("every", every)
+        self.source, self.every, self.decoded = source, every, 0
+
+    def _open(self) -> Any:
+        import cv2
+
+        if not isinstance(self.source, int):
+            cap = cv2.VideoCapture(self.source)
+            if not cap.isOpened():
+                raise ImageError(f"{self.source}: cannot open as a video file")
+            return cap
+        level = cv2.utils.logging.getLogLevel()  # OpenCV warns of each backend that found no such camera
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
         try:
-            cap = cv2.VideoCapture(source)
+            cap = cv2.VideoCapture(self.source)
         finally:
             cv2.utils.logging.setLogLevel(level)
         if not cap.isOpened():
-            raise ImageError(f"camera {source}: cannot open (no such camera, or no access to it)")
-    else:
-        cap = cv2.VideoCapture(source)
-        if not cap.isOpened():
-            raise ImageError(f"{source}: cannot open as a video file")
-    fps = _fps(cap)
-    index = 0
-    try:
-        while True:
-            ok = cap.grab()
-            if not ok:
-                break
-            if index % every == 0:
-                ok, bgr = cap.retrieve()
-                if ok:
-                    yield index, index / fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            index += 1
-    finally:
-        cap.release()
-    return index
+            raise ImageError(f"camera {self.source}: cannot open (no such camera, or no access to it)")
+        return cap
+
+    def __iter__(self) -> Iterator[tuple[int, float, np.ndarray]]:
+        import cv2
+
+        cap = self._open()
+        fps = _fps(cap)
+        try:
+            while cap.grab():
+                index = self.decoded
+                self.decoded += 1
+                if index % self.every == 0:
+                    ok, bgr = cap.retrieve()
+                    if ok:
+                        yield index, index / fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        finally:
+            cap.release()
 
 
 def predict_camera(
@@ -129,7 +136,7 @@ def predict_camera(
     """One :class:`Record` per ``every``-th frame of camera number ``camera``, until it stops; an error
     record when it opens but gives no frame (a camera in use elsewhere, or a device that is not a camera)."""
     source, frames = f"webcam:{camera}", 0
-    for index, t, rgb in video_frames(camera, every):
+    for index, t, rgb in VideoFrames(camera, every):
         frames += 1
         yield Record(source, recognizer.predict(rgb, whole_image_fallback=fallback), frame=index, time_s=t)
     if frames == 0:
@@ -226,6 +233,42 @@ def _predict_files(
                 yield Record(str(path), error=f"annotated image not written: {e}")
 
 
+class _AnnotatedVideo:
+    """Annotated frames written to ``path`` as MP4: into a hidden partial file, renamed when complete."""
+
+    def __init__(self, path: Path, fps: float) -> None:
+        self.path, self.fps = path, fps
+        self.partial = path.with_name(f".{path.name}.partial.mp4")
+        self.writer: Any = None
+
+    def write(self, rgb: np.ndarray) -> bool:
+        """Add a frame (RGB); False if the file cannot be opened for writing (nothing is left of it)."""
+        import cv2
+
+        if self.writer is None:
+            size = (rgb.shape[1], rgb.shape[0])
+            self.writer = cv2.VideoWriter(str(self.partial), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, size)
+            if not self.writer.isOpened():
+                self.close()
+                return False
+        self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        return True
+
+    def finish(self) -> None:
+        """Complete the file, if a frame was written; raises OSError if it cannot be put in place."""
+        if self.writer is not None:
+            self.writer.release()
+            self.writer = None
+            os.replace(self.partial, self.path)
+
+    def close(self) -> None:
+        """Release the writer and remove an unfinished file."""
+        if self.writer is not None:
+            self.writer.release()
+            self.writer = None
+        self.partial.unlink(missing_ok=True)
+
+
 def _predict_video(
     recognizer: EmotionRecognizer,
     path: Path,
@@ -235,60 +278,43 @@ def _predict_video(
     fallback: bool,
     progress: bool,
 ) -> Iterator[Record]:
-    import cv2
     from tqdm import tqdm
 
-    writer = None
-    partial = out_dir / f".{out_name}.partial.mp4" if out_dir is not None else None  # renamed when complete
     total, fps = video_info(path)
+    video = _AnnotatedVideo(out_dir / out_name, fps / every) if out_dir is not None else None
+    decoded = VideoFrames(str(path), every)
     bar = tqdm(total=-(-total // every) if total else None, desc=path.name, unit="frame", disable=not progress)
-    frames, decoded = 0, video_frames(str(path), every)
+    frames = 0
     try:
-        while True:
-            try:
-                index, t, rgb = next(decoded)
-            except StopIteration as end:
-                grabbed = end.value  # frames decoded, sampled or not
-                break
+        for index, t, rgb in decoded:
             frames += 1
             try:
                 faces = recognizer.predict(rgb, whole_image_fallback=fallback)
             except ImageError as e:  # a frame over --max-pixels: every frame is
                 raise ImageError(f"{path}: frame {index}: {e}") from e
             bar.update()
-            if partial is not None and writer is None:
-                size = (rgb.shape[1], rgb.shape[0])
-                writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), fps / every, size)
-                if not writer.isOpened():  # the frames are still reported, without the video
-                    writer.release()
-                    partial.unlink(missing_ok=True)
-                    writer = partial = None
-                    yield Record(str(path), error=f"{out_dir / out_name}: cannot write the annotated video")
-            if writer is not None:
-                writer.write(cv2.cvtColor(annotate(rgb, faces), cv2.COLOR_RGB2BGR))
+            if video is not None and not video.write(annotate(rgb, faces)):  # the frames are still reported
+                yield Record(str(path), error=f"{video.path}: cannot write the annotated video")
+                video = None
             yield Record(str(path), faces, frame=index, time_s=t)
         if frames == 0:
             yield Record(str(path), error=f"{path}: no video frame could be decoded")
-        if writer is not None:
-            writer.release()
-            writer = None
+        if video is not None:
             try:
-                os.replace(partial, out_dir / out_name)
+                video.finish()
             except OSError as e:  # the frames are reported above; only the video is missing
                 yield Record(str(path), error=f"annotated video not written: {e}")
         # a header's frame count may be an estimate (VFR, MKV/WebM): only a shortfall of over a second that is
         # also a tenth of the announced frames is taken for a cut file
-        if frames and total - grabbed >= max(1 + fps, 0.1 * total):
+        if frames and total - decoded.decoded >= max(1 + fps, 0.1 * total):
             yield Record(
                 str(path),
-                error=f"{path}: decoding stopped after frame {grabbed - 1} of the {total} its header announces "
-                "(truncated or damaged file?); the frames before it are reported",
+                error=f"{path}: decoding stopped after frame {decoded.decoded - 1} of the {total} its header "
+                "announces (truncated or damaged file?); the frames before it are reported",
             )
     except ImageError as e:
         yield Record(str(path), error=str(e))
     finally:
         bar.close()
-        if writer is not None:
-            writer.release()
-        if partial is not None:
-            partial.unlink(missing_ok=True)
+        if video is not None:
+            video.close()
