@@ -284,6 +284,18 @@ def test_cli_export_undoes_class_weights_with_the_counts_of_data(tmp_path, expor
     assert "takes an exported .onnx" in capsys.readouterr().err
 
 
+def test_cli_export_refuses_to_write_over_its_input(tmp_path, exported, synthetic_cache, capsys):
+    """A corrected copy asked for in the model's own place is refused by name (the model left as it was); a
+    checkpoint cannot be its own output: the output must be an .onnx file."""
+    src, before = exported["int8"], exported["int8"].read_bytes()
+    argv = ["export", str(src), "-o", str(src.parent / "." / src.name), "--undo-class-weights", "0.5"]
+    assert main([*argv, "--data", str(synthetic_cache)]) == 2
+    assert "that is the model itself; name another file for the corrected copy" in capsys.readouterr().err
+    assert src.read_bytes() == before
+    assert main(["export", str(exported["pt"]), "-o", str(exported["pt"])]) == 2
+    assert f"{exported['pt']}: name the output *.onnx" in capsys.readouterr().err
+
+
 def test_evaluate_exported_models(exported, synthetic_cache):
     from ferkit.evaluate import evaluate_checkpoints
 

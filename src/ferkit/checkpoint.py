@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .config import IMAGE_SIZE
 from .data import scores_shape_problem
-from .fileio import atomic_write
+from .fileio import atomic_write, refuse_input
 from .models import build_model
 
 FORMAT = "ferkit-checkpoint/1"
@@ -130,8 +130,7 @@ def _check_model(model: nn.Module, path: str | Path, n_classes: int) -> None:
 def slim_checkpoint(path: str | Path, out: str | Path, half: bool = False) -> Path:
     """Write only what a checkpoint predicts with (its EMA weights when present, else its weights),
     without optimiser state, optionally as float16: for shipping and carrying between machines."""
-    if Path(out).resolve() == Path(path).resolve():  # a run's last.pt would lose what --resume needs
-        raise ValueError(f"{out}: that is the checkpoint itself; name another file for the slimmed one")
+    refuse_input(out, path, "the checkpoint", "another file for the slimmed one")  # last.pt is what --resume needs
     state = _model_state(path)
     weights = state.get("ema_state_dict") or state["state_dict"]
     if half:

@@ -332,8 +332,6 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
 
     if args.undo_class_weights is not None:
         raise ValueError("--undo-class-weights takes an exported .onnx: export the checkpoint first")
-    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
-        raise ValueError(f"{args.out}: that is the checkpoint itself; name the .onnx file to write")
     if args.int8 and not args.data:
         raise ValueError("--int8 needs --data: int8 is calibrated on FER-2013 Training faces (random images ruin it)")
     out = Path(args.out)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import IMAGE_SIZE, TTA_MODES
-from .fileio import atomic_write, broken_link, check_writable, read_npz
+from .fileio import atomic_write, broken_link, check_writable, read_npz, refuse_input
 from .images import IMAGE_EXTENSIONS
 
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -350,8 +350,7 @@ def _existing(path: str | Path) -> Path:
 
 def prepare(src: str | Path, out: str | Path, progress: bool = True) -> FERData:
     """Decode ``src`` once and write the cache to ``out`` (a ``.npz`` file, which every command reads as one)."""
-    if Path(out).resolve() == Path(src).resolve():
-        raise DataError(f"{out}: that is the data set itself; name another file for the cache")
+    refuse_input(out, src, "the data set", "another file for the cache")
     if Path(out).suffix.lower() != ".npz":
         raise DataError(f"{out}: name the cache *.npz (the other commands read a .npz file as a cache)")
     _existing(src)

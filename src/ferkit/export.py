@@ -20,7 +20,7 @@ import torch.nn as nn
 from .checkpoint import model_from_checkpoint
 from .config import IMAGE_SIZE, MARGIN
 from .data import model_input
-from .fileio import atomic_write, parse_model_metadata, read_model_report, refuse_folder
+from .fileio import atomic_write, parse_model_metadata, read_model_report, refuse_folder, refuse_input
 
 PREPROCESSING = (
     f"RGB -> grayscale (ITU-R 601 luma), face crop with {MARGIN:.0%} margin resized to {IMAGE_SIZE}x{IMAGE_SIZE}, "
@@ -90,8 +90,7 @@ def undo_class_weights(onnx_path: str | Path, out: str | Path, counts: np.ndarra
     smoothing, whose uniform part of the target stays tilted). The correction is kept
     in the metadata (asking twice is refused) and the source's measured metrics are not: they were not
     measured on this model."""
-    if Path(out).resolve() == Path(onnx_path).resolve():  # the original would be lost: undoing twice is refused
-        raise ValueError(f"{out}: that is the model itself; name another file for the corrected copy")
+    refuse_input(out, onnx_path, "the model", "another file for the corrected copy")  # undoing twice is refused
     import onnx
     from onnx import helper, numpy_helper
 

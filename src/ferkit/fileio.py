@@ -31,6 +31,12 @@ def refuse_file(path: str | Path, option: str) -> None:
             raise ValueError(f"{option} {path}: {p} is a file, not a folder")
 
 
+def refuse_input(out: str | Path, src: str | Path, what: str, instead: str) -> None:
+    """Refuse an output ``out`` that is its own input ``src`` (``what``), which writing would destroy."""
+    if Path(out).resolve() == Path(src).resolve():
+        raise ValueError(f"{out}: that is {what} itself; name {instead}")
+
+
 def broken_link(path: str | Path) -> str | None:
     """What is wrong with ``path`` if it is a link that leads to no file or folder ("a link to nothing (target)",
     "a loop of links (target)"), else None."""
