@@ -141,7 +141,7 @@ def test_bad_model_files_give_errors_naming_them(tmp_path, exported):
         EmotionRecognizer(broken)
     half = tmp_path / "half.pt"
     half.write_bytes(exported["pt"].read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match=r"half\.pt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"half\.pt: not a readable ferkit checkpoint"):
         EmotionRecognizer(half)
     with pytest.raises(CheckpointError, match=r"half\.pt"):
         export_onnx(half, tmp_path / "out.onnx")

@@ -452,7 +452,7 @@ def test_bad_model_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"broken\.onnx: not a loadable ONNX model"):
         EmotionRecognizer(tmp_path / "broken.onnx")
     (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 half a zip")
-    with pytest.raises(CheckpointError, match=r"broken\.pt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"broken\.pt: not a readable ferkit checkpoint"):
         EmotionRecognizer(tmp_path / "broken.pt")
     with pytest.raises(ValueError, match="unknown backend"):
         EmotionRecognizer(DEFAULT_MODEL, backend="tensorflow")

@@ -37,16 +37,8 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     if path.suffix.lower() == ".onnx":
         raise CheckpointError(f"{path}: an ONNX model; this takes a .pt checkpoint (evaluate/predict/serve take both)")
     if problem := _not_torch_zip(path):  # torch's own errors for these read "pop from empty list"
-        raise CheckpointError(f"{path}: not a readable checkpoint ({problem})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # no code runs from the file
-    except pickle.UnpicklingError as e:  # torch's advice (weights_only=False) would run the file's code: not given
-        if _holds_objects(e):
-            raise CheckpointError(f"{path}: not a ferkit checkpoint (it holds Python objects, left unread)") from e
-        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file)") from e
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from e
+        raise CheckpointError(f"{path}: not a readable ferkit checkpoint ({problem})")
+    state = _torch_load(path, "ferkit checkpoint", CheckpointError, mmap)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a ferkit checkpoint (no '{FORMAT}' marker)")
     return state
@@ -64,9 +56,19 @@ def _not_torch_zip(path: Path, older_tried: bool = False) -> str | None:
     return "not the zip file torch.save writes" + (", nor in its older format" if older_tried else "")
 
 
-def _holds_objects(e: pickle.UnpicklingError) -> bool:
-    """Whether torch's safe loader refused a pickle for the Python objects in it (not for being garbage)."""
-    return "Unsupported global" in str(e)
+def _torch_load(path: Path, what: str, error: type[ValueError], mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only`` (no code runs from the file); its many failures on truncated or
+    foreign files raised as one ``error`` naming the file and ``what`` it should have been."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # torch's advice (weights_only=False) would run the file's code: not given
+        if "Unsupported global" in str(e):  # refused for the Python objects in it, not for being garbage
+            raise error(f"{path}: not a {what} (it holds Python objects, left unread)") from e
+        raise error(f"{path}: not a readable {what} (not a torch file)") from e
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        why = _not_torch_zip(path, older_tried=True) or f"{type(e).__name__}: {lines[0] if lines else ''}"
+        raise error(f"{path}: not a readable {what} ({why})") from e
 
 
 def _model_state(path: str | Path) -> dict[str, Any]:
@@ -157,23 +159,8 @@ def load_init_weights(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: initial weights file not found")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except ImportError as e:
-        raise ValueError(f"{path}: reading .safetensors files needs `pip install safetensors` ({e})") from e
-    except pickle.UnpicklingError as e:  # torch's advice (weights_only=False) would run the file's code: not given
-        if _holds_objects(e):
-            raise ValueError(f"{path}: not a weights file (it holds Python objects, left unread)") from e
-        raise ValueError(f"{path}: not a readable weights file (not a torch file)") from e
-    except Exception as e:  # torch and safetensors raise many types for truncated or foreign files
-        problem = _not_torch_zip(path, older_tried=True) if path.suffix.lower() != ".safetensors" else None
-        why = problem or f"{type(e).__name__}: {' '.join(str(e).split())}"
-        raise ValueError(f"{path}: not a readable weights file ({why})") from e
+    safetensors = path.suffix.lower() == ".safetensors"
+    state = _safetensors(path) if safetensors else _torch_load(path, "weights file", ValueError)
     if isinstance(state, dict) and state.get("format") == FORMAT:
         state = state.get("ema_state_dict") or state.get("state_dict")
     elif isinstance(state, dict):
@@ -198,6 +185,18 @@ def load_init_weights(
     used = sum(not k.endswith("num_batches_tracked") for k in loaded)
     unused = sum(not k.endswith("num_batches_tracked") for k in state) - used
     return used, unused, len(counted) - fits
+
+
+def _safetensors(path: Path) -> Weights:
+    """The tensors of a ``.safetensors`` file."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ValueError(f"{path}: reading .safetensors files needs `pip install safetensors` ({e})") from e
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own errors and OSError for truncated or foreign files
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {' '.join(str(e).split())})") from e
 
 
 def _matching(state: Weights, own: Weights) -> Weights:
