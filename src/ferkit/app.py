@@ -381,6 +381,14 @@ def create_app(
         UploadLimits, limit=body_limit, timeout_s=settings.upload_timeout_s, shown_limit=settings.max_upload_bytes
     )
 
+    _handle_errors(app)
+    _add_api(app, service)
+    return _mount_ui(app, service) if settings.ui else app
+
+
+def _handle_errors(app: FastAPI) -> None:
+    """Every error answered in the API's JSON body (:class:`ErrorBody`)."""
+
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, e: ServiceError) -> JSONResponse:
         return _error(e.status, e.message, e.headers)
@@ -403,6 +411,11 @@ def create_app(
     async def _crash(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error(500, f"internal server error ({type(e).__name__})")
+
+
+def _add_api(app: FastAPI, service: RecognizerService) -> None:
+    """The REST API's routes, and its JSON answer to unknown paths and methods."""
+    settings, info = service.settings, service.model_info
 
     @app.post(
         "/api/v1/predict",
@@ -452,22 +465,24 @@ def create_app(
             return RedirectResponse(str(request.url.replace(path=path.rstrip("/"))), status_code=307)  # query kept
         return _error(404, "Not Found")
 
-    if settings.ui:
-        import gradio as gr
 
-        demo = build_ui(service)
-        app = gr.mount_gradio_app(
-            app,
-            demo,
-            path="/",
-            allowed_paths=[str(ASSETS_DIR)],
-            show_error=True,
-            max_file_size=settings.max_upload_bytes,
-            footer_links=["api"],
-        )
-        # Gradio refuses a client's file path that it did not receive as an upload only once the demo has
-        # "launched", which a mounted demo never does: without this, a request naming /etc/passwd had it copied
-        demo.has_launched = True
+def _mount_ui(app: FastAPI, service: RecognizerService) -> FastAPI:
+    """The app with the Gradio UI mounted at ``/``."""
+    import gradio as gr
+
+    demo = build_ui(service)
+    app = gr.mount_gradio_app(
+        app,
+        demo,
+        path="/",
+        allowed_paths=[str(ASSETS_DIR)],
+        show_error=True,
+        max_file_size=service.settings.max_upload_bytes,
+        footer_links=["api"],
+    )
+    # Gradio refuses a client's file path that it did not receive as an upload only once the demo has
+    # "launched", which a mounted demo never does: without this, a request naming /etc/passwd had it copied
+    demo.has_launched = True
     return app
 
 
