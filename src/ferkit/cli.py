@@ -466,6 +466,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferkit", description="Facial expression recognition on FER-2013.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_prepare(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_select_ensemble(sub)
+    _add_card(sub)
+    _add_models(sub)
+    _add_slim(sub)
+    _add_export(sub)
+    _add_predict(sub)
+    _add_serve(sub)
+    return parser
+
+
+def _add_prepare(sub: Any) -> None:
     p = sub.add_parser(
         "prepare",
         help="decode FER-2013 once into a .npz cache",
@@ -475,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default="data/fer2013.npz", help="cache file to write (default: %(default)s)")
     p.set_defaults(func=cmd_prepare)
 
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train a model",
@@ -492,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate",
         help="evaluate checkpoints on a split",
@@ -526,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluation_options(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_select_ensemble(sub: Any) -> None:
     p = sub.add_parser(
         "select-ensemble",
         help="choose an ensemble (models and TTA) on PublicTest",
@@ -546,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluation_options(p)
     p.set_defaults(func=cmd_select_ensemble)
 
+
+def _add_card(sub: Any) -> None:
     p = sub.add_parser("card", help="write the model card (and README results) from evaluation JSON")
     p.add_argument("--run", required=True, help="the training run folder (metrics.csv, and best.pt or config.yaml)")
     p.add_argument("--onnx", required=True, help="the shipped ONNX file")
@@ -556,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", help="README whose results block to regenerate")
     p.set_defaults(func=cmd_card)
 
+
+def _add_models(sub: Any) -> None:
     p = sub.add_parser(
         "models",
         help="list the model registry with params and MFLOPs",
@@ -565,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="*", help="checkpoints (.pt) to describe instead of the registry")
     p.set_defaults(func=cmd_models)
 
+
+def _add_slim(sub: Any) -> None:
     p = sub.add_parser(
         "slim",
         help="keep only a checkpoint's prediction weights (EMA if any), optionally float16",
@@ -576,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
     p.set_defaults(func=cmd_slim)
 
+
+def _add_export(sub: Any) -> None:
     p = sub.add_parser(
         "export",
         help="export a checkpoint to ONNX (optionally int8)",
@@ -608,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
+
+def _add_predict(sub: Any) -> None:
     p = sub.add_parser(
         "predict",
         help="find faces and their emotions in images, folders, videos or a webcam",
@@ -633,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_predict, usage_error=p.error)
 
+
+def _add_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
         help="run the web app: UI at /, JSON API at /api/v1/predict, docs at /docs",
@@ -691,7 +723,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ui", action="store_true", help="serve the API only, without the Gradio UI")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
-    return parser
 
 
 TRAIN_EXTRA = {"torch", "sklearn", "matplotlib", "onnx", "onnxscript"}  # pyproject's train extra, as imported
