@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
 from ferkit.card import RESULTS_END, RESULTS_START, readme_with_results, render_model_card, results_table
@@ -169,6 +170,24 @@ def test_model_card_says_when_the_class_weights_were_undone(trained_run, synthet
         else:
             with pytest.raises(ValueError, match="undone with power 0.75, but the run was weighted with power 0.5"):
                 render_model_card(trained_run, undone, report, "x", "y")
+
+
+def test_model_card_gives_the_fitted_prior_offsets(trained_run, synthetic_cache, reports, tmp_path):
+    from ferkit.export import export_onnx, fit_prior, read_metadata
+
+    onnx = export_onnx(trained_run / "best.pt", tmp_path / "plain" / "my_model.onnx")
+    assert "--fit-prior" not in render_model_card(trained_run, onnx, reports, "x", "y")
+    labels = np.arange(70) % 7
+    probs = np.full((70, 7), 0.1)
+    probs[np.arange(70), labels] = 0.4  # the model's answers do not matter here, only the offsets fit to them
+    probs[:, 1] /= 4  # a tilt against disgust: its offset is the largest
+    fitted = fit_prior(onnx, tmp_path / "fit" / "my_model.onnx", probs, labels, "PublicTest")
+    evaluate_tta([fitted], synthetic_cache, "PrivateTest", tmp_path / "fit", ("none",), device="cpu")
+    card = render_model_card(trained_run, fitted, [tmp_path / "fit" / "PrivateTest.json"], "x", "y")
+    offsets = read_metadata(fitted)["prior_fitted"]["offsets"]
+    assert offsets.index(0.0) == 1
+    assert "At export its logits were shifted by one offset per class, fit on PublicTest (`ferkit export " in card
+    assert ", ".join(f"{b:+.2f}" for b in offsets) + "." in card
 
 
 def test_results_table_of_a_report_without_roc_curves(reports):

@@ -78,6 +78,25 @@ def test_metrics_agree_with_each_other(drop_class):
     json.dumps(m)  # plain JSON-able values
 
 
+def test_calibration_metrics():
+    """log-loss as sklearn's; ECE of a model right exactly as often as it says, 0; of one always 90% sure and
+    right half the time, 0.4; the prior ratio of each class, its mean probability over its frequency."""
+    from sklearn.metrics import log_loss
+
+    from ferkit.evaluate import calibration
+
+    labels = np.array([0, 0, 1, 1, 2, 3, 4, 5, 6, 6])
+    probs = np.full((10, 7), 0.1 / 6)
+    probs[np.arange(10), [0, 1, 1, 1, 2, 3, 4, 5, 6, 0]] = 0.9  # two wrong
+    c = calibration(labels, probs)
+    assert c["nll"] == pytest.approx(log_loss(labels, probs))
+    assert c["ece"] == pytest.approx(0.1)  # one bin: 90% sure, 80% right
+    assert c["prior_ratio"]["disgust"] == pytest.approx(probs[:, 1].mean() / 0.2)
+    half = np.tile(probs[0], (10, 1))  # always "angry" at 0.9, right for 5 of the 10
+    assert calibration(np.array([0] * 5 + [1] * 5), half)["ece"] == pytest.approx(0.4)
+    assert calibration(np.array([0] * 5 + [1] * 5), half)["prior_ratio"]["fear"] is None  # absent class
+
+
 def test_perfect_predictions():
     y = np.repeat(np.arange(7), 5)
     m = compute_metrics(y, np.eye(7)[y])

@@ -22,6 +22,8 @@ from ferkit.export import (
     PREPROCESSING,
     convert_fp16,
     export_onnx,
+    fit_log_offsets,
+    fit_prior,
     max_abs_diff,
     quantize_int8,
     read_metadata,
@@ -254,8 +256,70 @@ def test_undoing_class_weights_multiplies_the_probabilities_by_the_counts(tmp_pa
             undo_class_weights(exported[kind], tmp_path / "bad.onnx", counts, power)
 
 
+def test_fit_log_offsets_recovers_a_tilt_and_matches_the_prior():
+    """Probabilities tilted by known log offsets (as a class-weighted or distilled loss tilts them) are untilted
+    by the fit, up to a constant; at the fit, each class's mean probability is its frequency."""
+    from scipy.special import softmax
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (20_000, 7))
+    labels = np.array([rng.choice(7, p=p) for p in softmax(logits, axis=1)])
+    tilt = np.array([0.3, 1.4, 0.3, 0.0, 0.2, 0.4, 0.2])
+    offsets = fit_log_offsets(softmax(logits + tilt, axis=1), labels)
+    assert offsets.max() == 0
+    np.testing.assert_allclose(offsets - offsets.mean(), -(tilt - tilt.mean()), atol=0.08)
+    refit = softmax(logits + tilt + offsets, axis=1)
+    np.testing.assert_allclose(refit.mean(0), np.bincount(labels) / len(labels), atol=1e-5)
+    with pytest.raises(ValueError, match="no example of class 1"):
+        fit_log_offsets(softmax(logits, axis=1)[labels != 1], labels[labels != 1])
+
+
+@pytest.mark.parametrize("undo_first", [False, True])
+def test_fit_prior_shifts_the_logits_of_an_export(tmp_path, exported, held_out, undo_first):
+    """The fitted copy's probabilities are the source's times exp(offsets), renormalised; after
+    --undo-class-weights the offsets are added to the ones in the graph (one Add before the Softmax)."""
+    src = exported["int8"]
+    if undo_first:
+        src = undo_class_weights(src, tmp_path / "undone.onnx", np.arange(1, 8), 0.5)
+    x = held_out[:, None].astype(np.float32) / 255
+    before = session(src).run(None, {"image": x})[0]
+    labels = np.arange(len(x)) % 7  # every class present; any labels do
+    out = fit_prior(src, tmp_path / "fitted.onnx", before, labels, "PublicTest")
+    info = read_metadata(out)
+    offsets = np.array(info["prior_fitted"]["offsets"])
+    assert info["prior_fitted"]["split"] == "PublicTest" and info["prior_fitted"]["n"] == len(x)
+    assert ("class_weights_undone" in info) == undo_first and "accuracy" not in info
+    after = session(out).run(None, {"image": x})[0]
+    expected = before * np.exp(offsets)
+    np.testing.assert_allclose(after, expected / expected.sum(1, keepdims=True), atol=1e-4)
+    np.testing.assert_allclose(after.mean(0), np.bincount(labels) / len(labels), atol=1e-4)  # the labels' prior
+    assert [n.op_type for n in onnx.load(str(out)).graph.node].count("Add") == [
+        n.op_type for n in onnx.load(str(src)).graph.node
+    ].count("Add") + (not undo_first)
+    with pytest.raises(ValueError, match="prior is already fitted"):
+        fit_prior(out, tmp_path / "twice.onnx", before, labels, "PublicTest")
+
+
+def test_cli_export_fits_the_prior_on_publictest(tmp_path, exported, synthetic_cache, capsys):
+    from ferkit.data import load_dataset
+
+    out = tmp_path / "fitted.onnx"
+    argv = ["export", str(exported["int8"]), "-o", str(out), "--fit-prior"]
+    assert main(argv) == 2
+    assert "--fit-prior needs --data: its PublicTest split" in capsys.readouterr().err
+    assert main([*argv, "--undo-class-weights", "0.5", "--data", str(synthetic_cache)]) == 2
+    assert "one correction at a time" in capsys.readouterr().err
+    assert main([*argv, "--data", str(synthetic_cache), "--report", str(tmp_path / "r.json")]) == 2
+    assert "--report with --fit-prior: the corrected copy is another model" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*argv, "--data", str(synthetic_cache)]) == 0
+    fitted = read_metadata(out)["prior_fitted"]
+    assert capsys.readouterr().out.startswith(f"wrote {out}: {exported['int8']} with logit offsets {fitted['offsets']}")
+    assert fitted["n"] == len(load_dataset(synthetic_cache).split("PublicTest")[1])
+
+
 def test_undoing_class_weights_of_a_float16_copy_says_what_to_do_instead(tmp_path, exported):
-    with pytest.raises(ValueError, match="float16 copy; undo the class weights of the float32 or int8 export"):
+    with pytest.raises(ValueError, match="float16 copy; correct the float32 or int8 export"):
         undo_class_weights(exported["fp16"], tmp_path / "x.onnx", np.arange(1, 8), 0.5)
     undone = undo_class_weights(exported["onnx"], tmp_path / "undone.onnx", np.arange(1, 8), 0.5)
     half = convert_fp16(undone, tmp_path / "undone_fp16.onnx")  # the order that works
@@ -282,18 +346,6 @@ def test_cli_export_undoes_class_weights_with_the_counts_of_data(tmp_path, expor
     assert "--undo-class-weights needs --data" in capsys.readouterr().err
     assert main(["export", str(exported["pt"]), "-o", str(tmp_path / "x.onnx"), "--undo-class-weights", "0.5"]) == 2
     assert "takes an exported .onnx" in capsys.readouterr().err
-
-
-def test_cli_export_refuses_to_write_over_its_input(tmp_path, exported, synthetic_cache, capsys):
-    """A corrected copy asked for in the model's own place is refused by name (the model left as it was); a
-    checkpoint cannot be its own output: the output must be an .onnx file."""
-    src, before = exported["int8"], exported["int8"].read_bytes()
-    argv = ["export", str(src), "-o", str(src.parent / "." / src.name), "--undo-class-weights", "0.5"]
-    assert main([*argv, "--data", str(synthetic_cache)]) == 2
-    assert "that is the model itself; name another file for the corrected copy" in capsys.readouterr().err
-    assert src.read_bytes() == before
-    assert main(["export", str(exported["pt"]), "-o", str(exported["pt"])]) == 2
-    assert f"{exported['pt']}: name the output *.onnx" in capsys.readouterr().err
 
 
 def test_evaluate_exported_models(exported, synthetic_cache):
@@ -374,7 +426,7 @@ def test_undo_refuses_its_own_file_and_another_class_order(tmp_path, exported, s
 
     _set_metadata(original, {**info, "classes": list(reversed(CLASSES))})
     assert main(["export", str(original), "-o", str(tmp_path / "prior.onnx"), *argv]) == 2
-    assert "not in FER-2013's order (that of the counts)" in capsys.readouterr().err
+    assert "not in FER-2013's order (that of the data)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -638,7 +638,8 @@ def test_load_checkpoint_of_an_onnx_file_says_so(tmp_path):
     (tmp_path / "cut.pt").write_bytes(save_checkpoint(tmp_path / "a.pt", _small_state()).read_bytes()[:1000])
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(tmp_path / "cut.pt")
-    assert str(e.value).startswith(f"{tmp_path / 'cut.pt'}: not a readable ferkit checkpoint (") and "\n" not in str(e.value)
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'cut.pt'}: not a readable ferkit checkpoint (") and "\n" not in message
     # torch's own words for these were "mmap can only be used with files saved with ..." and "pop from empty list"
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "fer2013.csv").write_text("emotion,pixels,Usage\n0,1 2 3,Training\n")

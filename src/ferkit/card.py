@@ -106,6 +106,22 @@ def _check_of_run(onnx_path: Path, info: dict[str, Any], cfg: dict[str, Any]) ->
             )
 
 
+CARD_OPTIONS = (
+    "model", "model_kwargs", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup_epochs",
+    "label_smoothing", "class_weights", "class_weight_power", "sampler", "augment", "mixup", "cutmix", "ema", "seed",
+)  # fmt: skip
+
+
+def _options_shown(cfg: dict[str, Any]) -> list[str]:
+    """The training options the card's table shows: :data:`CARD_OPTIONS`, and the others where a run used them."""
+    keys = list(CARD_OPTIONS)
+    if cfg.get("init_weights"):
+        keys.insert(2, "init_weights")
+    if cfg.get("teacher"):
+        keys += ["teacher", "distill_alpha", "distill_temperature", "distill_cache"]
+    return keys + [k for k in ("sam_rho", "train_limit", "val_limit") if cfg.get(k)]
+
+
 def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], command: str, hardware: str) -> str:
     """Markdown model card from a run folder (``metrics.csv``, the config of ``best.pt`` or ``config.yaml``)
     and evaluation JSONs."""
@@ -118,31 +134,7 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
     cfg = _run_config(run_dir)
     size = describe(build_model(cfg["model"], **cfg["model_kwargs"]))
     run = _run_summary(run_dir)
-    keys = [
-        "model",
-        "model_kwargs",
-        "epochs",
-        "batch_size",
-        "optimizer",
-        "lr",
-        "weight_decay",
-        "schedule",
-        "warmup_epochs",
-        "label_smoothing",
-        "class_weights",
-        "class_weight_power",
-        "sampler",
-        "augment",
-        "mixup",
-        "cutmix",
-        "ema",
-        "seed",
-    ]
-    if cfg.get("init_weights"):
-        keys.insert(2, "init_weights")
-    if cfg.get("teacher"):
-        keys += ["teacher", "distill_alpha", "distill_temperature", "distill_cache"]
-    keys += [k for k in ("sam_rho", "train_limit", "val_limit") if cfg.get(k)]  # shown where they are used
+    keys = _options_shown(cfg)
     started = (
         f" Started from the weights in `{cfg['init_weights']}`, whose own training is not counted here."
         if cfg.get("init_weights")
@@ -169,6 +161,12 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
         if undone
         else ""
     )
+    if fitted := info.get("prior_fitted"):
+        output += (
+            f" {'Then its' if undone else 'At export its'} logits were shifted by one offset per class, fit on "
+            f"{fitted['split']} (`ferkit export --fit-prior`: the least log-loss, at which each class's mean "
+            f"probability is its frequency there): {', '.join(f'{b:+.2f}' for b in fitted['offsets'])}."
+        )
     name = onnx_path.stem
     train_images = _images(cfg["train_limit"], SPLIT_SIZES["Training"])
     val_images = _images(cfg["val_limit"], SPLIT_SIZES["PublicTest"])

@@ -288,9 +288,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if Path(args.out).suffix.lower() != ".onnx":  # `-o runs/x/last.pt` wrote ONNX bytes over a run's checkpoint
         raise ValueError(f"{args.out}: name the output *.onnx")
-    if args.report and args.undo_class_weights is not None:
+    if args.report and (correction := _correction(args)):
         raise ValueError(
-            "--report with --undo-class-weights: the corrected copy is another model; evaluate it, then copy it "
+            f"--report with {correction}: the corrected copy is another model; evaluate it, then copy it "
             "with its report (`ferkit export COPY.onnx -o SHIPPED.onnx --report REPORT.json`)"
         )
     metrics = report_metrics(args.report, args.checkpoint) if args.report else {}
@@ -301,24 +301,43 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_onnx(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
-    """``export MODEL.onnx``: a copy with its class weights undone, or with a report's metrics."""
-    from .data import CLASSES, load_dataset
-    from .export import read_metadata, undo_class_weights, with_metrics
+def _correction(args: argparse.Namespace) -> str | None:
+    """The option of ``export`` that corrects an .onnx input's probabilities, if one is given."""
+    if args.undo_class_weights is not None and args.fit_prior:
+        raise ValueError("--undo-class-weights and --fit-prior: one correction at a time (--fit-prior can follow)")
+    return "--undo-class-weights" if args.undo_class_weights is not None else "--fit-prior" if args.fit_prior else None
 
-    if args.check or args.int8 or args.fp16 or not (args.report or args.undo_class_weights is not None):
+
+def _copy_onnx(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
+    """``export MODEL.onnx``: a copy with a report's metrics, or with its class weights undone or its prior fitted."""
+    from .data import CLASSES, load_dataset
+    from .export import fit_prior, read_metadata, undo_class_weights, with_metrics
+    from .fileio import check_writable
+
+    correction = _correction(args)
+    if args.check or args.int8 or args.fp16 or not (args.report or correction):
         raise ValueError(
-            "an .onnx input takes only --report (its metrics go into a copy's metadata) "
-            "and --undo-class-weights (with --data)"
+            "an .onnx input takes only --report (its metrics go into a copy's metadata), "
+            "--undo-class-weights or --fit-prior (with --data)"
         )
-    if args.report:  # cmd_export refused it with --undo-class-weights
+    if args.report:  # cmd_export refused it with a correction
         out = with_metrics(args.checkpoint, args.out, metrics)
         print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {args.checkpoint} with the metrics of {args.report}")
         return
     if not args.data:
-        raise ValueError("--undo-class-weights needs --data: the class counts of its Training split")
+        what = "its PublicTest split" if args.fit_prior else "the class counts of its Training split"
+        raise ValueError(f"{correction} needs --data: {what}")
     if (classes := read_metadata(args.checkpoint).get("classes")) and list(classes) != list(CLASSES):
-        raise ValueError(f"{args.checkpoint}: classes {classes}, not in FER-2013's order (that of the counts)")
+        raise ValueError(f"{args.checkpoint}: classes {classes}, not in FER-2013's order (that of the data)")
+    check_writable(args.out)  # before the model runs over PublicTest
+    if args.fit_prior:
+        from .evaluate import _probabilities
+
+        labels, [(_, probs)], _ = _probabilities([args.checkpoint], args.data, "PublicTest", ["none"], "cpu", 512, 0)
+        out = fit_prior(args.checkpoint, args.out, probs["none"], labels, "PublicTest")
+        fitted = read_metadata(out)["prior_fitted"]
+        print(f"wrote {out}: {args.checkpoint} with logit offsets {fitted['offsets']} fit on PublicTest")
+        return
     counts = np.bincount(load_dataset(args.data).split("Training")[1], minlength=len(CLASSES))
     out = undo_class_weights(args.checkpoint, args.out, counts, args.undo_class_weights)
     print(f"wrote {out}: {args.checkpoint} with its class weights undone (power {args.undo_class_weights})")
@@ -627,12 +646,19 @@ def _add_export(sub: Any) -> None:
         type=float,
         metavar="POWER",
         help="(an .onnx input) multiply its probabilities by the Training class counts of --data to the POWER: "
-        "with the run's class_weight_power this divides out the class weights it was trained with",
+        "with the run's class_weight_power this divides out the class weights it was trained with (exactly for "
+        "a run without a teacher; a distilled run is over-corrected: use --fit-prior)",
+    )
+    p.add_argument(
+        "--fit-prior",
+        action="store_true",
+        help="(an .onnx input) shift its logits by one offset per class, fit on PublicTest of --data (the least "
+        "log-loss), so that its mean probabilities match the class frequencies, whatever its loss tilted them by",
     )
     p.add_argument(
         "--data",
         help="FER-2013 data: int8 calibration (needed by --int8), --check images (default: random) and the "
-        "class counts of --undo-class-weights",
+        "class counts of --undo-class-weights, PublicTest of --fit-prior",
     )
     p.set_defaults(func=cmd_export)
 

@@ -142,10 +142,30 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
         "macro_f1": report["macro avg"]["f1-score"],  # = macro_f1(y_true, y_pred)
         "weighted_f1": report["weighted avg"]["f1-score"],
         "macro_auc": float(np.mean([r["auc"] for r in roc.values()])) if roc else None,  # null: no class has a curve
+        **calibration(y_true, probs),
         "report": report,
         "confusion_matrix": cm.tolist(),
         "confusion_matrix_normalized": (cm / np.maximum(cm.sum(1, keepdims=True), 1)).round(4).tolist(),
         "roc": roc,
+    }
+
+
+def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[str, Any]:
+    """How far the probabilities can be taken at their word: log-loss (``nll``), expected calibration error of the
+    top class over ``bins`` equal-width confidence bins (``ece``), and each class's mean probability over its
+    frequency in the labels (``prior_ratio``: 1 where the model's prior is the data's; null for an absent class)."""
+    from sklearn.metrics import log_loss
+
+    conf, right = probs.max(1), probs.argmax(1) == y_true
+    where = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    ece = sum(abs(right[where == b].mean() - conf[where == b].mean()) * (where == b).mean() for b in np.unique(where))
+    freq = np.bincount(y_true, minlength=len(CLASSES)) / len(y_true)
+    ratio = {c: float(probs[:, i].mean() / freq[i]) if freq[i] else None for i, c in enumerate(CLASSES)}
+    summed = probs / probs.sum(1, keepdims=True, dtype=np.float64)  # float32 rows sum to 1 only roughly
+    return {
+        "nll": float(log_loss(y_true, summed, labels=range(len(CLASSES)))),
+        "ece": float(ece),
+        "prior_ratio": ratio,
     }
 
 
@@ -259,6 +279,8 @@ def format_summary(metrics: dict[str, Any]) -> str:
     lines = [
         f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
         f"weighted-F1 {metrics['weighted_f1']:.4f}  macro-AUC {_num(metrics['macro_auc'])}  (n={metrics['n']})",
+        f"log-loss {metrics['nll']:.4f}  ECE {metrics['ece']:.4f}  mean probability / frequency: "
+        + " ".join(f"{c} {'-' if r is None else f'{r:.2f}'}" for c, r in metrics["prior_ratio"].items()),
         f"{'class':<10}{'precision':>10}{'recall':>8}{'F1':>8}{'AUC':>8}{'support':>9}",
     ]
     for c in CLASSES:

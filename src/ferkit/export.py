@@ -86,46 +86,102 @@ def undo_class_weights(onnx_path: str | Path, out: str | Path, counts: np.ndarra
     """A copy of an exported model whose probabilities are multiplied by ``counts ** power`` (renormalised):
     ``power · log(count)`` is added to the logits before the final softmax. With the Training class counts
     and the ``class_weight_power`` the model was trained with, this divides out the class weights of its loss
-    (``count ** -power``), so that its probabilities follow the Training prior again (exactly without label
-    smoothing, whose uniform part of the target stays tilted). The correction is kept
-    in the metadata (asking twice is refused) and the source's measured metrics are not: they were not
-    measured on this model."""
-    refuse_input(out, onnx_path, "the model", "another file for the corrected copy")  # undoing twice is refused
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(onnx_path))
-    info = read_metadata(model)
-    if not info.get("classes"):
-        raise ValueError(f"{onnx_path}: not a ferkit ONNX export (no ferkit metadata)")
+    (``count ** -power``), so that its probabilities follow the Training prior again: exactly for a loss of
+    weighted cross-entropy alone. A distilled run learnt part of its targets from its teacher, unweighted, so
+    this over-corrects it (a teacher that follows the prior: the rare classes' probabilities come out about
+    halved); :func:`fit_prior` measures the offsets instead. The correction is kept in the metadata (asking
+    twice is refused) and the source's measured metrics are not: they were not measured on this model."""
+    info = _correctable(onnx_path, out)
     if "class_weights_undone" in info:
         raise ValueError(f"{onnx_path}: its class weights are already undone ({info['class_weights_undone']})")
-    if info.get("precision") == "float16":
-        raise ValueError(f"{onnx_path}: a float16 copy; undo the class weights of the float32 or int8 export")
     if not (math.isfinite(power) and power > 0):
         raise ValueError(f"power {power}: expected a positive number (the run's class_weight_power)")
     counts = np.asarray(counts, dtype=np.float64)
     if counts.shape != (len(info["classes"]),) or (counts <= 0).any():
         raise ValueError(f"class counts {counts.tolist()}: need one positive count per class of {onnx_path}")
+    undone = {"power": power, "training_counts": counts.astype(int).tolist()}
+    return _shift_logits(onnx_path, out, power * np.log(counts / counts.max()), {"class_weights_undone": undone})
+
+
+def fit_log_offsets(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The offsets ``b`` (one per class, the largest 0) that minimise the mean negative log-likelihood of
+    ``softmax(log(probs) + b)`` on ``labels``: a convex fit, at whose optimum the mean probability of each
+    class equals its frequency in ``labels``. Every class must occur."""
+    from scipy.optimize import minimize
+    from scipy.special import log_softmax, softmax
+
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    k = probs.shape[1]
+    freq = np.bincount(labels, minlength=k) / len(labels)
+    if (freq == 0).any():
+        missing = ", ".join(str(c) for c in np.flatnonzero(freq == 0))
+        raise ValueError(f"no example of class {missing} to fit its offset on")
+    logp = np.log(np.clip(probs, 1e-12, None))
+    rows = np.arange(len(labels))
+
+    def nll(b: np.ndarray) -> tuple[float, np.ndarray]:
+        z = logp + b
+        return -float(log_softmax(z, axis=1)[rows, labels].mean()), softmax(z, axis=1).mean(0) - freq
+
+    b = minimize(nll, np.zeros(k), jac=True, method="L-BFGS-B", options={"gtol": 1e-9}).x
+    return b - b.max()
+
+
+def fit_prior(onnx_path: str | Path, out: str | Path, probs: np.ndarray, labels: np.ndarray, split: str) -> Path:
+    """A copy of an exported model with :func:`fit_log_offsets` of its probabilities ``probs`` on ``split``'s
+    ``labels`` added to its logits before the final softmax (to offsets it has already, where
+    :func:`undo_class_weights` put some): its probabilities then follow the class frequencies of ``split``,
+    whatever the loss tilted them by. Kept in the metadata (asking twice is refused)."""
+    info = _correctable(onnx_path, out)
+    if "prior_fitted" in info:
+        raise ValueError(f"{onnx_path}: its prior is already fitted ({info['prior_fitted']})")
+    if probs.shape != (len(labels), len(info["classes"])):
+        raise ValueError(f"probabilities of shape {probs.shape}: need one row of {len(info['classes'])} per label")
+    offsets = fit_log_offsets(probs, labels)
+    fitted = {"split": split, "n": int(len(labels)), "offsets": [round(float(b), 4) for b in offsets]}
+    return _shift_logits(onnx_path, out, offsets, {"prior_fitted": fitted})
+
+
+def _correctable(onnx_path: str | Path, out: str | Path) -> dict[str, Any]:
+    """The metadata of a ferkit ONNX export whose logits may be shifted into ``out``."""
+    refuse_input(out, onnx_path, "the model", "another file for the corrected copy")  # the original would be lost
+    info = read_metadata(onnx_path)
+    if not info.get("classes"):
+        raise ValueError(f"{onnx_path}: not a ferkit ONNX export (no ferkit metadata)")
+    if info.get("precision") == "float16":
+        raise ValueError(f"{onnx_path}: a float16 copy; correct the float32 or int8 export")
+    return info
+
+
+OFFSETS = "class_log_prior_offsets"  # the initializer added to the logits before the final softmax
+
+
+def _shift_logits(onnx_path: str | Path, out: str | Path, offsets: np.ndarray, note: dict[str, Any]) -> Path:
+    """Write ``out``: ``onnx_path`` with ``offsets`` added to the logits of its final softmax (to the
+    offsets an earlier correction added, if any), ``note`` added to its metadata and its metrics dropped."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(onnx_path))
     softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
     if len(softmaxes) != 1 or softmaxes[0].output[0] != model.graph.output[0].name:
         raise ValueError(f"{onnx_path}: no single final Softmax whose logits to correct")
     softmax = softmaxes[0]
-    offsets = (power * np.log(counts / counts.max())).astype(np.float32)
-    logits, shifted = softmax.input[0], softmax.input[0] + "_prior_corrected"
-    model.graph.initializer.append(numpy_helper.from_array(offsets, "class_log_prior_offsets"))
-    model.graph.node.insert(
-        list(model.graph.node).index(softmax), helper.make_node("Add", [logits, "class_log_prior_offsets"], [shifted])
-    )
-    softmax.input[0] = shifted
+    offsets = np.asarray(offsets, dtype=np.float32)
+    if earlier := next((t for t in model.graph.initializer if t.name == OFFSETS), None):
+        earlier.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(earlier) + offsets, OFFSETS))
+    else:
+        logits, shifted = softmax.input[0], softmax.input[0] + "_prior_corrected"
+        model.graph.initializer.append(numpy_helper.from_array(offsets, OFFSETS))
+        add = helper.make_node("Add", [logits, OFFSETS], [shifted])
+        model.graph.node.insert(list(model.graph.node).index(softmax), add)
+        softmax.input[0] = shifted
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise ValueError(f"{onnx_path}: its graph cannot take the correction ({e})") from e
     out = Path(out)
-    undone = {"power": power, "training_counts": counts.astype(int).tolist()}
-    kept = _without_metrics(info)
-    _save_with_metadata(model, {**kept, "class_weights_undone": undone}, out)
+    _save_with_metadata(model, {**_without_metrics(read_metadata(onnx_path)), **note}, out)
     return out
 
 
