@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Make a finished training run the shipped model, with every number regenerated from its evaluation:
-#   [INT8=1] [UNDO=POWER] [DATA=CACHE] [FERKIT=CMD] bash scripts/ship_model.sh RUN_DIR "TRAINING COMMAND" ["HARDWARE"]
-# 1. exports RUN_DIR/best.pt to ONNX (checked against torch), with INT8=1 quantizes it (static int8), and with
-#    UNDO=POWER (the run's class_weight_power) divides its class weights out (`--undo-class-weights`);
+#   [INT8=1] [UNDO=POWER] [FIT=1] [DATA=CACHE] [FERKIT=CMD] bash scripts/ship_model.sh RUN_DIR "TRAINING COMMAND" ["HARDWARE"]
+# 1. exports RUN_DIR/best.pt to ONNX (checked against torch), with INT8=1 quantizes it (static int8), with
+#    UNDO=POWER (the run's class_weight_power) divides its class weights out (`--undo-class-weights`), and with
+#    FIT=1 fits one logit offset per class on PublicTest (`--fit-prior`: right for a distilled run too);
 # 2. evaluates the file that ships on PublicTest (to choose the TTA) and PrivateTest (the headline),
 #    TTA none/flip/crops, into reports/<shipped name>/, with the run's metrics.csv, train.log and training curves;
 # 3. copies that very file into src/ferkit/weights/, graph untouched, with the PrivateTest flip metrics in its metadata;
@@ -17,15 +18,23 @@ NAME=$(basename "$RUN")
 OPTS=(); SHIP=$NAME
 if [ "${INT8:-0}" = 1 ]; then OPTS=(--int8); SHIP=${NAME}_int8; fi
 EXPORTED=$SHIP
-if [ -n "${UNDO:-}" ]; then SHIP=${SHIP}_prior; fi
+STEPS=()
+if [ -n "${UNDO:-}" ]; then STEPS+=("--undo-class-weights $UNDO"); fi
+if [ "${FIT:-0}" = 1 ]; then STEPS+=(--fit-prior); fi
+if [ ${#STEPS[@]} -gt 0 ]; then SHIP=${SHIP}_prior; fi
 OUT=reports/$SHIP
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 mkdir -p "$OUT"
 $F export "$RUN/best.pt" -o "$TMP/$NAME.onnx" "${OPTS[@]}" --check --data "$DATA"
-if [ -n "${UNDO:-}" ]; then
-  $F export "$TMP/$EXPORTED.onnx" -o "$TMP/$SHIP.onnx" --undo-class-weights "$UNDO" --data "$DATA"
-fi
+SRC=$TMP/$EXPORTED.onnx
+for i in "${!STEPS[@]}"; do  # each correction into a folder of its own, under the shipped name (the metadata's)
+  mkdir "$TMP/$i"
+  # shellcheck disable=SC2086  # a step is an option and its value
+  $F export "$SRC" -o "$TMP/$i/$SHIP.onnx" ${STEPS[$i]} --data "$DATA"
+  SRC=$TMP/$i/$SHIP.onnx
+done
+if [ "$SRC" != "$TMP/$SHIP.onnx" ]; then mv "$SRC" "$TMP/$SHIP.onnx"; fi
 cp "$RUN/metrics.csv" "$TMP/"  # beside the evaluated file, so that evaluate plots the training curves into $OUT
 for split in PublicTest PrivateTest; do
   $F evaluate "$TMP/$SHIP.onnx" --data "$DATA" --split $split --tta none flip crops --out "$OUT"

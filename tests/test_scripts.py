@@ -53,8 +53,9 @@ def test_device_tree_takes_the_big_folders_out_and_puts_them_back(tmp_path):
 
 
 def test_ship_model_makes_a_run_the_shipped_model_with_its_own_numbers(trained_run, synthetic_cache, tmp_path):
-    """scripts/ship_model.sh in a copy of the project: the int8 export with its class weights undone is evaluated,
-    that very file ships with its PrivateTest flip accuracy, and the card and README quote the same report."""
+    """scripts/ship_model.sh in a copy of the project: the int8 export with its class weights undone and its prior
+    fitted is evaluated, that very file ships with its PrivateTest flip accuracy, and the card and README quote
+    the same report."""
     import json
 
     from ferkit.export import read_metadata
@@ -66,14 +67,16 @@ def test_ship_model_makes_a_run_the_shipped_model_with_its_own_numbers(trained_r
     shutil.copy(ROOT / "README.md", project)
     run = shutil.copytree(trained_run, tmp_path / "tiny_run")
     env = {**os.environ, "FERKIT": str(Path(sys.executable).with_name("ferkit")), "DATA": str(synthetic_cache)}
-    env.update(INT8="1", UNDO="0.5")
+    env.update(INT8="1", UNDO="0.5", FIT="1")
     argv = ["bash", "scripts/ship_model.sh", str(run), "ferkit train --tiny", "a test machine"]
     done = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     shipped = project / "src/ferkit/weights/tiny_run_int8_prior.onnx"
     reports = project / "reports/tiny_run_int8_prior"
     head = json.loads((reports / "PrivateTest_tta-flip.json").read_text())
-    assert read_metadata(shipped)["accuracy"] == head["accuracy"]
+    info = read_metadata(shipped)
+    assert info["accuracy"] == head["accuracy"] and info["name"] == "tiny_run_int8_prior"
+    assert info["class_weights_undone"]["power"] == 0.5 and info["prior_fitted"]["split"] == "PublicTest"
     assert {"PublicTest.json", "PrivateTest_tta-crops.json", "metrics.csv", "train.log"} <= {
         p.name for p in reports.iterdir()
     }

@@ -331,10 +331,10 @@ def _copy_onnx(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
         raise ValueError(f"{args.checkpoint}: classes {classes}, not in FER-2013's order (that of the data)")
     check_writable(args.out)  # before the model runs over PublicTest
     if args.fit_prior:
-        from .evaluate import _probabilities
+        from .evaluate import split_probabilities
 
-        labels, [(_, probs)], _ = _probabilities([args.checkpoint], args.data, "PublicTest", ["none"], "cpu", 512, 0)
-        out = fit_prior(args.checkpoint, args.out, probs["none"], labels, "PublicTest")
+        probs, labels = split_probabilities(args.checkpoint, args.data, "PublicTest")
+        out = fit_prior(args.checkpoint, args.out, probs, labels, "PublicTest")
         fitted = read_metadata(out)["prior_fitted"]
         print(f"wrote {out}: {args.checkpoint} with logit offsets {fitted['offsets']} fit on PublicTest")
         return

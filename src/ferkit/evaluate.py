@@ -374,6 +374,14 @@ def _mean_probs(per_model: Sequence[dict[str, np.ndarray]], mode: str) -> np.nda
     return total / len(per_model)
 
 
+def split_probabilities(
+    checkpoint: str | Path, data_path: str | Path, split: str, tta: str = "none", device: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """One model's probabilities (N, 7) on all of ``split``, and the split's labels."""
+    labels, [(_, probs)], _ = _probabilities([checkpoint], data_path, split, [tta], device, 512, 0)
+    return probs[tta], labels
+
+
 def evaluate_checkpoints(
     checkpoints: list[str | Path],
     data_path: str | Path,
