@@ -298,6 +298,9 @@ def test_fit_prior_shifts_the_logits_of_an_export(tmp_path, exported, held_out, 
     ].count("Add") + (not undo_first)
     with pytest.raises(ValueError, match="prior is already fitted"):
         fit_prior(out, tmp_path / "twice.onnx", before, labels, "PublicTest")
+    if not undo_first:  # the other order is refused too: the undoing would tilt a fitted model back
+        with pytest.raises(ValueError, match="its prior is fitted; undo the class weights before --fit-prior"):
+            undo_class_weights(out, tmp_path / "late.onnx", np.arange(1, 8), 0.5)
 
 
 def test_cli_export_fits_the_prior_on_publictest(tmp_path, exported, synthetic_cache, capsys):
@@ -316,6 +319,9 @@ def test_cli_export_fits_the_prior_on_publictest(tmp_path, exported, synthetic_c
     fitted = read_metadata(out)["prior_fitted"]
     assert capsys.readouterr().out.startswith(f"wrote {out}: {exported['int8']} with logit offsets {fitted['offsets']}")
     assert fitted["n"] == len(load_dataset(synthetic_cache).split("PublicTest")[1])
+    pt = ["export", str(exported["pt"]), "-o", str(tmp_path / "pt.onnx"), "--fit-prior", "--data", str(synthetic_cache)]
+    assert main(pt) == 2  # it made a plain export, the option ignored
+    assert "--fit-prior takes an exported .onnx: export the checkpoint first" in capsys.readouterr().err
 
 
 def test_undoing_class_weights_of_a_float16_copy_says_what_to_do_instead(tmp_path, exported):

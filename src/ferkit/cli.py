@@ -349,8 +349,8 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
     from .export import convert_fp16, export_onnx, max_abs_diff, quantize_int8
     from .fileio import check_writable
 
-    if args.undo_class_weights is not None:
-        raise ValueError("--undo-class-weights takes an exported .onnx: export the checkpoint first")
+    if correction := _correction(args):
+        raise ValueError(f"{correction} takes an exported .onnx: export the checkpoint first")
     if args.int8 and not args.data:
         raise ValueError("--int8 needs --data: int8 is calibrated on FER-2013 Training faces (random images ruin it)")
     out = Path(args.out)

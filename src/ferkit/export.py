@@ -94,6 +94,8 @@ def undo_class_weights(onnx_path: str | Path, out: str | Path, counts: np.ndarra
     info = _correctable(onnx_path, out)
     if "class_weights_undone" in info:
         raise ValueError(f"{onnx_path}: its class weights are already undone ({info['class_weights_undone']})")
+    if "prior_fitted" in info:  # the fit took the tilt out already: undoing now would tilt it the other way
+        raise ValueError(f"{onnx_path}: its prior is fitted; undo the class weights before --fit-prior, not after")
     if not (math.isfinite(power) and power > 0):
         raise ValueError(f"power {power}: expected a positive number (the run's class_weight_power)")
     counts = np.asarray(counts, dtype=np.float64)
