@@ -473,8 +473,10 @@ def test_corrupt_cache_names_the_file(tmp_path, kind):
             sources=np.asarray(["a"]),
             classes=np.asarray(sorted(CLASSES)),
         )
-    with pytest.raises(DataError, match=re.escape(str(bad))):
+    with pytest.raises(DataError, match=re.escape(str(bad))) as e:
         load_cache(bad)
+    if kind == "wrong_classes":  # it printed numpy's reprs: (np.str_('angry'), ...)
+        assert f"classes {', '.join(sorted(CLASSES))}, not FER-2013's {', '.join(CLASSES)}" in str(e.value)
     with pytest.raises(DataError, match=re.escape(str(bad))):
         load_dataset(bad)
 

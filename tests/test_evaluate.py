@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import read_only_filesystem
 
 from ferkit.checkpoint import slim_checkpoint
 from ferkit.data import CLASSES, tta_views
@@ -373,6 +374,16 @@ def test_output_folders_that_are_files_are_refused_before_any_model_runs(trained
         below = {k: a_file / "sub" for k in kwargs}  # failed after the models ran: "Not a directory"
         with pytest.raises(ValueError, match=re.escape(f"{option} {a_file / 'sub'}: {a_file} is a file, not a folder")):
             evaluate_tta([trained_run / "best.pt"], synthetic_cache, "PrivateTest", device="cpu", **below)
+
+
+def test_read_only_output_folders_are_refused_before_a_model_runs(trained_run, synthetic_cache, tmp_path, monkeypatch):
+    """A read-only --out or --cache failed only once the models had run (minutes of ten-crop on a CPU)."""
+    import ferkit.evaluate as ev
+
+    monkeypatch.setattr(ev, "load_for_evaluation", lambda *a: pytest.fail("a model was loaded"))
+    for option, folder in (("out", tmp_path / "eval"), ("cache", tmp_path / "cache")):
+        with read_only_filesystem(monkeypatch), pytest.raises(OSError, match=re.escape(str(folder))):
+            evaluate_tta([trained_run / "best.pt"], synthetic_cache, "PrivateTest", device="cpu", **{option: folder})
 
 
 def test_an_out_folder_of_another_model_s_reports_is_refused(trained_run, synthetic_cache, tmp_path, monkeypatch):

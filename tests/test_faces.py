@@ -289,6 +289,12 @@ def test_an_onnx_detector_file_is_told_by_its_network(tmp_path):
         make_detector(shutil.copy(DEFAULT_MODEL, tmp_path / "emotion.onnx"))
     with pytest.raises(FileNotFoundError, match=r"gone\.onnx: face detector model file not found"):
         make_detector(tmp_path / "gone.onnx")
+    (tmp_path / "gone.onnx").symlink_to(tmp_path / "elsewhere.onnx")
+    with pytest.raises(FileNotFoundError, match=r"gone\.onnx: a link to nothing \(.*elsewhere\.onnx\)"):
+        make_detector(tmp_path / "gone.onnx")
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"folder\.onnx: is a folder, not a face detector model file"):
+        make_detector(tmp_path / "folder.onnx")
 
 
 def test_boxes_of_no_area_inside_the_image_are_dropped():

@@ -529,6 +529,8 @@ def test_resolve_device_without_cuda(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         resolve_device("cuda")
+    with pytest.raises(ValueError, match=r"^device 'gpu': not a device \(auto, cpu, cuda or cuda:N\)$"):
+        resolve_device("gpu")  # torch's error listed its thirty-odd device types
 
 
 def test_bf16_autocast_on_cpu(tmp_path, synthetic_cache):
@@ -741,6 +743,9 @@ def test_slim_refuses_to_overwrite_its_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="that is the checkpoint itself"):
         slim_checkpoint(last, tmp_path / "." / "last.pt")
     assert last.read_bytes() == before
+    with pytest.raises(ValueError, match=r"model\.onnx: name the output \*\.pt"):  # a checkpoint under an ONNX name
+        slim_checkpoint(last, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_cli_slim(tmp_path, capsys):

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .config import IMAGE_SIZE
 from .data import scores_shape_problem
-from .fileio import atomic_write, refuse_input
+from .fileio import atomic_write, not_a_file, refuse_input
 from .models import build_model
 
 FORMAT = "ferkit-checkpoint/1"
@@ -32,8 +32,8 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; ``mmap``: map its tensors instead of reading them
     (to read its config or metrics alone)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+    if problem := not_a_file(path, "checkpoint"):
+        raise CheckpointError(f"{path}: {problem}")
     if path.suffix.lower() == ".onnx":
         raise CheckpointError(f"{path}: an ONNX model; this takes a .pt checkpoint (evaluate/predict/serve take both)")
     if problem := _not_torch_zip(path):  # torch's own errors for these read "pop from empty list"
@@ -133,6 +133,8 @@ def slim_checkpoint(path: str | Path, out: str | Path, half: bool = False) -> Pa
     """Write only what a checkpoint predicts with (its EMA weights when present, else its weights),
     without optimiser state, optionally as float16: for shipping and carrying between machines."""
     refuse_input(out, path, "the checkpoint", "another file for the slimmed one")  # last.pt is what --resume needs
+    if Path(out).suffix.lower() not in (".pt", ".pth"):  # `-o model.onnx` wrote a checkpoint under an ONNX name
+        raise ValueError(f"{out}: name the output *.pt (`ferkit export` writes ONNX)")
     state = _model_state(path)
     weights = state.get("ema_state_dict") or state["state_dict"]
     if half:
@@ -157,8 +159,8 @@ def load_init_weights(
     is refused: it is for another architecture or layout. Returns the number of tensors loaded, of the file's
     left unused and of the model's left as initialised (BatchNorm's step counters not counted)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: initial weights file not found")
+    if problem := not_a_file(path, "initial weights file"):
+        raise FileNotFoundError(f"{path}: {problem}")
     safetensors = path.suffix.lower() == ".safetensors"
     state = _safetensors(path) if safetensors else _torch_load(path, "weights file", ValueError)
     if isinstance(state, dict) and state.get("format") == FORMAT:

@@ -3,7 +3,9 @@ serve."""
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -12,7 +14,8 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -449,9 +452,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_card(args: argparse.Namespace) -> int:
     from .card import readme_with_results, render_model_card
-    from .fileio import atomic_write
+    from .fileio import atomic_write, refuse_repeats
 
     reports = [Path(r) for r in args.reports]
+    refuse_repeats(reports, "report")  # a row twice in the card's table
     text = render_model_card(Path(args.run), Path(args.onnx), reports, args.train_command, args.hardware)
     readme = readme_with_results(Path(args.readme), reports, Path(args.onnx)) if args.readme else None
     atomic_write(args.out, lambda f: f.write(text.encode()))  # both checked before either is written
@@ -574,7 +578,7 @@ def _add_select_ensemble(sub: Any) -> None:
     )
     p.add_argument("checkpoint", nargs="+", help="candidate checkpoints (.pt) or exported models (.onnx)")
     p.add_argument("--data", required=True, help="FER-2013 cache, CSV or image folder")
-    p.add_argument("--tta", nargs="+", default=["none"], choices=TTA_MODES, help="TTA modes to try")
+    p.add_argument("--tta", nargs="+", default=["none"], choices=TTA_MODES, help="TTA modes to try (default: none)")
     p.add_argument("--max-size", type=_count(0), default=0, help="largest ensemble to consider (0 = all candidates)")
     p.add_argument("--top", type=_count(1), default=10, help="rows to print and save (default: %(default)s)")
     p.add_argument("--out", help="JSON file for the ranking")
@@ -587,7 +591,12 @@ def _add_select_ensemble(sub: Any) -> None:
 
 
 def _add_card(sub: Any) -> None:
-    p = sub.add_parser("card", help="write the model card (and README results) from evaluation JSON")
+    p = sub.add_parser(
+        "card",
+        help="write the model card (and README results) from evaluation JSON",
+        description="Write MODEL_CARD.md for a shipped ONNX model from its training run and the JSON reports of "
+        "`ferkit evaluate` (each checked to be of that model), and optionally regenerate a README's results table.",
+    )
     p.add_argument("--run", required=True, help="the training run folder (metrics.csv, and best.pt or config.yaml)")
     p.add_argument("--onnx", required=True, help="the shipped ONNX file")
     p.add_argument("--reports", nargs="+", required=True, help="evaluation JSON files, the headline first")
@@ -762,34 +771,64 @@ def _terminated(signum: int, frame: Any) -> None:
     raise _Terminated(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # SIGTERM (kill, a scheduler's stop) unwinds as Ctrl-C does, so that no temp file or partial video stays
-    # behind; not under torchrun, whose SIGTERM to one process while another waits in a collective must end it
+def _raise_again(hook: Callable[[Any], object]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that delivers a SIGTERM again which Python dropped: raised inside a weakref
+    callback or ``__del__``, it was printed and the command ran on (3 of 16 kills of an evaluation)."""
+
+    def handle(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, _Terminated):  # a moment later: outside the callback, most likely
+            threading.Timer(0.01, _thread.interrupt_main, (signal.SIGTERM,)).start()
+        else:
+            hook(unraisable)
+
+    return handle
+
+
+def _one_line(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+    return f"warning: {message}\n"
+
+
+@contextlib.contextmanager
+def _as_a_command() -> Iterator[None]:
+    """While a command runs: SIGTERM (kill, a scheduler's stop) unwinds as Ctrl-C does, so that no temp file or
+    partial video stays behind (not under torchrun, whose SIGTERM to one process while another waits in a
+    collective must end it), and warnings are one line each, without the source line that raised them."""
     catch = threading.current_thread() is threading.main_thread() and "LOCAL_RANK" not in os.environ
+    hook, formatwarning = sys.unraisablehook, warnings.formatwarning
     previous = signal.signal(signal.SIGTERM, _terminated) if catch else None
+    if catch:
+        sys.unraisablehook = _raise_again(hook)
+    warnings.formatwarning = _one_line
     try:
-        return args.func(args)
-    except BrokenPipeError:  # `ferkit predict ... | head -1`: the reader has all it wanted; no error to show
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail
-        return 1
-    except (ValueError, OSError, ImportError, RuntimeError) as e:
-        hint = ""
-        if isinstance(e, ImportError) and e.name in TRAIN_EXTRA:  # torch, onnx, ...: not in a bare install
-            hint = " (training, evaluation and export need the train extra: pip install 'ferkit[train]')"
-        print(f"ferkit {args.command}: error: {e}{hint}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ferkit {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except _Terminated:  # unwound: now end by the signal, as the process would have without the handler
-        print(f"ferkit {args.command}: terminated", file=sys.stderr)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-        raise
+        yield
     finally:
+        sys.unraisablehook, warnings.formatwarning = hook, formatwarning
         if catch and previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with _as_a_command():
+        try:
+            return args.func(args)
+        except BrokenPipeError:  # `ferkit predict ... | head -1`: the reader has all it wanted; no error to show
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail
+            return 1
+        except (ValueError, OSError, ImportError, RuntimeError) as e:
+            hint = ""
+            if isinstance(e, ImportError) and e.name in TRAIN_EXTRA:  # torch, onnx, ...: not in a bare install
+                hint = " (training, evaluation and export need the train extra: pip install 'ferkit[train]')"
+            print(f"ferkit {args.command}: error: {e}{hint}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"ferkit {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except _Terminated:  # unwound: now end by the signal, as the process would have without the handler
+            print(f"ferkit {args.command}: terminated", file=sys.stderr)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise
 
 
 def _json(obj: Any) -> str:

@@ -307,7 +307,8 @@ def load_cache(path: str | Path) -> FERData:
     except ValueError as e:
         raise DataError(f"{path}: not a ferkit data cache ({e.__cause__}); rebuild it with `ferkit prepare`") from e
     if tuple(z["classes"]) != CLASSES:
-        raise DataError(f"{path}: class order {tuple(z['classes'])} differs from {CLASSES}")
+        found, fer = ", ".join(map(str, z["classes"])), ", ".join(CLASSES)
+        raise DataError(f"{path}: classes {found}, not FER-2013's {fer}; rebuild it with `ferkit prepare`")
     data = FERData(z["images"], z["labels"], z["splits"], z["sources"])
     if problem := _cache_problem(data):  # what trained on silently: float images, splits other than three
         raise DataError(f"{path}: not a ferkit data cache ({problem}); rebuild it with `ferkit prepare`")

@@ -17,7 +17,7 @@ import torch.nn as nn
 from .config import TrainConfig
 from .data import CLASSES
 from .evaluate import load_for_evaluation, predict_proba_modes
-from .fileio import atomic_write, bytes_digest, file_digest, read_npz
+from .fileio import atomic_write, bytes_digest, file_digest, not_a_file, read_npz
 
 log = logging.getLogger("ferkit.train")
 
@@ -59,8 +59,8 @@ def is_targets_file(teacher: str) -> bool:
 def load_targets_file(path: str | Path, images: np.ndarray, temperature: float) -> np.ndarray:
     """The per-image targets that a run with ``distill_cache`` wrote (``teacher_probs.npz``), checked to be
     for these training images and this temperature: teachers too big to move to a machine teach through it."""
-    if not Path(path).is_file():
-        raise ValueError(f"distillation targets {path}: not found")
+    if problem := not_a_file(path, "file"):
+        raise ValueError(f"distillation targets {path}: {problem}")
     try:
         f = read_npz(path, ["key", "probs"])
     except ValueError as e:

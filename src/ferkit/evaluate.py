@@ -20,6 +20,7 @@ from .data import CLASSES, model_input, tta_views
 from .fileio import (
     atomic_write,
     bytes_digest,
+    check_writable,
     file_digest,
     model_digest,
     model_name,
@@ -312,6 +313,7 @@ def _probabilities(
 
     if cache is not None:
         refuse_file(cache, "--cache")
+        check_writable(Path(cache) / "entry.npz")  # before any model runs
     dev = resolve_device(device)
     data = load_dataset(data_path, progress=progress)
     every = data.split(split)
@@ -416,6 +418,7 @@ def evaluate_tta(
     (or its probabilities taken from the ``cache`` folder, see :func:`_probabilities`)."""
     if out is not None:
         refuse_file(out, "--out")  # before any model runs: it failed after
+        check_writable(Path(out) / f"{split}.json")
     digests = _distinct_models(checkpoints, "ensemble member")  # what a report's numbers are of
     if out is not None:
         _refuse_other_models(Path(out), checkpoints, digests)

@@ -20,7 +20,7 @@ import torch.nn as nn
 from .checkpoint import model_from_checkpoint
 from .config import IMAGE_SIZE, MARGIN
 from .data import model_input
-from .fileio import atomic_write, parse_model_metadata, read_model_report, refuse_folder, refuse_input
+from .fileio import atomic_write, not_a_file, parse_model_metadata, read_model_report, refuse_folder, refuse_input
 
 PREPROCESSING = (
     f"RGB -> grayscale (ITU-R 601 luma), face crop with {MARGIN:.0%} margin resized to {IMAGE_SIZE}x{IMAGE_SIZE}, "
@@ -34,8 +34,8 @@ def read_metadata(model: str | Path | Any) -> dict[str, Any]:
 
     source = model if isinstance(model, (str, Path)) else "ONNX model"
     if isinstance(model, (str, Path)):
-        if not Path(model).is_file():
-            raise FileNotFoundError(f"{model}: no such ONNX file")
+        if problem := not_a_file(model, "ONNX model file"):
+            raise FileNotFoundError(f"{model}: {problem}")
         try:
             model = onnx.load(str(model), load_external_data=False)
         except Exception as e:  # onnx raises protobuf's DecodeError and others for a damaged file

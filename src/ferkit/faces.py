@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from .config import CENTERFACE, DETECTOR, IMAGE_SIZE, MARGIN, MIN_FACE  # noqa: F401 - faces.DETECTOR etc. stay importable
+from .fileio import not_a_file
 from .runtime import check_count, cpu_session
 
 Box = tuple[int, int, int, int]  # x, y, width, height in original-image pixels
@@ -96,8 +97,8 @@ class HaarDetector:
                     "install opencv-python-headless<5 or pass a cascade/YuNet model file"
                 )
             cascade = Path(data.haarcascades) / "haarcascade_frontalface_default.xml"
-        if not Path(cascade).is_file():
-            raise FileNotFoundError(f"{cascade}: Haar cascade file not found")
+        if problem := not_a_file(cascade, "Haar cascade file"):
+            raise FileNotFoundError(f"{cascade}: {problem}")
         try:
             self.classifier = cv2.CascadeClassifier(str(cascade))
         except (cv2.error, SystemError) as e:  # a malformed XML file: OpenCV raises SystemError
@@ -155,8 +156,8 @@ class CenterFaceDetector:
         max_input: int = 2048,
         threads: int | None = None,
     ) -> None:
-        if not Path(model_path).is_file():
-            raise FileNotFoundError(f"{model_path}: CenterFace model file not found")
+        if problem := not_a_file(model_path, "CenterFace model file"):
+            raise FileNotFoundError(f"{model_path}: {problem}")
         # arena off: a large photo's gigabytes are freed. A pool of threads (threads != 1) does not spin after a
         # photo: the emotion model runs next on the same cores (benchmarks/inference_speed.py --threads 2, end to
         # end: 24.4 / 40.0 ms for 1 / 5 faces with spinning, 23.3 / 35.9 without); one thread keeps the default
@@ -226,8 +227,8 @@ class YuNetDetector:
     def __init__(
         self, model_path: str | Path, score_threshold: float = 0.7, min_size: int = MIN_FACE, max_side: int = 1024
     ) -> None:
-        if not Path(model_path).is_file():
-            raise FileNotFoundError(f"{model_path}: YuNet model file not found")
+        if problem := not_a_file(model_path, "YuNet model file"):
+            raise FileNotFoundError(f"{model_path}: {problem}")
         self.min_size, self.max_side = min_size, max_side
         self._lock = threading.Lock()  # as HaarDetector's
         level = cv2.utils.logging.getLogLevel()
@@ -253,8 +254,8 @@ def onnx_detector(path: str | Path, threads: int | None = None, **kwargs: Any) -
     """The CenterFace or YuNet network of an ``.onnx`` file (told apart by its inputs and outputs), made with
     ``kwargs``; ``threads``: CenterFace's ONNX Runtime threads."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: face detector model file not found")
+    if problem := not_a_file(path, "face detector model file"):
+        raise FileNotFoundError(f"{path}: {problem}")
     try:
         return CenterFaceDetector(path, threads=threads, **kwargs)
     except ValueError:  # not CenterFace's one input and four outputs: YuNet's?

@@ -51,6 +51,17 @@ def broken_link(path: str | Path) -> str | None:
     return f"a link to nothing ({os.readlink(path)})"
 
 
+def not_a_file(path: str | Path, what: str) -> str | None:
+    """Why ``path`` cannot be read as the file ``what`` names ("checkpoint not found", "is a folder, not a
+    checkpoint", a broken link), or None when it is a file."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return f"is a folder, not {'an' if what[0] in 'aeiouAEIOU' else 'a'} {what}"
+    return broken_link(path) or f"{what} not found"
+
+
 def _open_temp(path: Path) -> tuple[Path, int]:
     """A new temp file beside ``path`` (its folders made), open for writing; errors name ``path``."""
     if file := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
@@ -107,9 +118,8 @@ def model_digest(path: str | Path) -> str:
     """What identifies a model in the reports of ``ferkit evaluate``, checked where their numbers are quoted:
     an ONNX file's graph and weights (not its metadata, which ``export --report`` rewrites, nor where its
     weights are stored: in the file or beside it), or a checkpoint's bytes."""
-    if not Path(path).is_file():
-        what = "model file" if Path(path).suffix.lower() == ".onnx" else "checkpoint"
-        raise FileNotFoundError(f"{path}: {what} not found")
+    if problem := not_a_file(path, "model file" if Path(path).suffix.lower() == ".onnx" else "checkpoint"):
+        raise FileNotFoundError(f"{path}: {problem}")
     if Path(path).suffix.lower() != ".onnx":
         return file_digest(path)
     import onnx
@@ -196,7 +206,8 @@ def parse_model_metadata(text: str | None, source: str | Path) -> dict[str, Any]
 
 
 def refuse_repeats(paths: Any, what: str) -> None:
-    """Refuse one file given twice (it would count double in an ensemble), however its path is written."""
+    """Refuse one file given twice (it would count double: an ensemble's member, a card's report), however its
+    path is written."""
     seen: dict[Path, Any] = {}
     for path in paths:
         if Path(path).resolve() in seen:

@@ -18,7 +18,7 @@ import numpy as np
 from .config import DEFAULT_MODEL, DETECTOR, IMAGE_SIZE, MARGIN, MIN_FACE, TTA, TTA_MODES, WEIGHTS_DIR  # noqa: F401 - re-exported
 from .data import CLASSES, model_input, scores_shape_problem, tta_views
 from .faces import Box, FaceDetector, check_margin, crop_faces, fit_boxes, make_detector
-from .fileio import model_name, parse_model_metadata, refuse_repeats
+from .fileio import model_name, not_a_file, parse_model_metadata, refuse_repeats
 from .images import (  # noqa: F401 - re-exported: decoding images is part of the inference API
     MAX_PIXELS,
     ImageError,
@@ -116,8 +116,8 @@ class TorchBackend:
 
 def _load_backend(path: Path, backend: str, threads: int | None) -> OnnxBackend | TorchBackend:
     """``backend``: ``onnx``, ``torch`` or ``auto`` (torch for .pt/.pth files, else ONNX Runtime)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: model file not found")
+    if problem := not_a_file(path, "model file"):
+        raise FileNotFoundError(f"{path}: {problem}")
     checkpoint = path.suffix.lower() in (".pt", ".pth")
     if backend == "auto":
         backend = "torch" if checkpoint else "onnx"

@@ -52,4 +52,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's message lists its thirty-odd device types
+        raise ValueError(f"device {name!r}: not a device (auto, cpu, cuda or cuda:N)") from None
