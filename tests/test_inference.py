@@ -108,20 +108,21 @@ def test_ensemble_averages_its_members(tmp_path):
 
 
 def test_kept_ensemble_members():
-    """models/ keeps the members that, with the shipped model, make the runnable ensemble of the README (and
-    models/candidates/ the other kept models): same classes and preprocessing, class weights undone like the
-    shipped model, usable together."""
+    """models/ keeps the members of the README's runnable ensemble (and models/candidates/ another kept model):
+    same classes and preprocessing, class weights undone and prior fitted like the shipped model, usable
+    together."""
     models = Path(__file__).parents[1] / "models"
     members, candidates = sorted(models.glob("*.onnx")), sorted((models / "candidates").glob("*.onnx"))
-    assert len(members) == 3 and len(candidates) == 3, (members, candidates)
+    assert len(members) == 5 and len(candidates) == 1, (members, candidates)
     shipped = read_metadata(DEFAULT_MODEL)
     for m in members + candidates:  # a candidate must be able to join the ensemble too
         meta = read_metadata(m)
         assert meta["classes"] == list(CLASSES)
         assert meta["preprocessing"] == shipped["preprocessing"]
         assert meta["class_weights_undone"] == shipped["class_weights_undone"]
+        assert meta["prior_fitted"]["split"] == shipped["prior_fitted"]["split"] == "PublicTest"
         assert meta["split"] == "PrivateTest" and meta["accuracy"] > 0.7  # its evaluation, written in by export
-    ens = EmotionRecognizer([DEFAULT_MODEL, *members], threads=1)
+    ens = EmotionRecognizer(members, threads=1)
     assert ens.predict(ASTRONAUT)[0].emotion == "happy"
 
 
