@@ -107,6 +107,25 @@ def test_ensemble_averages_its_members(tmp_path):
         EmotionRecognizer([a, tmp_path / "reversed.onnx"], threads=1)
 
 
+def test_a_folder_is_the_ensemble_of_its_onnx_models(tmp_path):
+    """`--model models/` runs the kept ensemble (it took five --model options); a folder's checkpoints and
+    sub-folders are not members."""
+    folder = tmp_path / "kept"
+    (folder / "sub").mkdir(parents=True)
+    a = export_onnx(make_checkpoint(folder / "a.pt", seed=0), folder / "a.onnx")
+    b = export_onnx(make_checkpoint(tmp_path / "b.pt", seed=1), folder / "B.ONNX")
+    export_onnx(make_checkpoint(tmp_path / "c.pt", seed=2), folder / "sub" / "c.onnx")
+    ens = EmotionRecognizer(folder, threads=1)
+    assert ens.model_info["path"] == f"{b}, {a}"  # by name
+    crops = photo_crops(8, seed=3)
+    np.testing.assert_array_equal(ens.classify_crops(crops), EmotionRecognizer([b, a], threads=1).classify_crops(crops))
+    with pytest.raises(ValueError, match=re.escape(f"{a}: ensemble member given twice")):
+        EmotionRecognizer([folder, a], threads=1)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{folder / 'sub' / 'sub'}: no .onnx model in this folder")):
+        (folder / "sub" / "sub").mkdir()
+        EmotionRecognizer(folder / "sub" / "sub", threads=1)
+
+
 def test_kept_ensemble_members():
     """models/ keeps the members of the README's runnable ensemble (and models/candidates/ another kept model):
     same classes and preprocessing, class weights undone and prior fitted like the shipped model, usable
@@ -122,8 +141,8 @@ def test_kept_ensemble_members():
         assert meta["class_weights_undone"] == shipped["class_weights_undone"]
         assert meta["prior_fitted"]["split"] == shipped["prior_fitted"]["split"] == "PublicTest"
         assert meta["split"] == "PrivateTest" and meta["accuracy"] > 0.7  # its evaluation, written in by export
-    ens = EmotionRecognizer(members, threads=1)
-    assert ens.predict(ASTRONAUT)[0].emotion == "happy"
+    ens = EmotionRecognizer(models, threads=1)  # `--model models/`: its five .onnx files
+    assert len(ens.backends) == 5 and ens.predict(ASTRONAUT)[0].emotion == "happy"
 
 
 def test_kept_fast_option():

@@ -206,7 +206,9 @@ def _evaluate(
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    checkpoints = args.checkpoint + (args.ensemble or [])
+    from .fileio import model_files
+
+    checkpoints = [p for c in args.checkpoint + (args.ensemble or []) for p in model_files(c)]
     first = Path(checkpoints[0])
     # a run's best.pt reports into eval/; any other file into its own folder (m.pt and m.onnx side by side:
     # eval_m_pt/ and eval_m_onnx/); an ensemble into one named for its members (in any order), never another's
@@ -227,12 +229,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_select_ensemble(args: argparse.Namespace) -> int:
     from .evaluate import select_ensemble
-    from .fileio import atomic_write, check_writable
+    from .fileio import atomic_write, check_writable, model_files
 
     if args.out:  # before any model runs: it failed after
         check_writable(args.out)
+    candidates = [str(p) for c in args.checkpoint for p in model_files(c)]
     rows = select_ensemble(
-        args.checkpoint,
+        candidates,
         args.data,
         args.tta,
         args.max_size,
@@ -249,7 +252,7 @@ def cmd_select_ensemble(args: argparse.Namespace) -> int:
     command = ["ferkit", "evaluate", *best["checkpoints"], "--data", args.data, "--split", "PrivateTest"]
     print(f"report the choice on PrivateTest with: {shlex.join([*command, '--tta', best['tta']])}")
     if args.out:
-        ranked = {"split": "PublicTest", "limit": args.limit, "candidates": args.checkpoint, "ranking": rows}
+        ranked = {"split": "PublicTest", "limit": args.limit, "candidates": candidates, "ranking": rows}
         payload = json.dumps(ranked, indent=1)
         print(f"wrote {atomic_write(args.out, lambda f: f.write(payload.encode()))}")
     return 0
@@ -539,7 +542,10 @@ def _add_evaluate(sub: Any) -> None:
         description="Accuracy, classification report, confusion matrix, ROC/AUC and plots.",
     )
     p.add_argument(
-        "checkpoint", nargs="+", help="checkpoints (.pt) or exported models (.onnx); several are averaged (an ensemble)"
+        "checkpoint",
+        nargs="+",
+        help="checkpoints (.pt) or exported models (.onnx); several are averaged (an ensemble), and a folder stands "
+        "for the .onnx files in it",
     )
     p.add_argument("--ensemble", nargs="*", help="more checkpoints to average with the first")
     p.add_argument("--data", required=True, help="FER-2013 cache, CSV or image folder")
@@ -576,7 +582,9 @@ def _add_select_ensemble(sub: Any) -> None:
         "accuracy of its mean probabilities, and print the best (ties: fewer models, cheaper TTA). "
         "PrivateTest is not read: report the winner on it with `ferkit evaluate`.",
     )
-    p.add_argument("checkpoint", nargs="+", help="candidate checkpoints (.pt) or exported models (.onnx)")
+    p.add_argument(
+        "checkpoint", nargs="+", help="candidate checkpoints (.pt) or exported models (.onnx), or folders of them"
+    )
     p.add_argument("--data", required=True, help="FER-2013 cache, CSV or image folder")
     p.add_argument("--tta", nargs="+", default=["none"], choices=TTA_MODES, help="TTA modes to try (default: none)")
     p.add_argument("--max-size", type=_count(0), default=0, help="largest ensemble to consider (0 = all candidates)")
@@ -672,6 +680,12 @@ def _add_export(sub: Any) -> None:
     p.set_defaults(func=cmd_export)
 
 
+MODEL_HELP = (
+    "an .onnx or .pt model; repeat for an ensemble, or name a folder: the .onnx files in it, averaged "
+    "(default: the shipped model)"
+)
+
+
 def _add_predict(sub: Any) -> None:
     p = sub.add_parser(
         "predict",
@@ -682,7 +696,9 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("paths", nargs="*", help="images, folders (searched recursively) and video files")
     p.add_argument("--webcam", type=int, metavar="N", help="read camera N instead of files (Ctrl-C stops)")
     p.add_argument(
-        "--model", action="append", help="an .onnx or .pt model; repeat for an ensemble (default: the shipped model)"
+        "--model",
+        action="append",
+        help=MODEL_HELP,
     )
     p.add_argument(
         "--backend", default="auto", choices=["auto", "onnx", "torch"], help="inference runtime (default: %(default)s)"
@@ -708,7 +724,11 @@ def _add_serve(sub: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: %(default)s)")
     p.add_argument("--port", type=_count(1, 65535), default=7860, help="port (default: %(default)s)")
-    p.add_argument("--model", action="append", help="an .onnx or .pt model; repeat for an ensemble (default: shipped)")
+    p.add_argument(
+        "--model",
+        action="append",
+        help=MODEL_HELP,
+    )
     d = AppSettings()
     p.add_argument(
         "--max-upload-mb", type=_positive, default=d.max_upload_mb, help="largest upload in MiB (default: %(default)s)"

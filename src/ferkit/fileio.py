@@ -62,6 +62,18 @@ def not_a_file(path: str | Path, what: str) -> str | None:
     return broken_link(path) or f"{what} not found"
 
 
+def model_files(model: str | os.PathLike[str]) -> list[Path]:
+    """The model files ``model`` names: itself, or for a folder every ``.onnx`` file directly in it, by name (a
+    kept ensemble: ``models/``)."""
+    path = Path(model)
+    if not path.is_dir():
+        return [path]
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".onnx" and p.is_file())
+    if not found:
+        raise FileNotFoundError(f"{path}: no .onnx model in this folder")
+    return found
+
+
 def _open_temp(path: Path) -> tuple[Path, int]:
     """A new temp file beside ``path`` (its folders made), open for writing; errors name ``path``."""
     if file := next((p for p in path.parents if p.exists() and not p.is_dir()), None):

@@ -18,7 +18,7 @@ import numpy as np
 from .config import DEFAULT_MODEL, DETECTOR, IMAGE_SIZE, MARGIN, MIN_FACE, TTA, TTA_MODES, WEIGHTS_DIR  # noqa: F401 - re-exported
 from .data import CLASSES, model_input, scores_shape_problem, tta_views
 from .faces import Box, FaceDetector, check_margin, crop_faces, fit_boxes, make_detector
-from .fileio import model_name, not_a_file, parse_model_metadata, refuse_repeats
+from .fileio import model_files, model_name, not_a_file, parse_model_metadata, refuse_repeats
 from .images import (  # noqa: F401 - re-exported: decoding images is part of the inference API
     MAX_PIXELS,
     ImageError,
@@ -135,7 +135,7 @@ class EmotionRecognizer:
     """Find every face in an image and score the 7 emotions of each.
 
     ``model``: an ``.onnx`` export or a ``.pt`` checkpoint (default: the shipped model), or a list of them
-    to average as an ensemble.
+    to average as an ensemble; a folder stands for the ``.onnx`` files in it (``models/``: the kept ensemble).
     ``backend``: ``auto`` (by file type), ``onnx`` or ``torch``. ``detector``: ``centerface``
     (default, the shipped CNN), ``haar`` (OpenCV's cascade), a YuNet ``.onnx`` path, a Haar ``.xml`` path or
     any object with ``detect(rgb)``. ``min_face``: smallest face side found, in
@@ -170,9 +170,9 @@ class EmotionRecognizer:
             raise ValueError("no model given")
         if not all(isinstance(m, (str, os.PathLike)) and str(m) for m in members):
             raise ValueError(f"model must be a file path or a list of them, got {model!r}")
-        refuse_repeats(members, "ensemble member")
+        paths = [p for m in members for p in model_files(m)]
+        refuse_repeats(paths, "ensemble member")
         self.tta = tta
-        paths = [Path(m) for m in members]
         self.backends = [_load_backend(p, backend, threads) for p in paths]
         infos = [b.info for b in self.backends]
         self.classes: tuple[str, ...] = tuple(infos[0].get("classes", CLASSES))
