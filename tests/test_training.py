@@ -1005,7 +1005,8 @@ def test_sam_perturb_moves_the_weights_by_rho_along_the_gradient():
 
 def test_sam_refuses_fp16_loss_scaling(monkeypatch):
     """SAM's second backward pass is not loss-scaled: with fp16 its gradients would be divided by the scale.
-    Refused whether fp16 is asked for or is what ``auto`` means on a GPU without bf16."""
+    Refused whether fp16 is asked for or is what ``auto`` means on a GPU without bf16 (such as a V100 or T4, which
+    torch says support bf16 unless asked about native support: ``auto`` trained them in emulated bf16)."""
     cuda = torch.device("cuda")  # checked without a GPU: only the dtype the options resolve to matters
     for bf16, amp, refused in [
         (True, "fp16", True),
@@ -1013,7 +1014,9 @@ def test_sam_refuses_fp16_loss_scaling(monkeypatch):
         (True, "auto", False),
         (False, "none", False),
     ]:
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        monkeypatch.setattr(
+            torch.cuda, "is_bf16_supported", lambda including_emulation=True, bf16=bf16: bf16 or including_emulation
+        )
         cfg = TrainConfig(sam_rho=0.05, amp=amp)
         if refused:
             with pytest.raises(ValueError, match="SAM .* fp16 loss scaling"):
@@ -1021,6 +1024,7 @@ def test_sam_refuses_fp16_loss_scaling(monkeypatch):
         else:
             training._check_config(cfg, 1, cuda)
     training._check_config(TrainConfig(sam_rho=0.0, amp="auto"), 1, cuda)  # fp16 without SAM is fine
+    assert training.amp_dtype(TrainConfig(amp="auto"), cuda) == torch.float16  # the last stub: no native bf16
 
 
 def test_sam_with_emulated_bf16_warns_once(monkeypatch, tmp_path, synthetic_cache):

@@ -47,13 +47,14 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype. On CUDA ``auto`` means bf16 where supported, else fp16. On a CPU only an
-    explicit ``bf16`` turns it on (about twice as fast on CPUs with AVX512-BF16 or AMX, see the README);
-    ``auto`` stays float32 there, so CPU runs repeat exactly."""
+    """The autocast dtype. On CUDA ``auto`` means bf16 where the GPU has it (Ampere and later), else fp16. On a
+    CPU only an explicit ``bf16`` turns it on (about twice as fast on CPUs with AVX512-BF16 or AMX, see the
+    README); ``auto`` stays float32 there, so CPU runs repeat exactly."""
     if cfg.amp == "none":
         return None
     if device.type == "cuda":
-        if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
+        # torch's default counts emulated bf16 as supported: a V100 or T4 would train in it, slowly
+        if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported(including_emulation=False)):
             return torch.float16
         return torch.bfloat16
     if cfg.amp == "fp16":
