@@ -38,7 +38,8 @@ def test_model_card_quotes_the_run_and_its_numbers(trained_run, reports, tmp_pat
     assert "`ferkit train --x`" in card and "Hardware: a test machine" in card and "MiB, ONNX, float32," in card
     reproduce = f"ferkit evaluate {onnx.as_posix()} --data data/fer2013.npz --split PrivateTest --tta flip none"
     assert f"`{reproduce} --out reports/my_model`" in card  # the folder the card's numbers come from
-    assert f"| my_model | PrivateTest | flip | {head['accuracy']:.2%} |" in card
+    assert f"| my_model | PrivateTest | flip | {head['accuracy']:.2%} | {head['unseen']['accuracy']:.2%} |" in card
+    assert "0 of the 28 PrivateTest images are copies, pixel for pixel, of Training images" in card  # none here
     assert "| teacher |" not in card  # no distillation in this run
     # a run on a subset says so (every card said 28,709 images), and shows its limit
     assert "Training split (a 64-image subset of its 28,709)" in card and "| train_limit | `64` |" in card
@@ -60,6 +61,20 @@ def test_model_card_names_the_initial_weights_and_the_teachers(trained_run, synt
     assert f"| init_weights | `{teacher}` |" in card and f"| teacher | `['{teacher}']` |" in card
     assert "| distill_cache | `True` |" in card
     assert f"Started from the weights in `{teacher}`, whose own training is not counted here." in card
+
+
+def test_a_report_from_before_copies_were_counted_still_makes_a_card(trained_run, reports, tmp_path):
+    """Reports written before `unseen` existed (the kept models') still make a card and a table row."""
+    from ferkit.export import export_onnx
+
+    old = []
+    for r in reports:
+        old.append(tmp_path / r.name)
+        old[-1].write_text(json.dumps({k: v for k, v in json.loads(r.read_text()).items() if k != "unseen"}))
+    card = render_model_card(trained_run, export_onnx(trained_run / "best.pt", tmp_path / "my_model.onnx"), old,
+                             "ferkit train --x", "a test machine")  # fmt: skip
+    assert "this report predates counting them" in card
+    assert re.search(r"\| my_model \| PrivateTest \| flip \| [\d.]+% \| – \|", card)
 
 
 def test_readme_results_replace_only_the_results_block(reports, tmp_path):

@@ -481,6 +481,17 @@ def test_corrupt_cache_names_the_file(tmp_path, kind):
         load_dataset(bad)
 
 
+def test_copies_of_training_images_are_found_pixel_for_pixel():
+    """FER-2013's PublicTest and PrivateTest hold copies of Training images (288 of PrivateTest's 3,589)."""
+    data = synthetic_data({"Training": 2, "PublicTest": 2, "PrivateTest": 2})
+    training, test = data.split("Training")[0], data.split("PrivateTest")[0].copy()
+    test[0], test[5] = training[3], training[0]
+    test[6] = training[1]
+    test[6, 0, 0] ^= 1  # one pixel off: not a copy
+    assert data.seen_in_training(test).tolist() == [i in (0, 5) for i in range(len(test))]
+    assert data.seen_in_training(training).all()
+
+
 def test_cache_with_bad_crc_is_an_error(tmp_path):
     good = save_cache(synthetic_data({"Training": 1, "PublicTest": 1, "PrivateTest": 1}), tmp_path / "c.npz")
     with zipfile.ZipFile(good) as z:

@@ -151,6 +151,15 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     }
 
 
+def unseen_metrics(y_true: np.ndarray, probs: np.ndarray, seen: np.ndarray) -> dict[str, Any] | None:
+    """Accuracy and macro-F1 on the images that are not copies of a Training image (``seen``: those that are;
+    see :meth:`FERData.seen_in_training`), with their number ``n``; None when every image is one."""
+    if seen.all():
+        return None
+    y_true, y_pred = y_true[~seen], probs[~seen].argmax(1)
+    return {"n": int(len(y_true)), "accuracy": float((y_pred == y_true).mean()), "macro_f1": macro_f1(y_true, y_pred)}
+
+
 def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[str, Any]:
     """How far the probabilities can be taken at their word: log-loss (``nll``), expected calibration error of the
     top class over ``bins`` equal-width confidence bins (``ece``), and each class's mean probability over its
@@ -279,7 +288,14 @@ def format_summary(metrics: dict[str, Any]) -> str:
     rep = metrics["report"]
     lines = [
         f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
-        f"weighted-F1 {metrics['weighted_f1']:.4f}  macro-AUC {_num(metrics['macro_auc'])}  (n={metrics['n']})",
+        f"weighted-F1 {metrics['weighted_f1']:.4f}  macro-AUC {_num(metrics['macro_auc'])}  (n={metrics['n']})"
+    ]
+    if unseen := metrics.get("unseen"):
+        lines.append(
+            f"not in Training: accuracy {unseen['accuracy']:.4f}  macro-F1 {unseen['macro_f1']:.4f}  "
+            f"(n={unseen['n']}; the other {metrics['n'] - unseen['n']} are copies of Training images)"
+        )
+    lines += [
         f"log-loss {metrics['nll']:.4f}  ECE {metrics['ece']:.4f}  mean probability / frequency: "
         + " ".join(f"{c} {'-' if r is None else f'{r:.2f}'}" for c, r in metrics["prior_ratio"].items()),
         f"{'class':<10}{'precision':>10}{'recall':>8}{'F1':>8}{'AUC':>8}{'support':>9}",
@@ -303,12 +319,12 @@ def _probabilities(
     limit: int,
     cache: str | Path | None = None,
     progress: bool = True,
-) -> tuple[np.ndarray, list[tuple[str, dict[str, np.ndarray]]], bool]:
+) -> tuple[np.ndarray, list[tuple[str, dict[str, np.ndarray]]], bool, np.ndarray]:
     """The labels of ``split`` (``limit`` of them when that is fewer), for each model in turn its name and
     probabilities per TTA mode (with a progress bar: ten-crop views of a large model take minutes on a CPU),
-    and whether the images are a subset of the split. With a ``cache`` folder, each
-    model's probabilities are kept there under the SHA-256 of its file and of the images, and reused (see
-    :data:`CACHE_VERSION`; writing an entry deletes that model's entries of older versions)."""
+    whether the images are a subset of the split, and which are copies of Training images. With a ``cache``
+    folder, each model's probabilities are kept there under the SHA-256 of its file and of the images, and reused
+    (see :data:`CACHE_VERSION`; writing an entry deletes that model's entries of older versions)."""
     from .data import load_dataset
 
     if cache is not None:
@@ -339,7 +355,7 @@ def _probabilities(
                     stale.unlink(missing_ok=True)
             probs = {mode: probs[mode] for mode in modes}
         per_model.append((name, probs))
-    return labels, per_model, len(labels) < len(every[1])
+    return labels, per_model, len(labels) < len(every[1]), data.seen_in_training(images)
 
 
 def _older_versions(folder: Path, key: str) -> list[Path]:
@@ -380,7 +396,7 @@ def split_probabilities(
     checkpoint: str | Path, data_path: str | Path, split: str, tta: str = "none", device: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray]:
     """One model's probabilities (N, 7) on all of ``split``, and the split's labels."""
-    labels, [(_, probs)], _ = _probabilities([checkpoint], data_path, split, [tta], device, 512, 0)
+    labels, [(_, probs)], _, _ = _probabilities([checkpoint], data_path, split, [tta], device, 512, 0)
     return probs[tta], labels
 
 
@@ -422,13 +438,14 @@ def evaluate_tta(
     digests = _distinct_models(checkpoints, "ensemble member")  # what a report's numbers are of
     if out is not None:
         _refuse_other_models(Path(out), checkpoints, digests)
-    labels, per_model, subset = _probabilities(
+    labels, per_model, subset, seen = _probabilities(
         checkpoints, data_path, split, modes, device, batch_size, limit, cache, progress
     )
     names = [name for name, _ in per_model]
     results = {}
     for mode in modes:
-        metrics = compute_metrics(labels, _mean_probs([p for _, p in per_model], mode))
+        probs = _mean_probs([p for _, p in per_model], mode)
+        metrics = {**compute_metrics(labels, probs), "unseen": unseen_metrics(labels, probs, seen)}
         meta = {"model": model_name(names), "checkpoints": [str(c) for c in checkpoints], "digests": digests}
         meta |= {"split": split, "tta": mode}
         meta["limit"] = limit if subset else 0  # the report of a subset says so, whatever its file is named
@@ -517,7 +534,7 @@ def select_ensemble(
     if not 1 <= len(checkpoints) <= MAX_CANDIDATES:
         raise ValueError(f"give 1 to {MAX_CANDIDATES} candidate models (got {len(checkpoints)})")
     _distinct_models(checkpoints, "a candidate")  # it would be ranked as two models
-    labels, per_model, _ = _probabilities(
+    labels, per_model, _, _ = _probabilities(
         checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache, progress
     )
     probs = [p for _, p in per_model]
