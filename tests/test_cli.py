@@ -351,7 +351,7 @@ def test_bad_option_values_are_usage_errors(argv, message, capsys):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ("{depth: 3}", "model ferkit_small with arguments {'depth': 3}:"),
+        ("{depth: 3}", "model ferkit_small: no option 'depth'; it takes width, dropout, pre_size"),
         ("{num_classes: 3}", "config: model_kwargs: num_classes cannot be set: FER-2013 has 7 classes, 1 channel"),
         ("{width: 0}", "model ferkit_small: width must be positive, got 0"),
         ("{pre_size: 0}", "model ferkit_small {'pre_size': 0}: cannot take FER-2013's images:"),

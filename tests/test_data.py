@@ -262,8 +262,44 @@ def test_corrupt_image_names_the_file(tmp_path, kind):
         bad.write_bytes(bad.read_bytes()[:300])
     else:
         bad.write_bytes(b"")
-    with pytest.raises(DataError, match=re.escape(str(bad)) + ": unreadable image"):
+    why = r"\(empty file \(0 bytes\)" if kind == "empty" else ""
+    with pytest.raises(DataError, match=re.escape(str(bad)) + ": unreadable image " + why):
         load_folder(tmp_path, progress=False)
+
+
+def test_every_unreadable_image_is_named_in_one_error(tmp_path):
+    """One bad file stopped the load, and the next run found the next one: 35,887 images decoded each time."""
+    _tree(tmp_path, ["train"])
+    bad = [_mk(tmp_path / f"train/{cls}/bad{i}.jpg") for cls in ("fear", "sad") for i in range(4)]
+    for p in bad:
+        p.write_bytes(b"not a JPEG")
+    with pytest.raises(DataError) as e:
+        load_folder(tmp_path, progress=False)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "8 of 15 images are unreadable; remove or replace them:"
+    assert lines[1:6] == [
+        f"  {p}: unreadable image (not an image file (unknown or unsupported format))" for p in bad[:5]
+    ]
+    assert lines[6:] == ["  ... and 3 more"]
+
+
+def test_images_in_sub_folders_of_a_class_folder_are_its_own(tmp_path):
+    """train/happy/batch2/*.jpg were skipped without a word; hidden folders stay skipped."""
+    _tree(tmp_path, ["train"])
+    Image.fromarray(synthetic_face(3, 1)).save(_mk(tmp_path / "train/happy/batch2/a.png"))
+    Image.fromarray(synthetic_face(3, 2)).save(_mk(tmp_path / "train/happy/.thumbs/b.png"))
+    data = load_folder(tmp_path, progress=False)
+    assert data.counts()["Training"]["happy"] == 2
+    assert "train/happy/batch2/a.png" in data.sources.tolist()
+
+
+def test_a_folder_with_the_data_further_down_says_where(tmp_path):
+    """An unzipped archive puts train/ and test/ a folder or two down; a split's own folder is one up."""
+    _tree(tmp_path / "wrap/archive", ["train", "test"])
+    with pytest.raises(DataError, match=re.escape(f"(give the folder that holds them: {tmp_path / 'wrap/archive'})")):
+        load_folder(tmp_path, progress=False)
+    with pytest.raises(DataError, match=re.escape("(train/ holds emotion folders: give the folder above it, ")):
+        load_folder(tmp_path / "wrap/archive/train", progress=False)
 
 
 # ---------------------------------------------------------------- fer2013.csv
@@ -297,6 +333,16 @@ def _good_row(label=0, usage="Training"):
 def _csv_text(*rows):
     """A fer2013.csv text: the header, then one line per row (an empty row makes a blank line)."""
     return "emotion,pixels,Usage\n" + "".join(f"{','.join(row)}\n" for row in rows)
+
+
+def test_csv_columns_are_matched_by_name(tmp_path):
+    """icml_face_data.csv, Kaggle's other download, orders its columns 'emotion, Usage, pixels': refused before."""
+    img = synthetic_face(5, 0)
+    path = tmp_path / "icml_face_data.csv"
+    path.write_text(f"emotion, Usage, pixels\n5,PrivateTest,{pixels_str(img)}\n")
+    data = load_csv(path, progress=False)
+    np.testing.assert_array_equal(data.images[0], img)
+    assert data.labels.tolist() == [5] and data.splits.tolist() == [2]
 
 
 def test_csv_utf8_bom(tmp_path):
@@ -349,14 +395,14 @@ def test_load_dataset_suffix_is_case_insensitive(tmp_path):
 
 def test_csv_wrong_header(tmp_path):
     path = write_csv(tmp_path / "fer2013.csv", [_good_row()], header="label,pixels,Usage")
-    with pytest.raises(DataError, match=re.escape(f"{path}:1: expected header emotion,pixels,Usage")):
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: expected the columns emotion, pixels and Usage (in any")):
         load_csv(path, progress=False)
     headless = tmp_path / "headless.csv"  # its first row was echoed whole: 2,304 numbers
     headless.write_text("\n".join(",".join(_good_row()) for _ in range(2)) + "\n")
     with pytest.raises(DataError) as e:
         load_csv(headless, progress=False)
     message = str(e.value)
-    assert message.startswith(f"{headless}:1: expected header emotion,pixels,Usage, got '") and len(message) < 250
+    assert message.startswith(f"{headless}:1: expected the columns emotion, pixels and Usage") and len(message) < 250
 
 
 def test_csv_empty_file(tmp_path):

@@ -393,6 +393,9 @@ def test_reports_give_the_accuracy_without_the_copies_of_training_images(trained
     assert result["accuracy"] == pytest.approx(right.mean())
     assert json.loads((tmp_path / "eval" / "PrivateTest.json").read_text())["unseen"] == result["unseen"]
     assert f"(n={len(labels) - 5}; the other 5 are copies of Training images)" in format_summary(result)
+    for copies, said in ((1, "the other 1 is a copy of a Training image)"), (0, "none is a copy of a Training image)")):
+        unseen = {**result["unseen"], "n": result["n"] - copies}  # 'the other 1 are copies', 'the other 0 are'
+        assert f"(n={unseen['n']}; {said}" in format_summary({**result, "unseen": unseen})
     assert evaluate_checkpoints([best], cache, "Training", device="cpu", limit=20)["unseen"] is None
 
 

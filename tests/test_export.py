@@ -324,6 +324,22 @@ def test_cli_export_fits_the_prior_on_publictest(tmp_path, exported, synthetic_c
     assert "--fit-prior takes an exported .onnx: export the checkpoint first" in capsys.readouterr().err
 
 
+def test_cli_fit_prior_refuses_its_input_or_a_fitted_model_before_running_it(tmp_path, exported, synthetic_cache,
+                                                                             capsys, monkeypatch):  # fmt: skip
+    """``export X.onnx -o X.onnx --fit-prior`` ran the model over PublicTest, then refused."""
+    import ferkit.evaluate
+
+    monkeypatch.setattr(ferkit.evaluate, "split_probabilities", lambda *a: pytest.fail("the model ran"))
+    src = shutil.copy(exported["int8"], tmp_path / "m.onnx")
+    assert main(["export", str(src), "-o", str(src), "--fit-prior", "--data", str(synthetic_cache)]) == 2
+    assert f"{src}: that is the model itself" in capsys.readouterr().err
+    fitted = tmp_path / "fitted.onnx"
+    fit_prior(src, fitted, np.full((7, 7), 1 / 7), np.arange(7), "PublicTest")
+    again = ["export", str(fitted), "-o", str(tmp_path / "again.onnx"), "--fit-prior", "--data", str(synthetic_cache)]
+    assert main(again) == 2
+    assert "its prior is already fitted" in capsys.readouterr().err
+
+
 def test_undoing_class_weights_of_a_float16_copy_says_what_to_do_instead(tmp_path, exported):
     with pytest.raises(ValueError, match="float16 copy; correct the float32 or int8 export"):
         undo_class_weights(exported["fp16"], tmp_path / "x.onnx", np.arange(1, 8), 0.5)

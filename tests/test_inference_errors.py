@@ -266,6 +266,11 @@ def test_damaged_unusual_and_non_files_are_image_errors(tmp_path, monkeypatch):
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(ImageError, match=r"pipe: not a regular file"):
         load_image(tmp_path / "pipe")
+    (tmp_path / "empty.jpg").write_bytes(b"")  # was 'not an image file (unknown or unsupported format)'
+    with pytest.raises(NotAnImageError, match=r"empty.jpg: empty file \(0 bytes\), not an image$"):
+        load_image(tmp_path / "empty.jpg")
+    with pytest.raises(NotAnImageError, match=r"^empty data \(0 bytes\), not an image$"):
+        load_image(b"")
     buf = io.BytesIO()  # a 32-bit TIFF's 16-bit values: 500 / 257 is about 2, not the brightest pixel's 255
     Image.fromarray(np.full((4, 4), 500, np.int32)).save(buf, "TIFF")
     assert load_image(buf.getvalue())[0, 0].tolist() == [2, 2, 2]

@@ -77,8 +77,11 @@ def test_model_arguments_of_the_wrong_type_are_named():
     """'{width: hello}' failed deep inside the model with "invalid literal for int() ... 'hellohello...'"."""
     with pytest.raises(ValueError, match="model ferkit_vgg: width must be a number \\(default 1.0\\), got 'hello'"):
         build_model("ferkit_vgg", width="hello")
-    with pytest.raises(ValueError, match="model ferkit_small with arguments {'depth': 3}"):
-        build_model("ferkit_small", depth=3)  # one it does not take
+    with pytest.raises(ValueError, match=r"^model ferkit_small: no option 'depth'; it takes width, dropout, pre_size$"):
+        build_model("ferkit_small", depth=3)  # one it does not take: was "VGGNet.__init__() got an unexpected..."
+    with pytest.raises(ValueError, match=r"^model ferkit_resnet: no option 'widht' \(did you mean 'width'\?\); it "
+                                         r"takes pre_size, dropout, small_input, width$"):  # fmt: skip
+        build_model("ferkit_resnet", widht=0.5)
     assert build_model("ferkit_small", width=1).head[-1].out_features == 7  # an int is a number
 
 

@@ -158,7 +158,7 @@ def test_bad_inputs_are_reported_and_the_rest_processed(capsys, mixed):
     reasons = {
         "truncated.jpg": "corrupt or truncated",
         "fake.png": "not an image file",
-        "empty.JPG": "not an image file",
+        "empty.JPG": "empty file (0 bytes), not an image",
         "missing.jpg": "no such file",
     }
     for name, reason in reasons.items():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import tiny_config
+from conftest import synthetic_data, tiny_config
 
 from ferkit import distill, training
 from ferkit.checkpoint import (
@@ -267,8 +267,14 @@ def test_a_run_that_fails_to_start_leaves_no_run_folder(tmp_path, synthetic_cach
     for option, change in (("teacher", {"teacher": [str(missing)]}), ("init-weights", {"init_weights": str(missing)})):
         with pytest.raises(FileNotFoundError, match=re.escape(f"--{option} {missing}: no such file (train or export")):
             train(tiny_config(synthetic_cache, tmp_path / "run", **change))
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{synthetic_cache}: 8 Training images, fewer than one batch of 16")
+    ):
         train(tiny_config(synthetic_cache, tmp_path / "run", train_limit=8, batch_size=16))
+    tests_only = synthetic_data({"Training": 0, "PublicTest": 1, "PrivateTest": 1})  # a CSV of test rows, say
+    no_training = save_cache(tests_only, tmp_path / "tests_only.npz")
+    with pytest.raises(ValueError, match=re.escape(f"{no_training}: no Training images to train on")):
+        train(tiny_config(no_training, tmp_path / "run"))
     (tmp_path / "text.pt").write_text("not weights")  # found wanting once the run's log is open
     with pytest.raises(ValueError, match="text.pt: not a readable weights file"):
         train(tiny_config(synthetic_cache, tmp_path / "run", init_weights=str(tmp_path / "text.pt")))
@@ -554,8 +560,17 @@ def test_config_yaml(tmp_path):
     assert (cfg.epochs, cfg.model_kwargs, cfg.lr) == (3, {"width": 0.5}, 0.2)
     assert TrainConfig().model_kwargs is not TrainConfig().model_kwargs  # no shared mutable default
     path.write_text("epochs: 3\nepoch: 4\n")
-    with pytest.raises(ValueError, match=re.escape(f"{path}: unknown config field(s) epoch")):
+    with pytest.raises(ValueError, match=re.escape(f"{path}: unknown config field(s) epoch (did you mean 'epochs'?)")):
         TrainConfig.from_yaml(path)
+    path.write_text("zzz: 4\n")  # nothing like it: no guess
+    with pytest.raises(ValueError, match=re.escape(f"{path}: unknown config field(s) zzz") + "$"):
+        TrainConfig.from_yaml(path)
+    for missing, problem in (
+        (tmp_path / "none.yaml", "config file not found"),
+        (tmp_path, "is a folder, not a config file"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(f"{missing}: {problem}")):  # was [Errno 2] ...
+            TrainConfig.from_yaml(missing)
     path.write_text("- 1\n")
     with pytest.raises(ValueError, match="expected a mapping"):
         TrainConfig.from_yaml(path)

@@ -317,7 +317,7 @@ def _correction(args: argparse.Namespace) -> str | None:
 def _copy_onnx(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
     """``export MODEL.onnx``: a copy with a report's metrics, or with its class weights undone or its prior fitted."""
     from .data import CLASSES, load_dataset
-    from .export import fit_prior, read_metadata, undo_class_weights, with_metrics
+    from .export import check_fit_prior, fit_prior, read_metadata, undo_class_weights, with_metrics
     from .fileio import check_writable
 
     correction = _correction(args)
@@ -339,6 +339,7 @@ def _copy_onnx(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
     if args.fit_prior:
         from .evaluate import split_probabilities
 
+        check_fit_prior(args.checkpoint, args.out)
         probs, labels = split_probabilities(args.checkpoint, args.data, "PublicTest")
         out = fit_prior(args.checkpoint, args.out, probs, labels, "PublicTest")
         fitted = read_metadata(out)["prior_fitted"]

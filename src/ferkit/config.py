@@ -48,6 +48,14 @@ RESUMABLE_CHANGES = ("data", "out", "epochs", "patience", "max_steps", "device",
                      "evaluate", "tta")  # fmt: skip
 
 
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to a misspelt ``word``, or an empty string."""
+    import difflib
+
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
@@ -206,9 +214,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown config field(s) {', '.join(unknown)}")
+        if unknown := sorted(set(values) - names):
+            guesses = "".join(did_you_mean(str(k), sorted(names)) for k in unknown[:1])
+            raise ValueError(f"{source}: unknown config field(s) {', '.join(map(str, unknown))}{guesses}")
         try:
             return cls(**values)
         except ValueError as e:
@@ -254,6 +262,10 @@ def run_options(run_dir: str | Path, sources: Sequence[str]) -> tuple[Path, dict
 
 def _read_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file's top-level mapping (an empty file is an empty one)."""
+    from .fileio import not_a_file
+
+    if problem := not_a_file(path, "config file"):
+        raise ValueError(f"{path}: {problem}")
     with open(path, encoding="utf-8") as f:
         try:
             values = yaml.load(f, Loader=_UniqueKeyLoader) or {}  # a SafeLoader

@@ -25,7 +25,8 @@ from .images import IMAGE_EXTENSIONS
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 SPLITS: tuple[str, ...] = ("Training", "PublicTest", "PrivateTest")
 SPLIT_SIZES = {"Training": 28_709, "PublicTest": 3_589, "PrivateTest": 3_589}  # FER-2013 as published
-CSV_HEADER = ["emotion", "pixels", "Usage"]
+_TOPS = ("train", "test", "val")  # the image folders' split folders
+CSV_HEADER = ["emotion", "pixels", "usage"]  # column names, matched without case
 
 
 def model_input(crops: np.ndarray) -> np.ndarray:
@@ -150,16 +151,66 @@ def _decode(path: Path) -> np.ndarray:
     return gray
 
 
+def _layout_hint(root: Path) -> str:
+    """Where the data a folder without train/ or test/ holds may be: nested one or two folders down (an
+    unzipped archive), ``root`` itself being one split's folder, or Kaggle's CSV beside it."""
+    tops = [p for pattern in ("*/*", "*/*/*") for p in root.glob(pattern) if p.name in _TOPS and p.is_dir()]
+    if nested := sorted({p.parent for p in tops if not any(s.startswith(".") for s in p.relative_to(root).parts)}):
+        return f" (give the folder that holds them: {nested[0]})"
+    if root.name.lower() in _TOPS or any((root / c).is_dir() for c in CLASSES):
+        return f" ({root.name}/ holds emotion folders: give the folder above it, {root.resolve().parent})"
+    if csvs := sorted(p.name for p in root.glob("*.csv") if p.name[0] != "."):  # Kaggle's original download
+        return f" (or give the CSV file: {root / csvs[0]})"
+    return ""
+
+
+def _class_images(cls_dir: Path) -> list[Path]:
+    """The image files under a class folder, in its sub-folders too, sorted; hidden files and folders skipped."""
+    images = [
+        p
+        for p in cls_dir.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(s.startswith(".") for s in p.relative_to(cls_dir).parts)
+    ]
+    if broken := next((f"{p}: {why}" for p in images if (why := broken_link(p))), None):
+        raise DataError(broken)
+    return sorted(p for p in images if p.is_file())
+
+
+def _decode_all(files: list[Path], desc: str, progress: bool) -> np.ndarray:
+    """Decode every file (in threads); the unreadable ones are named together in one :class:`DataError`."""
+
+    def decode(path: Path) -> np.ndarray | DataError:
+        try:
+            return _decode(path)
+        except DataError as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        it = pool.map(decode, files, chunksize=256)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=len(files), desc=desc, unit="img")
+        decoded = list(it)
+    if bad := [str(e) for e in decoded if isinstance(e, DataError)]:
+        if len(bad) == 1:
+            raise DataError(bad[0])
+        more = f"\n  ... and {len(bad) - 5:,} more" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad):,} of {len(files):,} images are unreadable; remove or replace them:\n  "
+                        + "\n  ".join(bad[:5]) + more)  # fmt: skip
+    return np.stack(decoded)
+
+
 def load_folder(root: str | Path, progress: bool = True) -> FERData:
-    """Load the Kaggle layout ``root/{train,test}/<emotion>/*.jpg`` (``val/`` is read like ``test/``).
-    Each of these folders present must hold one non-empty folder per emotion in :data:`CLASSES`."""
+    """Load the Kaggle layout ``root/{train,test}/<emotion>/*.jpg`` (``val/`` is read like ``test/``; images
+    in sub-folders of an emotion's folder count as its own). Each of these folders present must hold one
+    non-empty folder per emotion in :data:`CLASSES`; every unreadable image is named in one error."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
-    tops = [t for t in ("train", "test", "val") if (root / t).is_dir()]
+    tops = [t for t in _TOPS if (root / t).is_dir()]
     if not tops:
-        csvs = sorted(p.name for p in root.glob("*.csv") if p.name[0] != ".")  # Kaggle's original download
-        hint = f" (or give the CSV file: {root / csvs[0]})" if csvs else ""
+        hint = _layout_hint(root)
         raise DataError(f"{root}: expected a train/ and/or test/ folder with one folder per emotion{hint}")
     if "test" in tops and "val" in tops:  # both would be read as PublicTest/PrivateTest: one split twice
         raise DataError(f"{root}: both test/ and val/; keep one (val/ is read as test/ is)")
@@ -173,11 +224,7 @@ def load_folder(root: str | Path, progress: bool = True) -> FERData:
                 raise DataError(f"{cls_dir}: unknown class folder {cls_dir.name!r}; expected {', '.join(CLASSES)}")
             if twin := found.get(cls_dir.name.lower()):
                 raise DataError(f"{cls_dir}: class {cls_dir.name.lower()!r} given twice (also {twin.name}/)")
-            images = [p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != "."]
-            if broken := next((f"{p}: {why}" for p in images if (why := broken_link(p))), None):
-                raise DataError(broken)
-            names = sorted(p for p in images if p.is_file())
-            if not names:
+            if not (names := _class_images(cls_dir)):
                 raise DataError(f"{cls_dir}: no images (expected {', '.join('*' + e for e in IMAGE_EXTENSIONS)})")
             found[cls_dir.name.lower()] = cls_dir
             for i, p in enumerate(names):
@@ -189,15 +236,8 @@ def load_folder(root: str | Path, progress: bool = True) -> FERData:
                 f"{root / top}: no {' or '.join(map(repr, missing))} folder "
                 f"(expected one folder per emotion: {', '.join(CLASSES)})"
             )
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        it = pool.map(_decode, files, chunksize=256)
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, total=len(files), desc=f"decoding {root.name}", unit="img")
-        images = np.stack(list(it))
     return FERData(
-        images=images,
+        images=_decode_all(files, f"decoding {root.name}", progress),
         labels=np.asarray(labels, dtype=np.int64),
         splits=np.asarray(splits, dtype=np.uint8),
         sources=np.asarray([str(p.relative_to(root)) for p in files]),
@@ -253,18 +293,20 @@ def _first_non_utf8_line(path: Path) -> int:
 
 
 def load_csv(path: str | Path, progress: bool = True) -> FERData:
-    """Load the original ``fer2013.csv`` (``emotion,pixels,Usage``); blank lines are ignored."""
+    """Load the original ``fer2013.csv`` (``emotion,pixels,Usage``; the columns may come in any order, as in
+    ``icml_face_data.csv``); blank lines are ignored."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     images, labels, splits, sources = [], [], [], []
     rows = _csv_rows(path)
     line, fields = next(rows, (1, []))
-    header = [h.strip() for h in fields]
-    if header != CSV_HEADER:
-        got = ",".join(header)
+    header = [h.strip().lower() for h in fields]
+    if sorted(header) != sorted(CSV_HEADER):  # by name, in any order: icml_face_data.csv has emotion,Usage,pixels
+        got = ",".join(h.strip() for h in fields)
         got = got if len(got) <= 80 else got[:77] + "..."  # a header-less file's first row: 2,304 numbers
-        raise DataError(f"{path}:{line}: expected header {','.join(CSV_HEADER)}, got {got!r}")
+        raise DataError(f"{path}:{line}: expected the columns emotion, pixels and Usage (in any order), got {got!r}")
+    column = [header.index(c) for c in CSV_HEADER]
     if progress:
         from tqdm import tqdm
 
@@ -274,7 +316,7 @@ def load_csv(path: str | Path, progress: bool = True) -> FERData:
         if len(row) != 3:
             unclosed = " (a quote opened on this line is never closed?)" if any("\n" in f for f in row) else ""
             raise DataError(f"{where}: expected 3 fields, got {len(row)}{unclosed}")
-        emotion, pixels, usage = (s.strip() for s in row)
+        emotion, pixels, usage = (row[i].strip() for i in column)
         if not (emotion.isascii() and emotion.isdigit()) or int(emotion) >= len(CLASSES):
             raise DataError(f"{where}: emotion must be 0..{len(CLASSES) - 1}, got {emotion!r}")
         if usage not in SPLITS:

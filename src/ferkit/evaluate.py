@@ -249,6 +249,8 @@ def plot_training_curves(metrics_csv: Path, path: Path) -> None:
     if not rows:
         return
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.plot(col["epoch"], col["train_loss"], label="train")
     a1.plot(col["epoch"], col["val_loss"], label="PublicTest")
@@ -257,6 +259,7 @@ def plot_training_curves(metrics_csv: Path, path: Path) -> None:
     a2.plot(col["epoch"], col["val_acc"], label="PublicTest")
     a2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for a in (a1, a2):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: 1, 2, 3, not 1.5 on a short run
         a.legend()
         a.grid(alpha=0.3)
     fig.tight_layout()
@@ -291,9 +294,11 @@ def format_summary(metrics: dict[str, Any]) -> str:
         f"weighted-F1 {metrics['weighted_f1']:.4f}  macro-AUC {_num(metrics['macro_auc'])}  (n={metrics['n']})"
     ]
     if unseen := metrics.get("unseen"):
+        copies = metrics["n"] - unseen["n"]
+        rest = {0: "none is a copy of a Training image", 1: "the other 1 is a copy of a Training image"}
         lines.append(
             f"not in Training: accuracy {unseen['accuracy']:.4f}  macro-F1 {unseen['macro_f1']:.4f}  "
-            f"(n={unseen['n']}; the other {metrics['n'] - unseen['n']} are copies of Training images)"
+            f"(n={unseen['n']}; {rest.get(copies, f'the other {copies} are copies of Training images')})"
         )
     lines += [
         f"log-loss {metrics['nll']:.4f}  ECE {metrics['ece']:.4f}  mean probability / frequency: "

@@ -144,6 +144,15 @@ def fit_prior(onnx_path: str | Path, out: str | Path, probs: np.ndarray, labels:
     return _shift_logits(onnx_path, out, offsets, {"prior_fitted": fitted})
 
 
+def check_fit_prior(onnx_path: str | Path, out: str | Path) -> dict[str, Any]:
+    """The metadata of ``onnx_path`` if :func:`fit_prior` may write its copy to ``out``, else a ValueError
+    (checked before the model runs over a split for the probabilities to fit)."""
+    info = _correctable(onnx_path, out)
+    if "prior_fitted" in info:
+        raise ValueError(f"{onnx_path}: its prior is already fitted ({info['prior_fitted']})")
+    return info
+
+
 def _correctable(onnx_path: str | Path, out: str | Path) -> dict[str, Any]:
     """The metadata of a ferkit ONNX export whose logits may be shifted into ``out``."""
     refuse_input(out, onnx_path, "the model", "another file for the corrected copy")  # the original would be lost

@@ -59,6 +59,8 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     name = str(src) if isinstance(src, (str, os.PathLike)) else "image"
     if isinstance(src, (str, os.PathLike)):
         _check_file(Path(src), name)
+    elif isinstance(src, (bytes, bytearray)) and not src:
+        raise NotAnImageError("empty data (0 bytes), not an image")
 
     def decode(im: Image.Image) -> np.ndarray:
         w, h = im.size
@@ -126,6 +128,8 @@ def _check_file(path: Path, name: str) -> None:
             raise ImageError(f"{name}: {problem}")
         if not path.is_file():
             raise ImageError(f"{name}: " + ("not a regular file" if path.exists() else "no such file"))
+        if path.stat().st_size == 0:
+            raise NotAnImageError(f"{name}: empty file (0 bytes), not an image")
     except OSError as e:  # a name too long for a path, say (image data passed as a str)
         short = name if len(name) <= 200 else name[:60] + f"... ({len(name):,} characters)"
         raise ImageError(f"{short}: not a file path ({e.strerror})") from None

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import did_you_mean
+
 # a fixed normalisation of pixels / 255 (FER-2013's own: mean 0.514, std 0.307; the BatchNorm after every first
 # convolution absorbs the difference); the shipped weights were trained with it
 MEAN, STD = 0.5, 0.25
@@ -259,7 +261,21 @@ def build_model(name: str, num_classes: int = 7, **kwargs) -> nn.Module:
             return TimmModel(name.removeprefix("timm:"), num_classes=num_classes, **kwargs)
         return MODELS[name](num_classes=num_classes, **kwargs)
     except TypeError as e:  # an argument the model does not take
+        if name in MODELS and (m := re.search(r"unexpected keyword argument '(\w+)'", str(e))):
+            takes = _options(name)
+            raise ValueError(f"model {name}: no option {m[1]!r}{did_you_mean(m[1], takes)}; it takes "
+                             f"{', '.join(takes) or 'none'}") from None  # fmt: skip
         raise ValueError(f"model {name} with arguments {kwargs}: {e}") from e
+
+
+def _options(name: str) -> list[str]:
+    """The ``model_kwargs`` a registered model takes: its builder's own and those of the class it builds, less
+    the class's first (its layout, which the builder gives), the fixed ones and those that take a class."""
+    own = list(inspect.signature(MODELS[name]).parameters.values())
+    built = list(inspect.signature(type(MODELS[name](num_classes=7))).parameters.values())[1:]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    found = [p.name for p in own + built if p.kind in named and not isinstance(p.default, type)]
+    return [p for p in dict.fromkeys(found) if p not in ("num_classes", "in_chans")]
 
 
 def describe(model: nn.Module, size: int = 48) -> dict[str, float]:

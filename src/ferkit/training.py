@@ -278,8 +278,10 @@ def _load_splits(cfg: TrainConfig, rank: int) -> tuple[np.ndarray, np.ndarray, n
     xv, yv = data.subset(*data.split("PublicTest"), cfg.val_limit)
     if len(xv) == 0:
         raise ValueError(f"{cfg.data}: no PublicTest images; they are needed to select the best epoch")
+    if len(x) == 0:
+        raise ValueError(f"{cfg.data}: no Training images to train on")
     if len(x) < cfg.batch_size:
-        raise ValueError(f"{len(x)} training images is fewer than one batch of {cfg.batch_size}")
+        raise ValueError(f"{cfg.data}: {len(x)} Training images, fewer than one batch of {cfg.batch_size}")
     return x, y, xv, yv
 
 
