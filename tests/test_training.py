@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1123,3 +1124,30 @@ def test_every_shipped_recipe_loads_and_its_committed_teachers_exist(path):
     root = Path(__file__).parents[1]
     for teacher in config.teacher:
         assert teacher.startswith("runs/") or (root / teacher).is_file(), teacher
+
+
+def test_a_step_fp16_loss_scaling_skips_moves_neither_schedule_nor_ema(synthetic_cache, tmp_path):
+    """An overflowing fp16 step (the first few of a run, as the scale settles) left the weights alone but still
+    advanced the LR schedule, the EMA and the step count, and torch warned of the schedule stepping first."""
+    cfg = tiny_config(synthetic_cache, tmp_path, ema=0.9)
+    run = training._Run(cfg, torch.device("cpu"), 1, np.arange(7).repeat(4), steps_per_epoch=4)
+    run.scaler = torch.amp.GradScaler("cpu")  # as a CUDA fp16 run's (a CPU refuses fp16 autocast)
+    before = [p.detach().clone() for p in run.model.parameters()]
+    y = torch.arange(7)
+    x = torch.rand(7, 1, 48, 48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Detected call of `lr_scheduler.step()` before `optimizer.step()`"
+        run.step(x.clone().fill_(float("nan")), y, y, 1.0, None)
+    assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters(), strict=True))
+    assert run.state["step"] == 0 and run.scheduler.last_epoch == 0 and int(run.ema.n_averaged) == 0
+    run.step(x, y, y, 1.0, None)  # a finite one steps all of them
+    assert run.state["step"] == 1 and run.scheduler.last_epoch == 1 and int(run.ema.n_averaged) == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, run.model.parameters(), strict=True))
+
+
+def test_training_accuracy_of_mixed_images_counts_both_labels_by_their_share():
+    logits = torch.eye(7)[[0, 1, 2, 3]]  # predicts 0, 1, 2, 3
+    ya, yb = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 1, 5, 3])
+    assert float(training.mixed_correct(logits, ya, yb, 1.0)) == 4
+    assert float(training.mixed_correct(logits, ya, yb, 0.7)) == pytest.approx(0.7 * 4 + 0.3 * 2)
+    assert float(training.mixed_correct(logits, yb, ya, 0.25)) == pytest.approx(0.25 * 2 + 0.75 * 4)

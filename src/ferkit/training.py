@@ -305,6 +305,13 @@ def augmentation(cfg: TrainConfig) -> AugmentConfig:
     return replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
 
 
+def mixed_correct(logits: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float) -> torch.Tensor:
+    """How many of a batch's predictions are right, a mixed image (mixup/CutMix) counting by each of its two
+    labels' share, ``lam`` and ``1 - lam``, as its loss does (it counted against ``ya`` alone)."""
+    pred = logits.argmax(1)
+    return lam * (pred == ya).sum() + (1 - lam) * (pred == yb).sum()
+
+
 def augmented_batch(x_train: torch.Tensor, idx: torch.Tensor, aug: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     """The training images ``idx`` (uint8 on the device) as an augmented float batch (N, 1, 48, 48) in [0, 1]."""
     return augment(x_train[idx].unsqueeze(1).float().div_(255), aug, g)
@@ -414,8 +421,11 @@ class _Run:
             with frozen_batchnorm_stats(self.model):
                 self.loss(x, ya, yb, lam, target)[1].backward()
             sam_restore(self.params, moves)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None  # fp16: a host sync per step
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if scale is not None and self.scaler.get_scale() < scale:  # inf/NaN gradients: the optimizer did not step
+            return logits, loss  # nor do the LR schedule, the EMA and the step count (torch warned of the schedule)
         if self.plateau is None:  # LambdaLR.step() would reset the LR that ReduceLROnPlateau lowered
             self.scheduler.step()
         if self.ema is not None:
@@ -524,7 +534,7 @@ def _train_epoch(
         logits, loss = run.step(x, ya, yb, lam, target)
         seen += len(idx)
         loss_sum += loss.detach() * len(idx)
-        correct += (logits.argmax(1) == ya).sum()
+        correct += mixed_correct(logits, ya, yb, lam)
         if bar is not None and (i % 10 == 0 or i == steps - 1):
             bar.set_postfix(
                 loss=f"{loss_sum.item() / seen:.3f}",
