@@ -22,7 +22,10 @@ if upload_mb := os.environ.get("FERKIT_MAX_UPLOAD_MB"):  # else AppSettings' def
         options["max_upload_mb"] = float(upload_mb)
     except ValueError:
         sys.exit(f"FERKIT_MAX_UPLOAD_MB={upload_mb!r}: not a number of MiB")
-settings = AppSettings(**options)
+try:
+    settings = AppSettings(**options)
+except ValueError as e:  # a negative or infinite FERKIT_MAX_UPLOAD_MB
+    sys.exit(f"FERKIT_MAX_UPLOAD_MB={upload_mb!r}: {e}")
 demo = build_demo(settings)
 
 if __name__ == "__main__":

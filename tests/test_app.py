@@ -416,6 +416,8 @@ def test_settings_are_validated():
         AppSettings(max_concurrency=0)
     with pytest.raises(ValueError, match="upload_timeout_s"):
         AppSettings(upload_timeout_s=0)
+    with pytest.raises(ValueError, match="max_upload_mb must be a finite number of MiB, got inf"):
+        AppSettings(max_upload_mb=float("inf"))  # was an OverflowError traceback from `serve --max-upload-mb inf`
     with pytest.raises(TypeError):
         create_app(SlowRecognizer(0), no_such_option=1)
 
@@ -681,3 +683,78 @@ def test_text_is_415_not_400():
     with pytest.raises(ServiceError) as e:
         decode_image(b"hello, this is plain text and no image", 10**8)
     assert e.value.status == 415
+
+
+def _gradio_call(c, api: str, data: list) -> str:
+    event = c.post(f"/gradio_api/call/{api}", json={"data": data}).json()["event_id"]
+    return c.get(f"/gradio_api/call/{api}/{event}").text
+
+
+def test_the_ui_checks_a_data_url_image_against_the_limits_before_decoding_it(monkeypatch):
+    """A webcam frame or a pasted image comes as a base64 data: URL, which Gradio decoded whole (a 180 KB PNG of
+    144 M pixels took 1.5 GB and 9 s) before ferkit refused it; now the UI's photo and webcam inputs hand over
+    its bytes, checked as an upload's are."""
+    import base64
+
+    import gradio as gr
+    from fastapi.testclient import TestClient
+    from gradio.data_classes import ImageData
+
+    from ferkit.app import _photo_input_class
+
+    def data_url(png: bytes) -> dict:
+        return {"url": "data:image/png;base64," + base64.b64encode(png).decode(), "meta": {"_type": "gradio.FileData"}}
+
+    bomb = png_bomb(12000, 12000)
+    photo = _photo_input_class()()
+    assert photo.preprocess(ImageData(**data_url(bomb))) == bomb  # not decoded
+    for url, problem in (("data:image/png;base64,@@@@", "whose base64 is broken"), ("data:,x", "must be base64")):
+        with pytest.raises(gr.Error, match=problem):
+            photo.preprocess(ImageData(url=url))
+    with pytest.raises(gr.Error, match="not uploaded to this server"):
+        photo.preprocess(ImageData(url="https://example.com/a.jpg"))  # no path, and not a data: URL
+
+    def gradio_decodes(*args):
+        raise RuntimeError("Gradio decoded the image")
+
+    monkeypatch.setattr(gr.image_utils, "preprocess_image", gradio_decodes)
+    with TestClient(create_app(max_concurrency=1, threads=1, max_pixels=10**6)) as c:
+        answer = _gradio_call(c, "predict", [data_url(bomb), False])
+        assert "144,000,000 pixels, over the limit of 1,000,000" in answer
+    blocks = ferkit.app.build_demo(max_concurrency=1, threads=1).blocks.values()
+    cam = next(b for b in blocks if b.elem_id == "ferkit-cam")
+    assert type(cam) is _photo_input_class() and cam.streaming  # the webcam's frames too
+
+
+def test_the_ui_says_when_an_upload_is_gone(tmp_path):
+    """Gradio deletes uploads after an hour: a page left open answered "[Errno 2] No such file or directory:
+    '/tmp/gradio/...'" (a server path) when its checkbox was ticked."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(max_concurrency=1, threads=1)) as c:
+        with (ASSETS_DIR / "faces_group.jpg").open("rb") as f:
+            (uploaded,) = c.post("/gradio_api/upload", files={"files": ("p.jpg", f, "image/jpeg")}).json()
+        Path(uploaded).unlink()
+        for path in (uploaded, str(Path(uploaded).parent)):  # gone, or a folder
+            summary = json.loads(_gradio_call(c, "predict", [{"path": path}, True]).split("data: ", 1)[1])[1]
+            assert summary == "**That upload is no longer on the server: upload the image again**"
+
+
+def test_openapi_operation_ids_are_unique_and_a_text_field_is_not_a_file(client):
+    """GET and HEAD /healthz shared one operationId (an invalid schema, a warning at each fetch); a text field
+    named file was "Value error, Expected UploadFile, received: <class 'str'>"."""
+    ids = [op["operationId"] for ops in client.get("/openapi.json").json()["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids))
+    assert client.head("/healthz").status_code == 200
+    for form in ({"data": {"file": "abc"}}, {"files": {"file": (None, "photo bytes as text")}}):
+        error = check_error(client.post(PREDICT, **form), 422)
+        assert error == "invalid request: file: a text field, not a file (send it as curl -F file=@photo.jpg)"
+
+
+def test_the_space_alone_does_not_point_to_an_api_it_does_not_serve():
+    from ferkit.app import build_demo
+
+    demo = build_demo(max_concurrency=1, threads=1)
+    text = " ".join(str(b.value) for b in demo.blocks.values() if type(b).__name__ == "Markdown")
+    assert "This page serves the UI alone. `ferkit serve` serves it together with a JSON API" in text
+    assert "[/docs](/docs)" not in text

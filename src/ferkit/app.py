@@ -14,6 +14,8 @@ thread-safe). Every error is answered as
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import dataclasses
 import functools
@@ -215,11 +217,16 @@ class RecognizerService:
 
         def job(rec: EmotionRecognizer) -> tuple[tuple[int, ...], list[FaceResult], np.ndarray | None]:
             data = image
-            if isinstance(data, (str, Path)):
-                size = os.path.getsize(data)
-                if size > limit:
-                    raise ServiceError(413, f"file is {_mb(size)}, over the upload limit of {_mb(limit)}")
-                data = Path(data).read_bytes()
+            if isinstance(data, (str, Path)):  # an upload of the UI's: Gradio deletes them after an hour
+                try:
+                    size = os.path.getsize(data)
+                    if size > limit:
+                        raise ServiceError(413, f"file is {_mb(size)}, over the upload limit of {_mb(limit)}")
+                    data = Path(data).read_bytes()
+                except OSError:
+                    raise ServiceError(400, "that upload is no longer on the server: upload the image again") from None
+            elif isinstance(data, bytes) and len(data) > limit:
+                raise ServiceError(413, f"image is {_mb(len(data))}, over the upload limit of {_mb(limit)}")
             rgb = decode_image(data, self.settings.max_pixels)
             faces = rec.predict(rgb, whole_image_fallback=fallback)
             return rgb.shape, faces, annotate(rgb, faces) if annotated else None
@@ -403,8 +410,10 @@ def _handle_errors(app: FastAPI) -> None:
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'request'}: {err['msg']}" for err in errors)
-        no_file = any(tuple(err["loc"][:2]) == ("body", "file") for err in errors)
-        hint = " (send the image as multipart field 'file')" if no_file else ""
+        file_errors = [err for err in errors if tuple(err["loc"][:2]) == ("body", "file")]
+        if any("UploadFile" in err["msg"] for err in file_errors):  # curl -F 'file=<photo.jpg', -d file=...
+            return _error(422, "invalid request: file: a text field, not a file (send it as curl -F file=@photo.jpg)")
+        hint = " (send the image as multipart field 'file')" if file_errors else ""
         return _error(422, f"invalid request: {problems}{hint}")
 
     @app.exception_handler(Exception)
@@ -447,7 +456,8 @@ def _add_api(app: FastAPI, service: RecognizerService) -> None:
     async def model() -> dict[str, Any]:
         return info
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health, tags=["ops"], summary="Liveness check")
+    @app.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness check")
+    @app.head("/healthz", include_in_schema=False)  # one route for both gave the schema one operationId twice
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "model": info["name"]}
 
@@ -571,20 +581,38 @@ def _summary(a: Analysis) -> str:
     return head + "\n\n" + "\n".join(rows) + more
 
 
+def _data_url_bytes(url: str) -> bytes:
+    """The bytes of a base64 ``data:`` URL (``data:image/png;base64,...``)."""
+    head, _, body = url.partition(",")
+    if not head.endswith(";base64"):
+        raise ValueError("an image sent as a data: URL must be base64")
+    try:
+        return base64.b64decode(body, validate=True)
+    except binascii.Error:
+        raise ValueError("an image sent as a data: URL whose base64 is broken") from None
+
+
 @functools.cache
 def _photo_input_class() -> type:
-    """A ``gr.Image`` that hands ferkit the uploaded file undecoded: Gradio's own decoding failed first on
-    a non-image, a corrupt or a huge file, and showed its internal error (with server paths) where the REST
-    API names the problem. A subclass, as Gradio rebuilds components from their class; made with Gradio's
-    stub writer switched off, or it would write a .pyi file beside this module."""
+    """A ``gr.Image`` that hands ferkit the uploaded file, or the bytes of a ``data:`` URL (a webcam frame, a
+    pasted image), undecoded: Gradio's own decoding failed first on a non-image, a corrupt or a huge file, and
+    showed its internal error (with server paths) where the REST API names the problem, and it decoded a
+    ``data:`` image whole before ferkit's pixel limit was checked from its header. A subclass, as Gradio
+    rebuilds components from their class; made with Gradio's stub writer switched off, or it would write a
+    .pyi file beside this module."""
     import gradio as gr
     import gradio.component_meta
     from gradio.utils import get_upload_folder, is_in_or_equal
 
-    def preprocess(self: Any, payload: Any) -> str | None:
-        if payload is None or (payload.url or "").startswith("data:"):  # a webcam or clipboard image
-            return gr.Image.preprocess(self, payload)
-        if not is_in_or_equal(payload.path, get_upload_folder()):  # a client names the path: any file on disk
+    def preprocess(self: Any, payload: Any) -> str | bytes | None:
+        if payload is None:
+            return None
+        if (payload.url or "").startswith("data:"):  # a webcam frame or a pasted image: Gradio decoded it whole
+            try:
+                return _data_url_bytes(payload.url)
+            except ValueError as e:
+                raise gr.Error(str(e)) from None
+        if not payload.path or not is_in_or_equal(payload.path, get_upload_folder()):  # a client names the path
             raise gr.Error("that file was not uploaded to this server")
         return payload.path
 
@@ -600,9 +628,10 @@ def _photo_input_class() -> type:
             meta.create_or_modify_pyi = write_stub
 
 
-def build_ui(service: RecognizerService) -> Any:
+def build_ui(service: RecognizerService, rest_api: bool = True) -> Any:
     """The Gradio UI (a ``gr.Blocks``) on ``service``: photo upload, webcam snapshot or live stream,
-    examples; the annotated image and the 7 scores of each face."""
+    examples; the annotated image and the 7 scores of each face; ``rest_api``: served beside the JSON API
+    (``ferkit serve``), which its API tab then documents."""
     import gradio as gr
 
     info, s = service.model_info, service.settings
@@ -616,7 +645,7 @@ def build_ui(service: RecognizerService) -> Any:
         ]
         return ups + panels_off[len(ups) :]
 
-    async def on_photo(path: str | None, fallback: bool) -> list[Any]:
+    async def on_photo(path: str | bytes | None, fallback: bool) -> list[Any]:
         if not path:
             return [None, "", *panels_off]
         try:
@@ -625,7 +654,7 @@ def build_ui(service: RecognizerService) -> Any:
             return [None, f"**{e.message[:1].upper() + e.message[1:]}**", *panels_off]
         return [a.annotated, _summary(a), *panel_updates(a.faces)]
 
-    async def on_frame(frame: np.ndarray | None) -> tuple[Any, Any]:
+    async def on_frame(frame: str | bytes | None) -> tuple[Any, Any]:
         if frame is None:
             return None, None
         try:
@@ -645,13 +674,15 @@ def build_ui(service: RecognizerService) -> Any:
         f"of {s.min_face} px or more."
     )
     api_help = (
-        "The same model answers HTTP requests (when run with `ferkit serve`; `SERVER` is this page's address, "
-        "e.g. http://127.0.0.1:7860):\n\n"
+        "The same model answers HTTP requests (`SERVER` is this page's address, e.g. http://127.0.0.1:7860):\n\n"
         '```bash\ncurl -F file=@photo.jpg "$SERVER/api/v1/predict"\n'
         'curl -F file=@photo.jpg "$SERVER/api/v1/predict?fallback=true"  # no face: the whole image\n```\n\n'
         "Answer: `{faces: [{box, emotion, confidence, scores, whole_image}], width, height, model, elapsed_ms}`. "
         f"Limits: uploads up to {s.max_upload_mb:g} MiB, images up to {s.max_pixels:,} pixels. "
-        "Interactive documentation: [/docs](/docs)."
+        "Interactive documentation: [/docs](/docs) (its page loads Swagger UI from a CDN)."
+        if rest_api
+        else "This page serves the UI alone. `ferkit serve` serves it together with a JSON API "
+        "(`POST /api/v1/predict` with the image as multipart field `file`) and its documentation at `/docs`."
     )
     with gr.Blocks(
         title="ferkit: facial expression recognition", analytics_enabled=False, delete_cache=(1800, 3600)
@@ -709,8 +740,8 @@ def build_ui(service: RecognizerService) -> Any:
         with gr.Tab("Webcam (live)"):
             gr.Markdown("Allow the browser to use your camera; frames are analysed about twice a second.")
             with gr.Row():
-                cam = gr.Image(
-                    label="Webcam", sources=["webcam"], streaming=True, type="numpy", height=360, elem_id="ferkit-cam"
+                cam = _photo_input_class()(
+                    label="Webcam", sources=["webcam"], streaming=True, height=360, elem_id="ferkit-cam"
                 )
                 cam_result = gr.Image(
                     label="Live result", interactive=False, format="jpeg", height=360, elem_id="ferkit-cam-result"
@@ -739,7 +770,7 @@ def build_ui(service: RecognizerService) -> Any:
 def build_demo(settings: AppSettings | None = None, **options: Any) -> Any:
     """The UI alone (a ``gr.Blocks``), for ``demo.launch(**launch_options())``: the Hugging Face Space."""
     settings = dataclasses.replace(settings or AppSettings(), **options)
-    return build_ui(RecognizerService.from_settings(settings))
+    return build_ui(RecognizerService.from_settings(settings), rest_api=False)
 
 
 def launch_options(settings: AppSettings | None = None) -> dict[str, Any]:

@@ -304,6 +304,8 @@ class AppSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be 0 or more, got {self.max_queue!r}")
+        if not math.isfinite(self.max_upload_mb):
+            raise ValueError(f"max_upload_mb must be a finite number of MiB, got {self.max_upload_mb!r}")
 
     @property
     def max_upload_bytes(self) -> int:
