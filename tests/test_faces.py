@@ -303,6 +303,30 @@ def test_boxes_of_no_area_inside_the_image_are_dropped():
     assert fit_boxes([(160, 10, 20, 20), (10, 10, 0, 5), (10, 120, 5, 5)], (120, 160)) == []
 
 
+def test_a_detector_that_gives_other_than_boxes_of_four_is_refused():
+    """Boxes of five numbers (with a score) were reshaped into other boxes, four of them into five nonsense boxes;
+    None was "cannot reshape array of size 1 into shape (4)"."""
+    from ferkit.faces import fit_boxes
+
+    scored = [(10, 10, 50, 60, 0.9)] * 4
+    with pytest.raises(ValueError, match=r"expected \(x, y, w, h\) boxes, an \(N, 4\) array; got shape \(4, 5\)"):
+        fit_boxes(scored, (120, 160))
+    with pytest.raises(ValueError, match="expected \\(x, y, w, h\\) boxes"):
+        fit_boxes([(1, 2, 3, 4), (1, 2)], (120, 160))  # ragged
+    assert fit_boxes(None, (120, 160)) == fit_boxes(np.zeros((0, 4)), (120, 160)) == fit_boxes([], (120, 160)) == []
+    assert fit_boxes((10, 10, 50, 60), (120, 160)) == [(10, 10, 50, 60)]  # one box, unnested: was taken
+
+
+def test_detector_files_are_known_by_their_suffix_in_any_case(tmp_path):
+    """'--detector CF.ONNX' was an unknown face detector."""
+    import shutil
+
+    from ferkit.faces import make_detector
+
+    upper = shutil.copy(Path(__file__).parents[1] / "src/ferkit/weights/centerface.onnx", tmp_path / "CF.ONNX")
+    assert make_detector(upper).detect(np.zeros((64, 64, 3), np.uint8)) is not None
+
+
 @pytest.mark.parametrize("box", [(50, -5, 20, 20), (50, 0, 30, 30), (50, 90, 30, 30), (50, 110, 40, 40)])
 def test_crops_past_the_top_or_bottom_are_padded_on_that_side(box):
     """A vertical ramp: the crop's centre is the box's (clipped), and the rows never run backwards."""

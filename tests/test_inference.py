@@ -380,6 +380,17 @@ def test_8_bit_values_past_255_are_clipped_not_read_as_16_bit():
     assert load_image(np.full((4, 4), 60_000, np.int32)).max() == 233  # 16-bit values stay 16-bit
 
 
+def test_0_1_float_values_past_1_are_clipped_not_read_as_0_255():
+    """A 0-1 float image resized with cubic interpolation overshoots 1 (1.11) and undershoots 0: it was read as
+    0-255 values, black, and no face was found."""
+    rgb = read_rgb(ASTRONAUT)[::4, ::4]
+    unit = rgb.astype(np.float32) / 255
+    unit[0, 0, 0], unit[0, 0, 1] = 1.11, -0.08
+    out = load_image(unit)
+    assert tuple(out[0, 0, :2]) == (255, 0) and np.array_equal(out[1:], rgb[1:])
+    assert load_image(np.full((4, 4), 2, np.int32)).max() == 2  # integers past 1 stay 0-255 values
+
+
 def test_closed_and_text_mode_inputs_are_named(tmp_path):
     Image.fromarray(read_rgb(ASTRONAUT)).save(tmp_path / "a.png")
     with Image.open(tmp_path / "a.png") as im:

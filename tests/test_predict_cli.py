@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import read_only_filesystem
 from helpers_inference import ASTRONAUT, CANVAS, iou, make_checkpoint, make_video, placed_boxes, read_rgb
 from PIL import Image
 
@@ -480,6 +481,7 @@ def test_usage_errors_exit_2(capsys, good, tmp_path):
         (["a.jpg", "--every", "0"], "argument --every: must be at least 1, got 0"),
         (["a.jpg", "--min-face", "0"], "argument --min-face: must be at least 1, got 0"),
         (["a.jpg", "--max-pixels", "0"], "argument --max-pixels: must be at least 1, got 0"),
+        (["--webcam", "-1"], "argument --webcam: must be at least 0, got -1"),  # OpenCV segfaulted on -1
         (["--webcam", "0", "a.jpg"], "--webcam reads the camera only: it takes no paths and no --annotate"),
         (["--webcam", "0", "--annotate", "out"], "--webcam reads the camera only: it takes no paths and no --annotate"),
     ],
@@ -552,3 +554,72 @@ def test_a_reader_that_stops_early_gets_no_error(tmp_path):
     proc.stdout.close()  # as `head -1` does
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and err.decode() == ""
+
+
+def test_annotating_never_replaces_an_input(capsys, tmp_path):
+    """a.jpg's picture, a_annotated.png, replaced the user's own a_annotated.png before it was read: the next row
+    reported the astronaut again, and the user's file was gone."""
+    shutil.copy(ASTRONAUT, tmp_path / "a.jpg")
+    Image.open(CANVAS).save(tmp_path / "a_annotated.png")
+    before = (tmp_path / "a_annotated.png").read_bytes()
+    code, out, _ = run(
+        capsys, tmp_path / "a.jpg", tmp_path / "a_annotated.png", "--annotate", tmp_path, "--format", "jsonl"
+    )
+    assert code == 0 and [len(r["faces"]) for r in jsonl(out)] == [1, 3]
+    assert (tmp_path / "a_annotated.png").read_bytes() == before
+    assert (tmp_path / "a_annotated_2.png").is_file() and (tmp_path / "a_annotated_annotated.png").is_file()
+
+
+def test_an_annotate_folder_that_cannot_be_written_fails_before_any_work(capsys, good, tmp_path, monkeypatch):
+    """A read-only folder that exists was found out file by file, each row followed by an error."""
+    (tmp_path / "ro").mkdir()
+    with read_only_filesystem(monkeypatch):
+        code, out, err = run(capsys, good, "--annotate", tmp_path / "ro", "--format", "csv")
+    assert code == 2 and out == ""
+    assert f"error: {tmp_path / 'ro'}: cannot write annotated outputs there (Read-only file system)" in err
+
+
+def test_a_folder_that_cannot_be_read_is_reported(capsys, good, tmp_path, monkeypatch):
+    """A sub-folder os.walk could not list was skipped without a word (exit 0); a named one was 'no images'."""
+    root = tmp_path / "root"
+    shutil.copytree(good, root)
+    closed = root / "sub"
+    real_scandir, real_access = os.scandir, os.access
+
+    def scandir(path="."):
+        if Path(path) == closed:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != closed and real_access(p, mode))
+    code, out, _ = run(capsys, root, "--format", "jsonl")
+    records = jsonl(out)
+    assert code == 1 and [r["source"] for r in records] == [str(root / "astronaut.jpg"), str(closed)]
+    assert records[1]["error"] == f"{closed}: cannot read this folder (permission denied)"
+    code, out, _ = run(capsys, closed, "--format", "jsonl")
+    assert code == 1 and jsonl(out) == [{"source": str(closed), "error": records[1]["error"]}]
+
+
+def test_a_video_named_with_another_suffix_is_read_as_a_video(capsys, video, tmp_path):
+    """clip.bin was 'not an image file'; AVCHD's .mts files were skipped in folders."""
+    clip = shutil.copy(video, tmp_path / "clip.bin")
+    code, out, _ = run(capsys, clip, "--every", "6", "--format", "jsonl")
+    assert code == 0 and [(r["frame"], len(r["faces"])) for r in jsonl(out)] == [(0, 1), (6, 1)]
+    (tmp_path / "notes.bin").write_text("neither")
+    code, out, _ = run(capsys, tmp_path / "notes.bin", "--format", "jsonl")
+    assert code == 1 and "not an image file" in jsonl(out)[0]["error"]
+    shutil.copy(video, tmp_path / "camcorder.MTS")
+    assert tmp_path / "camcorder.MTS" in expand_paths([tmp_path])
+
+
+def test_hidden_files_in_a_model_folder_are_not_models(capsys, good, tmp_path):
+    """macOS's ._x.onnx beside x.onnx was loaded, and failed as 'not a loadable ONNX model'."""
+    from ferkit.fileio import model_files
+
+    (tmp_path / "m").mkdir()
+    model = shutil.copy(Path(__file__).parents[1] / "models/fast/ferkit_vgg_half_distill_int8.onnx", tmp_path / "m")
+    (tmp_path / "m" / "._ferkit_vgg_half_distill_int8.onnx").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    assert model_files(tmp_path / "m") == [Path(model)]
+    code, out, _ = run(capsys, good / "astronaut.jpg", "--model", tmp_path / "m", "--format", "jsonl")
+    assert code == 0 and len(jsonl(out)[0]["faces"]) == 1

@@ -420,6 +420,7 @@ def _print_records(records: Iterable[Record], fmt: str, classes: Sequence[str]) 
             else:
                 box = str(f.box) if not f.whole_image else "whole image"
                 print(f"{r.source:<40} {frame!s:>6} {i:>4}  {box:<24} {f.emotion:<9} {f.confidence:>5.2f}")
+        sys.stdout.flush()  # each image's or frame's rows as they come: a webcam's piped to another program
     return failed
 
 
@@ -695,7 +696,7 @@ def _add_predict(sub: Any) -> None:
         "the rest still processed; the exit code is 1 if any input failed.",
     )
     p.add_argument("paths", nargs="*", help="images, folders (searched recursively) and video files")
-    p.add_argument("--webcam", type=int, metavar="N", help="read camera N instead of files (Ctrl-C stops)")
+    p.add_argument("--webcam", type=_count(0), metavar="N", help="read camera N instead of files (Ctrl-C stops)")
     p.add_argument(
         "--model",
         action="append",

@@ -61,10 +61,21 @@ def _to_rgb(img: np.ndarray) -> np.ndarray:
 
 def fit_boxes(boxes: Any, shape: tuple[int, ...], scale: float = 1.0) -> list[Box]:
     """Boxes (a list of (x, y, w, h) or an (N, 4) array, as any detector may give) divided by ``scale`` and
-    clipped to an image of ``shape``, those left without area dropped; sorted left to right."""
+    clipped to an image of ``shape``, those left without area dropped; sorted left to right. Anything else
+    (boxes of 5 numbers with a score, None) is a ValueError: reshaped, it became other boxes."""
+    try:
+        a = np.asarray(boxes if boxes is not None else (), dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"face detector: expected (x, y, w, h) boxes, got {str(boxes)[:80]} ({e})") from None
+    if a.size == 0:
+        return []
+    if a.shape == (4,):  # one box, not in a list
+        a = a[None]
+    if a.ndim != 2 or a.shape[1] != 4:
+        raise ValueError(f"face detector: expected (x, y, w, h) boxes, an (N, 4) array; got shape {a.shape}")
     out = []
     h, w = shape[:2]
-    for x, y, bw, bh in np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / scale:
+    for x, y, bw, bh in a / scale:
         x0, y0 = max(0, round(x)), max(0, round(y))
         x1, y1 = min(w, round(x + bw)), min(h, round(y + bh))
         if x1 > x0 and y1 > y0:
@@ -282,9 +293,9 @@ def make_detector(
     if spec == "haar":
         return HaarDetector(min_size=min_size, **options)
     path = Path(str(spec))
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         return onnx_detector(path, threads, min_size=min_size, **options)
-    if path.suffix == ".xml":
+    if path.suffix.lower() == ".xml":
         return HaarDetector(path, min_size=min_size, **options)
     raise ValueError(
         f"unknown face detector {spec!r}: use 'centerface', 'haar', a CenterFace or YuNet .onnx file "

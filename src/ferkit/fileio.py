@@ -64,11 +64,11 @@ def not_a_file(path: str | Path, what: str) -> str | None:
 
 def model_files(model: str | os.PathLike[str]) -> list[Path]:
     """The model files ``model`` names: itself, or for a folder every ``.onnx`` file directly in it, by name (a
-    kept ensemble: ``models/``)."""
+    kept ensemble: ``models/``), hidden files skipped (macOS's ``._x.onnx``)."""
     path = Path(model)
     if not path.is_dir():
         return [path]
-    found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".onnx" and p.is_file())
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".onnx" and p.is_file() and p.name[0] != ".")
     if not found:
         raise FileNotFoundError(f"{path}: no .onnx model in this folder")
     return found

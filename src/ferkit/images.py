@@ -15,6 +15,7 @@ import numpy as np
 from .config import MAX_PIXELS
 from .fileio import broken_link
 
+MAX_UNIT_OVERSHOOT = 2.0  # a float array's pixels up to this are 0-1 values (a 0-255 image this dark is black)
 MAX_8BIT_OVERSHOOT = 1023  # a float/int array's pixels up to this are 0-255 values (overshoot clipped); above: 16-bit
 # the formats read (Pillow's names, MPO: a phone's JPEG): not Pillow's rarer ones, which run less used decoders
 # or hand the file to another program (EPS to Ghostscript); AVIF where this Pillow has it
@@ -44,7 +45,8 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
     Applies EXIF orientation; flattens alpha onto white; converts palette, 16-bit, CMYK and float
     images; refuses images over ``max_pixels`` pixels before decoding them. Float and integer arrays are read
-    by their range: up to 1 as 0-1, up to 1023 as 0-255 (clipped), beyond as 16-bit; uint16 as 16-bit."""
+    by their range: up to 1 (floats: up to 2) as 0-1, up to 1023 as 0-255 (clipped), beyond as 16-bit; uint16
+    as 16-bit."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not isinstance(src, (str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image)) and not hasattr(src, "read"):
@@ -128,6 +130,8 @@ def _check_file(path: Path, name: str) -> None:
             raise ImageError(f"{name}: {problem}")
         if not path.is_file():
             raise ImageError(f"{name}: " + ("not a regular file" if path.exists() else "no such file"))
+        if not os.access(path, os.R_OK):  # PIL's PermissionError was reported as a corrupt image
+            raise ImageError(f"{name}: permission denied")
         if path.stat().st_size == 0:
             raise NotAnImageError(f"{name}: empty file (0 bytes), not an image")
     except OSError as e:  # a name too long for a path, say (image data passed as a str)
@@ -166,9 +170,9 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     if a.dtype.kind == "u" and a.dtype.itemsize == 2:  # 16-bit, either byte order: scale by the type's range
         a = (a.astype(np.float64) / 257).round().astype(np.uint8)
     elif a.dtype != np.uint8:
-        a = a.astype(np.float64)
+        a_kind, a = a.dtype.kind, a.astype(np.float64)
         top = a.max(initial=0)
-        if top <= 1.0:
+        if top <= (MAX_UNIT_OVERSHOOT if a_kind == "f" else 1.0):  # a 0-1 float image, some past 1 after resizing
             a = a * 255
         elif top > MAX_8BIT_OVERSHOOT:  # 16-bit values (or any larger range)
             a = a / (65535.0 if top <= 65535 else top) * 255

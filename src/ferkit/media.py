@@ -14,12 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from .fileio import atomic_write
-from .images import IMAGE_EXTENSIONS
+from .fileio import atomic_write, check_writable
+from .images import IMAGE_EXTENSIONS, NotAnImageError
 from .inference import EmotionRecognizer, FaceResult, ImageError, annotate, load_image
 from .runtime import check_count
 
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"}
+VIDEO_EXTENSIONS = {
+    *(".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"),
+    *(".mts", ".m2ts", ".ogv", ".vob"),  # camcorders' AVCHD, Ogg, DVD
+}
 ANNOTATED_NAME = re.compile(r".+_annotated(_\d+)?\.(png|mp4)")  # what --annotate writes (see _unique_name)
 # ffmpeg's own log lines ("moov atom not found") would repeat the errors ferkit reports, naming the file;
 # OpenCV reads this when its ffmpeg backend starts, so it is set before any video is opened.
@@ -64,7 +67,8 @@ def _search(folder: Path, skip: str | Path | None) -> Iterator[Path]:
     exts = {*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS}
     outputs = os.path.realpath(skip) if skip is not None else None
     seen: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    unreadable: list[OSError] = []  # folders os.walk cannot list: reported (they were skipped without a word)
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable.append):
         real = os.path.realpath(root)
         if real in seen:  # a link back up the tree, or a second link to one folder
             dirs.clear()
@@ -77,6 +81,7 @@ def _search(folder: Path, skip: str | Path | None) -> Iterator[Path]:
             if real == outputs and ANNOTATED_NAME.fullmatch(name):
                 continue
             yield Path(root, name)
+    yield from (Path(e.filename) for e in unreadable if e.filename is not None and Path(e.filename) != folder)
 
 
 def _fps(cap: Any) -> float:
@@ -99,6 +104,8 @@ class VideoFrames:
         import cv2
 
         if not isinstance(self.source, int):
+            if not os.access(self.source, os.R_OK):  # OpenCV would try every backend, and log each
+                raise ImageError(f"{self.source}: permission denied")
             cap = cv2.VideoCapture(self.source)
             if not cap.isOpened():
                 raise ImageError(f"{self.source}: cannot open as a video file")
@@ -153,6 +160,28 @@ def video_info(path: str | Path) -> tuple[int, float]:
     return max(0, n), fps
 
 
+def _unlisted_video(path: Path) -> bool:
+    """Whether a file named on the command line with a suffix that is neither an image's nor a video's
+    (``clip.bin``) is a video: no image format's, and OpenCV decodes a frame of it."""
+    import cv2
+
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return False
+    try:
+        load_image(path, max_pixels=1)
+    except NotAnImageError:
+        pass
+    except ImageError:  # an image (too large for this check, or corrupt): read as one
+        return False
+    else:
+        return False
+    cap = cv2.VideoCapture(str(path))
+    try:
+        return cap.isOpened() and cap.grab()
+    finally:
+        cap.release()
+
+
 def _unique_name(name: str, used: set[str]) -> str:
     """``name``, or ``stem_2.ext``, ``stem_3.ext``... if an earlier input already wrote it."""
     stem, dot, ext = name.rpartition(".")
@@ -165,14 +194,17 @@ def _unique_name(name: str, used: set[str]) -> str:
 
 
 def _annotate_dir(path: str | Path | None) -> Path | None:
-    """The folder for annotated outputs, created now, so that a bad one fails before any work is done."""
+    """The folder for annotated outputs, created and written to now, so that a bad one fails before any work."""
     if path is None:
         return None
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
+        check_writable(path / "x_annotated.png")
     except (FileExistsError, NotADirectoryError) as e:
         raise ValueError(f"{path}: cannot be the folder for annotated outputs: it or a parent is a file") from e
+    except OSError as e:
+        raise ValueError(f"{path}: cannot write annotated outputs there ({e.strerror or e})") from e
     return path
 
 
@@ -210,12 +242,15 @@ def _predict_files(
 ) -> Iterator[Record]:
     from tqdm import tqdm
 
-    used: set[str] = set()
+    # the inputs in the output folder: an annotated picture named as one would replace it, unread
+    used = {p.name for p in files if out_dir is not None and p.parent.resolve() == out_dir.resolve()}
     for path in tqdm(files, desc="predicting", unit="file", disable=not progress or len(files) < 2):
         if path.is_dir():
-            yield Record(str(path), error=f"{path}: no images or videos in this folder")
+            readable = os.access(path, os.R_OK | os.X_OK)
+            yield Record(str(path), error=f"{path}: " + ("no images or videos in this folder" if readable else
+                                                         "cannot read this folder (permission denied)"))  # fmt: skip
             continue
-        if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file():
+        if path.is_file() and (path.suffix.lower() in VIDEO_EXTENSIONS or _unlisted_video(path)):
             name = _unique_name(f"{path.stem}_annotated.mp4", used)
             yield from _predict_video(recognizer, path, every, out_dir, name, fallback, progress)
             continue
