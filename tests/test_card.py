@@ -75,6 +75,10 @@ def test_a_report_from_before_copies_were_counted_still_makes_a_card(trained_run
                              "ferkit train --x", "a test machine")  # fmt: skip
     assert "this report predates counting them" in card
     assert re.search(r"\| my_model \| PrivateTest \| flip \| [\d.]+% \| – \|", card)
+    all_copies = json.loads(reports[0].read_text()) | {"unseen": None}  # every image a Training image
+    (tmp_path / "copies.json").write_text(json.dumps(all_copies))
+    card = render_model_card(trained_run, tmp_path / "my_model.onnx", [tmp_path / "copies.json"], "ferkit", "here")
+    assert f"Every one of the {all_copies['n']:,} {all_copies['split']} images is a Training image." in card
 
 
 def test_readme_results_replace_only_the_results_block(reports, tmp_path):

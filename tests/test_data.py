@@ -300,6 +300,29 @@ def test_a_folder_with_the_data_further_down_says_where(tmp_path):
         load_folder(tmp_path, progress=False)
     with pytest.raises(DataError, match=re.escape("(train/ holds emotion folders: give the folder above it, ")):
         load_folder(tmp_path / "wrap/archive/train", progress=False)
+    shutil.move(tmp_path / "wrap/archive/test", tmp_path / "mydata")  # emotion folders in a folder of another name
+    with pytest.raises(
+        DataError, match=re.escape(f"(it holds emotion folders: move them into {tmp_path / 'mydata/train'}/")
+    ):
+        load_folder(tmp_path / "mydata", progress=False)
+
+
+def test_linked_sub_folders_of_a_class_folder_are_read_and_unreadable_ones_named(tmp_path, monkeypatch):
+    """rglob neither followed a linked folder nor said it skipped one it could not list (predict's search does)."""
+    _tree(tmp_path / "data", ["train"])
+    Image.fromarray(synthetic_face(0, 3)).save(_mk(tmp_path / "extra/a.png"))
+    (tmp_path / "data/train/angry/linked").symlink_to(tmp_path / "extra")
+    assert load_folder(tmp_path / "data", progress=False).counts()["Training"]["angry"] == 2
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == tmp_path / "data/train/angry/linked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'data/train/angry/linked'}: cannot read this folder")):
+        load_folder(tmp_path / "data", progress=False)
 
 
 # ---------------------------------------------------------------- fer2013.csv

@@ -14,7 +14,7 @@ import torch
 from conftest import read_only_filesystem, synthetic_data
 
 from ferkit.checkpoint import slim_checkpoint
-from ferkit.data import CLASSES, SPLITS, save_cache, tta_views
+from ferkit.data import CLASSES, SPLITS, DataError, save_cache, tta_views
 from ferkit.evaluate import (
     compute_metrics,
     evaluate_checkpoints,
@@ -407,6 +407,23 @@ def test_read_only_output_folders_are_refused_before_a_model_runs(trained_run, s
     for option, folder in (("out", tmp_path / "eval"), ("cache", tmp_path / "cache")):
         with read_only_filesystem(monkeypatch), pytest.raises(OSError, match=re.escape(str(folder))):
             evaluate_tta([trained_run / "best.pt"], synthetic_cache, "PrivateTest", device="cpu", **{option: folder})
+
+
+def test_a_read_only_cache_that_holds_every_entry_serves_them(trained_run, synthetic_cache, tmp_path, monkeypatch):
+    """The check for a writable --cache refused a shared, read-only cache that needed no new entry."""
+    best, cache = trained_run / "best.pt", tmp_path / "cache"
+    first = evaluate_tta([best], synthetic_cache, "PrivateTest", device="cpu", cache=cache)["none"]
+    with read_only_filesystem(monkeypatch):
+        again = evaluate_tta([best], synthetic_cache, "PrivateTest", device="cpu", cache=cache)["none"]
+    assert again["accuracy"] == first["accuracy"]
+
+
+def test_a_failed_evaluation_leaves_no_empty_folders(trained_run, tmp_path):
+    """The checks that --out and --cache can be written made them, and a run that failed next left them empty."""
+    out, cache = tmp_path / "reports" / "eval", tmp_path / "cache"
+    with pytest.raises(DataError, match="no such file"):
+        evaluate_tta([trained_run / "best.pt"], tmp_path / "none.npz", "PrivateTest", out, device="cpu", cache=cache)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_out_folder_of_another_model_s_reports_is_refused(trained_run, synthetic_cache, tmp_path, monkeypatch):

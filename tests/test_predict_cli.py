@@ -607,8 +607,10 @@ def test_a_video_named_with_another_suffix_is_read_as_a_video(capsys, video, tmp
     code, out, _ = run(capsys, clip, "--every", "6", "--format", "jsonl")
     assert code == 0 and [(r["frame"], len(r["faces"])) for r in jsonl(out)] == [(0, 1), (6, 1)]
     (tmp_path / "notes.bin").write_text("neither")
-    code, out, _ = run(capsys, tmp_path / "notes.bin", "--format", "jsonl")
-    assert code == 1 and "not an image file" in jsonl(out)[0]["error"]
+    Image.open(ASTRONAUT).save(tmp_path / "photo.tga")  # a format ferkit refuses, which FFmpeg would decode whole
+    for other in ("notes.bin", "photo.tga"):
+        code, out, _ = run(capsys, tmp_path / other, "--format", "jsonl")
+        assert code == 1 and "not an image file" in jsonl(out)[0]["error"] and "frame" not in jsonl(out)[0]
     shutil.copy(video, tmp_path / "camcorder.MTS")
     assert tmp_path / "camcorder.MTS" in expand_paths([tmp_path])
 
@@ -621,5 +623,11 @@ def test_hidden_files_in_a_model_folder_are_not_models(capsys, good, tmp_path):
     model = shutil.copy(Path(__file__).parents[1] / "models/fast/ferkit_vgg_half_distill_int8.onnx", tmp_path / "m")
     (tmp_path / "m" / "._ferkit_vgg_half_distill_int8.onnx").write_bytes(b"\x00\x05\x16\x07Mac OS X")
     assert model_files(tmp_path / "m") == [Path(model)]
+    with pytest.raises(ValueError, match="an empty model path"):  # Path("") is ".": every model of the working folder
+        model_files("")
+    (tmp_path / "m" / "gone.onnx").symlink_to(tmp_path / "nowhere.onnx")  # was left out of the ensemble
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'm' / 'gone.onnx'}: a link to nothing")):
+        model_files(tmp_path / "m")
+    (tmp_path / "m" / "gone.onnx").unlink()
     code, out, _ = run(capsys, good / "astronaut.jpg", "--model", tmp_path / "m", "--format", "jsonl")
     assert code == 0 and len(jsonl(out)[0]["faces"]) == 1

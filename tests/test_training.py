@@ -563,6 +563,11 @@ def test_config_yaml(tmp_path):
     path.write_text("epochs: 3\nepoch: 4\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}: unknown config field(s) epoch (did you mean 'epochs'?)")):
         TrainConfig.from_yaml(path)
+    path.write_text("epoch: 3\naaa: 1\nlrr: 2\n")  # a guess for each, said beside it
+    with pytest.raises(
+        ValueError, match=re.escape("field(s) aaa, epoch (did you mean 'epochs'?), lrr (did you mean 'lr'?)")
+    ):
+        TrainConfig.from_yaml(path)
     path.write_text("zzz: 4\n")  # nothing like it: no guess
     with pytest.raises(ValueError, match=re.escape(f"{path}: unknown config field(s) zzz") + "$"):
         TrainConfig.from_yaml(path)

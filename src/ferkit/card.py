@@ -89,8 +89,10 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
 
 def _copies(report: dict[str, Any]) -> str:
     """What the card says of the test images that are copies of Training images, from its headline report."""
-    if (unseen := report.get("unseen")) is None:
+    if "unseen" not in report:
         return "Some test images of FER-2013 are copies of Training images; this report predates counting them."
+    if (unseen := report["unseen"]) is None:
+        return f"Every one of the {report['n']:,} {report['split']} images is a Training image."
     return (
         f"{report['n'] - unseen['n']} of the {report['n']:,} {report['split']} images are copies, pixel for pixel, "
         f"of Training images, which the model has\n  learnt: on the other {unseen['n']:,} its accuracy is "

@@ -208,7 +208,7 @@ def _evaluate(
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .fileio import model_files
 
-    checkpoints = [p for c in args.checkpoint + (args.ensemble or []) for p in model_files(c)]
+    checkpoints = model_files(*args.checkpoint, *(args.ensemble or []))
     first = Path(checkpoints[0])
     # a run's best.pt reports into eval/; any other file into its own folder (m.pt and m.onnx side by side:
     # eval_m_pt/ and eval_m_onnx/); an ensemble into one named for its members (in any order), never another's
@@ -233,7 +233,7 @@ def cmd_select_ensemble(args: argparse.Namespace) -> int:
 
     if args.out:  # before any model runs: it failed after
         check_writable(args.out)
-    candidates = [str(p) for c in args.checkpoint for p in model_files(c)]
+    candidates = [str(p) for p in model_files(*args.checkpoint)]
     rows = select_ensemble(
         candidates,
         args.data,

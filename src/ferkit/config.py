@@ -214,9 +214,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(values) - names):
-            guesses = "".join(did_you_mean(str(k), sorted(names)) for k in unknown[:1])
-            raise ValueError(f"{source}: unknown config field(s) {', '.join(map(str, unknown))}{guesses}")
+        if unknown := sorted(map(str, set(values) - names)):
+            said = ", ".join(k + did_you_mean(k, sorted(names)) for k in unknown)
+            raise ValueError(f"{source}: unknown config field(s) {said}")
         try:
             return cls(**values)
         except ValueError as e:

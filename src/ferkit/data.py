@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import IMAGE_SIZE, TTA_MODES
-from .fileio import atomic_write, broken_link, check_writable, read_npz, refuse_input
+from .fileio import atomic_write, broken_link, check_writable, read_npz, refuse_input, visible_files
 from .images import IMAGE_EXTENSIONS
 
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -157,20 +157,22 @@ def _layout_hint(root: Path) -> str:
     tops = [p for pattern in ("*/*", "*/*/*") for p in root.glob(pattern) if p.name in _TOPS and p.is_dir()]
     if nested := sorted({p.parent for p in tops if not any(s.startswith(".") for s in p.relative_to(root).parts)}):
         return f" (give the folder that holds them: {nested[0]})"
-    if root.name.lower() in _TOPS or any((root / c).is_dir() for c in CLASSES):
+    if root.name.lower() in _TOPS:
         return f" ({root.name}/ holds emotion folders: give the folder above it, {root.resolve().parent})"
+    if any((root / c).is_dir() for c in CLASSES):
+        return f" (it holds emotion folders: move them into {root / 'train'}/, or {root / 'test'}/ for test images)"
     if csvs := sorted(p.name for p in root.glob("*.csv") if p.name[0] != "."):  # Kaggle's original download
         return f" (or give the CSV file: {root / csvs[0]})"
     return ""
 
 
 def _class_images(cls_dir: Path) -> list[Path]:
-    """The image files under a class folder, in its sub-folders too, sorted; hidden files and folders skipped."""
-    images = [
-        p
-        for p in cls_dir.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(s.startswith(".") for s in p.relative_to(cls_dir).parts)
-    ]
+    """The image files under a class folder, in its (linked) sub-folders too, sorted; hidden ones skipped."""
+
+    def unreadable(e: OSError) -> None:
+        raise DataError(f"{e.filename}: cannot read this folder ({e.strerror})")
+
+    images = [p for p in visible_files(cls_dir, unreadable) if p.suffix.lower() in IMAGE_EXTENSIONS]
     if broken := next((f"{p}: {why}" for p in images if (why := broken_link(p))), None):
         raise DataError(broken)
     return sorted(p for p in images if p.is_file())

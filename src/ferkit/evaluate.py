@@ -334,7 +334,6 @@ def _probabilities(
 
     if cache is not None:
         refuse_file(cache, "--cache")
-        check_writable(Path(cache) / "entry.npz")  # before any model runs
     dev = resolve_device(device)
     data = load_dataset(data_path, progress=progress)
     every = data.split(split)
@@ -343,12 +342,14 @@ def _probabilities(
         raise ValueError(f"{data_path}: no {split} images to evaluate on")
     images_key = bytes_digest(np.ascontiguousarray(images).data)
     per_model = []
-    for k, ck in enumerate(checkpoints, 1):
-        digest = None if cache is None else file_digest(ck)  # before loading: the key names what is loaded
+    digests = [None if cache is None else file_digest(ck) for ck in checkpoints]  # the key names what is loaded
+    keys = [f"{digest}-{images_key}-{dev.type}" for digest in digests]
+    paths = [None if cache is None else Path(cache) / f"{key}-v{CACHE_VERSION}.npz" for key in keys]
+    cached = [_read_cached(path, modes, len(images)) for path in paths]
+    if missing := next((p for p, c in zip(paths, cached, strict=True) if p is not None and c is None), None):
+        check_writable(missing)  # before any model runs; a cache that holds every entry may be read-only
+    for k, (ck, digest, key, path, probs) in enumerate(zip(checkpoints, digests, keys, paths, cached, strict=True), 1):
         model, name = load_for_evaluation(ck)
-        key = f"{digest}-{images_key}-{dev.type}"
-        path = None if cache is None else Path(cache) / f"{key}-v{CACHE_VERSION}.npz"
-        probs = _read_cached(path, modes, len(images))
         if probs is None:
             label = f"{split} {k}/{len(checkpoints)} {ck}" if progress else None
             narrower = TTA_MODES[: max(map(TTA_MODES.index, modes)) + 1]  # free with the widest mode's views

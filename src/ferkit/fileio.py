@@ -3,12 +3,13 @@ content digests (the keys of the prediction caches)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -62,16 +63,41 @@ def not_a_file(path: str | Path, what: str) -> str | None:
     return broken_link(path) or f"{what} not found"
 
 
-def model_files(model: str | os.PathLike[str]) -> list[Path]:
-    """The model files ``model`` names: itself, or for a folder every ``.onnx`` file directly in it, by name (a
-    kept ensemble: ``models/``), hidden files skipped (macOS's ``._x.onnx``)."""
-    path = Path(model)
-    if not path.is_dir():
-        return [path]
-    found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".onnx" and p.is_file() and p.name[0] != ".")
-    if not found:
-        raise FileNotFoundError(f"{path}: no .onnx model in this folder")
-    return found
+def visible_files(
+    folder: str | Path, onerror: Callable[[OSError], object] | None = None, skip: str | None = None
+) -> Iterator[Path]:
+    """The files below ``folder``, through linked folders (each real folder once), hidden files and folders
+    (``._a.jpg`` of macOS, ``.ipynb_checkpoints/``) skipped, and the folder whose real path is ``skip`` not
+    entered; ``onerror`` gets the error of each folder that cannot be listed (as :func:`os.walk`'s does)."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=onerror):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if d[0] != "." and os.path.realpath(os.path.join(root, d)) != skip]
+        yield from (Path(root, name) for name in files if name[0] != ".")
+
+
+def model_files(*models: str | os.PathLike[str]) -> list[Path]:
+    """The model files ``models`` name, in order: a file itself, a folder every ``.onnx`` file directly in it, by
+    name (a kept ensemble: ``models/``), hidden files skipped (macOS's ``._x.onnx``) and a link to nothing named."""
+    out: list[Path] = []
+    for model in models:
+        if not str(model):  # Path("") is ".": an unset variable took every model of the working folder
+            raise ValueError("an empty model path")
+        path = Path(model)
+        if not path.is_dir():
+            out.append(path)
+            continue
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".onnx" and p.name[0] != ".")
+        if broken := next((f"{p}: {why}" for p in found if (why := broken_link(p))), None):
+            raise FileNotFoundError(broken)  # left out, it shrank the ensemble without a word
+        if not (found := [p for p in found if p.is_file()]):
+            raise FileNotFoundError(f"{path}: no .onnx model in this folder")
+        out += found
+    return out
 
 
 def _open_temp(path: Path) -> tuple[Path, int]:
@@ -87,11 +113,17 @@ def _open_temp(path: Path) -> tuple[Path, int]:
 
 
 def check_writable(path: str | Path) -> Path:
-    """``path``, once a file can be written there (its folders are made): checked before long work."""
-    tmp, fd = _open_temp(refuse_folder(path))
+    """``path``, once a file can be written there: checked before long work. The folders it makes to try are
+    removed again (a run that fails later would leave them empty)."""
+    path = refuse_folder(path)
+    made = [p for p in path.parents if not p.exists()]  # deepest first
+    tmp, fd = _open_temp(path)
     os.close(fd)
     tmp.unlink()
-    return Path(path)
+    for folder in made:
+        with contextlib.suppress(OSError):  # something else wrote there meanwhile: kept
+            folder.rmdir()
+    return path
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:

@@ -170,7 +170,7 @@ class EmotionRecognizer:
             raise ValueError("no model given")
         if not all(isinstance(m, (str, os.PathLike)) and str(m) for m in members):
             raise ValueError(f"model must be a file path or a list of them, got {model!r}")
-        paths = [p for m in members for p in model_files(m)]
+        paths = model_files(*members)
         refuse_repeats(paths, "ensemble member")
         self.tta = tta
         self.backends = [_load_backend(p, backend, threads) for p in paths]

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .fileio import atomic_write, check_writable
-from .images import IMAGE_EXTENSIONS, NotAnImageError
+from .fileio import atomic_write, check_writable, visible_files
+from .images import IMAGE_EXTENSIONS
 from .inference import EmotionRecognizer, FaceResult, ImageError, annotate, load_image
 from .runtime import check_count
 
@@ -66,21 +66,13 @@ def _search(folder: Path, skip: str | Path | None) -> Iterator[Path]:
     ``folder``, or the files named as ferkit names them where ``skip`` is ``folder`` itself."""
     exts = {*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS}
     outputs = os.path.realpath(skip) if skip is not None else None
-    seen: set[str] = set()
-    unreadable: list[OSError] = []  # folders os.walk cannot list: reported (they were skipped without a word)
-    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable.append):
-        real = os.path.realpath(root)
-        if real in seen:  # a link back up the tree, or a second link to one folder
-            dirs.clear()
+    unreadable: list[OSError] = []  # folders that cannot be listed: reported (they were skipped without a word)
+    for path in visible_files(folder, unreadable.append, outputs):
+        if path.suffix.lower() not in exts:
             continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if d[0] != "." and os.path.realpath(os.path.join(root, d)) != outputs]
-        for name in files:
-            if name[0] == "." or os.path.splitext(name)[1].lower() not in exts:
-                continue
-            if real == outputs and ANNOTATED_NAME.fullmatch(name):
-                continue
-            yield Path(root, name)
+        if outputs is not None and ANNOTATED_NAME.fullmatch(path.name) and os.path.realpath(path.parent) == outputs:
+            continue
+        yield path
     yield from (Path(e.filename) for e in unreadable if e.filename is not None and Path(e.filename) != folder)
 
 
@@ -162,22 +154,23 @@ def video_info(path: str | Path) -> tuple[int, float]:
 
 def _unlisted_video(path: Path) -> bool:
     """Whether a file named on the command line with a suffix that is neither an image's nor a video's
-    (``clip.bin``) is a video: no image format's, and OpenCV decodes a frame of it."""
+    (``clip.bin``) is a video: Pillow knows no image format of it (one ferkit refuses, TGA say, stays an image),
+    and OpenCV decodes two frames of it."""
     import cv2
+    from PIL import Image, UnidentifiedImageError
 
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return False
     try:
-        load_image(path, max_pixels=1)
-    except NotAnImageError:
+        with Image.open(path):
+            return False
+    except UnidentifiedImageError:
         pass
-    except ImageError:  # an image (too large for this check, or corrupt): read as one
-        return False
-    else:
+    except Exception:  # an image Pillow will not open (too large, say), or no file: reported as an image
         return False
     cap = cv2.VideoCapture(str(path))
     try:
-        return cap.isOpened() and cap.grab()
+        return cap.isOpened() and cap.grab() and cap.grab()
     finally:
         cap.release()
 
