@@ -1156,3 +1156,22 @@ def test_training_accuracy_of_mixed_images_counts_both_labels_by_their_share():
     assert float(training.mixed_correct(logits, ya, yb, 1.0)) == 4
     assert float(training.mixed_correct(logits, ya, yb, 0.7)) == pytest.approx(0.7 * 4 + 0.3 * 2)
     assert float(training.mixed_correct(logits, yb, ya, 0.25)) == pytest.approx(0.25 * 2 + 0.75 * 4)
+
+
+def test_resuming_a_run_taught_by_a_relative_path_elsewhere_says_where_to_resume(
+    trained_run, synthetic_cache, tmp_path, monkeypatch
+):
+    """'--teacher t.pt: no such file (train or export it first, or change it)', and a changed teacher is refused."""
+    import shutil
+
+    (tmp_path / "start").mkdir()
+    shutil.copy(trained_run / "best.pt", tmp_path / "start" / "t.pt")
+    monkeypatch.chdir(tmp_path / "start")
+    train(tiny_config(synthetic_cache, tmp_path / "run", epochs=1, teacher=["t.pt"]))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match=re.escape("--teacher t.pt: no such file (the run was given it relative")
+    ):
+        train(tiny_config(synthetic_cache, tmp_path / "run", epochs=2, teacher=["t.pt"]), resume=True)
+    monkeypatch.chdir(tmp_path / "start")
+    assert train(tiny_config(synthetic_cache, tmp_path / "run", epochs=2, teacher=["t.pt"]), resume=True)["epoch"] == 2

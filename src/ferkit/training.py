@@ -597,8 +597,12 @@ def _resumable(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
         raise ValueError(f"{out} holds a best.pt but no last.pt to resume from (best.pt keeps no optimizer state): "
                          "another --out starts anew")  # fmt: skip
     wanted = [*(("teacher", t) for t in cfg.teacher), *([("init-weights", cfg.init_weights)] if not held else [])]
-    if missing := [f"--{option} {path}" for option, path in wanted if path and not Path(path).is_file()]:
-        raise FileNotFoundError(f"{missing[0]}: no such file (train or export it first, or change it)")
+    if missing := [(option, path) for option, path in wanted if path and not Path(path).is_file()]:
+        option, path = missing[0]
+        hint = "train or export it first, or change it"
+        if held and not Path(path).is_absolute():  # the run's teacher, recorded as given: a path from where it began
+            hint = "the run was given it relative to the folder it started in: resume it from there"
+        raise FileNotFoundError(f"--{option} {path}: no such file ({hint})")
     if not held:
         return None
     last = load_checkpoint(out / "last.pt")
