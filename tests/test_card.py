@@ -224,3 +224,29 @@ def test_the_card_refuses_an_onnx_file_of_another_model(trained_run, synthetic_c
     evaluate_tta([vgg], synthetic_cache, "PrivateTest", tmp_path / "vgg", ("none",), device="cpu")
     with pytest.raises(ValueError, match=r"vgg\.onnx: a model ferkit_vgg .*, not the run's ferkit_small"):
         render_model_card(trained_run, vgg, [tmp_path / "vgg" / "PrivateTest.json"], "x", "y")
+
+
+def test_the_card_refuses_an_export_of_another_run_of_the_same_network(trained_run, reports, tmp_path):
+    """An ONNX file of run A given with run B's folder made a card of B's training with A's results."""
+    import shutil
+
+    import torch
+
+    from ferkit.checkpoint import load_checkpoint, save_checkpoint, slim_checkpoint
+    from ferkit.export import export_onnx, read_metadata
+
+    mine = export_onnx(trained_run / "best.pt", tmp_path / "mine.onnx")
+    assert read_metadata(mine)["weights_digest"]
+    other = tmp_path / "other_run"
+    shutil.copytree(trained_run, other)
+    state = load_checkpoint(other / "best.pt")
+    for weights in (state["state_dict"], state.get("ema_state_dict") or {}):
+        for t in weights.values():
+            if t.is_floating_point():
+                t.add_(torch.randn_like(t))
+    save_checkpoint(other / "best.pt", state)
+    with pytest.raises(ValueError, match=re.escape(f"mine.onnx: exported from other weights than {other / 'best.pt'}")):
+        render_model_card(other, mine, reports, "ferkit train --x", "a test machine")
+    slim_checkpoint(trained_run / "best.pt", tmp_path / "half.pt", half=True)  # the run's own, slimmed to float16
+    (tmp_path / "half.pt").replace(other / "best.pt")
+    assert "## Results" in render_model_card(other, mine, reports, "ferkit train --x", "a test machine")

@@ -161,6 +161,12 @@ def render_model_card(run_dir: Path, onnx_path: Path, report_paths: list[Path], 
 
     info = read_metadata(onnx_path)
     _check_of_run(onnx_path, info, cfg)
+    if (digest := info.get("weights_digest")) and (run_dir / "best.pt").is_file():  # exports before 2026-11-29: none
+        from .checkpoint import model_from_checkpoint, weights_digest
+
+        if weights_digest(model_from_checkpoint(run_dir / "best.pt")[0]) != digest:
+            raise ValueError(f"{onnx_path}: exported from other weights than {run_dir / 'best.pt'}: the card would "
+                             "describe another run's training; give the run it was exported from")  # fmt: skip
     precision = info.get("quantization") or info.get("precision") or "float32"
     modes = " ".join(dict.fromkeys(r["tta"] for r in reports))
     reproduce = (

@@ -117,6 +117,19 @@ def model_from_checkpoint(path: str | Path, ema: bool = True) -> tuple[nn.Module
     return model, state
 
 
+def weights_digest(model: nn.Module) -> str:
+    """A digest of a model's weights, taken as float16 so that a checkpoint and its float16 slim copy agree:
+    what an export records of the weights it was made from."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        h.update(name.encode())
+        h.update((t.half() if t.is_floating_point() else t).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _check_model(model: nn.Module, path: str | Path, n_classes: int) -> None:
     """Refuse a model that does not map (N, 1, 48, 48) images to ``n_classes`` scores (one per class name)."""
     try:

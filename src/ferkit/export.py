@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import model_from_checkpoint
+from .checkpoint import model_from_checkpoint, weights_digest
 from .config import IMAGE_SIZE, MARGIN
 from .data import model_input
 from .fileio import atomic_write, not_a_file, parse_model_metadata, read_model_report, refuse_folder, refuse_input
@@ -244,6 +244,7 @@ def export_onnx(
             "input_size": IMAGE_SIZE,
             "preprocessing": PREPROCESSING,
             "checkpoint": Path(checkpoint).name,
+            "weights_digest": weights_digest(model),  # which run's weights: `ferkit card` checks it
             **(metrics or {}),
         }
         _set_metadata(tmp_path, info)
