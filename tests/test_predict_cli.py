@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import read_only_filesystem
-from helpers_inference import ASTRONAUT, CANVAS, iou, make_checkpoint, make_video, placed_boxes, read_rgb
+from helpers_inference import ASSETS, ASTRONAUT, CANVAS, iou, make_checkpoint, make_video, placed_boxes, read_rgb
 from PIL import Image
 
 from ferkit.cli import main
@@ -385,6 +385,38 @@ def test_a_camera_that_gives_no_frame_is_reported(capsys, monkeypatch):
     assert jsonl(out) == [{"source": "webcam:3", "error": "camera 3: opened, but gave no frame"}]
 
 
+def test_camera_times_are_the_clock_since_its_first_frame(monkeypatch):
+    """A camera that says 30 fps and gives 4 frames a second: its times are the clock's, not index / 30."""
+    from ferkit.media import VideoFrames
+
+    class Camera:
+        frames = 3
+
+        def __init__(self, index: int) -> None:
+            assert index == 0
+
+        def isOpened(self) -> bool:  # noqa: N802 (OpenCV's name)
+            return True
+
+        def get(self, prop: int) -> float:
+            return 30.0 if prop == cv2.CAP_PROP_FPS else -1.0  # a camera's POS_MSEC means nothing
+
+        def grab(self) -> bool:
+            Camera.frames -= 1
+            return Camera.frames >= 0
+
+        def retrieve(self) -> tuple[bool, np.ndarray]:
+            return True, np.zeros((4, 4, 3), np.uint8)
+
+        def release(self) -> None:
+            pass
+
+    clock = iter([100.0, 100.0, 100.25, 100.5])
+    monkeypatch.setattr("cv2.VideoCapture", Camera)
+    monkeypatch.setattr("ferkit.media.time.monotonic", lambda: next(clock))
+    assert [(i, t) for i, t, _ in VideoFrames(0)] == [(0, 0.0), (1, 0.25), (2, 0.5)]
+
+
 def test_a_camera_that_cannot_open_is_one_line_without_a_table_header(capfd):
     """No table header before the error, and none of OpenCV's warnings ("[ WARN:0@0.372] global cap_v4l.cpp")."""
     assert main(["predict", "--webcam", "63", "--no-progress"]) == 2  # no machine here has 64 cameras
@@ -407,6 +439,14 @@ def test_video_in_csv_has_frame_numbers_and_times(capsys, video):
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [(r["frame"], r["time_s"]) for r in rows] == [("0", "0.000"), ("5", "0.500"), ("10", "1.000")]  # 10 fps
+
+
+def test_video_times_are_the_frames_own(capsys):
+    """A variable-frame-rate video (a phone's): each frame's time is its timestamp; index / average frame rate
+    (1.76 fps here) gave 0.567 s for the frame shown at 0.1 s and 2.833 s for the one at 3.3 s."""
+    code, out, _ = run(capsys, ASSETS / "vfr.mp4", "--every", "1", "--format", "jsonl")
+    assert code == 0
+    assert [r["time_s"] for r in jsonl(out)] == pytest.approx([0.0, 0.1, 0.2, 1.2, 1.3, 3.3])
 
 
 def test_video_progress_counts_every_sampled_frame(capsys, video):

@@ -5,8 +5,10 @@ One bad input never stops a batch: it becomes a record with an ``error`` naming 
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +88,10 @@ def _fps(cap: Any) -> float:
 
 class VideoFrames:
     """(frame index, time in seconds, RGB frame) for every ``every``-th frame of a video file or camera;
-    ``decoded`` counts the frames decoded so far, sampled or not (after the loop: all that could be)."""
+    ``decoded`` counts the frames decoded so far, sampled or not (after the loop: all that could be).
+
+    A file's time is the frame's own timestamp (so that a phone's variable-frame-rate video does not drift),
+    or index / frame rate where the container gives none; a camera's is the time since its first frame."""
 
     def __init__(self, source: str | int, every: int = 1) -> None:
         check_count("every", every)
@@ -116,15 +121,21 @@ class VideoFrames:
         import cv2
 
         cap = self._open()
-        fps = _fps(cap)
+        fps, start = _fps(cap), None
         try:
             while cap.grab():
                 index = self.decoded
                 self.decoded += 1
+                if isinstance(self.source, int):
+                    start = time.monotonic() if start is None else start
+                    t = time.monotonic() - start
+                else:
+                    msec = cap.get(cv2.CAP_PROP_POS_MSEC)  # the grabbed frame's timestamp
+                    t = msec / 1000 if math.isfinite(msec) and msec >= 0 else index / fps
                 if index % self.every == 0:
                     ok, bgr = cap.retrieve()
                     if ok:
-                        yield index, index / fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                        yield index, t, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         finally:
             cap.release()
 

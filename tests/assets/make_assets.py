@@ -2,7 +2,8 @@
 need FER-2013 or scikit-image.
 
     .venv/bin/pip install scikit-image      # only to regenerate astronaut.jpg
-    .venv/bin/python tests/assets/make_assets.py [--fer2013 /work/shared/datasets/fer2013]
+    .venv/bin/pip install av                # only to regenerate vfr.mp4
+    .venv/bin/python tests/assets/make_assets.py [--fer2013 /work/shared/datasets/fer2013] [--only NAME ...]
 
 Writes:
 
@@ -15,6 +16,8 @@ Writes:
   source file and class.
 * ``astronaut.jpg``: scikit-image's ``astronaut`` (NASA portrait of Eileen Collins, public domain),
   with ``astronaut.json`` holding a hand-drawn box around her face (forehead to chin).
+* ``vfr.mp4``: a 64x48 MPEG-4 video of six grey frames at variable frame rate, shown at ``VFR_MS``
+  milliseconds (a phone's video: the container's average frame rate does not give each frame's time).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ CANVAS_SIZE = (640, 480)  # width, height
 # (class folder, side in px, x, y): left to right, not overlapping
 SLOTS = [("happy", 120, 40, 60), ("surprise", 160, 210, 240), ("neutral", 220, 400, 40)]
 ASTRONAUT_FACE = (180, 68, 90, 97)  # x, y, w, h, drawn by hand
+VFR_MS = [0, 100, 200, 1200, 1300, 3300]  # when vfr.mp4's frames are shown
 
 
 def background() -> np.ndarray:
@@ -94,9 +98,33 @@ def make_astronaut() -> None:
     print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB): Haar boxes {found}")
 
 
+def make_vfr_video() -> None:
+    from fractions import Fraction
+
+    import av
+
+    out, ms = HERE / "vfr.mp4", Fraction(1, 1000)
+    with av.open(str(out), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt, stream.time_base = 64, 48, "yuv420p", ms
+        for i, pts in enumerate(VFR_MS):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, ms
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    cap = cv2.VideoCapture(str(out))
+    shown = []
+    while cap.grab():
+        shown.append(round(cap.get(cv2.CAP_PROP_POS_MSEC)))
+    assert shown == VFR_MS, shown
+    print(f"wrote {out} ({out.stat().st_size} bytes): frames at {shown} ms")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fer2013", type=Path, default=Path("/work/shared/datasets/fer2013"))
+    parser.add_argument("--only", nargs="+", choices=["canvas", "astronaut", "vfr"], help="make only these files")
     args = parser.parse_args()
-    make_canvas(args.fer2013)
-    make_astronaut()
+    makers = {"canvas": lambda: make_canvas(args.fer2013), "astronaut": make_astronaut, "vfr": make_vfr_video}
+    for name in args.only or makers:
+        makers[name]()
