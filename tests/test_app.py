@@ -488,11 +488,14 @@ def test_the_api_answers_wrong_methods_and_paths_in_json_beside_the_ui():
     with TestClient(create_app(SlowRecognizer(0))) as c:
         r = c.get(PREDICT)
         assert check_error(r, 405) == "Method Not Allowed" and r.headers["allow"] == "POST"
-        assert check_error(c.put("/api/v1/model"), 405) and c.put("/api/v1/model").headers["allow"] == "GET"
+        assert check_error(c.put("/api/v1/model"), 405) and c.put("/api/v1/model").headers["allow"] == "GET, HEAD"
+        assert c.head("/api/v1/model").status_code == 200  # was 405
         assert check_error(c.get("/api/v1/nothing"), 404) == "Not Found"
         r = c.post(PREDICT + "/?fallback=true", files={"file": ("a.png", b"x")}, follow_redirects=False)
         assert r.status_code == 307 and r.headers["location"].endswith(PREDICT + "?fallback=true")
         assert c.head("/healthz").status_code == 200
+        r = c.get("/healthz/", follow_redirects=False)  # was Gradio's 404 body
+        assert r.status_code == 307 and r.headers["location"].endswith("/healthz")
         r = c.post("/healthz")  # Gradio's {"detail": "Not Found"}
         assert check_error(r, 405) == "Method Not Allowed" and r.headers["allow"] == "GET, HEAD"
         assert c.get("/").status_code == 200  # the UI still answers the rest

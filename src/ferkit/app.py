@@ -453,6 +453,7 @@ def _add_api(app: FastAPI, service: RecognizerService) -> None:
         }
 
     @app.get("/api/v1/model", response_model=ModelInfo, tags=["api"], summary="The model behind the API")
+    @app.head("/api/v1/model", include_in_schema=False)
     async def model() -> dict[str, Any]:
         return info
 
@@ -463,6 +464,7 @@ def _add_api(app: FastAPI, service: RecognizerService) -> None:
 
     @app.api_route("/api/{rest:path}", methods=list(METHODS), include_in_schema=False)
     @app.api_route("/healthz", methods=sorted(set(METHODS) - {"GET", "HEAD"}), include_in_schema=False)
+    @app.api_route("/healthz/", methods=list(METHODS), include_in_schema=False)
     async def no_route(request: Request, rest: str = "") -> Response:
         """The API's answer to an unknown path or method, in its JSON (the UI mounted at / would answer 404
         with its own body)."""
