@@ -148,7 +148,8 @@ class CenterFaceDetector:
     pixels at most (the memory of the network grows with it: photos larger than ``max_input / reliable *
     min_size`` lose their smallest faces). While a level is over 1.5 times ``largest`` (so that a face too
     large for it could fit in it), the next is shrunk by up to 4 times; each level but the last keeps only the
-    faces it judges right, and NMS merges the levels. Boxes are the network's: taller than wide, from the
+    faces it judges right, each level but the first only faces over half of ``largest`` on the level before it
+    (the ones it is there for), and NMS merges the levels. Boxes are the network's: taller than wide, from the
     hairline to the chin. The defaults are measured (benchmarks/face_detection.py, README)."""
 
     stride = 4  # input pixels per output cell: the network predicts its face-centre heatmap at 1/4 scale
@@ -196,14 +197,16 @@ class CenterFaceDetector:
         rgb = _to_rgb(rgb)
         long = max(rgb.shape[:2])
         scale = min(1.0, max(self.reliable / self.min_size, self.max_side / long), self.max_input / long)
-        boxes, scores, scales = [], [], []
+        boxes, scores, scales, finer = [], [], [], None
         while True:
             level, scale = _downscale(rgb, round(long * scale))
             found, score = self._run(level)
             last = max(level.shape[:2]) <= 1.5 * self.largest
-            if not last:
-                fits = found[:, 2:].max(axis=1) <= self.largest
-                found, score = found[fits], score[fits]
+            side = found[:, 2:].max(axis=1)
+            keep = side <= self.largest if not last else np.ones(len(side), bool)
+            if finer is not None:  # a coarser level is for faces too large for the finer one: on a small face
+                keep &= side / scale * finer > self.largest / 2  # it boxed a head with hair and neck again
+            found, score, finer = found[keep], score[keep], scale
             boxes.append(found / scale)
             scores.append(score)
             scales.append(np.full(len(score), scale))
