@@ -385,34 +385,58 @@ def test_a_camera_that_gives_no_frame_is_reported(capsys, monkeypatch):
     assert jsonl(out) == [{"source": "webcam:3", "error": "camera 3: opened, but gave no frame"}]
 
 
+class FakeCapture:
+    """A ``cv2.VideoCapture`` whose frames have the timestamps ``stamps_ms`` (a frame rate of ``fps``)."""
+
+    stamps_ms: list[float] = []
+    fps = 30.0
+
+    def __init__(self, source: int | str) -> None:
+        self.stamps = iter(self.stamps_ms)
+
+    def isOpened(self) -> bool:  # noqa: N802 (OpenCV's name)
+        return True
+
+    def get(self, prop: int) -> float:
+        return self.fps if prop == cv2.CAP_PROP_FPS else self.stamp
+
+    def grab(self) -> bool:
+        self.stamp = next(self.stamps, None)
+        return self.stamp is not None
+
+    def retrieve(self) -> tuple[bool, np.ndarray]:
+        return True, np.zeros((4, 4, 3), np.uint8)
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("fps", "stamps_ms", "times"),
+    [
+        (30, [0, 100, 200, 1200], [0, 0.1, 0.2, 1.2]),  # variable frame rate
+        (30, [0, 0, 0], [0, 1 / 30, 2 / 30]),  # raw H.264: no timestamps
+        (30, [0, 33.3, 66.7, 0], [0, 1 / 30, 2 / 30, 3 / 30]),  # an MPEG stream's last frame
+        (30, [66.7, 100, 133.3, 0, 0], [0, 1 / 30, 2 / 30, 3 / 30, 4 / 30]),  # an AVI's B-frames: late, then none
+        (1000, [0, 50, 100, 0], [0, 0.05, 0.1, 0.15]),  # a wrong frame rate: the last gap
+    ],
+)
+def test_video_times_without_timestamps_follow_the_last_ones(monkeypatch, fps, stamps_ms, times):
+    """OpenCV gives 0 for a frame without a timestamp: such frames read 0.000 (and an AVI with B-frames started
+    two frames late)."""
+    from ferkit.media import VideoFrames
+
+    monkeypatch.setattr("cv2.VideoCapture", type("Capture", (FakeCapture,), {"stamps_ms": stamps_ms, "fps": fps}))
+    monkeypatch.setattr("ferkit.media.os.access", lambda path, mode: True)
+    assert [t for _, t, _ in VideoFrames("clip.mp4")] == pytest.approx(times, abs=1e-3)
+
+
 def test_camera_times_are_the_clock_since_its_first_frame(monkeypatch):
     """A camera that says 30 fps and gives 4 frames a second: its times are the clock's, not index / 30."""
     from ferkit.media import VideoFrames
 
-    class Camera:
-        frames = 3
-
-        def __init__(self, index: int) -> None:
-            assert index == 0
-
-        def isOpened(self) -> bool:  # noqa: N802 (OpenCV's name)
-            return True
-
-        def get(self, prop: int) -> float:
-            return 30.0 if prop == cv2.CAP_PROP_FPS else -1.0  # a camera's POS_MSEC means nothing
-
-        def grab(self) -> bool:
-            Camera.frames -= 1
-            return Camera.frames >= 0
-
-        def retrieve(self) -> tuple[bool, np.ndarray]:
-            return True, np.zeros((4, 4, 3), np.uint8)
-
-        def release(self) -> None:
-            pass
-
     clock = iter([100.0, 100.0, 100.25, 100.5])
-    monkeypatch.setattr("cv2.VideoCapture", Camera)
+    monkeypatch.setattr("cv2.VideoCapture", type("Camera", (FakeCapture,), {"stamps_ms": [-1.0] * 3}))
     monkeypatch.setattr("ferkit.media.time.monotonic", lambda: next(clock))
     assert [(i, t) for i, t, _ in VideoFrames(0)] == [(0, 0.0), (1, 0.25), (2, 0.5)]
 
@@ -441,12 +465,15 @@ def test_video_in_csv_has_frame_numbers_and_times(capsys, video):
     assert [(r["frame"], r["time_s"]) for r in rows] == [("0", "0.000"), ("5", "0.500"), ("10", "1.000")]  # 10 fps
 
 
-def test_video_times_are_the_frames_own(capsys):
+@pytest.mark.parametrize("name", ["vfr.mp4", "vfr.mkv"])
+def test_video_times_are_the_frames_own(capsys, name):
     """A variable-frame-rate video (a phone's): each frame's time is its timestamp; index / average frame rate
-    (1.76 fps here) gave 0.567 s for the frame shown at 0.1 s and 2.833 s for the one at 3.3 s."""
-    code, out, _ = run(capsys, ASSETS / "vfr.mp4", "--every", "1", "--format", "jsonl")
-    assert code == 0
-    assert [r["time_s"] for r in jsonl(out)] == pytest.approx([0.0, 0.1, 0.2, 1.2, 1.3, 3.3])
+    (1.76 fps in the MP4) gave 0.567 s for the frame shown at 0.1 s and 2.833 s for the one at 3.3 s. The MKV
+    was taken for a cut file: its header's frame count is OpenCV's estimate, 34 (duration x 10 fps)."""
+    code, out, _ = run(capsys, ASSETS / name, "--every", "1", "--format", "jsonl")
+    records = jsonl(out)
+    assert code == 0 and not any("error" in r for r in records)
+    assert [r["time_s"] for r in records] == pytest.approx([0.0, 0.1, 0.2, 1.2, 1.3, 3.3])
 
 
 def test_video_progress_counts_every_sampled_frame(capsys, video):
@@ -562,7 +589,10 @@ def test_truncated_video_reports_its_frames_and_then_the_cut(capsys, tmp_path):
     records = jsonl(out)
     assert code == 1 and 5 < len(records) - 1 < 35
     assert all("faces" in r for r in records[:-1])
-    assert records[-1]["error"].startswith(f"{cut}: decoding stopped after frame {records[-2]['frame']} of the 40")
+    end = (records[-2]["frame"] + 1) / 10  # 10 fps
+    assert records[-1]["error"].startswith(
+        f"{cut}: decoding stopped at {end:.2f} s (after frame {records[-2]['frame']}) of the 4.00 s its header"
+    )
     stop = records[-1]["error"]
     for every in (3, 20):  # sampled 0, 20: a cut after frame 20 was taken for the gap to the next sample
         code, out, _ = run(capsys, cut, "--every", str(every), "--format", "jsonl", "--fallback")
@@ -576,7 +606,8 @@ def test_broken_video_is_reported_once_without_ffmpeg_lines(capfd, video, tmp_pa
     half.write_bytes(video.read_bytes()[:2000])
     assert main(["predict", str(half), "--format", "jsonl", "--no-progress"]) == 1
     out, err = capfd.readouterr()
-    assert jsonl(out) == [{"source": str(half), "error": f"{half}: cannot open as a video file"}]
+    error = f"{half}: cannot open as a video file (not a video, or an MP4/MOV cut short)"
+    assert jsonl(out) == [{"source": str(half), "error": error}]
     assert "moov atom" not in err
 
 

@@ -90,12 +90,14 @@ class VideoFrames:
     """(frame index, time in seconds, RGB frame) for every ``every``-th frame of a video file or camera;
     ``decoded`` counts the frames decoded so far, sampled or not (after the loop: all that could be).
 
-    A file's time is the frame's own timestamp (so that a phone's variable-frame-rate video does not drift),
-    or index / frame rate where the container gives none; a camera's is the time since its first frame."""
+    A file's time is the frame's own timestamp (so that a phone's variable-frame-rate video does not drift)
+    from its first frame's, or the last time plus the last gap where the container gives none or no later one
+    (raw H.264, an MPEG stream's last frame, an AVI's B-frames); a camera's is the time since its first frame.
+    ``end`` is when the last frame decoded ends, in the same time."""
 
     def __init__(self, source: str | int, every: int = 1) -> None:
         check_count("every", every)
-        self.source, self.every, self.decoded = source, every, 0
+        self.source, self.every, self.decoded, self.end = source, every, 0, 0.0
 
     def _open(self) -> Any:
         import cv2
@@ -105,7 +107,7 @@ class VideoFrames:
                 raise ImageError(f"{self.source}: permission denied")
             cap = cv2.VideoCapture(self.source)
             if not cap.isOpened():
-                raise ImageError(f"{self.source}: cannot open as a video file")
+                raise ImageError(f"{self.source}: cannot open as a video file (not a video, or an MP4/MOV cut short)")
             return cap
         level = cv2.utils.logging.getLogLevel()  # OpenCV warns of each backend that found no such camera
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
@@ -121,7 +123,8 @@ class VideoFrames:
         import cv2
 
         cap = self._open()
-        fps, start = _fps(cap), None
+        start, step = None, 1 / _fps(cap)  # step: the last gap between timestamps, else the frame rate's
+        t = -step  # the first frame's time is 0
         try:
             while cap.grab():
                 index = self.decoded
@@ -130,8 +133,14 @@ class VideoFrames:
                     start = time.monotonic() if start is None else start
                     t = time.monotonic() - start
                 else:
-                    msec = cap.get(cv2.CAP_PROP_POS_MSEC)  # the grabbed frame's timestamp
-                    t = msec / 1000 if math.isfinite(msec) and msec >= 0 else index / fps
+                    stamp = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000  # the grabbed frame's
+                    start = stamp if start is None and math.isfinite(stamp) else start
+                    if start is not None and math.isfinite(stamp) and stamp - start > t:
+                        step = stamp - start - t if index else step
+                        t = stamp - start
+                    else:
+                        t += step
+                self.end = t + step
                 if index % self.every == 0:
                     ok, bgr = cap.retrieve()
                     if ok:
@@ -343,13 +352,14 @@ def _predict_video(
                 video.finish()
             except OSError as e:  # the frames are reported above; only the video is missing
                 yield Record(str(path), error=f"annotated video not written: {e}")
-        # a header's frame count may be an estimate (VFR, MKV/WebM): only a shortfall of over a second that is
-        # also a tenth of the announced frames is taken for a cut file
-        if frames and total - decoded.decoded >= max(1 + fps, 0.1 * total):
+        # a header's frame count may be an estimate (MKV/WebM: duration x the highest frame rate), its duration
+        # is not: only a shortfall of over a second that is also a tenth of the duration is taken for a cut file
+        if frames and total / fps - decoded.end >= max(1.0, 0.1 * total / fps):
             yield Record(
                 str(path),
-                error=f"{path}: decoding stopped after frame {decoded.decoded - 1} of the {total} its header "
-                "announces (truncated or damaged file?); the frames before it are reported",
+                error=f"{path}: decoding stopped at {decoded.end:.2f} s (after frame {decoded.decoded - 1}) of the "
+                f"{total / fps:.2f} s its header announces (truncated or damaged file?); the frames before it are "
+                "reported",
             )
     except ImageError as e:
         yield Record(str(path), error=str(e))

@@ -16,8 +16,9 @@ Writes:
   source file and class.
 * ``astronaut.jpg``: scikit-image's ``astronaut`` (NASA portrait of Eileen Collins, public domain),
   with ``astronaut.json`` holding a hand-drawn box around her face (forehead to chin).
-* ``vfr.mp4``: a 64x48 MPEG-4 video of six grey frames at variable frame rate, shown at ``VFR_MS``
-  milliseconds (a phone's video: the container's average frame rate does not give each frame's time).
+* ``vfr.mp4``, ``vfr.mkv``: a 64x48 MPEG-4 video of six grey frames at variable frame rate, shown at
+  ``VFR_MS`` milliseconds (a phone's video: the container's average frame rate does not give each frame's
+  time; Matroska keeps no frame count, and OpenCV's estimate of it is duration x the highest frame rate).
 """
 
 from __future__ import annotations
@@ -98,12 +99,12 @@ def make_astronaut() -> None:
     print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB): Haar boxes {found}")
 
 
-def make_vfr_video() -> None:
+def make_vfr_video(suffix: str) -> None:
     from fractions import Fraction
 
     import av
 
-    out, ms = HERE / "vfr.mp4", Fraction(1, 1000)
+    out, ms = HERE / f"vfr{suffix}", Fraction(1, 1000)
     with av.open(str(out), "w") as container:
         stream = container.add_stream("mpeg4", rate=10)
         stream.width, stream.height, stream.pix_fmt, stream.time_base = 64, 48, "yuv420p", ms
@@ -125,6 +126,10 @@ if __name__ == "__main__":
     parser.add_argument("--fer2013", type=Path, default=Path("/work/shared/datasets/fer2013"))
     parser.add_argument("--only", nargs="+", choices=["canvas", "astronaut", "vfr"], help="make only these files")
     args = parser.parse_args()
-    makers = {"canvas": lambda: make_canvas(args.fer2013), "astronaut": make_astronaut, "vfr": make_vfr_video}
+    makers = {
+        "canvas": lambda: make_canvas(args.fer2013),
+        "astronaut": make_astronaut,
+        "vfr": lambda: (make_vfr_video(".mp4"), make_vfr_video(".mkv")),
+    }
     for name in args.only or makers:
         makers[name]()
