@@ -274,6 +274,15 @@ def test_fit_log_offsets_recovers_a_tilt_and_matches_the_prior():
         fit_log_offsets(softmax(logits, axis=1)[labels != 1], labels[labels != 1])
 
 
+def test_fit_prior_names_a_class_the_split_lacks(tmp_path, exported):
+    """It said "no example of class 1", not which class of which split."""
+    labels = np.array([0, 2, 3, 4, 5, 6] * 3)
+    probs = np.full((len(labels), 7), 1 / 7)
+    with pytest.raises(ValueError, match="PublicTest has no disgust image: every class must occur to fit its offset"):
+        fit_prior(exported["onnx"], tmp_path / "fitted.onnx", probs, labels, "PublicTest")
+    assert not (tmp_path / "fitted.onnx").exists()
+
+
 @pytest.mark.parametrize("undo_first", [False, True])
 def test_fit_prior_shifts_the_logits_of_an_export(tmp_path, exported, held_out, undo_first):
     """The fitted copy's probabilities are the source's times exp(offsets), renormalised; after
@@ -404,6 +413,25 @@ def test_cli_export_int8_needs_readable_data_before_writing(tmp_path, exported, 
         assert main(["export", str(exported["pt"]), "-o", str(out), option, "--data", str(tmp_path / "nope.npz")]) == 2
         assert "nope.npz" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_refuses_data_it_would_not_read(tmp_path, exported, synthetic_cache, capsys):
+    """`export best.pt --data X` (no --check, no --int8) wrote an export and never read X, missing or not."""
+    for model, options in ((exported["pt"], []), (exported["onnx"], ["--report", str(tmp_path / "r.json")])):
+        argv = ["export", str(model), "-o", str(tmp_path / "m.onnx"), *options, "--data", str(synthetic_cache)]
+        assert main(argv) == 2
+        assert "--data is read only by --check, --int8, --undo-class-weights and --fit-prior" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_check_fails_over_its_tolerance(tmp_path, exported, capsys, monkeypatch):
+    """--check printed any difference, NaN included, and exited 0."""
+    for diff in (float("nan"), 0.02):
+        monkeypatch.setattr("ferkit.export.max_abs_diff", lambda *args, d=diff: d)
+        assert main(["export", str(exported["pt"]), "-o", str(tmp_path / "m.onnx"), "--check"]) == 2
+        assert f"its probabilities differ from the checkpoint's by {diff:.2e}, over 0.0001" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["export", str(exported["pt"]), "-o", str(tmp_path / "m.onnx"), "--check"]) == 0
 
 
 def test_export_report_must_be_one_model_s_whole_privatetest(tmp_path, exported, capsys):

@@ -507,6 +507,11 @@ def test_annotate_draws_on_a_copy(rec):
     np.testing.assert_array_equal(out[-50:], rgb[-50:])  # far from the face: untouched
     edge = FaceResult((0, 0, 30, 30), "happy", 0.9, {})  # label below the box when no room above
     assert annotate(rgb, [edge]).shape == rgb.shape
+    # what predict takes: a path, a PIL image (read-only array: cv2.error), a 0-1 float array (drawn in float64)
+    with Image.open(ASTRONAUT) as im:
+        for image in (ASTRONAUT, str(ASTRONAUT), im, rgb / 255.0):
+            drawn = annotate(image, faces)
+            assert drawn.dtype == np.uint8 and np.abs(drawn.astype(int) - out).max() <= 1
 
 
 @pytest.mark.parametrize("margin", [0.0, 0.4])

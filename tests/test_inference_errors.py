@@ -18,8 +18,8 @@ from ferkit.faces import HaarDetector, YuNetDetector, crop_faces, make_detector
 from ferkit.inference import EmotionRecognizer, ImageError, load_image
 
 
-def onnx_model(path: Path, input_shape: list, n_out: int, softmax: bool = True) -> Path:
-    """A valid ONNX model: flatten the input, multiply by zero weights, optionally softmax."""
+def onnx_model(path: Path, input_shape: list, n_out: int, softmax: bool = True, weight: float = 0.0) -> Path:
+    """A valid ONNX model: flatten the input, multiply by weights all ``weight``, optionally softmax."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -36,7 +36,7 @@ def onnx_model(path: Path, input_shape: list, n_out: int, softmax: bool = True) 
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", n_out])],
         [
             helper.make_tensor("shape", TensorProto.INT64, [2], [0, -1]),
-            helper.make_tensor("w", TensorProto.FLOAT, [size, n_out], np.zeros(size * n_out, np.float32)),
+            helper.make_tensor("w", TensorProto.FLOAT, [size, n_out], np.full(size * n_out, weight, np.float32)),
         ],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
@@ -60,9 +60,10 @@ def test_onnx_models_that_are_not_emotion_models_are_refused_at_load(tmp_path):
         "fixed_batch.onnx": ([1, 1, 48, 48], 7, True, r"input \(1, 1, 48, 48\), expected \(N, 1, 48, 48\)"),
         "tenclass.onnx": (["N", 1, 48, 48], 10, True, r"output \(N, 10\), expected \(N, 7\)"),
         "logits.onnx": (["N", 1, 48, 48], 7, False, "its outputs are not probabilities"),
+        "nan.onnx": (["N", 1, 48, 48], 7, True, "its outputs are NaN or infinite"),
     }
     for name, (shape, n_out, softmax, problem) in cases.items():
-        path = onnx_model(tmp_path / name, shape, n_out, softmax)
+        path = onnx_model(tmp_path / name, shape, n_out, softmax, weight=float("nan") if name == "nan.onnx" else 0)
         with pytest.raises(ValueError, match=rf"{name}: not a ferkit emotion model \({problem}"):
             EmotionRecognizer(path, threads=1)
         with pytest.raises(ValueError, match=name):  # evaluation loads ONNX models the same way
@@ -109,6 +110,14 @@ def test_checkpoints_that_are_not_emotion_models_are_refused(tmp_path, capsys):
         save_checkpoint(tmp_path / "damaged.pt", {**state, key: value})
         with pytest.raises(CheckpointError, match=rf"damaged\.pt: a damaged checkpoint \({key} of the wrong type\)"):
             model_from_checkpoint(tmp_path / "damaged.pt")
+    # a run that diverged: "angry" at NaN confidence (and NaN in the JSON), exit 0; export wrote it
+    weights = {k: v * float("nan") if k.endswith("weight") else v for k, v in state["state_dict"].items()}
+    save_checkpoint(tmp_path / "nan.pt", {**state, "state_dict": weights})
+    with pytest.raises(CheckpointError, match=r"nan\.pt: its weights give NaN or infinite scores"):
+        EmotionRecognizer(tmp_path / "nan.pt")
+    assert main(["export", str(tmp_path / "nan.pt"), "-o", str(tmp_path / "nan.onnx")]) == 2
+    assert "nan.pt: its weights give NaN or infinite scores" in capsys.readouterr().err
+    assert not (tmp_path / "nan.onnx").exists()
     save_checkpoint(tmp_path / "nosd.pt", {k: v for k, v in state.items() if k != "state_dict"})
     assert main(["slim", str(tmp_path / "nosd.pt"), "-o", str(tmp_path / "slim.pt")]) == 2
     assert "nosd.pt: checkpoint lacks state_dict" in capsys.readouterr().err
@@ -203,6 +212,16 @@ def test_non_finite_and_non_numeric_arrays_are_refused(rec):
         load_image(np.zeros((8, 8), object))
 
 
+def test_a_pil_image_over_the_limit_is_refused_before_it_is_decoded():
+    """An image opened lazily (``Image.open``) was decoded whole, then refused: 0.5 s and 300 MB for 81 M pixels."""
+    from PIL import Image
+
+    with Image.open(ASTRONAUT) as im:
+        im.load = lambda: pytest.fail("decoded")
+        with pytest.raises(ImageError, match=r"image: image is 512x512 = 262,144 pixels, over the limit of 1,000"):
+            load_image(im, max_pixels=1000)
+
+
 # --- face detection ---------------------------------------------------------------------------
 
 
@@ -214,6 +233,12 @@ def test_bad_yunet_models_are_named(tmp_path):
             YuNetDetector(path)
         with pytest.raises(ValueError, match=path.name):
             EmotionRecognizer(detector=path)
+
+
+def test_margin_may_be_any_real_number_type():
+    """np.float32(0.1) was refused: "margin must be between 0 and 1 ..., got np.float32(0.1)"."""
+    for margin in (np.float32(0.1), np.float64(0.1), np.int64(0), 0.1):
+        assert EmotionRecognizer(margin=margin).margin == margin
 
 
 @pytest.mark.parametrize("margin", [-0.7, -0.01, 1.5, float("nan")])

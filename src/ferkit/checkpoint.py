@@ -131,7 +131,8 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def _check_model(model: nn.Module, path: str | Path, n_classes: int) -> None:
-    """Refuse a model that does not map (N, 1, 48, 48) images to ``n_classes`` scores (one per class name)."""
+    """Refuse a model that does not map (N, 1, 48, 48) images to ``n_classes`` finite scores (one per class
+    name)."""
     try:
         with torch.inference_mode():
             out = model(torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE))
@@ -140,6 +141,8 @@ def _check_model(model: nn.Module, path: str | Path, n_classes: int) -> None:
         raise CheckpointError(f"{path}: not a ferkit emotion model (fails on a (N, 1, 48, 48) input: {msg})") from e
     if problem := scores_shape_problem(tuple(out.shape), 2, n_classes):
         raise CheckpointError(f"{path}: not a ferkit emotion model ({problem})")
+    if not torch.isfinite(out).all():  # NaN scores: "angry" at NaN confidence, NaN in JSON
+        raise CheckpointError(f"{path}: its weights give NaN or infinite scores (a run that diverged?)")
 
 
 def slim_checkpoint(path: str | Path, out: str | Path, half: bool = False) -> Path:

@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from .config import (
+    CHECK_TOLERANCE,
     DETECTOR,
     IMAGE_SIZE,
     MARGIN,
@@ -299,6 +300,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"--report with {correction}: the corrected copy is another model; evaluate it, then copy it "
             "with its report (`ferkit export COPY.onnx -o SHIPPED.onnx --report REPORT.json`)"
         )
+    if args.data and not (args.check or args.int8 or _correction(args)):  # it was ignored
+        raise ValueError("--data is read only by --check, --int8, --undo-class-weights and --fit-prior")
     metrics = report_metrics(args.report, args.checkpoint) if args.report else {}
     if Path(args.checkpoint).suffix.lower() == ".onnx":
         _copy_onnx(args, metrics)
@@ -377,7 +380,11 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
         print(f"wrote {half} ({half.stat().st_size / 1e6:.2f} MB)")
     if args.check or args.int8:
         sample = images[np.random.default_rng(0).permutation(len(images))[:512]]
-        print(f"max |onnx - torch| on {len(sample)} images: {max_abs_diff(out, args.checkpoint, sample):.2e}")
+        diff = max_abs_diff(out, args.checkpoint, sample)
+        print(f"max |onnx - torch| on {len(sample)} images: {diff:.2e}")
+        if not diff <= CHECK_TOLERANCE:  # NaN too
+            raise ValueError(f"{out}: its probabilities differ from the checkpoint's by {diff:.2e}, over "
+                             f"{CHECK_TOLERANCE:g}: the export is wrong (an operator computed otherwise?)")  # fmt: skip
         if args.int8:
             q = quantize_int8(out, out.with_name(out.stem + "_int8.onnx"), sample)
             print(f"wrote {q} ({q.stat().st_size / 1e6:.2f} MB)")
@@ -649,7 +656,8 @@ def _add_export(sub: Any) -> None:
     )
     p.add_argument(
         "checkpoint",
-        help="a .pt checkpoint from `ferkit train`, or an exported .onnx to copy with --report's metrics",
+        help="a .pt checkpoint from `ferkit train`, or an exported .onnx to copy with --report's metrics or to "
+        "correct with --undo-class-weights or --fit-prior",
     )
     p.add_argument("-o", "--out", required=True, help="the .onnx file to write")
     p.add_argument(
@@ -657,7 +665,11 @@ def _add_export(sub: Any) -> None:
         help="the input model's PrivateTest report (`ferkit evaluate`), whose accuracy/F1 to store in OUT's "
         "metadata (not in the _int8/_fp16 copies: other models, to evaluate on their own)",
     )
-    p.add_argument("--check", action="store_true", help="print the max |ONNX - torch| difference")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help=f"print the max |ONNX - torch| difference of the probabilities; over {CHECK_TOLERANCE:g} is an error",
+    )
     p.add_argument("--int8", action="store_true", help="also write OUT_int8.onnx (static int8, calibrated)")
     p.add_argument("--fp16", action="store_true", help="also write OUT_fp16.onnx (float16 weights, half the size)")
     p.add_argument(
@@ -840,7 +852,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError, ImportError, RuntimeError) as e:
             hint = ""
             if isinstance(e, ImportError) and e.name in TRAIN_EXTRA:  # torch, onnx, ...: not in a bare install
-                hint = " (training, evaluation and export need the train extra: pip install 'ferkit[train]')"
+                hint = " (training, evaluation, export and .pt models need the train extra: "
+                hint += "pip install 'ferkit[train]')"
             print(f"ferkit {args.command}: error: {e}{hint}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

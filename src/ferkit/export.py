@@ -139,6 +139,8 @@ def fit_prior(onnx_path: str | Path, out: str | Path, probs: np.ndarray, labels:
         raise ValueError(f"{onnx_path}: its prior is already fitted ({info['prior_fitted']})")
     if probs.shape != (len(labels), len(info["classes"])):
         raise ValueError(f"probabilities of shape {probs.shape}: need one row of {len(info['classes'])} per label")
+    if missing := [c for i, c in enumerate(info["classes"]) if not (np.asarray(labels) == i).any()]:
+        raise ValueError(f"{split} has no {', '.join(missing)} image: every class must occur to fit its offset")
     offsets = fit_log_offsets(probs, labels)
     fitted = {"split": split, "n": int(len(labels)), "offsets": [round(float(b), 4) for b in offsets]}
     return _shift_logits(onnx_path, out, offsets, {"prior_fitted": fitted})

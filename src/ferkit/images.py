@@ -64,14 +64,18 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     elif isinstance(src, (bytes, bytearray)) and not src:
         raise NotAnImageError("empty data (0 bytes), not an image")
 
-    def decode(im: Image.Image) -> np.ndarray:
+    def check_size(im: Image.Image) -> None:
         w, h = im.size
         if w * h > max_pixels:
             raise ImageTooLargeError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+
+    def decode(im: Image.Image) -> np.ndarray:
+        check_size(im)
         return _pil_to_rgb(ImageOps.exif_transpose(im), from_file=im.format is not None)  # a copy has no format
 
     try:
         if isinstance(src, Image.Image):
+            check_size(src)  # before load(): an image opened lazily is not decoded yet
             try:
                 src.load()
             except (AssertionError, AttributeError) as e:  # PIL's own check of a closed file: a bare assert

@@ -83,6 +83,8 @@ class OnnxBackend:
             raise ValueError(f"{bad} (fails on a (N, 1, 48, 48) input: {' '.join(str(e).split())})") from e
         if problem := scores_shape_problem(probs.shape, 2, n_classes):
             raise ValueError(f"{bad} ({problem})")
+        if not np.isfinite(probs).all():
+            raise ValueError(f"{bad} (its outputs are NaN or infinite: weights of a run that diverged?)")
         if not np.allclose(probs.sum(1), 1, atol=1e-3) or (probs < 0).any():
             raise ValueError(f"{bad} (its outputs are not probabilities: they do not sum to 1)")
 
@@ -226,11 +228,12 @@ class EmotionRecognizer:
         return self._results(boxes, self.classify_crops(crop_faces(rgb, boxes, margin=self.margin)))
 
 
-def annotate(rgb: np.ndarray, faces: list[FaceResult]) -> np.ndarray:
-    """A copy of ``rgb`` with every face boxed and labelled with its top emotion and confidence."""
+def annotate(image: ImageInput, faces: list[FaceResult], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An RGB copy of ``image`` (anything :meth:`EmotionRecognizer.predict` takes, read as it reads it) with every
+    face boxed and labelled with its top emotion and confidence."""
     import cv2
 
-    out = np.ascontiguousarray(rgb.copy())
+    out = np.array(load_image(image, max_pixels), dtype=np.uint8, order="C")  # a copy: load_image may return its input
     thickness = max(1, round(max(out.shape[:2]) / 400))
     font_scale = max(0.4, max(out.shape[:2]) / 1200)
     for f in faces:
