@@ -597,6 +597,7 @@ def test_split_subset_counts():
     assert len(xs) == len(ys) == 10
     xs2, ys2 = data.subset(*data.split("Training"), n=10, seed=3)
     np.testing.assert_array_equal(xs, xs2)
+    np.testing.assert_array_equal(ys, ys2)
     xs3, _ = data.subset(*data.split("Training"), n=10, seed=4)
     assert not np.array_equal(xs, xs3)
     # each chosen image is one of the split's, with its own label

@@ -211,10 +211,6 @@ def test_vgg16_sees_its_whole_last_feature_map():
     assert (last.grad.abs().sum(1) > 0).all()
 
 
-def _renamed(state: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
-    return {names.get(k, k): v for k, v in state.items()}
-
-
 def test_vgg16_takes_vgg16_bn_imagenet_weights(tmp_path):
     """torchvision's (and timm's) vgg16_bn: conv i, BN i+1, ReLU, ..., max-pools; conv biases folded into BN.
     (Checked against timm's own vgg16_bn and resnetv2_50 too: identical features, README.)"""
