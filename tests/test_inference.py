@@ -512,6 +512,9 @@ def test_annotate_draws_on_a_copy(rec):
         for image in (ASTRONAUT, str(ASTRONAUT), im, rgb / 255.0):
             drawn = annotate(image, faces)
             assert drawn.dtype == np.uint8 and np.abs(drawn.astype(int) - out).max() <= 1
+    np.testing.assert_array_equal(annotate(rgb, faces, max_pixels=1000), out)  # decoded already: not refused
+    with pytest.raises(ImageError, match="over the limit of 1,000"):
+        annotate(ASTRONAUT, faces, max_pixels=1000)
 
 
 @pytest.mark.parametrize("margin", [0.0, 0.4])

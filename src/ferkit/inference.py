@@ -7,6 +7,7 @@ inside the package, so a fresh install predicts with no download.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -230,10 +231,12 @@ class EmotionRecognizer:
 
 def annotate(image: ImageInput, faces: list[FaceResult], max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """An RGB copy of ``image`` (anything :meth:`EmotionRecognizer.predict` takes, read as it reads it) with every
-    face boxed and labelled with its top emotion and confidence."""
+    face boxed and labelled with its top emotion and confidence; ``max_pixels`` limits what is decoded (an array
+    is decoded already)."""
     import cv2
 
-    out = np.array(load_image(image, max_pixels), dtype=np.uint8, order="C")  # a copy: load_image may return its input
+    limit = math.inf if isinstance(image, np.ndarray) else max_pixels  # predict's own limit may be higher
+    out = np.array(load_image(image, limit), dtype=np.uint8, order="C")  # a copy: load_image may return its input
     thickness = max(1, round(max(out.shape[:2]) / 400))
     font_scale = max(0.4, max(out.shape[:2]) / 1200)
     for f in faces:

@@ -136,8 +136,7 @@ class VideoFrames:
                     stamp = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000  # the grabbed frame's
                     start = stamp if start is None and math.isfinite(stamp) else start
                     if start is not None and math.isfinite(stamp) and stamp - start > t:
-                        step = stamp - start - t if index else step
-                        t = stamp - start
+                        step, t = stamp - start - t, stamp - start
                     else:
                         t += step
                 self.end = t + step
