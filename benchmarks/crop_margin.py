@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from _common import DEFAULT_DATA, base_parser, machine_info, opencv_threads, print_table, write_report
 
-from ferkit.config import MARGIN
+from ferkit.config import DEFAULT_MODEL
 from ferkit.data import load_dataset
 from ferkit.faces import crop_faces, make_detector
 from ferkit.inference import EmotionRecognizer
@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None):
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="FER-2013 cache")
     p.add_argument("--detectors", nargs="+", default=["centerface", "haar"], help="detectors (as --detector)")
-    p.add_argument("--margins", type=float, nargs="+", default=[0.0, 0.05, MARGIN, 0.15, 0.2])
+    p.add_argument("--margins", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.15, 0.2])
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the model (default: the shipped one)")
     p.add_argument("--faces", type=int, default=0, help="PublicTest faces, a random sample (0 = all 3,589)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = opencv_threads(args.threads)
     x, y = load_dataset(args.data, progress=False).split("PublicTest")
     pick = np.random.default_rng(args.seed).permutation(len(x))[: args.faces or len(x)]
-    rec = EmotionRecognizer(tta="none", threads=threads)
+    rec = EmotionRecognizer(args.model, tta="none", threads=threads)
     rows = [bench(name, x[pick], y[pick], rec, args.margins, threads) for name in args.detectors]
     print()
     print_table(
