@@ -425,11 +425,15 @@ def test_cli_export_refuses_data_it_would_not_read(tmp_path, exported, synthetic
 
 
 def test_cli_export_check_fails_over_its_tolerance(tmp_path, exported, capsys, monkeypatch):
-    """--check printed any difference, NaN included, and exited 0."""
+    """--check printed any difference, NaN included, and exited 0; the wrong export stayed in OUT's place."""
+    (tmp_path / "m.onnx").write_bytes(b"an earlier export")
     for diff in (float("nan"), 0.02):
         monkeypatch.setattr("ferkit.export.max_abs_diff", lambda *args, d=diff: d)
-        assert main(["export", str(exported["pt"]), "-o", str(tmp_path / "m.onnx"), "--check"]) == 2
-        assert f"its probabilities differ from the checkpoint's by {diff:.2e}, over 0.0001" in capsys.readouterr().err
+        assert main(["export", str(exported["pt"]), "-o", str(tmp_path / "m.onnx"), "--check", "--fp16"]) == 2
+        err = capsys.readouterr().err
+        assert f"its ONNX export's probabilities differ from its own by {diff:.2e}, over 0.0001" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no fp16 copy, no staged file
+        assert (tmp_path / "m.onnx").read_bytes() == b"an earlier export"
     monkeypatch.undo()
     assert main(["export", str(exported["pt"]), "-o", str(tmp_path / "m.onnx"), "--check"]) == 0
 

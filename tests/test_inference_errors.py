@@ -118,6 +118,7 @@ def test_checkpoints_that_are_not_emotion_models_are_refused(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nan.pt"), "-o", str(tmp_path / "nan.onnx")]) == 2
     assert "nan.pt: its weights give NaN or infinite scores" in capsys.readouterr().err
     assert not (tmp_path / "nan.onnx").exists()
+    assert main(["models", str(tmp_path / "nan.pt")]) == 0  # its parameters are counted all the same
     save_checkpoint(tmp_path / "nosd.pt", {k: v for k, v in state.items() if k != "state_dict"})
     assert main(["slim", str(tmp_path / "nosd.pt"), "-o", str(tmp_path / "slim.pt")]) == 2
     assert "nosd.pt: checkpoint lacks state_dict" in capsys.readouterr().err

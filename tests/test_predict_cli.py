@@ -419,6 +419,7 @@ class FakeCapture:
         (30, [0, 33.3, 66.7, 0], [0, 1 / 30, 2 / 30, 3 / 30]),  # an MPEG stream's last frame
         (30, [66.7, 100, 133.3, 0, 0], [0, 1 / 30, 2 / 30, 3 / 30, 4 / 30]),  # an AVI's B-frames: late, then none
         (1000, [0, 50, 100, 0], [0, 0.05, 0.1, 0.15]),  # a wrong frame rate: the last gap
+        (30, [float("nan"), 33.3, 66.7, 100], [0, 1 / 30, 2 / 30, 3 / 30]),  # the first without: 0, 1/30, 1/30, 2/30
     ],
 )
 def test_video_times_without_timestamps_follow_the_last_ones(monkeypatch, fps, stamps_ms, times):
@@ -435,7 +436,7 @@ def test_camera_times_are_the_clock_since_its_first_frame(monkeypatch):
     """A camera that says 30 fps and gives 4 frames a second: its times are the clock's, not index / 30."""
     from ferkit.media import VideoFrames
 
-    clock = iter([100.0, 100.0, 100.25, 100.5])
+    clock = iter([100.0, 100.25, 100.5])
     monkeypatch.setattr("cv2.VideoCapture", type("Camera", (FakeCapture,), {"stamps_ms": [-1.0] * 3}))
     monkeypatch.setattr("ferkit.media.time.monotonic", lambda: next(clock))
     assert [(i, t) for i, t, _ in VideoFrames(0)] == [(0, 0.0), (1, 0.25), (2, 0.5)]
@@ -465,15 +466,23 @@ def test_video_in_csv_has_frame_numbers_and_times(capsys, video):
     assert [(r["frame"], r["time_s"]) for r in rows] == [("0", "0.000"), ("5", "0.500"), ("10", "1.000")]  # 10 fps
 
 
-@pytest.mark.parametrize("name", ["vfr.mp4", "vfr.mkv"])
-def test_video_times_are_the_frames_own(capsys, name):
+@pytest.mark.parametrize(
+    ("name", "times"),
+    [
+        ("vfr.mp4", [0.0, 0.1, 0.2, 1.2, 1.3, 3.3]),
+        ("vfr.mkv", [0.0, 0.1, 0.2, 1.2, 1.3, 3.3]),
+        ("held.mp4", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]),
+    ],
+)
+def test_video_times_are_the_frames_own(capsys, name, times):
     """A variable-frame-rate video (a phone's): each frame's time is its timestamp; index / average frame rate
-    (1.76 fps in the MP4) gave 0.567 s for the frame shown at 0.1 s and 2.833 s for the one at 3.3 s. The MKV
-    was taken for a cut file: its header's frame count is OpenCV's estimate, 34 (duration x 10 fps)."""
+    (1.76 fps in the MP4) gave 0.567 s for the frame shown at 0.1 s and 2.833 s for the one at 3.3 s. Neither
+    is a cut file: the MKV's header's frame count is OpenCV's estimate, 34 (length x 10 fps), and held.mp4's
+    last frame is held for 4 s (its length, 4.5 s, is not its last timestamp and gap)."""
     code, out, _ = run(capsys, ASSETS / name, "--every", "1", "--format", "jsonl")
     records = jsonl(out)
     assert code == 0 and not any("error" in r for r in records)
-    assert [r["time_s"] for r in records] == pytest.approx([0.0, 0.1, 0.2, 1.2, 1.3, 3.3])
+    assert [r["time_s"] for r in records] == pytest.approx(times)
 
 
 def test_video_progress_counts_every_sampled_frame(capsys, video):
@@ -591,7 +600,7 @@ def test_truncated_video_reports_its_frames_and_then_the_cut(capsys, tmp_path):
     assert all("faces" in r for r in records[:-1])
     end = (records[-2]["frame"] + 1) / 10  # 10 fps
     assert records[-1]["error"].startswith(
-        f"{cut}: decoding stopped at {end:.2f} s (after frame {records[-2]['frame']}) of the 4.00 s its header"
+        f"{cut}: decoding stopped at {end:.2f} s (after frame {records[-2]['frame']}) of the 4.00 s (40 frames)"
     )
     stop = records[-1]["error"]
     for every in (3, 20):  # sampled 0, 20: a cut after frame 20 was taken for the gap to the next sample

@@ -100,8 +100,9 @@ def _model_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def model_from_checkpoint(path: str | Path, ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a checkpoint in eval mode; uses the EMA weights when present and ``ema``."""
+def model_from_checkpoint(path: str | Path, ema: bool = True, finite: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint in eval mode; uses the EMA weights when present and ``ema``; refuses
+    weights that give NaN or infinite scores unless not ``finite`` (to count parameters, say)."""
     state = _model_state(path)
     try:
         model = build_model(state["model"], num_classes=len(state["classes"]), **state["model_kwargs"])
@@ -113,7 +114,7 @@ def model_from_checkpoint(path: str | Path, ema: bool = True) -> tuple[nn.Module
     except RuntimeError as e:
         msg = " ".join(str(e).split())
         raise CheckpointError(f"{path}: weights do not fit model {state['model']!r} ({msg})") from e
-    _check_model(model.eval(), path, len(state["classes"]))
+    _check_model(model.eval(), path, len(state["classes"]), finite)
     return model, state
 
 
@@ -130,9 +131,9 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _check_model(model: nn.Module, path: str | Path, n_classes: int) -> None:
-    """Refuse a model that does not map (N, 1, 48, 48) images to ``n_classes`` finite scores (one per class
-    name)."""
+def _check_model(model: nn.Module, path: str | Path, n_classes: int, finite: bool = True) -> None:
+    """Refuse a model that does not map (N, 1, 48, 48) images to ``n_classes`` scores (one per class name),
+    finite ones if ``finite``."""
     try:
         with torch.inference_mode():
             out = model(torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE))
@@ -141,7 +142,7 @@ def _check_model(model: nn.Module, path: str | Path, n_classes: int) -> None:
         raise CheckpointError(f"{path}: not a ferkit emotion model (fails on a (N, 1, 48, 48) input: {msg})") from e
     if problem := scores_shape_problem(tuple(out.shape), 2, n_classes):
         raise CheckpointError(f"{path}: not a ferkit emotion model ({problem})")
-    if not torch.isfinite(out).all():  # NaN scores: "angry" at NaN confidence, NaN in JSON
+    if finite and not torch.isfinite(out).all():  # NaN scores: "angry" at NaN confidence, NaN in JSON
         raise CheckpointError(f"{path}: its weights give NaN or infinite scores (a run that diverged?)")
 
 

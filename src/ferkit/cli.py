@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -267,7 +268,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         rows = []
         for path in args.checkpoint:
-            model, state = model_from_checkpoint(path)
+            model, state = model_from_checkpoint(path, finite=False)  # a diverged run's size is its size
             kwargs = " ".join(f"{k}={v}" for k, v in state["model_kwargs"].items())
             rows.append((path, f"{state['model']} {kwargs}".strip(), model))
     else:
@@ -373,21 +374,25 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
         images, _ = load_dataset(args.data).split("Training")
         if len(images) == 0:
             raise ValueError(f"{args.data}: no Training images to check and calibrate on")
-    out = export_onnx(args.checkpoint, out, metrics)
+    sample = images[np.random.default_rng(0).permutation(len(images))[:512]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # checked before it takes OUT's place
+        staged = export_onnx(args.checkpoint, Path(tmp) / out.name, metrics)
+        if args.check or args.int8:
+            diff = max_abs_diff(staged, args.checkpoint, sample)
+            print(f"max |onnx - torch| on {len(sample)} images: {diff:.2e}")
+            if not diff <= CHECK_TOLERANCE:  # NaN too
+                raise ValueError(f"{args.checkpoint}: its ONNX export's probabilities differ from its own by "
+                                 f"{diff:.2e}, over {CHECK_TOLERANCE:g}: the export is wrong (an operator computed "
+                                 f"otherwise?); {out} not written")  # fmt: skip
+        staged.replace(out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     if args.fp16:
         half = convert_fp16(out, out.with_name(out.stem + "_fp16.onnx"))
         print(f"wrote {half} ({half.stat().st_size / 1e6:.2f} MB)")
-    if args.check or args.int8:
-        sample = images[np.random.default_rng(0).permutation(len(images))[:512]]
-        diff = max_abs_diff(out, args.checkpoint, sample)
-        print(f"max |onnx - torch| on {len(sample)} images: {diff:.2e}")
-        if not diff <= CHECK_TOLERANCE:  # NaN too
-            raise ValueError(f"{out}: its probabilities differ from the checkpoint's by {diff:.2e}, over "
-                             f"{CHECK_TOLERANCE:g}: the export is wrong (an operator computed otherwise?)")  # fmt: skip
-        if args.int8:
-            q = quantize_int8(out, out.with_name(out.stem + "_int8.onnx"), sample)
-            print(f"wrote {q} ({q.stat().st_size / 1e6:.2f} MB)")
+    if args.int8:
+        q = quantize_int8(out, out.with_name(out.stem + "_int8.onnx"), sample)
+        print(f"wrote {q} ({q.stat().st_size / 1e6:.2f} MB)")
 
 
 def _print_records(records: Iterable[Record], fmt: str, classes: Sequence[str]) -> bool:

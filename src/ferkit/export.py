@@ -18,12 +18,13 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import model_from_checkpoint, weights_digest
-from .config import IMAGE_SIZE, MARGIN
+from .config import IMAGE_SIZE
 from .data import model_input
 from .fileio import atomic_write, not_a_file, parse_model_metadata, read_model_report, refuse_folder, refuse_input
 
 PREPROCESSING = (
-    f"RGB -> grayscale (ITU-R 601 luma), face crop with {MARGIN:.0%} margin resized to {IMAGE_SIZE}x{IMAGE_SIZE}, "
+    "RGB -> grayscale (ITU-R 601 luma), a square face crop (the detector's box widened by ferkit's --margin) "
+    f"resized to {IMAGE_SIZE}x{IMAGE_SIZE}, "
     f"float32 pixels / 255 in [0, 1], shape (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}); output: softmax probabilities (N, 7)"
 )
 

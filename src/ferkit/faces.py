@@ -149,7 +149,7 @@ class CenterFaceDetector:
     pixels at most (the memory of the network grows with it: photos larger than ``max_input / reliable *
     min_size`` lose their smallest faces). While a level is over 1.5 times ``largest`` (so that a face too
     large for it could fit in it), the next is shrunk by up to 4 times; each level but the last keeps only the
-    faces it judges right, each level but the first only faces of ``reliable`` pixels or more on it, and NMS
+    faces it judges right, each level but the first only faces of ``coarse_min`` pixels or more on it, and NMS
     merges the levels. Boxes are the network's: taller than wide, from the hairline to the chin. The defaults
     are measured (benchmarks/face_detection.py, README)."""
 
@@ -157,6 +157,9 @@ class CenterFaceDetector:
     # the largest face box in network pixels that it judges right: on the astronaut's face upscaled, its boxes
     # follow the face up to about 500 px, then fall behind it, and a face of about 900 px splits in two
     largest = 384
+    # the smallest box a coarser level keeps: under it, a small face of a large photo, shrunk again, was boxed
+    # with its head and shoulders too (IoU 0.26 with its own box, under NMS's threshold): a second face
+    coarse_min = 32
 
     def __init__(
         self,
@@ -205,8 +208,8 @@ class CenterFaceDetector:
             last = max(level.shape[:2]) <= 1.5 * self.largest
             side = found[:, 2:].max(axis=1)
             fits = (side <= self.largest) | last
-            if boxes:  # a coarser level: a box under ``reliable`` pixels was a small face's head and shoulders,
-                fits &= side >= self.reliable  # shrunk 4 times more, boxed again (IoU 0.26 with the face's box)
+            if boxes:  # a coarser level
+                fits &= side >= self.coarse_min
             found, score = found[fits], score[fits]
             boxes.append(found / scale)
             scores.append(score)

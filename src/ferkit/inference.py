@@ -230,9 +230,10 @@ class EmotionRecognizer:
 
 
 def annotate(image: ImageInput, faces: list[FaceResult], max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """An RGB copy of ``image`` (anything :meth:`EmotionRecognizer.predict` takes, read as it reads it) with every
-    face boxed and labelled with its top emotion and confidence; ``max_pixels`` limits what is decoded (an array
-    is decoded already)."""
+    """An RGB copy of ``image`` (anything :meth:`EmotionRecognizer.predict` takes, read as it reads it; a stream
+    that cannot be read twice: ``rgb = load_image(stream)``, then ``predict(rgb)`` and ``annotate(rgb, faces)``)
+    with every face boxed and labelled with its top emotion and confidence; ``max_pixels`` limits what is
+    decoded (an array is decoded already)."""
     import cv2
 
     limit = math.inf if isinstance(image, np.ndarray) else max_pixels  # predict's own limit may be higher

@@ -130,12 +130,14 @@ class VideoFrames:
                 index = self.decoded
                 self.decoded += 1
                 if isinstance(self.source, int):
-                    start = time.monotonic() if start is None else start
-                    t = time.monotonic() - start
+                    now = time.monotonic()
+                    start = now if start is None else start
+                    t = now - start
                 else:
                     stamp = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000  # the grabbed frame's
-                    start = stamp if start is None and math.isfinite(stamp) else start
-                    if start is not None and math.isfinite(stamp) and stamp - start > t:
+                    if start is None and math.isfinite(stamp):  # the first timestamp, maybe after frames without
+                        start = stamp - (t + step)
+                    if start is not None and math.isfinite(stamp) and stamp - start > t + 1e-6:  # a microsecond later
                         step, t = stamp - start - t, stamp - start
                     else:
                         t += step
@@ -351,14 +353,20 @@ def _predict_video(
                 video.finish()
             except OSError as e:  # the frames are reported above; only the video is missing
                 yield Record(str(path), error=f"annotated video not written: {e}")
-        # a header's frame count may be an estimate (MKV/WebM: duration x the highest frame rate), its duration
-        # is not: only a shortfall of over a second that is also a tenth of the duration is taken for a cut file
-        if frames and total / fps - decoded.end >= max(1.0, 0.1 * total / fps):
+        # a cut file falls short of its header's frame count and of its length (count / average frame rate) by
+        # over a second and a tenth: the count may be an estimate (MKV/WebM: length x the highest frame rate), and
+        # a last frame held long (a slideshow's) makes the length longer than the last timestamp and gap say
+        length = total / fps
+        if (
+            frames
+            and total - decoded.decoded >= max(1 + fps, 0.1 * total)
+            and length - decoded.end >= max(1.0, 0.1 * length)
+        ):
             yield Record(
                 str(path),
                 error=f"{path}: decoding stopped at {decoded.end:.2f} s (after frame {decoded.decoded - 1}) of the "
-                f"{total / fps:.2f} s its header announces (truncated or damaged file?); the frames before it are "
-                "reported",
+                f"{length:.2f} s ({total} frames) its header announces (truncated or damaged file?); the frames "
+                "before it are reported",
             )
     except ImageError as e:
         yield Record(str(path), error=str(e))

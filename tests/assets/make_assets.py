@@ -2,7 +2,7 @@
 need FER-2013 or scikit-image.
 
     .venv/bin/pip install scikit-image      # only to regenerate astronaut.jpg
-    .venv/bin/pip install av                # only to regenerate vfr.mp4
+    .venv/bin/pip install av                # only to regenerate the videos
     .venv/bin/python tests/assets/make_assets.py [--fer2013 /work/shared/datasets/fer2013] [--only NAME ...]
 
 Writes:
@@ -19,6 +19,7 @@ Writes:
 * ``vfr.mp4``, ``vfr.mkv``: a 64x48 MPEG-4 video of six grey frames at variable frame rate, shown at
   ``VFR_MS`` milliseconds (a phone's video: the container's average frame rate does not give each frame's
   time; Matroska keeps no frame count, and OpenCV's estimate of it is duration x the highest frame rate).
+* ``held.mp4``: six such frames 100 ms apart, the last held for 4 s (a slideshow's end): 4.5 s in all.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ CANVAS_SIZE = (640, 480)  # width, height
 # (class folder, side in px, x, y): left to right, not overlapping
 SLOTS = [("happy", 120, 40, 60), ("surprise", 160, 210, 240), ("neutral", 220, 400, 40)]
 ASTRONAUT_FACE = (180, 68, 90, 97)  # x, y, w, h, drawn by hand
-VFR_MS = [0, 100, 200, 1200, 1300, 3300]  # when vfr.mp4's frames are shown
+VFR_MS = [0, 100, 200, 1200, 1300, 3300]  # when vfr.mp4's and vfr.mkv's frames are shown
 
 
 def background() -> np.ndarray:
@@ -99,37 +100,43 @@ def make_astronaut() -> None:
     print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB): Haar boxes {found}")
 
 
-def make_vfr_video(suffix: str) -> None:
+def make_video(name: str, shown_ms: list[int], last_ms: int | None = None) -> None:
+    """Grey 64x48 MPEG-4 frames shown at ``shown_ms``; the last one for ``last_ms`` (default: the container's)."""
     from fractions import Fraction
 
     import av
 
-    out, ms = HERE / f"vfr{suffix}", Fraction(1, 1000)
+    out, ms = HERE / name, Fraction(1, 1000)
     with av.open(str(out), "w") as container:
         stream = container.add_stream("mpeg4", rate=10)
         stream.width, stream.height, stream.pix_fmt, stream.time_base = 64, 48, "yuv420p", ms
-        for i, pts in enumerate(VFR_MS):
+        packets = []
+        for i, pts in enumerate(shown_ms):
             frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
             frame.pts, frame.time_base = pts, ms
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+            packets += stream.encode(frame)
+        packets += stream.encode()
+        if last_ms is not None:
+            packets[-1].duration = int(Fraction(last_ms, 1000) / packets[-1].time_base)
+        container.mux(packets)
     cap = cv2.VideoCapture(str(out))
     shown = []
     while cap.grab():
         shown.append(round(cap.get(cv2.CAP_PROP_POS_MSEC)))
-    assert shown == VFR_MS, shown
+    assert shown == shown_ms, shown
     print(f"wrote {out} ({out.stat().st_size} bytes): frames at {shown} ms")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fer2013", type=Path, default=Path("/work/shared/datasets/fer2013"))
-    parser.add_argument("--only", nargs="+", choices=["canvas", "astronaut", "vfr"], help="make only these files")
+    parser.add_argument("--only", nargs="+", choices=["canvas", "astronaut", "vfr", "held"], help="only these")
     args = parser.parse_args()
     makers = {
         "canvas": lambda: make_canvas(args.fer2013),
         "astronaut": make_astronaut,
-        "vfr": lambda: (make_vfr_video(".mp4"), make_vfr_video(".mkv")),
+        "vfr": lambda: (make_video("vfr.mp4", VFR_MS), make_video("vfr.mkv", VFR_MS)),
+        "held": lambda: make_video("held.mp4", [0, 100, 200, 300, 400, 500], last_ms=4000),
     }
     for name in args.only or makers:
         makers[name]()
