@@ -101,9 +101,11 @@ def make_config(args, out: Path) -> TrainConfig:
         device=args.device,
         amp=args.amp,
     )
-    if args.config and str(args.config) and Path(args.config).is_file():
-        return TrainConfig.from_yaml(args.config, **overrides)
-    return TrainConfig(**overrides)
+    if str(args.config) in ("", "."):  # '' asks for the defaults (argparse made it Path(''), '.')
+        return TrainConfig(**overrides)
+    if not Path(args.config).is_file():  # a misspelt name benchmarked the defaults, reported as the config's
+        raise SystemExit(f"--config {args.config}: no such file ('' for TrainConfig's defaults)")
+    return TrainConfig.from_yaml(args.config, **overrides)
 
 
 def run_loop(cfg: TrainConfig) -> dict:

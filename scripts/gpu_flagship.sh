@@ -11,7 +11,9 @@
 #      $OUT/eval.tgz); otherwise PrivateTest stays home;
 #   5. their best.pt and the logs follow.
 # From the project root on the GPU machine:
-#   OUT=results [TAG=_e140] bash scripts/gpu_flagship.sh [TEACHER_EPOCHS] [STUDENT_EPOCHS]
+#   OUT=$OUT [TAG=_e140] bash scripts/gpu_flagship.sh [TEACHER_EPOCHS] [STUDENT_EPOCHS]
+# ($OUT: the device tool's folder, the only one that comes back; it brings back 8 files: one .pt a run, gpu.log,
+# logs.tgz and with EVALUATE=1 eval.tgz)
 # TAG is appended to every run's name (runs/ferkit_vgg_s1$TAG, ...), so that a new session does not overwrite
 # the runs of the last one. CONFIG (default configs/vgg_gpu.yaml) is the teachers' recipe and PREFIX (default
 # ferkit_vgg) their names' start: CONFIG=configs/resnet_gpu.yaml PREFIX=ferkit_resnet trains ResNet teachers.
@@ -63,12 +65,27 @@ if [ "$E2" -gt 0 ]; then STUDENTS=("ferkit_small_distill$TAG" "ferkit_vgg_half_d
 for r in "${TEACHERS[@]}" "${STUDENTS[@]}"; do  # an old run's best.pt would come back as this session's
   if [ -e "runs/$r" ]; then echo "runs/$r already exists: give the run a new name" >&2; exit 2; fi
 done
+for f in $MEMBERS; do  # device_tree.sh leaves models/ home: a member named there would silently not take part
+  if [ ! -f "$f" ]; then echo "MEMBERS: $f not found" >&2; exit 2; fi
+done
+FILES=$(( ${#TEACHERS[@]} + ${#STUDENTS[@]} + 2 + (EVALUATE == 1) ))
+if [ $FILES -gt 8 ]; then echo "$FILES files for \$OUT: the device tool brings back 8" >&2; exit 2; fi
+STUDENT_S=$(( E2 > 0 ? 4 * E2 + 40 : 0 ))  # the students' share: 2 s an epoch on the GPU, and their start
+EVAL_S=0
+if [ "$EVALUATE" = 1 ]; then EVAL_S=120; fi  # evaluating every model and the chosen ensemble on both splits
+if [ $(( BUDGET - STUDENT_S - EVAL_S - 30 )) -lt 60 ]; then  # 30 s to slim and pack
+  echo "under a minute for the teachers: raise BUDGET or lower STUDENT_EPOCHS" >&2; exit 2
+fi
+rm -rf /tmp/fer runs/eval "$LOGS"  # a warm machine keeps the last call's: they would come back as this call's
+mkdir -p "$LOGS"
 FAILED=()
 finish() { # NAME... : wait for the runs started (pids, in that order); name those that failed or hit the budget
   local names=("$@") i rc
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}"; rc=$?
-    if [ $rc -eq 124 ]; then echo "${names[$i]}: stopped at its time budget (its best epoch is kept)"
+    if [ $rc -eq 124 ] && [ -f "runs/${names[$i]}/best.pt" ]; then
+      echo "${names[$i]}: stopped at its time budget (its best epoch is kept)"
+    elif [ $rc -eq 124 ]; then echo "${names[$i]}: stopped at its time budget before its first epoch"; FAILED+=("${names[$i]}")
     elif [ $rc -ne 0 ]; then echo "${names[$i]}: failed (exit $rc)"; FAILED+=("${names[$i]}"); fi
   done
 }
@@ -88,9 +105,6 @@ $PY -m ferkit prepare /tmp/fer -o $DATA 2>&1 | tr '\r' '\n' | tail -4 || exit 1
 
 date -u +"teachers %T"
 pids=()
-STUDENT_S=$(( E2 > 0 ? 4 * E2 + 40 : 0 ))  # the students' share: 2 s an epoch on the GPU, and their start
-EVAL_S=0
-if [ "$EVALUATE" = 1 ]; then EVAL_S=120; fi  # evaluating every model and the chosen ensemble on both splits
 TEACHER_S=$(( $(left) - STUDENT_S - EVAL_S - 30 ))  # 30 s to slim and pack
 echo "teachers may run ${TEACHER_S} s, students ${STUDENT_S} s"
 for variant in "${VARIANTS[@]}"; do

@@ -15,11 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("git") is None, reason="needs bash, git")
 
 
-def flagship(root: Path, runs: str) -> subprocess.CompletedProcess:
-    """scripts/gpu_flagship.sh of a project at ``root`` with ``RUNS``, on no GPU and no data."""
-    env = {**os.environ, "OUT": str(root / "out"), "RUNS": runs, "PY": "false"}
+def flagship(root: Path, runs: str, students: str = "0", **env: str) -> subprocess.CompletedProcess:
+    """scripts/gpu_flagship.sh of a project at ``root`` with ``RUNS`` (and ``env``), on no GPU and no data."""
+    env = {**os.environ, "OUT": str(root / "out"), "RUNS": runs, "PY": "false", **env}
     script = root / "scripts" / "gpu_flagship.sh"
-    return subprocess.run(["bash", str(script), "110", "0"], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(["bash", str(script), "110", students], env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_the_flagship_script_refuses_a_run_name_twice_or_an_existing_run(tmp_path):
@@ -32,6 +32,20 @@ def test_the_flagship_script_refuses_a_run_name_twice_or_an_existing_run(tmp_pat
     old = flagship(tmp_path, "a --seed 1; b --seed 2")
     assert old.returncode == 2 and "runs/b already exists: give the run a new name" in old.stdout
     assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())  # before any work
+
+
+def test_the_flagship_script_refuses_what_would_not_come_back_before_any_work(tmp_path):
+    """A MEMBERS file left home (device_tree.sh takes models/ out) silently took no part; a ninth file for $OUT did
+    not come back; a budget that left the teachers no time ended with exit 0 and no checkpoint."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "gpu_flagship.sh", tmp_path / "scripts")
+    done = flagship(tmp_path, "a --seed 1", MEMBERS="models/gone.onnx", EVALUATE="1")
+    assert done.returncode == 2 and "MEMBERS: models/gone.onnx not found" in done.stdout
+    done = flagship(tmp_path, "; ".join(f"r{i} --seed {i}" for i in range(5)), students="36", EVALUATE="1")
+    assert done.returncode == 2 and "10 files for $OUT: the device tool brings back 8" in done.stdout
+    done = flagship(tmp_path, "a --seed 1", BUDGET="80")
+    assert done.returncode == 2 and "under a minute for the teachers" in done.stdout
+    assert not (tmp_path / "runs" / "a").exists()
 
 
 def test_device_tree_takes_the_big_folders_out_and_puts_them_back(tmp_path):
