@@ -160,6 +160,13 @@ def test_class_weights_cap():
     np.testing.assert_allclose(class_weights(LABELS, 7, power=1.0, cap=None), uncapped)
 
 
+def test_class_weights_of_a_high_power_stay_finite():
+    """Beyond a power of about 300 the weights overflowed to inf, and the mean-one scaling made them NaN."""
+    with np.errstate(over="raise", invalid="raise"):
+        w = class_weights(LABELS, 7, power=400.0)
+    assert np.isfinite(w).all() and w[LABELS].mean() == pytest.approx(1.0) and np.argmax(w) == 1
+
+
 def test_class_weights_missing_class():
     with pytest.raises(ValueError, match=r"\[5\]"):
         class_weights(LABELS[LABELS != 5], 7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import gzip
 import os
 import re
 import shutil
@@ -166,8 +167,17 @@ def test_a_folder_of_kaggles_csv_download_points_to_the_csv(tmp_path):
     """The folder of Kaggle's original download holds fer2013.csv, no train/ or test/: say which to give."""
     with pytest.raises(DataError, match=re.escape(f"{tmp_path}: expected a train/ and/or test/ folder with one")):
         load_folder(tmp_path, progress=False)
-    (tmp_path / "fer2013.csv").write_text("emotion,pixels,Usage\n")
-    with pytest.raises(DataError, match=re.escape(f"per emotion (or give the CSV file: {tmp_path / 'fer2013.csv'})")):
+    (tmp_path / "example_submission.csv").write_text("Id,Emotion\n")  # first by name, not FER-2013's columns
+    (tmp_path / "train.csv").write_text("emotion,pixels\n")
+    with pytest.raises(DataError) as e:
+        load_folder(tmp_path, progress=False)
+    assert "give the CSV" not in str(e.value)
+    (tmp_path / "fer2013").mkdir()  # unpacked one level down
+    (tmp_path / "fer2013" / "fer2013.csv").write_text("emotion,pixels,Usage\n")
+    with pytest.raises(DataError, match=re.escape(f"(or give the CSV file: {tmp_path / 'fer2013' / 'fer2013.csv'})")):
+        load_folder(tmp_path, progress=False)
+    (tmp_path / "icml_face_data.csv").write_text("emotion, Usage, pixels\n")
+    with pytest.raises(DataError, match=re.escape(f"(or give the CSV file: {tmp_path / 'icml_face_data.csv'})")):
         load_folder(tmp_path, progress=False)
 
 
@@ -368,6 +378,49 @@ def test_csv_columns_are_matched_by_name(tmp_path):
     assert data.labels.tolist() == [5] and data.splits.tolist() == [2]
 
 
+def test_csv_other_columns_are_ignored(tmp_path):
+    """pandas' to_csv writes its index as a first, unnamed column; a spreadsheet, empty ones: all were refused."""
+    img = synthetic_face(2, 0)
+    path = tmp_path / "fer2013.csv"
+    path.write_text(f",emotion,pixels,Usage,note,\n0,2,{pixels_str(img)},PublicTest,x,\n")
+    data = load_csv(path, progress=False)
+    np.testing.assert_array_equal(data.images[0], img)
+    assert data.labels.tolist() == [2] and data.splits.tolist() == [1]
+    path.write_text(f"emotion,pixels,Usage,emotion\n0,{pixels_str(img)},Training,1\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: the column 'emotion' appears twice")):
+        load_csv(path, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("emotion,pixels", "no Usage column to tell the splits apart (the challenge's train.csv?): give fer2013.csv"),
+        ("pixels", "no emotion column: unlabelled images (the challenge's test.csv?) can be neither trained"),
+    ],
+)
+def test_csv_of_the_challenges_train_or_test_says_what_it_lacks(tmp_path, header, message):
+    """Kaggle's challenge page, which the README links, also has train.csv and test.csv: 'expected the columns'."""
+    path = tmp_path / "train.csv"
+    path.write_text(f"{header}\n" + ("0," if "emotion" in header else "") + pixels_str(synthetic_face(0, 0)) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: {message}")):
+        load_csv(path, progress=False)
+
+
+def test_compressed_or_utf16_data_says_so(tmp_path):
+    text = _csv_text(_good_row(1))
+    path = tmp_path / "fer2013.csv"
+    path.write_bytes(gzip.compress(text.encode()))
+    with pytest.raises(DataError, match=re.escape(f"{path}: gzip-compressed: decompress it first")):
+        load_csv(path, progress=False)
+    path.write_bytes(text.encode("utf-16"))  # with its byte-order mark, as Windows tools save "Unicode"
+    with pytest.raises(DataError, match=re.escape(f"{path}: UTF-16 text: save it as UTF-8")):
+        load_csv(path, progress=False)
+    archive = tmp_path / "fer2013.csv.gz"
+    archive.write_bytes(gzip.compress(text.encode()))
+    with pytest.raises(DataError, match=re.escape(f"{archive}: an archive: unpack it first")):
+        load_dataset(archive, progress=False)
+
+
 def test_csv_utf8_bom(tmp_path):
     """As Excel saves it: a UTF-8 byte-order mark before the header."""
     path = tmp_path / "f.csv"
@@ -393,7 +446,7 @@ def test_csv_unmatched_quote_names_file_and_line(tmp_path):
 def test_csv_unclosed_quote_in_a_short_file_names_its_line(tmp_path):
     path = tmp_path / "f.csv"
     path.write_text(_csv_text(_good_row(), ("0", '"1 2 3', "Training"), _good_row()))
-    with pytest.raises(DataError, match=re.escape(f"{path}:3: expected 3 fields, got 2 (a quote opened on this")):
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: expected 3 fields, as the header has, got 2 (a quote")):
         load_csv(path, progress=False)
 
 
@@ -431,7 +484,10 @@ def test_csv_wrong_header(tmp_path):
 def test_csv_empty_file(tmp_path):
     path = tmp_path / "fer2013.csv"
     path.write_text("")
-    with pytest.raises(DataError, match=re.escape(f"{path}:1")):
+    with pytest.raises(DataError, match=re.escape(f"{path}: an empty file")):
+        load_csv(path, progress=False)
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}: an empty file")):
         load_csv(path, progress=False)
 
 
@@ -454,9 +510,10 @@ def test_csv_missing_file(tmp_path):
         ("", "expected 2304 pixel values, got 0"),
         (" ".join(["7"] * 2303 + ["x"]), "pixels are not integers"),
         (" ".join(["7"] * 2303 + ["1.5"]), "pixels are not integers"),
-        (" ".join(["7"] * 2303 + ["256"]), "pixel values must be in 0..255"),
-        (" ".join(["-1"] + ["7"] * 2303), "pixel values must be in 0..255"),
-        (" ".join(["7"] * 2303 + ["9" * 25]), "pixel values must be in 0..255"),
+        (" ".join(["7"] * 2303 + ["256"]), "pixel values must be in 0..255, got 256 (value 2304)"),
+        (" ".join(["-1"] + ["7"] * 2303), "pixel values must be in 0..255, got -1"),
+        (" ".join(["7"] * 2303 + ["9" * 25]), f"pixel values must be in 0..255, got {'9' * 20} (value 2304)"),
+        (" ".join(["7", "0300"] + ["7"] * 2302), "pixel values must be in 0..255, got 0300 (value 2)"),
         (" ".join(["7"] * 2303 + ["1_0"]), "pixels are not integers separated by spaces ('1_0')"),  # int() took these
         (" ".join(["7"] * 2303 + ["+7"]), "pixels are not integers separated by spaces ('+7')"),
         (" ".join(["7"] * 2303 + ["\u0667"]), "pixels are not integers separated by spaces ('\u0667')"),
@@ -476,7 +533,7 @@ def test_csv_bad_pixels_name_file_and_line(tmp_path, pixels, message):
         (("happy", "0 " * 2304, "Training"), "emotion must be 0..6"),
         (("\u00b2", "0 " * 2304, "Training"), "emotion must be 0..6, got '\u00b2'"),  # a digit to str.isdigit
         (("1", "0 " * 2304, "Validation"), "Usage must be one of Training, PublicTest, PrivateTest"),
-        (("1", "0 " * 2304), "expected 3 fields, got 2"),
+        (("1", "0 " * 2304), "expected 3 fields, as the header has, got 2"),
     ],
 )
 def test_csv_bad_fields_name_file_and_line(tmp_path, row, message):

@@ -60,6 +60,7 @@ def test_run_outputs(trained_run):
         assert r["train_loss"] > 0 and r["val_loss"] > 0 and r["img_per_s"] > 0
     log = (trained_run / "train.log").read_text()
     assert "epoch 1:" in log and "epoch 2:" in log and "best PublicTest accuracy" in log
+    assert "class weights: {'angry': 0.956, 'disgust': 1.008," in log  # of the train_limit's 64 images
 
     last = load_checkpoint(trained_run / "last.pt")
     assert last["model"] == "ferkit_small" and last["model_kwargs"] == {"width": 0.25}
@@ -113,6 +114,8 @@ def test_resume_is_exact(tmp_path, synthetic_cache, variant):
     result = train(tiny_config(synthetic_cache, parts, epochs=2, **extra), resume=True)
     assert result["epoch"] == 2 and result["step"] == 2 * STEPS_PER_EPOCH
     assert "resumed from" in (parts / "train.log").read_text()
+    if extra.get("sampler") == "balanced":  # the config still says class_weights: true; the log says what ran
+        assert "class weights: none (the balanced sampler" in (parts / "train.log").read_text()
 
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(parts / "last.pt")
     _assert_same_weights(a["state_dict"], b["state_dict"])

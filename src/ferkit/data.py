@@ -161,9 +161,38 @@ def _layout_hint(root: Path) -> str:
         return f" ({root.name}/ holds emotion folders: give the folder above it, {root.resolve().parent})"
     if any((root / c).is_dir() for c in CLASSES):
         return f" (it holds emotion folders: move them into {root / 'train'}/, or {root / 'test'}/ for test images)"
-    if csvs := sorted(p.name for p in root.glob("*.csv") if p.name[0] != "."):  # Kaggle's original download
-        return f" (or give the CSV file: {root / csvs[0]})"
+    csvs = [p for pattern in ("*.csv", "*/*.csv") for p in sorted(root.glob(pattern)) if p.name[0] != "."]
+    if fer := [p for p in csvs if _csv_header_problem(_first_line(p)) is None]:  # Kaggle's original download
+        return f" (or give the CSV file: {fer[0]})"
     return ""
+
+
+def _first_line(path: Path) -> list[str]:
+    """The fields of a CSV file's first line (read no further: a data row is 2,304 numbers)."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            return next(csv.reader([f.readline(4096)]), [])
+    except OSError:
+        return []
+
+
+def _csv_header_problem(fields: list[str]) -> str | None:
+    """What a CSV header lacks of FER-2013's columns (matched by name, without case, in any order; other
+    columns are ignored), or None."""
+    header = [h.strip().lower() for h in fields]
+    if missing := [c for c in CSV_HEADER if c not in header]:
+        if missing == ["usage"]:  # the challenge's train.csv: emotion,pixels
+            return ("no Usage column to tell the splits apart (the challenge's train.csv?): give fer2013.csv or "
+                    "icml_face_data.csv")  # fmt: skip
+        if missing == ["emotion", "usage"]:  # its test.csv: pixels alone
+            return ("no emotion column: unlabelled images (the challenge's test.csv?) can be neither trained nor "
+                    "evaluated on")  # fmt: skip
+        got = ",".join(h.strip() for h in fields)
+        got = got if len(got) <= 80 else got[:77] + "..."  # a header-less file's first row: 2,304 numbers
+        return f"expected the columns emotion, pixels and Usage (in any order), got {got!r}"
+    if twice := [c for c in CSV_HEADER if header.count(c) > 1]:
+        return f"the column {twice[0]!r} appears twice"
+    return None
 
 
 def _class_images(cls_dir: Path) -> list[Path]:
@@ -253,16 +282,18 @@ def _parse_pixels(text: str, where: str) -> np.ndarray:
     if not _PLAIN.fullmatch(text):
         bad = next((t for t in text.split(" ") if not _PLAIN.fullmatch(t)), text)
         if bad.startswith("-") and _PLAIN.fullmatch(bad[1:]):
-            raise DataError(f"{where}: pixel values must be in 0..255")
+            raise DataError(f"{where}: pixel values must be in 0..255, got {bad[:20]}")
         raise DataError(f"{where}: pixels are not integers separated by spaces ({bad[:20]!r})")
+    tokens = text.split()
+    if len(tokens) != IMAGE_SIZE * IMAGE_SIZE:
+        raise DataError(f"{where}: expected {IMAGE_SIZE * IMAGE_SIZE} pixel values, got {len(tokens)}")
     try:
-        values = np.array(text.split(), dtype=np.int64)
+        values = np.array(tokens, dtype=np.int64)
     except OverflowError:  # an integer of 20 digits or more
-        raise DataError(f"{where}: pixel values must be in 0..255") from None
-    if values.size != IMAGE_SIZE * IMAGE_SIZE:
-        raise DataError(f"{where}: expected {IMAGE_SIZE * IMAGE_SIZE} pixel values, got {values.size}")
-    if values.min() < 0 or values.max() > 255:
-        raise DataError(f"{where}: pixel values must be in 0..255")
+        values = np.array([256 if len(t.lstrip("0")) > 3 else int(t) for t in tokens])
+    if (values > 255).any():
+        i = int(np.argmax(values > 255))
+        raise DataError(f"{where}: pixel values must be in 0..255, got {tokens[i][:20]} (value {i + 1})")
     return values.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
 
 
@@ -278,6 +309,12 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
                     yield end + 1, row
                 end = reader.line_num
     except UnicodeDecodeError as e:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"\x1f\x8b"):
+            raise DataError(f"{path}: gzip-compressed: decompress it first (gunzip)") from None
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise DataError(f"{path}: UTF-16 text: save it as UTF-8") from None
         raise DataError(f"{path}:{_first_non_utf8_line(path)}: not a UTF-8 text CSV ({e.reason})") from None
     except csv.Error as e:
         why = "is a quote unmatched, or a line far too long?"
@@ -302,22 +339,22 @@ def load_csv(path: str | Path, progress: bool = True) -> FERData:
         raise DataError(f"{path}: no such file")
     images, labels, splits, sources = [], [], [], []
     rows = _csv_rows(path)
-    line, fields = next(rows, (1, []))
+    line, fields = next(rows, (0, []))
+    if not line:
+        raise DataError(f"{path}: an empty file")
+    if problem := _csv_header_problem(fields):  # by name, in any order: icml_face_data.csv has emotion,Usage,pixels
+        raise DataError(f"{path}:{line}: {problem}")
     header = [h.strip().lower() for h in fields]
-    if sorted(header) != sorted(CSV_HEADER):  # by name, in any order: icml_face_data.csv has emotion,Usage,pixels
-        got = ",".join(h.strip() for h in fields)
-        got = got if len(got) <= 80 else got[:77] + "..."  # a header-less file's first row: 2,304 numbers
-        raise DataError(f"{path}:{line}: expected the columns emotion, pixels and Usage (in any order), got {got!r}")
-    column = [header.index(c) for c in CSV_HEADER]
+    column = [header.index(c) for c in CSV_HEADER]  # other columns (an index pandas wrote, say) are ignored
     if progress:
         from tqdm import tqdm
 
         rows = tqdm(rows, desc=f"parsing {path.name}", unit="row")
     for line, row in rows:
         where = f"{path}:{line}"
-        if len(row) != 3:
+        if len(row) != len(header):
             unclosed = " (a quote opened on this line is never closed?)" if any("\n" in f for f in row) else ""
-            raise DataError(f"{where}: expected 3 fields, got {len(row)}{unclosed}")
+            raise DataError(f"{where}: expected {len(header)} fields, as the header has, got {len(row)}{unclosed}")
         emotion, pixels, usage = (row[i].strip() for i in column)
         if not (emotion.isascii() and emotion.isdigit()) or int(emotion) >= len(CLASSES):
             raise DataError(f"{where}: emotion must be 0..{len(CLASSES) - 1}, got {emotion!r}")
@@ -394,6 +431,8 @@ def load_dataset(path: str | Path, progress: bool = True) -> FERData:
         return load_cache(path)
     if path.suffix.lower() == ".csv":
         return load_csv(path, progress=progress)
+    if path.suffix.lower() in (".gz", ".zip", ".tgz", ".tar", ".bz2", ".xz", ".7z"):
+        raise DataError(f"{path}: an archive: unpack it first, then give the CSV file or the image folder")
     raise DataError(f"{path}: expected a folder, a .csv file or a .npz cache")
 
 

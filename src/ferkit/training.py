@@ -666,6 +666,8 @@ def _start(
         )
         if (weights := run.criterion.weight) is not None:
             log.info("class weights: %s", {c: round(w, 3) for c, w in zip(CLASSES, weights.tolist(), strict=True)})
+        elif cfg.class_weights and cfg.sampler == "balanced":
+            log.info("class weights: none (the balanced sampler shows every class equally often)")
     return run, (x_np, y_np, xv_np, yv_np), targets
 
 
