@@ -28,13 +28,25 @@ REPORTS = ROOT / "reports"
 # ---------------------------------------------------------------------------------------------- options
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    """An argparse parser with the options every benchmark has: --threads, --out-dir, --quick."""
+def base_parser(description: str, data: bool = True) -> argparse.ArgumentParser:
+    """An argparse parser with the options every benchmark has: --threads, --out-dir, --quick, and --data (the
+    FER-2013 cache, read by :func:`load_fer`) unless not ``data``."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if data:
+        p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="FER-2013 cache")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch / ONNX Runtime (0 = all cores)")
     p.add_argument("--out-dir", type=Path, default=REPORTS, help="folder of the JSON report")
     p.add_argument("--quick", action="store_true", help="tiny settings to check that the script runs (no real numbers)")
     return p
+
+
+def load_fer(path: Path) -> Any:
+    """The FER-2013 cache at ``path`` (ferkit.data.load_dataset); exits with how to make it when there is none."""
+    from ferkit.data import load_dataset
+
+    if not Path(path).exists():
+        sys.exit(f"{path}: no FER-2013 cache; make it first: ferkit prepare <fer2013.csv or image folder> -o {path}")
+    return load_dataset(path, progress=False)
 
 
 def threads_or_cores(n: int) -> int:
@@ -189,12 +201,29 @@ def write_report(name: str, payload: dict[str, Any], out_dir: Path = REPORTS) ->
         "benchmark": name,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "revision": git_revision(),
         **payload,
     }
     data = json.dumps(doc, indent=1, default=_json_default).encode() + b"\n"
     path = atomic_write(Path(out_dir) / f"{name}.json", lambda f: f.write(data))
     print(f"wrote {path}", flush=True)
     return path
+
+
+def git_revision() -> str | None:
+    """The project's commit (``+`` when its tracked files have changes since), None outside a git checkout."""
+    import subprocess
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode != 0:
+            return None
+        return head.stdout.strip() + ("+" if git("diff", "HEAD", "--quiet").returncode else "")
+    except OSError:  # no git
+        return None
 
 
 def _json_default(o: Any) -> Any:

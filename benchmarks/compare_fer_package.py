@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 from _common import (
-    DEFAULT_DATA,
     ROOT,
     base_parser,
     float_and_int8,
+    load_fer,
     machine_info,
     predict_batched,
     print_table,
@@ -34,7 +34,7 @@ from _common import (
     write_report,
 )
 
-from ferkit.data import CLASSES, load_dataset, model_input
+from ferkit.data import CLASSES, model_input
 from ferkit.inference import DEFAULT_MODEL, OnnxBackend
 
 FER_VENV = ROOT / ".venv-fer"
@@ -50,7 +50,6 @@ def parse_args(argv: list[str] | None = None):
         default=DEFAULT_MODEL,
         help="ferkit ONNX model, int8 or float32 (default: the shipped one)",
     )
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="FER-2013 cache")
     p.add_argument("--limit", type=int, default=0, help="PrivateTest images (0 = all 3,589)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size of the faces/s numbers")
     p.add_argument("--min-time", type=float, default=5.0, help="seconds of timed calls per faces/s number")
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if float_model is None and args.no_int8:
         sys.exit(f"{args.model} is int8: --no-int8 would leave no ferkit row")
 
-    data = load_dataset(args.data, progress=False)
+    data = load_fer(args.data)
     crops, labels = data.subset(*data.split("PrivateTest"), args.limit)
     rows = []
     with tempfile.TemporaryDirectory(prefix="ferkit-vs-fer-") as tmp:

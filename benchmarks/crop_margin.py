@@ -17,10 +17,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from _common import DEFAULT_DATA, base_parser, machine_info, opencv_threads, print_table, write_report
+from _common import base_parser, load_fer, machine_info, opencv_threads, print_table, write_report
 
 from ferkit.config import DEFAULT_MODEL
-from ferkit.data import load_dataset
 from ferkit.faces import crop_faces, make_detector
 from ferkit.inference import EmotionRecognizer
 
@@ -29,7 +28,6 @@ FACE, CONTEXT = 192, 96  # the face's side and the replicated border around it, 
 
 def parse_args(argv: list[str] | None = None):
     p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="FER-2013 cache")
     p.add_argument("--detectors", nargs="+", default=["centerface", "haar"], help="detectors (as --detector)")
     p.add_argument("--margins", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.15, 0.2])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the model (default: the shipped one)")
@@ -73,7 +71,7 @@ def bench(name: str, faces: np.ndarray, labels: np.ndarray, rec: EmotionRecogniz
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = opencv_threads(args.threads)
-    x, y = load_dataset(args.data, progress=False).split("PublicTest")
+    x, y = load_fer(args.data).split("PublicTest")
     pick = np.random.default_rng(args.seed).permutation(len(x))[: args.faces or len(x)]
     rec = EmotionRecognizer(args.model, tta="none", threads=threads)
     rows = [bench(name, x[pick], y[pick], rec, args.margins, threads) for name in args.detectors]

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-from _common import DEFAULT_DATA, base_parser, machine_info, opencv_threads, print_table, write_report
+from _common import base_parser, load_fer, machine_info, opencv_threads, print_table, write_report
 from _photos import PHOTO_SIZE, cluttered_canvas, encode_jpeg, paste, plain_canvas
 
 from ferkit.config import MIN_FACE
-from ferkit.data import load_dataset
 from ferkit.faces import Box, FaceDetector, make_detector
 from ferkit.inference import load_image
 
@@ -56,7 +54,6 @@ BINS = (48, 64, 96, 160)  # recall is reported for sides in [48, 64), [64, 96), 
 
 def parse_args(argv: list[str] | None = None):
     p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="FER-2013 cache")
     p.add_argument(
         "--detectors", nargs="+", default=DETECTORS, help="specs: centerface, haar, FILE.onnx, FILE.xml[:k=v,..]"
     )
@@ -168,7 +165,7 @@ def bench(spec: str, photos: list[tuple[np.ndarray, list]], threads: int) -> dic
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = opencv_threads(args.threads)
-    data = load_dataset(args.data, progress=False)
+    data = load_fer(args.data)
     crops, _ = data.split("PublicTest")
     photos = compose(crops, args.photos, tuple(args.sizes), args.seed)
     n_faces = sum(len(s) for _, s in photos)

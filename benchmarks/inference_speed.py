@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 from _common import (
-    DEFAULT_DATA,
     base_parser,
     float_and_int8,
     latencies_ms,
+    load_fer,
     machine_info,
     opencv_threads,
     predict_batched,
@@ -41,7 +41,7 @@ from _common import (
 from _photos import encode_jpeg, paste, plain_canvas
 
 from ferkit.config import TTA_MODES
-from ferkit.data import CLASSES, SPLITS, load_dataset, model_input
+from ferkit.data import CLASSES, SPLITS, model_input
 from ferkit.export import convert_fp16, quantize_int8
 from ferkit.faces import crop_faces, make_detector
 from ferkit.inference import DEFAULT_MODEL, EmotionRecognizer, OnnxBackend, TorchBackend, load_image
@@ -59,7 +59,6 @@ def parse_args(argv: list[str] | None = None):
         "--model", type=Path, default=DEFAULT_MODEL, help="ONNX model, int8 or float32 (default: the shipped one)"
     )
     p.add_argument("--checkpoint", type=Path, help="training checkpoint of the same model, for the torch row")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="FER-2013 cache")
     p.add_argument("--batch-sizes", default="64,256", help="comma-separated batch sizes for faces/s")
     p.add_argument("--min-time", type=float, default=5.0, help="seconds of timed calls per throughput number")
     p.add_argument("--latency-runs", type=int, default=300, help="batch-1 calls per latency number")
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = opencv_threads(args.threads)
     float_model, int8_model = float_and_int8(args.model, args.int8)
 
-    data = load_dataset(args.data, progress=False)
+    data = load_fer(args.data)
     test_x, test_y = data.split("PrivateTest")
     test_sources = data.sources[data.splits == SPLITS.index("PrivateTest")]
     test_idx = np.arange(len(test_y))

@@ -151,7 +151,7 @@ def run_load(url: str, photo: bytes, requests: int, clients: int) -> dict:
 
 
 def main() -> None:
-    parser = base_parser(__doc__.split("\n\n")[0])
+    parser = base_parser(__doc__.split("\n\n")[0], data=False)
     parser.add_argument("--requests", type=int, default=1000, help="requests in all")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--warmup", type=int, default=20, help="requests first, not measured")

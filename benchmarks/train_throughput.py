@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 from _common import (
-    DEFAULT_DATA,
     ROOT,
     base_parser,
+    load_fer,
     machine_info,
     median,
     print_table,
@@ -33,7 +33,7 @@ from _common import (
 )
 
 from ferkit.config import IMAGE_SIZE, TrainConfig
-from ferkit.data import CLASSES, load_dataset
+from ferkit.data import CLASSES
 from ferkit.models import build_model, describe
 from ferkit.runtime import resolve_device
 from ferkit.training import (
@@ -63,7 +63,6 @@ def parse_args(argv: list[str] | None = None):
         default=ROOT / "configs" / "small.yaml",
         help="training config whose optimizer, loss and augmentation settings are used ('' = TrainConfig defaults)",
     )
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="FER-2013 cache")
     p.add_argument(
         "--train-limit",
         type=int,
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     warn_if_busy(threads)
 
-    data = load_dataset(args.data, progress=False)
+    data = load_fer(args.data)
     x_np, y_np = data.split("Training")
     x_np, y_np = data.subset(x_np, y_np, args.train_limit)
     need = max(args.steps, args.warmup_steps) * args.batch_size

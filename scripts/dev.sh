@@ -7,8 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=(.venv/bin/pip install -q --disable-pip-version-check)
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  "$PY" -m venv --clear .venv # none yet, or a half-made one (stopped while made, or its Python gone)
+fi
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 
 case "${1:-}" in
   serve)

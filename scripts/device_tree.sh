@@ -10,6 +10,10 @@ exclude=$(git rev-parse --git-path info/exclude) # .git/info/exclude, also in a 
 mkdir -p "$(dirname "$exclude")"
 case "${1:-}" in
 out)
+    if ! git diff --cached --quiet -- "${paths[@]}"; then # `back` resets them to HEAD: the staging would be lost
+        echo "device_tree.sh: changes are staged under ${paths[*]}: commit them (or unstage) first" >&2
+        exit 1
+    fi
     printf '/%s\n' "${paths[@]}" >>"$exclude" # first: a failed `git rm` leaves them ignored, not deleted
     git rm -r -q --cached "${paths[@]}"
     ;;

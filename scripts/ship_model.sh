@@ -10,8 +10,10 @@
 # 4. regenerates MODEL_CARD.md and the README results table from the JSON.
 # Then point DEFAULT_MODEL in src/ferkit/config.py at the new file.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 RUN=${1:?run folder}; CMD=${2:?training command}; HW=${3:-"2-core x86_64 CPU"}
+RUN=$(cd "$RUN" && pwd)  # the paths given are the caller's; the outputs go to the project's folders
+if [ -n "${DATA:-}" ]; then DATA=$(cd "$(dirname "$DATA")" && pwd)/$(basename "$DATA"); fi
+cd "$(dirname "$0")/.."
 DATA=${DATA:-data/fer2013.npz}
 F=${FERKIT:-.venv/bin/ferkit}
 NAME=$(basename "$RUN")
@@ -23,8 +25,11 @@ if [ -n "${UNDO:-}" ]; then STEPS+=("--undo-class-weights $UNDO"); fi
 if [ "${FIT:-0}" = 1 ]; then STEPS+=(--fit-prior); fi
 if [ ${#STEPS[@]} -gt 0 ]; then SHIP=${SHIP}_prior; fi
 OUT=reports/$SHIP
+WEIGHTS=src/ferkit/weights/$SHIP.onnx
 TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
+NEW=()  # what this run makes anew: removed again if it fails
+for p in "$OUT" "$WEIGHTS"; do if [ ! -e "$p" ]; then NEW+=("$p"); fi; done
+trap 'rc=$?; rm -rf "$TMP"; if [ $rc -ne 0 ] && [ ${#NEW[@]} -gt 0 ]; then rm -rf "${NEW[@]}"; fi' EXIT
 mkdir -p "$OUT"
 $F export "$RUN/best.pt" -o "$TMP/$NAME.onnx" "${OPTS[@]}" --check --data "$DATA"
 SRC=$TMP/$EXPORTED.onnx
@@ -40,7 +45,7 @@ for split in PublicTest PrivateTest; do
   $F evaluate "$TMP/$SHIP.onnx" --data "$DATA" --split $split --tta none flip crops --out "$OUT"
 done
 cp "$RUN/metrics.csv" "$RUN/train.log" "$OUT/"
-$F export "$TMP/$SHIP.onnx" -o "src/ferkit/weights/$SHIP.onnx" --report "$OUT/PrivateTest_tta-flip.json"
-$F card --run "$RUN" --onnx "src/ferkit/weights/$SHIP.onnx" --command "$CMD" --hardware "$HW" --readme README.md \
+$F export "$TMP/$SHIP.onnx" -o "$WEIGHTS" --report "$OUT/PrivateTest_tta-flip.json"
+$F card --run "$RUN" --onnx "$WEIGHTS" --command "$CMD" --hardware "$HW" --readme README.md \
   --reports "$OUT/PrivateTest_tta-flip.json" "$OUT/PrivateTest.json" "$OUT/PrivateTest_tta-crops.json" \
             "$OUT/PublicTest.json" "$OUT/PublicTest_tta-flip.json" "$OUT/PublicTest_tta-crops.json"

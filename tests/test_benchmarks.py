@@ -1,4 +1,5 @@
-"""The benchmarks' shared helpers (benchmarks/_common.py): their numbers are those of ``ferkit evaluate``."""
+"""The benchmarks' shared helpers (benchmarks/_common.py): their numbers are those of ``ferkit evaluate``, a
+missing data set is an error that says how to make it, and each report names the commit it measured."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from ferkit.evaluate import compute_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import scores  # noqa: E402
+from _common import ROOT, git_revision, load_fer, scores  # noqa: E402
 
 
 def test_benchmark_scores_are_the_evaluation_reports():
@@ -22,3 +23,18 @@ def test_benchmark_scores_are_the_evaluation_reports():
     report = compute_metrics(y, probs)
     assert scores(y, probs) == {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "n": 8}
     assert report["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 2 / 3 + 3) / 6)  # the old code divided by 7
+
+
+def test_a_benchmark_without_the_data_says_how_to_make_it(tmp_path):
+    """It ended in ferkit's traceback, with no word of `ferkit prepare`."""
+    with pytest.raises(SystemExit, match=r"nothing\.npz: no FER-2013 cache; make it first: ferkit prepare"):
+        load_fer(tmp_path / "nothing.npz")
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not a git checkout")
+def test_a_report_names_the_commit_it_measured():
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    revision = git_revision()
+    assert revision is not None and head.startswith(revision.rstrip("+")) and len(revision.rstrip("+")) == 12

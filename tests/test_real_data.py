@@ -173,5 +173,6 @@ def test_each_benchmark_runs_and_writes_its_quick_report(name, real_cache, tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / f"{name}_quick.json").read_text())
     assert report["quick"] is True and report["machine"]
+    assert report["revision"] is None or report["revision"].rstrip("+").isalnum()  # None outside a checkout
     if name == "inference_speed":  # the default TTA and ten-crop, timed end to end
         assert [r["tta"] for r in report["end_to_end"]] == ["flip", "flip", "crops", "crops"]

@@ -69,7 +69,8 @@ def test_device_tree_takes_the_big_folders_out_and_puts_them_back(tmp_path):
 def test_ship_model_makes_a_run_the_shipped_model_with_its_own_numbers(trained_run, synthetic_cache, tmp_path):
     """scripts/ship_model.sh in a copy of the project: the int8 export with its class weights undone and its prior
     fitted is evaluated, that very file ships with its PrivateTest flip accuracy, and the card and README quote
-    the same report."""
+    the same report. The run and the data are given as paths relative to where it is called from (they were read
+    from the project's folder)."""
     import json
 
     from ferkit.export import read_metadata
@@ -80,10 +81,11 @@ def test_ship_model_makes_a_run_the_shipped_model_with_its_own_numbers(trained_r
     shutil.copy(ROOT / "scripts" / "ship_model.sh", project / "scripts")
     shutil.copy(ROOT / "README.md", project)
     run = shutil.copytree(trained_run, tmp_path / "tiny_run")
-    env = {**os.environ, "FERKIT": str(Path(sys.executable).with_name("ferkit")), "DATA": str(synthetic_cache)}
+    data = os.path.relpath(synthetic_cache, tmp_path)
+    env = {**os.environ, "FERKIT": str(Path(sys.executable).with_name("ferkit")), "DATA": data}
     env.update(INT8="1", UNDO="0.5", FIT="1")
-    argv = ["bash", "scripts/ship_model.sh", str(run), "ferkit train --tiny", "a test machine"]
-    done = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    argv = ["bash", "project/scripts/ship_model.sh", run.name, "ferkit train --tiny", "a test machine"]
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     shipped = project / "src/ferkit/weights/tiny_run_int8_prior.onnx"
     reports = project / "reports/tiny_run_int8_prior"
@@ -97,3 +99,46 @@ def test_ship_model_makes_a_run_the_shipped_model_with_its_own_numbers(trained_r
     card = (project / "MODEL_CARD.md").read_text()
     assert card.startswith("# Model card: tiny_run_int8_prior") and "`ferkit train --tiny`" in card
     assert f"{head['accuracy']:.2%}" in card and f"{head['accuracy']:.2%}" in (project / "README.md").read_text()
+
+
+def test_ship_model_that_fails_leaves_nothing_behind(trained_run, synthetic_cache, tmp_path):
+    """A run that cannot ship (here: its best.pt is damaged) left an empty reports/<name>/ folder."""
+    project = tmp_path / "project"
+    (project / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "ship_model.sh", project / "scripts")
+    run = shutil.copytree(trained_run, tmp_path / "damaged_run")
+    (run / "best.pt").write_bytes(b"not a checkpoint")
+    env = {**os.environ, "FERKIT": str(Path(sys.executable).with_name("ferkit")), "DATA": str(synthetic_cache)}
+    argv = ["bash", "scripts/ship_model.sh", str(run), "ferkit train --tiny"]
+    done = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "best.pt: not a readable ferkit checkpoint" in done.stderr
+    assert not (project / "reports").exists() or not any((project / "reports").iterdir())
+    assert not (project / "src").exists()
+
+
+def test_device_tree_refuses_to_take_out_what_is_staged(tmp_path):
+    """`back` resets reports/ and models/ to HEAD: what was staged there before `out` was unstaged."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    shutil.copy(ROOT / "scripts" / "device_tree.sh", clone / "scripts")  # this checkout's, committed or not
+    (clone / "reports" / "new.json").write_text("{}")
+    subprocess.run(["git", "add", "reports/new.json"], cwd=clone, check=True)
+    done = subprocess.run(["bash", "scripts/device_tree.sh", "out"], cwd=clone, capture_output=True, text=True)
+    assert done.returncode == 1 and "changes are staged under reports" in done.stderr
+    staged = subprocess.run(["git", "diff", "--cached", "--name-only"], cwd=clone, capture_output=True, text=True)
+    assert staged.stdout.split() == ["reports/new.json"]
+
+
+def test_dev_script_makes_a_half_made_virtualenv_anew(tmp_path):
+    """A .venv whose Python is there but has no pip (its making was stopped) failed every later run."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "dev.sh", tmp_path / "scripts")
+    venv = tmp_path / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+    (venv / "stale").write_text("")
+    env = {**os.environ, "PYTHON": sys.executable}
+    argv = ["bash", "scripts/dev.sh"]  # no command: the usage, after the setup
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "usage: bash scripts/dev.sh serve" in done.stderr
+    assert not (venv / "stale").exists()
+    assert subprocess.run([venv / "bin" / "python", "-m", "pip", "--version"], capture_output=True).returncode == 0
