@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 from conftest import read_only_filesystem
+from helpers_inference import make_checkpoint
 
 from ferkit import cli
 from ferkit.checkpoint import load_checkpoint, save_checkpoint
@@ -406,9 +407,8 @@ def test_an_ensemble_or_a_sibling_does_not_overwrite_a_models_reports(trained_ru
     assert json.loads((ensemble / "PrivateTest.json").read_text())["model"].startswith("ensemble(")
     # another ensemble with the same first model had the same folder (and replaced the first's report); the
     # same members in another order are the same ensemble
-    slim = run / "slim.pt"
-    assert cli.main(["slim", str(run / "best.pt"), "-o", str(slim)]) == 0
-    assert cli.main(["evaluate", str(run / "best.pt"), str(slim), *data]) == 0
+    other = make_checkpoint(tmp_path / "other.pt")
+    assert cli.main(["evaluate", str(run / "best.pt"), str(other), *data]) == 0
     assert cli.main(["evaluate", str(run / "last.pt"), str(run / "best.pt"), *data]) == 0
     assert len(list(run.glob("eval_ensemble_*"))) == 2
     assert cli.main(["evaluate", str(run / "last.pt"), *data]) == 0  # a sibling file: a folder of its own

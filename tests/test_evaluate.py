@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import read_only_filesystem, synthetic_data
+from conftest import read_only_filesystem, synthetic_data, tiny_config
 
 from ferkit.checkpoint import slim_checkpoint
 from ferkit.data import CLASSES, SPLITS, DataError, save_cache, tta_views
@@ -29,6 +29,7 @@ from ferkit.evaluate import (
     write_report,
 )
 from ferkit.models import build_model
+from ferkit.training import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -196,7 +197,7 @@ def test_plot_training_curves(trained_run, tmp_path):
 def test_evaluate_checkpoint_and_ensemble(trained_run, synthetic_cache, tmp_path):
     ck = trained_run / "best.pt"
     res = evaluate_checkpoints([ck], synthetic_cache, split="PrivateTest", out=tmp_path, tta="flip", device="cpu")
-    assert res["n"] == 28 and res["split"] == "PrivateTest" and res["model"] == "ferkit_small"
+    assert res["n"] == 28 and res["split"] == "PrivateTest" and res["model"] == "run"  # its run's folder
     cm = np.array(res["confusion_matrix"])
     assert cm.sum(1).tolist() == [4] * 7
     assert res["accuracy"] == pytest.approx(np.trace(cm) / 28)
@@ -205,19 +206,23 @@ def test_evaluate_checkpoint_and_ensemble(trained_run, synthetic_cache, tmp_path
     assert (tmp_path / "training_curves.png").is_file()
     assert (tmp_path / "PrivateTest_tta-flip_confusion.png").is_file()
 
-    # an ensemble of a checkpoint with its slimmed copy (the same weights) gives the same predictions; the same
-    # file twice, or in two files, is refused: it would count double
+    # its slimmed copy (the same weights) gives the same predictions, under the copy's name; the same file twice,
+    # in two files, or as a checkpoint and its slimmed copy is refused as an ensemble: it would count double
     slim = slim_checkpoint(ck, tmp_path / "slim.pt")
-    ens = evaluate_checkpoints([ck, slim], synthetic_cache, split="PrivateTest", tta="flip", device="cpu")
-    assert ens["model"] == "ensemble(ferkit_small, ferkit_small)"
-    assert ens["confusion_matrix"] == res["confusion_matrix"]
-    assert "report_json" not in ens
+    alone = evaluate_checkpoints([slim], synthetic_cache, split="PrivateTest", tta="flip", device="cpu")
+    assert alone["model"] == "slim" and alone["confusion_matrix"] == res["confusion_matrix"]
+    assert "report_json" not in alone
+    with pytest.raises(ValueError, match=r"best\.pt and .*slim\.pt: ensemble members made from the same trained"):
+        evaluate_checkpoints([ck, slim], synthetic_cache, split="PrivateTest", tta="flip", device="cpu")
     with pytest.raises(ValueError, match="ensemble member given twice"):
         evaluate_checkpoints([ck, trained_run / "." / "best.pt"], synthetic_cache, device="cpu")
     copy = tmp_path / "copy.pt"
     copy.write_bytes(ck.read_bytes())
     with pytest.raises(ValueError, match=r"copy\.pt: one model in several files"):
         evaluate_checkpoints([ck, copy], synthetic_cache, device="cpu")
+    train(tiny_config(synthetic_cache, tmp_path / "second", seed=1, epochs=1))  # an ensemble is named by its runs
+    ens = evaluate_checkpoints([ck, tmp_path / "second" / "last.pt"], synthetic_cache, device="cpu")
+    assert ens["model"] == "ensemble(run, second/last)"
 
     both = evaluate_tta([ck], synthetic_cache, split="PrivateTest", out=tmp_path, modes=("none", "flip"), device="cpu")
     assert both["flip"]["confusion_matrix"] == res["confusion_matrix"]
@@ -435,7 +440,7 @@ def test_an_out_folder_of_another_model_s_reports_is_refused(trained_run, synthe
     monkeypatch.setattr(ferkit.evaluate, "plot_confusion", lambda *a: titles.append(a[3]) or real(*a))
     out, best, last = tmp_path / "eval", trained_run / "best.pt", trained_run / "last.pt"
     evaluate_tta([best], synthetic_cache, "PublicTest", out, ("none", "flip"), device="cpu", limit=10)
-    assert titles[0] == "ferkit_small on PublicTest, a 10-image subset, TTA none"  # the plots say what they are
+    assert titles[0] == "run on PublicTest, a 10-image subset, TTA none"  # the plots say what they are
     with pytest.raises(ValueError, match=re.escape(f"--out {out}: holds PublicTest_limit10.json, a report of {best}")):
         evaluate_tta([last], synthetic_cache, "PublicTest", out, device="cpu", limit=10)
     copy = tmp_path / "elsewhere.pt"  # the same weights in another file, or the same file retrained: its own

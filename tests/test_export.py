@@ -70,6 +70,17 @@ def test_metadata_has_classes_and_preprocessing(exported):
     assert rec.model_info["name"] == "model" and rec.model_info["accuracy"] == 0.61
 
 
+def test_a_checkpoint_and_its_exports_are_one_ensemble_member(exported, tmp_path):
+    """Averaged as an ensemble, a checkpoint and its export (or two exports of it) counted one model twice."""
+    for a, b in (("pt", "onnx"), ("onnx", "int8"), ("fp16", "pt")):
+        with pytest.raises(ValueError, match=rf"{exported[a].name} and .*{exported[b].name}: ensemble members made"):
+            EmotionRecognizer([exported[a], exported[b]], threads=1)
+    rec = EmotionRecognizer([make_checkpoint(tmp_path / "other.pt", seed=1), exported["int8"]], threads=1)
+    assert rec.model_info["name"] == "ensemble(other, model_int8)"
+    run = exported["pt"].parent.name  # a run's best.pt is named by its run (its folder here: no config's out)
+    assert EmotionRecognizer(exported["pt"]).model_info["name"] == run
+
+
 def test_export_does_not_pass_on_torch_internal_warnings(tmp_path, exported):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -131,6 +131,27 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def trained_weights(path: str | Path) -> str | None:
+    """Which trained weights a model file holds, as :func:`weights_digest`: a checkpoint's (EMA when present), an
+    ONNX export's as its metadata records them (None when it records none)."""
+    if Path(path).suffix.lower() != ".onnx":
+        return weights_digest(model_from_checkpoint(path, finite=False)[0])
+    from .export import read_metadata
+
+    return read_metadata(path).get("weights_digest")
+
+
+def run_name(path: str | Path, state: dict[str, Any]) -> str:
+    """What a checkpoint is called in reports and the API: a run's ``best.pt`` by its run (the folder its config
+    wrote to, wherever the file lies now; ``last.pt`` as ``<run>/last``), any other file by its name."""
+    stem = Path(path).stem
+    if stem not in ("best", "last"):
+        return stem
+    out = (state.get("config") or {}).get("out")
+    run = Path(out).name if isinstance(out, str) and Path(out).name else Path(path).resolve().parent.name
+    return run if stem == "best" else f"{run}/last"
+
+
 def _check_model(model: nn.Module, path: str | Path, n_classes: int, finite: bool = True) -> None:
     """Refuse a model that does not map (N, 1, 48, 48) images to ``n_classes`` scores (one per class name),
     finite ones if ``finite``."""

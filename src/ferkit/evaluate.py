@@ -27,6 +27,7 @@ from .fileio import (
     read_npz,
     refuse_file,
     refuse_repeats,
+    refuse_same_weights,
 )
 from .runtime import resolve_device
 
@@ -52,14 +53,14 @@ class OnnxModule(nn.Module):
 
 def load_for_evaluation(path: str | Path) -> tuple[nn.Module, str]:
     """A model and its name from a training checkpoint (``.pt``) or an exported ``.onnx`` file."""
-    from .checkpoint import model_from_checkpoint
+    from .checkpoint import model_from_checkpoint, run_name
 
     if Path(path).suffix.lower() == ".onnx":
         model, name = OnnxModule(path), Path(path).stem
         classes = model.backend.info.get("classes", list(CLASSES))
     else:
         model, state = model_from_checkpoint(path)
-        name, classes = state["model"], state["classes"]
+        name, classes = run_name(path, state), state["classes"]
     if list(classes) != list(CLASSES):
         raise ValueError(f"{path}: its classes {', '.join(classes)} are not FER-2013's ({', '.join(CLASSES)})")
     return model, name
@@ -468,12 +469,16 @@ def evaluate_tta(
 
 def _distinct_models(checkpoints: Sequence[str | Path], what: str) -> list[str]:
     """The digests of ``checkpoints`` (fileio.model_digest), refusing one file given twice or one model in
-    several files: it would count several times in an ensemble."""
+    several files (copies, or exports of one run's weights): it would count several times in an ensemble."""
+    from .checkpoint import trained_weights
+
     refuse_repeats(checkpoints, what)
     digests = [model_digest(c) for c in checkpoints]
     if len(set(digests)) < len(digests):
         twice = [str(c) for c, d in zip(checkpoints, digests, strict=True) if digests.count(d) > 1]
         raise ValueError(f"{' and '.join(twice)}: one model in several files (it would count several times)")
+    if len(checkpoints) > 1:
+        refuse_same_weights(checkpoints, [trained_weights(c) for c in checkpoints], what)
     return digests
 
 

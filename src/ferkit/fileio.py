@@ -259,6 +259,17 @@ def refuse_repeats(paths: Any, what: str) -> None:
         seen[Path(path).resolve()] = path
 
 
+def refuse_same_weights(paths: Any, digests: Any, what: str) -> None:
+    """Refuse two files made from one run's trained weights (``digests``: checkpoint.weights_digest, None where
+    a file records none), e.g. a checkpoint and its ONNX export: as ensemble members it would count twice."""
+    seen: dict[str, Any] = {}
+    for path, digest in zip(paths, digests, strict=True):
+        if digest is not None and digest in seen:
+            raise ValueError(f"{seen[digest]} and {path}: {what}s made from the same trained weights "
+                             "(one model; it would count twice)")  # fmt: skip
+        seen.setdefault(digest, path)
+
+
 def model_name(names: list[str]) -> str:
     """What a model, or an ensemble of the models ``names`` (averaged in that order), is called in reports."""
     return names[0] if len(names) == 1 else "ensemble(" + ", ".join(names) + ")"

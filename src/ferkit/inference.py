@@ -19,7 +19,7 @@ import numpy as np
 from .config import DEFAULT_MODEL, DETECTOR, IMAGE_SIZE, MARGIN, MIN_FACE, TTA, TTA_MODES, WEIGHTS_DIR  # noqa: F401 - re-exported
 from .data import CLASSES, model_input, scores_shape_problem, tta_views
 from .faces import Box, FaceDetector, check_margin, crop_faces, fit_boxes, make_detector
-from .fileio import model_files, model_name, not_a_file, parse_model_metadata, refuse_repeats
+from .fileio import model_files, model_name, not_a_file, parse_model_metadata, refuse_repeats, refuse_same_weights
 from .images import (  # noqa: F401 - re-exported: decoding images is part of the inference API
     MAX_PIXELS,
     ImageError,
@@ -92,6 +92,10 @@ class OnnxBackend:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input: x})[0]
 
+    def trained_weights(self) -> str | None:
+        """The digest of the weights it was exported from, as its metadata records (checkpoint.weights_digest)."""
+        return self.info.get("weights_digest")
+
 
 def _dims(shape: list[Any]) -> str:
     """An ONNX shape as text, a named or unknown batch dimension as N: ``(N, 3, 224, 224)``."""
@@ -106,11 +110,18 @@ class TorchBackend:
     def __init__(self, path: str | Path) -> None:
         import torch
 
-        from .checkpoint import model_from_checkpoint
+        from .checkpoint import model_from_checkpoint, run_name
 
         self.torch = torch
         self.model, state = model_from_checkpoint(path)  # on the CPU
-        self.info = {"name": state["model"], "classes": state["classes"], **(state.get("metrics") or {})}
+        self.info = {"name": run_name(path, state), "architecture": state["model"], "classes": state["classes"]}
+        self.info |= state.get("metrics") or {}
+
+    def trained_weights(self) -> str:
+        """The digest of its weights (checkpoint.weights_digest)."""
+        from .checkpoint import weights_digest
+
+        return weights_digest(self.model)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
@@ -178,6 +189,8 @@ class EmotionRecognizer:
         self.tta = tta
         self.backends = [_load_backend(p, backend, threads) for p in paths]
         infos = [b.info for b in self.backends]
+        if len(infos) > 1:
+            refuse_same_weights(paths, [b.trained_weights() for b in self.backends], "ensemble member")
         self.classes: tuple[str, ...] = tuple(infos[0].get("classes", CLASSES))
         if any(tuple(i.get("classes", CLASSES)) != self.classes for i in infos):
             raise ValueError("ensemble members disagree on the class names or their order")
