@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -348,11 +349,15 @@ def test_16_bit_images_load(tmp_path):
     np.testing.assert_array_equal(out, np.repeat(gray8[..., None], 3, axis=2))
     np.testing.assert_array_equal(load_image(gray16), out)  # a uint16 array too
     dark = gray16 // 512  # at most 127 of 65,535: black, in either byte order, not 8-bit values up to 127
-    assert load_image(dark).max() == 0
+    with pytest.warns(UserWarning, match=r"a uint16 array whose pixels are all 0-255 .* a\.astype\(np\.uint8\)"):
+        assert load_image(dark).max() == 0  # an 8-bit image given as uint16, as likely: the caller is told
     big_endian = dark.astype(">u2")  # 16-bit big-endian TIFFs (Pillow's I;16B) come as such arrays
     Image.fromarray(big_endian).save(tmp_path / "g16b.tif")
-    for image in (big_endian, tmp_path / "g16b.tif"):
-        assert load_image(image).max() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file says what it holds: no warning
+        assert load_image(tmp_path / "g16b.tif").max() == 0
+    with pytest.warns(UserWarning, match="uint16 array"):
+        assert load_image(big_endian).max() == 0
 
 
 def test_cmyk_and_other_modes_load(tmp_path):

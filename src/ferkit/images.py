@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -55,6 +56,9 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         if src.ndim >= 2 and src.shape[0] * src.shape[1] > max_pixels:
             h, w = src.shape[:2]
             raise ImageTooLargeError(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+        if src.dtype.kind == "u" and src.dtype.itemsize == 2 and 0 < src.max(initial=0) <= 255:
+            warnings.warn("a uint16 array whose pixels are all 0-255 is read as 16-bit, nearly black: if they are "
+                          "8-bit values, pass a.astype(np.uint8)", stacklevel=2)  # fmt: skip
         return _array_to_rgb(src)
     if isinstance(src, io.TextIOBase):
         raise ImageError("a file opened in text mode: open it in binary mode ('rb')")
