@@ -70,7 +70,14 @@ def test_describe_counts_params_and_flops():
 def test_unknown_model():
     with pytest.raises(ValueError, match="unknown model 'nope'.*ferkit_small"):
         build_model("nope")
+    with pytest.raises(ValueError, match=r"unknown model 'resnet50' \(did you mean 'resnet50v2'\?\)"):
+        build_model("resnet50")
     assert model_names() == [*MODELS, "timm:<arch>"]
+    for name in ("timm:hf-hub:timm/resnet18.a1_in1k", "timm:hf_hub:x", "timm:"):  # timm read hf-hub configs online
+        with pytest.raises(ValueError, match=f"^model {re.escape(name)}: not an architecture name: give one, such"):
+            build_model(name)
+    with pytest.raises(ValueError, match=r"^model resnet50v2: small_input must be true or false, got 'no'$"):
+        build_model("resnet50v2", small_input="no")
 
 
 def test_model_arguments_of_the_wrong_type_are_named():
@@ -186,6 +193,38 @@ def test_load_init_weights_refuses_what_does_not_fit(tmp_path):
     torch.save({**counters, "features.1.weight": torch.rand(8, 3, 3, 3)}, tmp_path / "counters.pt")
     with pytest.raises(ValueError, match=r"counters.pt: only 1 of the model's \d+ tensors match"):
         load_init_weights(model, tmp_path / "counters.pt")
+
+
+def test_load_init_weights_refuses_a_file_of_shapes_shared_by_chance(tmp_path):
+    """A ResNet-50 file fitted half of a ResNet-18's tensors (BatchNorms, 3x3 convolutions of equal widths), and
+    BiT's GroupNorm weights filled resnet50v2's BatchNorms: both trained on as initial weights."""
+    model = build_model("ferkit_small", width=0.25)
+    own = model.state_dict()
+    bigger = {**own, **{f"extra.{i}.weight": torch.rand(3) for i in range(len(own))}}  # more unused than used
+    torch.save(bigger, tmp_path / "bigger.pt")
+    with pytest.raises(ValueError, match=r"bigger\.pt: \d+ of its tensors fit none of the model's, more than the"):
+        load_init_weights(model, tmp_path / "bigger.pt")
+    group_norm = {k: v for k, v in own.items() if not k.endswith(("running_mean", "running_var", "tracked"))}
+    torch.save(group_norm, tmp_path / "gn.pt")
+    with pytest.raises(ValueError, match=r"gn\.pt: 8 of the model's BatchNorms \(features\.2\.weight, \.\.\.\) would"):
+        load_init_weights(model, tmp_path / "gn.pt")
+    torch.save({f"module.{k}": v for k, v in own.items()}, tmp_path / "ddp.pt")  # saved from a DDP wrapper
+    counted = sum(not k.endswith("num_batches_tracked") for k in own)
+    assert load_init_weights(model, tmp_path / "ddp.pt") == (counted, 0, 0)
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    with pytest.raises(ValueError, match=r"m\.onnx: an ONNX model; initial weights come from a \.pt"):
+        load_init_weights(model, tmp_path / "m.onnx")
+
+
+def test_load_init_weights_of_another_ferkit_model_says_which_it_is(tmp_path):
+    from ferkit.checkpoint import save_checkpoint
+
+    weights = build_model("ferkit_vgg", width=0.5).state_dict()
+    state = {"model": "ferkit_vgg", "model_kwargs": {"width": 0.5}, "classes": ["a"] * 7, "state_dict": weights}
+    path = save_checkpoint(tmp_path / "best.pt", state)
+    message = "(it is a ferkit checkpoint of ferkit_vgg {'width': 0.5}: give that model and those options)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_init_weights(build_model("ferkit_vgg"), path)
 
 
 def test_load_init_weights_from_a_ferkit_checkpoint_takes_its_ema_weights(tmp_path):

@@ -269,8 +269,15 @@ def test_a_run_that_fails_to_start_leaves_no_run_folder(tmp_path, synthetic_cach
     initial weights, a model or a targets file that fail still did."""
     missing = tmp_path / "teacher" / "best.pt"
     for option, change in (("teacher", {"teacher": [str(missing)]}), ("init-weights", {"init_weights": str(missing)})):
-        with pytest.raises(FileNotFoundError, match=re.escape(f"--{option} {missing}: no such file (train or export")):
+        with pytest.raises(
+            FileNotFoundError,
+            match=re.escape(f"--{option} {missing}: no such file (train or export")
+            if option == "teacher"
+            else re.escape(f"{missing}: no such file (nothing is downloaded)"),
+        ):
             train(tiny_config(synthetic_cache, tmp_path / "run", **change))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--init-weights {tmp_path}: a folder, not a file")):
+        train(tiny_config(synthetic_cache, tmp_path / "run", init_weights=str(tmp_path)))
     with pytest.raises(
         ValueError, match=re.escape(f"{synthetic_cache}: 8 Training images, fewer than one batch of 16")
     ):

@@ -199,14 +199,21 @@ def load_init_weights(
     path = Path(path)
     if problem := not_a_file(path, "initial weights file"):
         raise FileNotFoundError(f"{path}: {problem}")
+    if path.suffix.lower() == ".onnx":
+        raise ValueError(f"{path}: an ONNX model; initial weights come from a .pt, .pth or .safetensors file")
     safetensors = path.suffix.lower() == ".safetensors"
     state = _safetensors(path) if safetensors else _torch_load(path, "weights file", ValueError)
+    source = ""  # what a ferkit checkpoint says it holds
     if isinstance(state, dict) and state.get("format") == FORMAT:
+        source = f" (it is a ferkit checkpoint of {state.get('model')} {state.get('model_kwargs') or ''}".rstrip()
+        source += ": give that model and those options)"
         state = state.get("ema_state_dict") or state.get("state_dict")
     elif isinstance(state, dict):
         state = state.get("state_dict", state.get("model", state))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a weights file (expected a mapping of names to tensors)")
+    if state and all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     counted = [k for k in own if not k.endswith("num_batches_tracked")]
     loaded = _matching(state, own)
@@ -215,15 +222,24 @@ def load_init_weights(
         if len(other := _matching(converted, own)) > len(loaded):
             state, loaded = converted, other
     fits = sum(k in loaded for k in counted)
-    if fits < len(counted) / 2:
-        raise ValueError(
-            f"{path}: only {fits} of the model's {len(counted)} tensors match it by name and shape: weights of "
-            "another architecture or layer naming (ImageNet files fit timm:<arch> models, and vgg16 and "
-            "resnet50v2 take vgg16_bn's and timm's resnetv2_50's; ferkit's own models take ferkit checkpoints)"
-        )
-    model.load_state_dict(loaded, strict=False)
     used = sum(not k.endswith("num_batches_tracked") for k in loaded)
     unused = sum(not k.endswith("num_batches_tracked") for k in state) - used
+    other = (
+        "weights of another architecture or layer naming (ImageNet files fit timm:<arch> models, and vgg16 and "
+        "resnet50v2 take vgg16_bn's and timm's resnetv2_50's; ferkit's own models take ferkit checkpoints)"
+    )
+    if fits < len(counted) / 2:
+        raise ValueError(f"{path}: only {fits} of the model's {len(counted)} tensors match it by name and shape: "
+                         f"{other}{source}")  # fmt: skip
+    if unused > used:  # a few shapes shared by chance (BatchNorms', 3x3 convolutions'): not this network's file
+        raise ValueError(f"{path}: {unused} of its tensors fit none of the model's, more than the {used} that do: "
+                         f"{other}{source}")  # fmt: skip
+    no_stats = [k for k in loaded if k.endswith(".weight") and k.replace(".weight", ".running_mean") in own
+                and k.replace(".weight", ".running_mean") not in loaded]  # fmt: skip
+    if no_stats:  # another normalisation (GroupNorm's, BiT's) in the same shapes, its convolutions for it too
+        raise ValueError(f"{path}: {len(no_stats)} of the model's BatchNorms ({no_stats[0]}, ...) would take "
+                         f"weights without running statistics, of another kind of normalisation: {other}")  # fmt: skip
+    model.load_state_dict(loaded, strict=False)
     return used, unused, len(counted) - fits
 
 

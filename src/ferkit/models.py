@@ -28,6 +28,8 @@ class Preprocess(nn.Module):
 
     def __init__(self, size: int | None = None) -> None:
         super().__init__()
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"pre_size must be a whole number of pixels or null, got {size!r}")
         self.size = size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +136,8 @@ class ResNetV2(nn.Module):
         width: float = 1.0,
     ) -> None:
         super().__init__()
+        if not isinstance(small_input, bool):  # a YAML 'yes' is true, but '"no"' is a string, and truthy
+            raise ValueError(f"small_input must be true or false, got {small_input!r}")
         self.pre = Preprocess(pre_size)
         cin = max(4, int(64 * width))
         if small_input:
@@ -169,12 +173,21 @@ class TimmModel(nn.Module):
         self, arch: str, num_classes: int = 7, in_chans: int = 1, pre_size: int | None = None, **kwargs
     ) -> None:
         super().__init__()
+        if not arch or arch.startswith(("hf-hub:", "hf_hub:")):  # timm reads an hf-hub model's config online
+            raise ValueError("not an architecture name: give one, such as timm:resnet18 (nothing is downloaded: "
+                             "ImageNet weights come from a local file, --init-weights)")  # fmt: skip
         try:
             import timm
         except ImportError as e:
             raise ImportError("timm models need timm: pip install timm") from e
         self.pre = Preprocess(pre_size)
-        self.net = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        try:
+            self.net = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        except RuntimeError as e:
+            if str(e).startswith("Unknown model"):
+                raise ValueError(f"timm {timm.__version__} has no such architecture"
+                                 f"{did_you_mean(arch, timm.list_models())}") from None  # fmt: skip
+            raise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.pre(x))
@@ -191,6 +204,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "ferkit_vgg": lambda width=1.0, **kw: VGGNet(
         _scaled([[64, 64], [128, 128], [256, 256, 256], [512, 512, 512]], width), **kw
     ),
+    # VGG16's 13 convolutions (with BatchNorm: vgg16_bn's) and the head above, 14.7M params (not its 138M classifier)
     "vgg16": lambda **kw: VGGNet([[64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3], **kw),
     # ~11M params: pre-activation ResNet-18 at the faces' own 48x48 (stages at 48, 24, 12 and 6 pixels).
     "ferkit_resnet": lambda **kw: ResNetV2(
@@ -246,7 +260,8 @@ def model_names() -> list[str]:
 def build_model(name: str, num_classes: int = 7, **kwargs) -> nn.Module:
     """Build a registered model by name, or ``timm:<arch>`` for any timm architecture."""
     if not name.startswith("timm:") and name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+        raise ValueError(f"unknown model {name!r}{did_you_mean(name, list(MODELS))}; choose one of "
+                         f"{', '.join(model_names())}")  # fmt: skip
     if name in MODELS:  # a number where the model's own default is one ('{width: hello}' failed deep inside)
         params = inspect.signature(MODELS[name]).parameters
         for k, v in kwargs.items():
@@ -266,6 +281,8 @@ def build_model(name: str, num_classes: int = 7, **kwargs) -> nn.Module:
             raise ValueError(f"model {name}: no option {m[1]!r}{did_you_mean(m[1], takes)}; it takes "
                              f"{', '.join(takes) or 'none'}") from None  # fmt: skip
         raise ValueError(f"model {name} with arguments {kwargs}: {e}") from e
+    except ValueError as e:  # an option's value out of its range ('{dropout: 1.5}', '{pre_size: 0}')
+        raise ValueError(f"model {name}: {e}") from e
 
 
 def _options(name: str) -> list[str]:

@@ -269,6 +269,7 @@ def _check_config(cfg: TrainConfig, world: int, device: torch.device) -> None:
     if world > 1 and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
         raise ValueError(f"device {cfg.device}: every process would use that one GPU; under torchrun use auto "
                          "or cuda (each process takes the GPU of its LOCAL_RANK)")  # fmt: skip
+    new_model(cfg, torch.device("cpu"))  # the model and its options (built again for the run)
 
 
 def _load_splits(cfg: TrainConfig, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -289,11 +290,13 @@ def new_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """The run's model, freshly initialised from its seed, on ``device`` (channels_last on CUDA if asked)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=len(CLASSES), **cfg.model_kwargs)
-    try:  # arguments that build a model for other images ('{pre_size: 0}') fail here, not at the first batch
+    try:  # arguments that build a model for other images fail here, not at the first batch
         with torch.no_grad():
             model.eval()(torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE))
-    except RuntimeError as e:
-        raise ValueError(f"model {cfg.model} {cfg.model_kwargs or ''}: cannot take FER-2013's images: {e}") from e
+    except (RuntimeError, AssertionError, TypeError, ValueError) as e:  # timm's ViTs assert their input size
+        hint = "; give it {pre_size: N} to resize the faces to its size" if cfg.model.startswith("timm:") else ""
+        raise ValueError(f"model {cfg.model} {cfg.model_kwargs or ''}: cannot take FER-2013's images: "
+                         f"{' '.join(str(e).split())}{hint}") from e  # fmt: skip
     model = model.train().to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -599,10 +602,11 @@ def _resumable(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
     wanted = [*(("teacher", t) for t in cfg.teacher), *([("init-weights", cfg.init_weights)] if not held else [])]
     if missing := [(option, path) for option, path in wanted if path and not Path(path).is_file()]:
         option, path = missing[0]
-        hint = "train or export it first, or change it"
+        hint = "train or export it first, or change it" if option == "teacher" else "nothing is downloaded"
         if held and not Path(path).is_absolute():  # the run's teacher, recorded as given: a path from where it began
             hint = "the run was given it relative to the folder it started in: resume it from there"
-        raise FileNotFoundError(f"--{option} {path}: no such file ({hint})")
+        problem = "a folder, not a file" if Path(path).is_dir() else "no such file"
+        raise FileNotFoundError(f"--{option} {path}: {problem} ({hint})")
     if not held:
         return None
     last = load_checkpoint(out / "last.pt")
