@@ -295,8 +295,9 @@ def new_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
             model.eval()(torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE))
     except (RuntimeError, AssertionError, TypeError, ValueError) as e:  # timm's ViTs assert their input size
         hint = "; give it {pre_size: N} to resize the faces to its size" if cfg.model.startswith("timm:") else ""
-        raise ValueError(f"model {cfg.model} {cfg.model_kwargs or ''}: cannot take FER-2013's images: "
-                         f"{' '.join(str(e).split())}{hint}") from e  # fmt: skip
+        model_name = f"{cfg.model} {cfg.model_kwargs}" if cfg.model_kwargs else cfg.model
+        raise ValueError(f"model {model_name}: cannot take FER-2013's images: "
+                         f"{' '.join(str(e).split()).rstrip('.')}{hint}") from e  # fmt: skip
     model = model.train().to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
