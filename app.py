@@ -26,7 +26,10 @@ try:
     settings = AppSettings(**options)
 except ValueError as e:  # a negative or infinite FERKIT_MAX_UPLOAD_MB
     sys.exit(f"FERKIT_MAX_UPLOAD_MB={upload_mb!r}: {e}")
-demo = build_demo(settings)
+try:
+    demo = build_demo(settings)
+except (OSError, ValueError) as e:  # a FERKIT_MODEL that is missing or not a model: said as `ferkit serve` says it
+    sys.exit(f"FERKIT_MODEL={options['model']!r}: {e}" if options["model"] else str(e))
 
 if __name__ == "__main__":
     demo.launch(**launch_options(settings))

@@ -378,6 +378,29 @@ def test_a_model_that_cannot_be_built_is_refused_before_the_data_is_read(tmp_pat
     assert "error: unknown model 'ferkit_smal' (did you mean 'ferkit_small'?)" in capsys.readouterr().err
 
 
+def test_version(capsys):
+    from ferkit import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out == f"ferkit {__version__}\n"
+
+
+def test_the_space_entry_point_names_a_bad_model_setting(tmp_path):
+    """app.py (the Hugging Face Space's entry point) ended in a traceback for a FERKIT_MODEL that is missing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    model = str(tmp_path / "nope.onnx")
+    env = {**os.environ, "FERKIT_MODEL": model}
+    done = subprocess.run([sys.executable, str(root / "app.py")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"FERKIT_MODEL={model!r}: {model}: model file not found"
+
+
 def test_an_output_path_that_is_a_folder_is_an_error(tmp_path, fer_csv, capsys):
     folder = tmp_path / "cache.npz"
     folder.mkdir()

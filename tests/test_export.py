@@ -20,6 +20,7 @@ from ferkit.cli import main
 from ferkit.data import CLASSES
 from ferkit.export import (
     PREPROCESSING,
+    _set_metadata,
     convert_fp16,
     export_onnx,
     fit_log_offsets,
@@ -229,11 +230,14 @@ def test_cli_export_onnx_with_report_changes_only_the_metadata(tmp_path, exporte
     report.write_text(json.dumps(_report(exported["int8"], accuracy=0.72, tta="flip", x=1)))
     out = tmp_path / "shipped" / "best_int8.onnx"
     out.parent.mkdir()
-    assert main(["export", str(exported["int8"]), "-o", str(out), "--report", str(report)]) == 0
+    older = tmp_path / "older_int8.onnx"  # an export of an older ferkit: its preprocessing named a 10% margin
+    _set_metadata(exported["int8"], {**read_metadata(exported["int8"]), "preprocessing": "crop with 10% margin"}, older)
+    assert main(["export", str(older), "-o", str(out), "--report", str(report)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     info = read_metadata(out)
     assert info["name"] == "best_int8" and info["accuracy"] == 0.72 and info["tta"] == "flip"
     assert info["quantization"] == "int8 static QDQ" and "x" not in info
+    assert info["preprocessing"] == PREPROCESSING  # today's text, not the file's
     assert onnx.load(str(out)).graph == onnx.load(str(exported["int8"])).graph
     assert "accuracy" not in read_metadata(exported["int8"])  # the source is untouched
 
@@ -487,8 +491,6 @@ def test_undo_refuses_its_own_file_and_another_class_order(tmp_path, exported, s
     assert main(["export", str(original), "-o", str(tmp_path / "." / "m.onnx"), *argv]) == 2
     assert "that is the model itself" in capsys.readouterr().err and original.read_bytes() == before
     info = read_metadata(original)
-    from ferkit.export import _set_metadata
-
     _set_metadata(original, {**info, "classes": list(reversed(CLASSES))})
     assert main(["export", str(original), "-o", str(tmp_path / "prior.onnx"), *argv]) == 2
     assert "not in FER-2013's order (that of the data)" in capsys.readouterr().err

@@ -65,6 +65,21 @@ def video(tmp_path_factory) -> Path:
     return make_video(tmp_path_factory.mktemp("video") / "clip.mp4", n_frames=12, fps=10.0)
 
 
+def test_the_python_api_reads_folders_and_videos_through_predict_paths(good, video):
+    """predict() on a folder or a video said only 'not an image'; predict_paths given one string took each of its
+    characters for a path (and '.', the current folder, whole)."""
+    from ferkit import EmotionRecognizer, ImageError, predict_paths
+
+    rec = EmotionRecognizer(threads=1)
+    for path in (good, str(video)):
+        with pytest.raises(ImageError, match="for folders and videos: ferkit.predict_paths, or `ferkit predict`"):
+            rec.predict(path)
+    records = list(predict_paths(rec, str(good / "astronaut.jpg"), progress=False))
+    assert [(r.source, len(r.faces), r.error) for r in records] == [(str(good / "astronaut.jpg"), 1, None)]
+    frames = list(predict_paths(rec, video, every=5, progress=False))
+    assert [r.frame for r in frames] == [0, 5, 10] and all(r.error is None for r in frames)
+
+
 def test_expand_paths(mixed):
     files = [p.relative_to(mixed).as_posix() for p in expand_paths([mixed])]
     assert files == sorted(files)
@@ -312,7 +327,7 @@ def test_max_pixels_over_pillow_s_own_limit(capsys, tmp_path, monkeypatch):
 
     from PIL import Image
 
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the process-wide limit, restored
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1024 * 1024 * 1024 // 4 // 3)  # Pillow's default, restored after
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
         annotate,
         load_image,
     )
+    from .media import Record, predict_paths
 
 __version__ = "0.1.0"
 __all__ = [
@@ -26,16 +27,19 @@ __all__ = [
     "NotAnImageError",
     "annotate",
     "load_image",
+    "predict_paths",
+    "Record",
 ]
+_MEDIA = ("predict_paths", "Record")  # images, folders and videos; the rest is ferkit.inference's
 
 
 def __getattr__(name: str) -> Any:
     """The inference API (``from ferkit import EmotionRecognizer``), imported on first use so that
     ``import ferkit`` and the command line stay fast."""
     if name in __all__:
-        from . import inference
+        from . import inference, media
 
-        return getattr(inference, name)
+        return getattr(media if name in _MEDIA else inference, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

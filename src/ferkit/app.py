@@ -82,11 +82,11 @@ def decode_image(src: bytes | np.ndarray, max_pixels: int) -> np.ndarray:
     try:
         return load_image(src, max_pixels)
     except ImageTooLargeError as e:
-        raise ServiceError(413, str(e).removeprefix("image: ")) from None
+        raise ServiceError(413, str(e)) from None
     except NotAnImageError as e:
-        raise ServiceError(415, str(e).removeprefix("image: ")) from None
+        raise ServiceError(415, str(e)) from None
     except ImageError as e:
-        raise ServiceError(400, str(e).removeprefix("image: ")) from None
+        raise ServiceError(400, str(e)) from None
 
 
 @dataclass

@@ -437,7 +437,6 @@ def _print_records(records: Iterable[Record], fmt: str, classes: Sequence[str]) 
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .images import let_pillow_open
     from .inference import EmotionRecognizer
     from .media import predict_camera, predict_paths
 
@@ -445,7 +444,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.usage_error("give image/video/folder paths, or --webcam N")
     if args.webcam is not None and (args.paths or args.annotate):
         args.usage_error("--webcam reads the camera only: it takes no paths and no --annotate")
-    let_pillow_open(args.max_pixels)
     if isinstance(sys.stdout, io.TextIOWrapper):  # a file name that is not valid UTF-8 is printed escaped
         sys.stdout.reconfigure(errors="backslashreplace")
     rec = EmotionRecognizer(
@@ -490,7 +488,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ImportError(f"{e.name or e}: the web app needs its extra: pip install 'ferkit[app]'") from e
     from .images import let_pillow_open
 
-    let_pillow_open(args.max_pixels)
+    let_pillow_open(args.max_pixels)  # at once: the UI's uploads are decoded by Gradio (with Pillow) first
 
     fields = {f.name for f in dataclasses.fields(AppSettings)} - {"model", "ui"}  # each a flag's dest
     settings = AppSettings(
@@ -503,7 +501,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="ferkit", description="Facial expression recognition on FER-2013.")
+    parser.add_argument("--version", action="version", version=f"ferkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     _add_prepare(sub)

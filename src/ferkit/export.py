@@ -53,11 +53,11 @@ def _set_metadata(path: Path, info: dict[str, Any], out: Path | None = None) -> 
 
 
 def _save_with_metadata(model: Any, info: dict[str, Any], out: Path) -> None:
-    """Write the in-memory ONNX ``model`` to ``out`` atomically, with ``info`` (named after ``out``) as its
-    ferkit metadata."""
+    """Write the in-memory ONNX ``model`` to ``out`` atomically, with ``info`` (named after ``out``, and with
+    this ferkit's preprocessing text: an older file's named a crop margin) as its ferkit metadata."""
     del model.metadata_props[:]
     entry = model.metadata_props.add()
-    info = {"name": out.stem, **{k: v for k, v in info.items() if k != "name"}}
+    info = {"name": out.stem, **{k: v for k, v in info.items() if k != "name"}, "preprocessing": PREPROCESSING}
     entry.key, entry.value = "ferkit", json.dumps(info)
     model.doc_string = f"ferkit {info['name']}: {PREPROCESSING}"
     atomic_write(out, lambda f: f.write(model.SerializeToString()))

@@ -45,9 +45,10 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     Arrays are taken as RGB or gray: convert OpenCV's BGR first (``cv2.cvtColor(a, cv2.COLOR_BGR2RGB)``).
 
     Applies EXIF orientation; flattens alpha onto white; converts palette, 16-bit, CMYK and float
-    images; refuses images over ``max_pixels`` pixels before decoding them. Float and integer arrays are read
-    by their range: up to 1 (floats: up to 2) as 0-1, up to 1023 as 0-255 (clipped), beyond as 16-bit; uint16
-    as 16-bit."""
+    images; refuses images over ``max_pixels`` pixels before decoding them (a ``max_pixels`` above Pillow's own
+    decompression-bomb limit raises that limit, process-wide: :func:`let_pillow_open`). Float and integer arrays
+    are read by their range: up to 1 (floats: up to 2) as 0-1, up to 1023 as 0-255 (clipped), beyond as 16-bit;
+    uint16 as 16-bit."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not isinstance(src, (str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image)) and not hasattr(src, "read"):
@@ -62,7 +63,9 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         return _array_to_rgb(src)
     if isinstance(src, io.TextIOBase):
         raise ImageError("a file opened in text mode: open it in binary mode ('rb')")
-    name = str(src) if isinstance(src, (str, os.PathLike)) else "image"
+    name = str(src) if isinstance(src, (str, os.PathLike)) else ""  # data in memory: no name to give
+    at = f"{name}: " if name else ""
+    let_pillow_open(max_pixels)  # Pillow's own limit (179 M pixels) refused a larger max_pixels first
     if isinstance(src, (str, os.PathLike)):
         _check_file(Path(src), name)
     elif isinstance(src, (bytes, bytearray)) and not src:
@@ -71,7 +74,7 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     def check_size(im: Image.Image) -> None:
         w, h = im.size
         if w * h > max_pixels:
-            raise ImageTooLargeError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+            raise ImageTooLargeError(f"{at}image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
 
     def decode(im: Image.Image) -> np.ndarray:
         check_size(im)
@@ -82,7 +85,9 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             check_size(src)  # before load(): an image opened lazily is not decoded yet
             try:
                 src.load()
-            except (AssertionError, AttributeError) as e:  # PIL's own check of a closed file: a bare assert
+            except (AssertionError, AttributeError, ValueError) as e:  # a closed file: a bare assert, or close()d
+                if isinstance(e, ValueError) and "closed" not in str(e):
+                    raise ImageError(f"corrupt or truncated image ({e})") from None
                 raise ImageError("a PIL image whose file is closed: load() it before closing the file") from e
             return decode(src)
         Image.init()
@@ -93,16 +98,16 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise
     except UnidentifiedImageError:
         if claimed := _claimed_format(src, formats):  # its header, then data Pillow's decoder could not read
-            raise ImageError(f"{name}: corrupt image (a {claimed} header, then unreadable data)") from None
-        raise NotAnImageError(f"{name}: not an image file (unknown or unsupported format)") from None
+            raise ImageError(f"{at}corrupt image (a {claimed} header, then unreadable data)") from None
+        raise NotAnImageError(f"{at}not an image file (unknown or unsupported format)") from None
     except Image.DecompressionBombError as e:  # Pillow's own limit, met in Image.open before the check above
         if (m := re.search(r"Image size \((\d+) pixels\)", str(e))) and (n := int(m[1])) > max_pixels:
-            raise ImageTooLargeError(f"{name}: image is {n:,} pixels, over the limit of {max_pixels:,}") from None
-        raise ImageTooLargeError(f"{name}: refused as a possible decompression bomb ({e})") from None
+            raise ImageTooLargeError(f"{at}image is {n:,} pixels, over the limit of {max_pixels:,}") from None
+        raise ImageTooLargeError(f"{at}refused as a possible decompression bomb ({e})") from None
     except MemoryError:
         raise
     except Exception as e:  # a damaged file makes Pillow's decoders raise most anything (IndexError, RuntimeError...)
-        raise ImageError(f"{name}: corrupt or truncated image ({e or type(e).__name__})") from None
+        raise ImageError(f"{at}corrupt or truncated image ({e or type(e).__name__})") from None
 
 
 def _claimed_format(src: Any, formats: list[str]) -> str | None:
@@ -120,9 +125,9 @@ def _claimed_format(src: Any, formats: list[str]) -> str | None:
 
 
 def let_pillow_open(max_pixels: int) -> None:
-    """Raise Pillow's process-wide decompression-bomb limit to ``max_pixels`` where it is lower, for ferkit's own
-    processes (``predict``, ``serve``): :func:`load_image` refuses larger images itself, from their header, and
-    Pillow's limit (179 M pixels, with a warning from 89 M) stopped a larger ``--max-pixels`` first."""
+    """Raise Pillow's process-wide decompression-bomb limit to ``max_pixels`` where it is lower: :func:`load_image`
+    refuses larger images itself, from their header, and Pillow's limit (179 M pixels, with a warning from 89 M)
+    stopped a larger ``max_pixels`` first."""
     from PIL import Image
 
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:

@@ -232,9 +232,18 @@ class EmotionRecognizer:
         return results
 
     def predict(self, image: ImageInput, whole_image_fallback: bool = False) -> list[FaceResult]:
-        """Every face in ``image`` with its scores; ``[]`` when no face is found, unless
-        ``whole_image_fallback`` classifies the whole image as one face."""
-        rgb = load_image(image, self.max_pixels)
+        """Every face in ``image`` (a path, bytes, file object, PIL image, or an RGB or gray array: convert
+        OpenCV's BGR first) with its scores; ``[]`` when no face is found, unless ``whole_image_fallback``
+        classifies the whole image as one face. Folders and videos: :func:`ferkit.predict_paths`."""
+        try:
+            rgb = load_image(image, self.max_pixels)
+        except ImageError as e:
+            from .media import VIDEO_EXTENSIONS
+
+            path = Path(image) if isinstance(image, (str, os.PathLike)) else None
+            if path is not None and (path.is_dir() or path.suffix.lower() in VIDEO_EXTENSIONS):
+                raise type(e)(f"{e}; for folders and videos: ferkit.predict_paths, or `ferkit predict`") from None
+            raise
         boxes = fit_boxes(self.detector.detect(rgb), rgb.shape)  # a custom detector's too: an array, or past the edge
         if not boxes and whole_image_fallback:
             boxes = [(0, 0, rgb.shape[1], rgb.shape[0])]

@@ -9,7 +9,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,14 +234,17 @@ def _save_annotated(rgb: np.ndarray, faces: list[FaceResult], path: Path) -> Non
 
 def predict_paths(
     recognizer: EmotionRecognizer,
-    paths: list[str | Path],
+    paths: str | Path | Sequence[str | Path],
     every: int = 10,
     annotate_dir: str | Path | None = None,
     fallback: bool = False,
     progress: bool = True,
 ) -> Iterator[Record]:
-    """Run ``recognizer`` over images, folders and videos, one :class:`Record` per image or sampled frame.
-    ``annotate_dir`` is checked (and created) now, before the first record is asked for."""
+    """Run ``recognizer`` over images, folders and videos (one path or a list of them), one :class:`Record` per
+    image or sampled frame (every ``every``-th of a video). ``annotate_dir`` is checked (and created) now, before
+    the first record is asked for."""
+    if isinstance(paths, (str, os.PathLike)):  # a string is one path, not a sequence of one-letter paths
+        paths = [paths]
     files = expand_paths(paths, skip=annotate_dir)
     return _predict_files(recognizer, files, every, _annotate_dir(annotate_dir), fallback, progress)
 
