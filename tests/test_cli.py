@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import pytest
@@ -378,6 +379,24 @@ def test_a_model_that_cannot_be_built_is_refused_before_the_data_is_read(tmp_pat
     assert "error: unknown model 'ferkit_smal' (did you mean 'ferkit_small'?)" in capsys.readouterr().err
 
 
+def test_a_failed_process_of_a_torchrun_job_exits_at_once(tmp_path, monkeypatch, capsys):
+    """Unwinding one rank's error could block in DDP's teardown while the others waited: the job hung."""
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    argv = ["prepare", str(tmp_path / "absent"), "-o", str(tmp_path / "c.npz")]
+    assert cli.main(argv) == 2  # one process: returns
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exited) as exc:
+        cli.main(argv)
+    assert exc.value.args == (2,) and "absent: no such file or folder" in capsys.readouterr().err
+
+
 def test_version(capsys):
     from ferkit import __version__
 
@@ -388,7 +407,6 @@ def test_version(capsys):
 
 def test_the_space_entry_point_names_a_bad_model_setting(tmp_path):
     """app.py (the Hugging Face Space's entry point) ended in a traceback for a FERKIT_MODEL that is missing."""
-    import os
     import subprocess
     import sys
     from pathlib import Path

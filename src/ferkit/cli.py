@@ -847,6 +847,17 @@ def _as_a_command() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _ended(code: int) -> int:
+    """``code``; a failed process of a torchrun job exits with it at once: unwinding its error freed the
+    DistributedDataParallel model while the other processes waited in a collective, which could block for
+    good (3 of 27 tries), so that torchrun never saw the failure and the job hung until gloo's 30-minute timeout."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with _as_a_command():
@@ -861,10 +872,10 @@ def main(argv: list[str] | None = None) -> int:
                 hint = " (training, evaluation, export and .pt models need the train extra: "
                 hint += "pip install 'ferkit[train]')"
             print(f"ferkit {args.command}: error: {e}{hint}", file=sys.stderr)
-            return 2
+            return _ended(2)
         except KeyboardInterrupt:
             print(f"ferkit {args.command}: interrupted", file=sys.stderr)
-            return 130
+            return _ended(130)
         except _Terminated:  # unwound: now end by the signal, as the process would have without the handler
             print(f"ferkit {args.command}: terminated", file=sys.stderr)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -563,18 +563,20 @@ def _train_epoch(
     }
 
 
+def _config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings of ``cfg`` that differ from a run's ``saved`` config: ``{name: (saved, now)}``."""
+    now = cfg.to_dict()
+    return {k: (v, now[k]) for k, v in saved.items() if k in now and v != now[k]}
+
+
 def _check_resumed_config(path: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
     """Refuse to resume the run of ``path`` with settings other than its own (but RESUMABLE_CHANGES)."""
-    now = cfg.to_dict()
-    changed = {k: (v, now[k]) for k, v in saved.items() if k in now and v != now[k]}
-    if wrong := {k: c for k, c in changed.items() if k not in RESUMABLE_CHANGES}:
+    if wrong := {k: c for k, c in _config_changes(saved, cfg).items() if k not in RESUMABLE_CHANGES}:
         diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in wrong.items())
         raise ValueError(
             f"{path}: this run was trained with other settings ({diff}); resume it without changing them "
             f"(with no --config, --resume reads them from {path})"
         )
-    for k, (old, new) in changed.items():
-        log.info("resuming with %s %r instead of %r", k, new, old)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -584,6 +586,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     try:
         return _train(cfg, resume, rank, world, local_rank)
     finally:  # a process that exits with the group alive can abort in gloo's threads ("terminate called ...")
+        _close_log()  # train.log closed: the next run's messages went into it (the Python API, run after run)
         if owned and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -655,6 +658,8 @@ def _start(
     if last is not None:
         run.resume(out / "last.pt", last)
         log.info("resumed from %s at epoch %d", out / "last.pt", run.state["epoch"])
+        for k, (old, new) in _config_changes(last.get("config") or {}, cfg).items():  # the allowed ones, logged now
+            log.info("resuming with %s %r instead of %r", k, new, old)
         if rank == 0:  # what a kill after last.pt's write left unwritten
             _write_metrics(out / "metrics.csv", run.state["history"])
             run.repair_best(out)
