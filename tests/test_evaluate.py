@@ -98,6 +98,8 @@ def test_calibration_metrics():
     half = np.tile(probs[0], (10, 1))  # always "angry" at 0.9, right for 5 of the 10
     assert calibration(np.array([0] * 5 + [1] * 5), half)["ece"] == pytest.approx(0.4)
     assert calibration(np.array([0] * 5 + [1] * 5), half)["prior_ratio"]["fear"] is None  # absent class
+    loose = calibration(labels, probs * 1.01)  # rows summing to 1.01: ECE and the ratios were off too
+    assert loose["ece"] == pytest.approx(c["ece"]) and loose["prior_ratio"] == pytest.approx(c["prior_ratio"])
 
 
 def test_perfect_predictions():
@@ -282,7 +284,10 @@ def test_one_macro_f1_and_valid_json_when_classes_are_missing(trained_run, synth
     assert not (tmp_path / "PublicTest.json").exists()  # a subset's report is named for it, not for the split
     text = (tmp_path / "PublicTest_limit1.json").read_text()  # one image: no class has a ROC curve
     assert "NaN" not in text and json.loads(text)["macro_auc"] is None and json.loads(text)["limit"] == 1
-    assert "macro-AUC -" in format_summary(json.loads(text))
+    summary = format_summary(json.loads(text))
+    assert "macro-AUC -" in summary
+    absent = [line.split() for line in summary.splitlines() if line.endswith(" 0")]  # classes not in the subset
+    assert len(absent) == 6 and all(row[1:] == ["-", "-", "-", "-", "0"] for row in absent)  # not 0.000: no score
     # a --limit of more than the split's 28 images evaluates the whole split, and says so by its name
     evaluate_checkpoints([best], synthetic_cache, "PublicTest", device="cpu", limit=500, out=tmp_path)
     assert json.loads((tmp_path / "PublicTest.json").read_text())["n"] == 28

@@ -167,12 +167,12 @@ def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[s
     frequency in the labels (``prior_ratio``: 1 where the model's prior is the data's; null for an absent class)."""
     from sklearn.metrics import log_loss
 
-    conf, right = probs.max(1), probs.argmax(1) == y_true
+    summed = probs / probs.sum(1, keepdims=True, dtype=np.float64)  # float32 rows sum to 1 only roughly
+    conf, right = summed.max(1), summed.argmax(1) == y_true
     where = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
     ece = sum(abs(right[where == b].mean() - conf[where == b].mean()) * (where == b).mean() for b in np.unique(where))
     freq = np.bincount(y_true, minlength=len(CLASSES)) / len(y_true)
-    ratio = {c: float(probs[:, i].mean() / freq[i]) if freq[i] else None for i, c in enumerate(CLASSES)}
-    summed = probs / probs.sum(1, keepdims=True, dtype=np.float64)  # float32 rows sum to 1 only roughly
+    ratio = {c: float(summed[:, i].mean() / freq[i]) if freq[i] else None for i, c in enumerate(CLASSES)}
     return {
         "nll": float(log_loss(y_true, summed, labels=range(len(CLASSES)))),
         "ece": float(ece),
@@ -309,9 +309,8 @@ def format_summary(metrics: dict[str, Any]) -> str:
     for c in CLASSES:
         r, a = rep[c], metrics["roc"].get(c, {}).get("auc")
         auc = "-" if a is None else f"{a:.3f}"
-        lines.append(
-            f"{c:<10}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1-score']:>8.3f}{auc:>8}{int(r['support']):>9}"
-        )
+        scores = [f"{r[k]:.3f}" if r["support"] else "-" for k in ("precision", "recall", "f1-score")]  # absent
+        lines.append(f"{c:<10}{scores[0]:>10}{scores[1]:>8}{scores[2]:>8}{auc:>8}{int(r['support']):>9}")
     return "\n".join(lines)
 
 
@@ -361,6 +360,8 @@ def _probabilities(
                 for stale in _older_versions(path.parent, key):
                     stale.unlink(missing_ok=True)
             probs = {mode: probs[mode] for mode in modes}
+        if not all(np.isfinite(p).all() for p in probs.values()):  # sklearn's words: "Input contains NaN."
+            raise ValueError(f"{ck}: its probabilities are NaN or infinite on some {split} images (diverged?)")
         per_model.append((name, probs))
     return labels, per_model, len(labels) < len(every[1]), data.seen_in_training(images)
 
