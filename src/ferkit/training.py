@@ -535,6 +535,7 @@ def _train_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, run.dtype):  # teachers run as the student does
             target = targets(idx, x)
+        lr = run.optimizer.param_groups[0]["lr"]  # this step's: the scheduler sets the next one in it
         logits, loss = run.step(x, ya, yb, lam, target)
         seen += len(idx)
         loss_sum += loss.detach() * len(idx)
@@ -543,7 +544,7 @@ def _train_epoch(
             bar.set_postfix(
                 loss=f"{loss_sum.item() / seen:.3f}",
                 acc=f"{correct.item() / seen:.3f}",
-                lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                lr=f"{lr:.2e}",
                 img_s=f"{seen * world / (time.perf_counter() - t0):.0f}",
             )
         if cfg.max_steps and run.state["step"] >= cfg.max_steps:
