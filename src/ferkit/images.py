@@ -125,12 +125,13 @@ def _claimed_format(src: Any, formats: list[str]) -> str | None:
 
 
 def let_pillow_open(max_pixels: int) -> None:
-    """Raise Pillow's process-wide decompression-bomb limit to ``max_pixels`` where it is lower: :func:`load_image`
-    refuses larger images itself, from their header, and Pillow's limit (179 M pixels, with a warning from 89 M)
-    stopped a larger ``max_pixels`` first."""
+    """Raise Pillow's process-wide decompression-bomb limit to a ``max_pixels`` above ferkit's default
+    (:data:`MAX_PIXELS`) where it is lower: :func:`load_image` refuses larger images itself, from their header,
+    and Pillow's limit (179 M pixels, with a warning from 89 M) stopped a larger ``max_pixels`` first. The default
+    leaves it as it is (an application may have lowered it)."""
     from PIL import Image
 
-    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > max(Image.MAX_IMAGE_PIXELS, MAX_PIXELS):
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
