@@ -211,7 +211,7 @@ def write_report(name: str, payload: dict[str, Any], out_dir: Path = REPORTS) ->
 
 
 def git_revision() -> str | None:
-    """The project's commit (``+`` when its tracked files have changes since), None outside a git checkout."""
+    """The project's commit (``+`` when its code has changes since), None outside a git checkout."""
     import subprocess
 
     def git(*args: str) -> subprocess.CompletedProcess:
@@ -221,7 +221,8 @@ def git_revision() -> str | None:
         head = git("rev-parse", "--short=12", "HEAD")
         if head.returncode != 0:
             return None
-        return head.stdout.strip() + ("+" if git("diff", "HEAD", "--quiet").returncode else "")
+        code = ("src", "benchmarks", "configs", "scripts", "pyproject.toml")  # not reports/: benchmarks write there
+        return head.stdout.strip() + ("+" if git("diff", "HEAD", "--quiet", "--", *code).returncode else "")
     except OSError:  # no git
         return None
 

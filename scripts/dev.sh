@@ -7,12 +7,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
-  "$PY" -m venv --clear .venv # none yet, or a half-made one (stopped while made, or its Python gone)
+case "${1:-}" in
+  serve | test) ;;
+  *)
+    echo "usage: bash scripts/dev.sh serve [ferkit serve options] | test [pytest options]" >&2
+    exit 2
+    ;;
+esac
+if ! .venv/bin/python -c "" >/dev/null 2>&1; then
+  "$PY" -m venv --clear .venv # none yet, or its Python gone
+elif ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  .venv/bin/python -m ensurepip >/dev/null # made without pip (uv venv, --without-pip), or stopped while made
 fi
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 
-case "${1:-}" in
+case "$1" in
   serve)
     "${PIP[@]}" -e '.[app]'
     shift
@@ -32,9 +41,5 @@ case "${1:-}" in
     .venv/bin/ruff format --check src tests benchmarks app.py scripts
     shift
     exec .venv/bin/pytest -q -p no:cacheprovider "$@"
-    ;;
-  *)
-    echo "usage: bash scripts/dev.sh serve [ferkit serve options] | test [pytest options]" >&2
-    exit 2
     ;;
 esac

@@ -10,6 +10,10 @@ exclude=$(git rev-parse --git-path info/exclude) # .git/info/exclude, also in a 
 mkdir -p "$(dirname "$exclude")"
 case "${1:-}" in
 out)
+    if grep -qxF "/${paths[0]}" "$exclude" 2>/dev/null; then
+        echo "device_tree.sh: already out (run back first)" >&2
+        exit 1
+    fi
     if ! git diff --cached --quiet -- "${paths[@]}"; then # `back` resets them to HEAD: the staging would be lost
         echo "device_tree.sh: changes are staged under ${paths[*]}: commit them (or unstage) first" >&2
         exit 1

@@ -12,8 +12,8 @@
 # Then point DEFAULT_MODEL in src/ferkit/config.py at the new file.
 set -euo pipefail
 RUN=${1:?run folder}; CMD=${2:?training command}; HW=${3:-"2-core x86_64 CPU"}
-RUN=$(cd "$RUN" && pwd)  # the paths given are the caller's; the outputs go to the project's folders
-if [ -n "${DATA:-}" ]; then DATA=$(cd "$(dirname "$DATA")" && pwd)/$(basename "$DATA"); fi
+RUN=$(CDPATH='' cd -- "$RUN" && pwd)  # the paths given are the caller's; the outputs go to the project's folders
+if [ -n "${DATA:-}" ]; then DATA=$(CDPATH='' cd -- "$(dirname "$DATA")" && pwd)/$(basename "$DATA"); fi
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data/fer2013.npz}
 F=${FERKIT:-.venv/bin/ferkit}

@@ -635,6 +635,14 @@ def test_a_given_recognizers_pixel_limit_is_the_servers():
     assert r.status_code == 413 and "over the limit of 10,000" in r.json()["error"]
 
 
+def test_an_app_made_from_python_lets_pillow_open_what_its_limit_allows(monkeypatch):
+    """Only `ferkit serve` raised Pillow's own limit (179 M pixels): the UI of create_app or build_demo given a higher
+    max_pixels had Gradio refuse the uploads in between as decompression bombs."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the process-wide limit, restored
+    create_app(max_pixels=300_000_000, max_concurrency=1, threads=1, ui=False)
+    assert Image.MAX_IMAGE_PIXELS == 300_000_000
+
+
 def test_the_ui_says_when_the_recorded_accuracy_was_measured_with_another_tta():
     """`serve --tta none` showed the accuracy measured with flip as the one it serves."""
     from ferkit.app import _accuracy_text

@@ -160,11 +160,16 @@ def test_class_weights_cap():
     np.testing.assert_allclose(class_weights(LABELS, 7, power=1.0, cap=None), uncapped)
 
 
-def test_class_weights_of_a_high_power_stay_finite():
-    """Beyond a power of about 300 the weights overflowed to inf, and the mean-one scaling made them NaN."""
-    with np.errstate(over="raise", invalid="raise"):
-        w = class_weights(LABELS, 7, power=400.0)
-    assert np.isfinite(w).all() and w[LABELS].mean() == pytest.approx(1.0) and np.argmax(w) == 1
+def test_a_class_weight_power_that_leaves_no_weight_is_refused():
+    """From a power of about 40 every class but disgust weighed 0 in float32 (a batch without disgust: a NaN loss);
+    beyond 300 the weights overflowed."""
+    from ferkit.config import TrainConfig
+
+    assert TrainConfig(class_weight_power=4).class_weight_power == 4
+    with pytest.raises(ValueError, match=r"class_weight_power must be in \[0, 4\], got 60"):
+        TrainConfig(class_weight_power=60)
+    w = np.float32(class_weights(LABELS, 7, power=4.0))
+    assert (w > 0).all() and np.isfinite(w).all()
 
 
 def test_class_weights_missing_class():

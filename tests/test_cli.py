@@ -389,12 +389,15 @@ def test_a_failed_process_of_a_torchrun_job_exits_at_once(tmp_path, monkeypatch,
         raise Exited(code)
 
     monkeypatch.setattr(os, "_exit", exit_now)
-    argv = ["prepare", str(tmp_path / "absent"), "-o", str(tmp_path / "c.npz")]
+    argv = ["train", "--data", str(tmp_path / "absent.npz"), "--out", str(tmp_path / "run")]
     assert cli.main(argv) == 2  # one process: returns
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr("ferkit.training._setup_distributed", lambda device: (0, 2, 0))  # as under torchrun
     with pytest.raises(Exited) as exc:
         cli.main(argv)
-    assert exc.value.args == (2,) and "absent: no such file or folder" in capsys.readouterr().err
+    assert exc.value.args == (2,) and "absent.npz: no such file or folder" in capsys.readouterr().err
+    assert cli.main(["prepare", str(tmp_path / "absent"), "-o", str(tmp_path / "c.npz")]) == 2  # not training
 
 
 def test_version(capsys):

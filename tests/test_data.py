@@ -511,7 +511,7 @@ def test_csv_missing_file(tmp_path):
         (" ".join(["7"] * 2303 + ["x"]), "pixels are not integers"),
         (" ".join(["7"] * 2303 + ["1.5"]), "pixels are not integers"),
         (" ".join(["7"] * 2303 + ["256"]), "pixel values must be in 0..255, got 256 (value 2304)"),
-        (" ".join(["-1"] + ["7"] * 2303), "pixel values must be in 0..255, got -1"),
+        (" ".join(["7", "-1"] + ["7"] * 2302), "pixel values must be in 0..255, got -1 (value 2)"),
         (" ".join(["7"] * 2303 + ["9" * 25]), f"pixel values must be in 0..255, got {'9' * 20} (value 2304)"),
         (" ".join(["7", "0300"] + ["7"] * 2302), "pixel values must be in 0..255, got 0300 (value 2)"),
         (" ".join(["7"] * 2303 + ["1_0"]), "pixels are not integers separated by spaces ('1_0')"),  # int() took these

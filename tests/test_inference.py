@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import struct
 import subprocess
@@ -202,6 +203,14 @@ def test_the_inference_api_is_importable_from_the_package():
     assert set(ferkit.__all__) < set(dir(ferkit))  # the lazy names show in dir() and completion
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         ferkit.nope  # noqa: B018
+
+
+def test_the_inference_api_leaves_opencv_s_video_logging_alone():
+    """Importing any ferkit name imported ferkit.media, which quiets OpenCV's ffmpeg log for the whole process."""
+    code = "import os, ferkit; ferkit.load_image; print(os.environ.get('OPENCV_FFMPEG_LOGLEVEL'))"
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.strip() == "None", done.stderr[-500:]
 
 
 def test_importing_ferkit_loads_neither_inference_nor_torch():

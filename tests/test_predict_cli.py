@@ -74,6 +74,11 @@ def test_the_python_api_reads_folders_and_videos_through_predict_paths(good, vid
     for path in (good, str(video)):
         with pytest.raises(ImageError, match="for folders and videos: ferkit.predict_paths, or `ferkit predict`"):
             rec.predict(path)
+    with pytest.raises(ImageError) as e:  # a missing video: not the hint
+        rec.predict(good / "missing.mp4")
+    assert "no such file" in str(e.value) and "predict_paths" not in str(e.value)
+    with pytest.raises(ImageError, match="not a file path"):  # a long string: not OSError's "File name too long"
+        rec.predict("a" * 5000)
     records = list(predict_paths(rec, str(good / "astronaut.jpg"), progress=False))
     assert [(r.source, len(r.faces), r.error) for r in records] == [(str(good / "astronaut.jpg"), 1, None)]
     frames = list(predict_paths(rec, video, every=5, progress=False))

@@ -56,14 +56,19 @@ def test_device_tree_takes_the_big_folders_out_and_puts_them_back(tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(args, cwd=clone, capture_output=True, text=True, timeout=120)
 
+    shutil.copy(ROOT / "scripts" / "device_tree.sh", clone / "scripts")  # this checkout's, committed or not
     tracked = run("git", "ls-files").stdout.splitlines()
     assert run("bash", "scripts/device_tree.sh", "out").returncode == 0
+    again = run("bash", "scripts/device_tree.sh", "out")  # it said: commit the staged changes (the deletions)
+    assert again.returncode == 1 and "already out (run back first)" in again.stderr
     left = run("git", "ls-files").stdout.splitlines()
     assert not [p for p in left if p.startswith(("reports/", "models/")) or p.endswith("centerface.onnx")]
     assert sum((clone / p).stat().st_size for p in left) < 16 * 2**20  # the tree that travels, without the data
     assert (clone / "reports").is_dir() and (clone / "src/ferkit/weights/centerface.onnx").is_file()  # kept here
     assert run("bash", "scripts/device_tree.sh", "back").returncode == 0
-    assert run("git", "ls-files").stdout.splitlines() == tracked and run("git", "status", "--short").stdout == ""
+    assert run("git", "ls-files").stdout.splitlines() == tracked
+    changed = run("git", "diff", "--quiet", "HEAD", "--", "scripts/device_tree.sh").returncode == 1  # copied in
+    assert run("git", "status", "--short").stdout == (" M scripts/device_tree.sh\n" if changed else "")
 
 
 def test_ship_model_makes_a_run_the_shipped_model_with_its_own_numbers(trained_run, synthetic_cache, tmp_path):
@@ -129,16 +134,28 @@ def test_device_tree_refuses_to_take_out_what_is_staged(tmp_path):
     assert staged.stdout.split() == ["reports/new.json"]
 
 
-def test_dev_script_makes_a_half_made_virtualenv_anew(tmp_path):
-    """A .venv whose Python is there but has no pip (its making was stopped) failed every later run."""
+def test_dev_script_repairs_a_virtualenv_without_pip_or_python(tmp_path):
+    """A .venv whose Python had no pip (its making stopped; uv venv) failed every later run; the first repair
+    cleared such a venv, packages and all, even on a mistyped command."""
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "dev.sh", tmp_path / "scripts")
     venv = tmp_path / ".venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
-    (venv / "stale").write_text("")
+    (venv / "kept").write_text("")
     env = {**os.environ, "PYTHON": sys.executable}
-    argv = ["bash", "scripts/dev.sh"]  # no command: the usage, after the setup
-    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "usage: bash scripts/dev.sh serve" in done.stderr
-    assert not (venv / "stale").exists()
-    assert subprocess.run([venv / "bin" / "python", "-m", "pip", "--version"], capture_output=True).returncode == 0
+
+    def dev(*args: str) -> subprocess.CompletedProcess:  # no project here: its pip install fails, after the repair
+        return subprocess.run(["bash", "scripts/dev.sh", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+
+    def has_pip() -> bool:
+        return subprocess.run([venv / "bin" / "python", "-m", "pip", "--version"], capture_output=True).returncode == 0
+
+    done = dev("sreve")
+    assert done.returncode == 2 and "usage: bash scripts/dev.sh serve" in done.stderr and not has_pip()  # untouched
+    dev("serve")
+    assert has_pip() and (venv / "kept").exists()  # pip added, nothing cleared
+    (venv / "bin" / "python").unlink()
+    (venv / "bin" / "python").symlink_to(tmp_path / "gone" / "python3")  # the Python it was made with, removed
+    dev("serve")
+    assert has_pip() and not (venv / "kept").exists()  # made anew

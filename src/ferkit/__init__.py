@@ -37,9 +37,9 @@ def __getattr__(name: str) -> Any:
     """The inference API (``from ferkit import EmotionRecognizer``), imported on first use so that
     ``import ferkit`` and the command line stay fast."""
     if name in __all__:
-        from . import inference, media
+        from importlib import import_module
 
-        return getattr(media if name in _MEDIA else inference, name)
+        return getattr(import_module(f".{'media' if name in _MEDIA else 'inference'}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

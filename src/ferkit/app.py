@@ -44,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .config import MIB, AppSettings
+from .images import let_pillow_open
 from .inference import (
     EmotionRecognizer,
     FaceResult,
@@ -136,6 +137,7 @@ class RecognizerService:
                 "min_face": r.min_face,
                 "max_pixels": r.max_pixels,
             }
+            let_pillow_open(r.max_pixels)  # Gradio decodes the UI's uploads with Pillow, before ferkit sees them
             return cls(recs, dataclasses.replace(settings, **own))
         threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.max_concurrency)
         recs = [
@@ -150,6 +152,7 @@ class RecognizerService:
             )
             for _ in range(settings.max_concurrency)
         ]
+        let_pillow_open(settings.max_pixels)
         return cls(recs, settings)
 
     @property

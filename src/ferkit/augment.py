@@ -123,10 +123,9 @@ def class_weights(labels: np.ndarray, num_classes: int, power: float = 1.0, cap:
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     if (counts == 0).any():
         raise ValueError(f"class(es) {np.flatnonzero(counts == 0).tolist()} have no training samples")
-    log_w = power * np.log(len(labels) / (num_classes * counts))
+    w = (len(labels) / (num_classes * counts)) ** power
     if cap is not None:
-        log_w = np.minimum(log_w, np.log(cap))
-    w = np.exp(log_w - log_w.max())  # the largest 1 before scaling: a high power neither overflows nor underflows
+        w = np.minimum(w, cap)
     return w / (w[labels].mean())
 
 

@@ -486,9 +486,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .app import serve
     except ImportError as e:
         raise ImportError(f"{e.name or e}: the web app needs its extra: pip install 'ferkit[app]'") from e
-    from .images import let_pillow_open
-
-    let_pillow_open(args.max_pixels)  # at once: the UI's uploads are decoded by Gradio (with Pillow) first
 
     fields = {f.name for f in dataclasses.fields(AppSettings)} - {"model", "ui"}  # each a flag's dest
     settings = AppSettings(
@@ -847,11 +844,11 @@ def _as_a_command() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _ended(code: int) -> int:
-    """``code``; a failed process of a torchrun job exits with it at once: unwinding its error freed the
+def _ended(command: str, code: int) -> int:
+    """``code``; a failed training process of a torchrun job exits with it at once: unwinding its error freed the
     DistributedDataParallel model while the other processes waited in a collective, which could block for
     good (3 of 27 tries), so that torchrun never saw the failure and the job hung until gloo's 30-minute timeout."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if command == "train" and "LOCAL_RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -872,10 +869,10 @@ def main(argv: list[str] | None = None) -> int:
                 hint = " (training, evaluation, export and .pt models need the train extra: "
                 hint += "pip install 'ferkit[train]')"
             print(f"ferkit {args.command}: error: {e}{hint}", file=sys.stderr)
-            return _ended(2)
+            return _ended(args.command, 2)
         except KeyboardInterrupt:
             print(f"ferkit {args.command}: interrupted", file=sys.stderr)
-            return _ended(130)
+            return _ended(args.command, 130)
         except _Terminated:  # unwound: now end by the signal, as the process would have without the handler
             print(f"ferkit {args.command}: terminated", file=sys.stderr)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -99,7 +99,10 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss", bounds="[0, 1)")
     class_weights: bool = _opt(True, "weight the loss by dynamic class weights from the training label counts")
     class_weight_power: float = _opt(
-        0.5, "0 = uniform, 0.5 = square-root smoothed, 1 = fully 'balanced'", bounds="[0, inf)"
+        0.5,
+        "0 = uniform, 0.5 = square-root smoothed, 1 = fully 'balanced' (at most 4: from about 40 the other "
+        "classes' weights reach 0 beside disgust's)",
+        bounds="[0, 4]",
     )
     class_weight_cap: float = _opt(
         0.0,

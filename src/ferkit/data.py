@@ -282,7 +282,8 @@ def _parse_pixels(text: str, where: str) -> np.ndarray:
     if not _PLAIN.fullmatch(text):
         bad = next((t for t in text.split(" ") if not _PLAIN.fullmatch(t)), text)
         if bad.startswith("-") and _PLAIN.fullmatch(bad[1:]):
-            raise DataError(f"{where}: pixel values must be in 0..255, got {bad[:20]}")
+            at = text.split().index(bad) + 1
+            raise DataError(f"{where}: pixel values must be in 0..255, got {bad[:20]} (value {at})")
         raise DataError(f"{where}: pixels are not integers separated by spaces ({bad[:20]!r})")
     tokens = text.split()
     if len(tokens) != IMAGE_SIZE * IMAGE_SIZE:

@@ -545,7 +545,7 @@ def select_ensemble(
     for :func:`evaluate_tta`, so that candidates already evaluated on PublicTest are not run again."""
     if not 1 <= len(checkpoints) <= MAX_CANDIDATES:
         raise ValueError(f"give 1 to {MAX_CANDIDATES} candidate models (got {len(checkpoints)})")
-    _distinct_models(checkpoints, "a candidate")  # it would be ranked as two models
+    _distinct_models(checkpoints, "candidate")  # it would be ranked as two models
     labels, per_model, _, _ = _probabilities(
         checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache, progress
     )

@@ -264,7 +264,9 @@ def refuse_same_weights(paths: Any, digests: Any, what: str) -> None:
     a file records none), e.g. a checkpoint and its ONNX export: as ensemble members it would count twice."""
     seen: dict[str, Any] = {}
     for path, digest in zip(paths, digests, strict=True):
-        if digest is not None and digest in seen:
+        if not isinstance(digest, str):  # none recorded (or a foreign file's other value)
+            continue
+        if digest in seen:
             raise ValueError(f"{seen[digest]} and {path}: {what}s made from the same trained weights "
                              "(one model; it would count twice)")  # fmt: skip
         seen.setdefault(digest, path)

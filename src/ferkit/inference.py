@@ -240,8 +240,9 @@ class EmotionRecognizer:
         except ImageError as e:
             from .media import VIDEO_EXTENSIONS
 
-            path = Path(image) if isinstance(image, (str, os.PathLike)) else None
-            if path is not None and (path.is_dir() or path.suffix.lower() in VIDEO_EXTENSIONS):
+            path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None  # os.path's never raise
+            video = path is not None and os.path.isfile(path) and Path(path).suffix.lower() in VIDEO_EXTENSIONS
+            if path is not None and (os.path.isdir(path) or video):
                 raise type(e)(f"{e}; for folders and videos: ferkit.predict_paths, or `ferkit predict`") from None
             raise
         boxes = fit_boxes(self.detector.detect(rgb), rgb.shape)  # a custom detector's too: an array, or past the edge

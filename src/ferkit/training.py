@@ -294,7 +294,8 @@ def new_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
         with torch.no_grad():
             model.eval()(torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE))
     except (RuntimeError, AssertionError, TypeError, ValueError) as e:  # timm's ViTs assert their input size
-        hint = "; give it {pre_size: N} to resize the faces to its size" if cfg.model.startswith("timm:") else ""
+        resizes = cfg.model.startswith("timm:") and "pre_size" not in cfg.model_kwargs
+        hint = "; give it {pre_size: N} to resize the faces to its size" if resizes else ""
         model_name = f"{cfg.model} {cfg.model_kwargs}" if cfg.model_kwargs else cfg.model
         raise ValueError(f"model {model_name}: cannot take FER-2013's images: "
                          f"{' '.join(str(e).split()).rstrip('.')}{hint}") from e  # fmt: skip
