@@ -248,8 +248,9 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
-def _check_config(cfg: TrainConfig, world: int, device: torch.device) -> None:
-    """Refuse option combinations that cannot work, before any data is loaded."""
+def _check_config(cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
+    """Refuse option combinations that cannot work, before any data is loaded; returns the run's model, freshly
+    initialised on the CPU (:func:`new_model`: building it checks the model and its options)."""
     # fp16 exists only on CUDA (also --amp auto on a GPU without bf16). Not asked about bf16 on a CPU here,
     # where amp_dtype would log its emulation warning a second time.
     if cfg.amp == "fp16" or device.type == "cuda":
@@ -269,7 +270,7 @@ def _check_config(cfg: TrainConfig, world: int, device: torch.device) -> None:
     if world > 1 and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
         raise ValueError(f"device {cfg.device}: every process would use that one GPU; under torchrun use auto "
                          "or cuda (each process takes the GPU of its LOCAL_RANK)")  # fmt: skip
-    new_model(cfg, torch.device("cpu"))  # the model and its options (built again for the run)
+    return new_model(cfg, torch.device("cpu"))
 
 
 def _load_splits(cfg: TrainConfig, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -299,7 +300,12 @@ def new_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
         model_name = f"{cfg.model} {cfg.model_kwargs}" if cfg.model_kwargs else cfg.model
         raise ValueError(f"model {model_name}: cannot take FER-2013's images: "
                          f"{' '.join(str(e).split()).rstrip('.')}{hint}") from e  # fmt: skip
-    model = model.train().to(device)
+    return placed(model.train(), cfg, device)
+
+
+def placed(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """``model`` on ``device`` (channels_last on CUDA if ``cfg`` asks)."""
+    model = model.to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -335,9 +341,11 @@ class _Run:
         labels: np.ndarray,
         steps_per_epoch: int,
         resuming: bool = False,
+        model: nn.Module | None = None,
     ) -> None:
+        """``model``: the run's freshly initialised model (:func:`new_model`), made now if not given."""
         self.cfg, self.device = cfg, device
-        model = new_model(cfg, device)
+        model = new_model(cfg, device) if model is None else placed(model, cfg, device)
         if cfg.init_weights and not resuming:  # a resumed run's weights come from its checkpoint
             counts = load_init_weights(model, cfg.init_weights, FOREIGN_LAYOUTS.get(cfg.model))
             log.info("initial weights %s: %d tensors loaded, %d of the file's unused, %d of the model's left as "
@@ -633,7 +641,7 @@ def _start(
         torch.cuda.set_device(device)  # NCCL's collectives run on the current device
         torch.backends.cudnn.benchmark = True  # full batches only: every step has the same shapes
     out = Path(cfg.out)
-    _check_config(cfg, world, device)
+    model = _check_config(cfg, world, device)
     last = _resumable(cfg, resume)
     x_np, y_np, xv_np, yv_np = _load_splits(cfg, rank)
     images = images_key(x_np)
@@ -649,7 +657,7 @@ def _start(
             stale.unlink(missing_ok=True)
     _setup_logging(out, rank)
     try:
-        run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size, resuming=last is not None)
+        run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size, resuming=last is not None, model=model)
         targets = distill_targets(cfg, device, x_np, out, rank, world)
     except BaseException:  # a model, initial weights or targets that fail: no run folder with only its log left
         if new_folder and rank == 0 and [p.name for p in out.iterdir()] == ["train.log"]:
