@@ -222,7 +222,7 @@ def test_select_ensemble_quotes_its_command_and_refuses_a_candidate_twice(
         f"ferkit evaluate '{spaced}' --data {synthetic_cache} --split PrivateTest --tta none" in capsys.readouterr().out
     )
     assert cli.main([*args[:2], str(tmp_path / "my runs" / "." / "best model.pt"), *args[2:]]) == 2
-    assert "a candidate given twice (also as" in capsys.readouterr().err
+    assert "candidate given twice (also as" in capsys.readouterr().err
     assert cli.main([*args[:2], str(trained_run / "best.pt"), *args[2:]]) == 2  # a copy: ranked, then refused
     assert "best.pt: one model in several files" in capsys.readouterr().err
 
