@@ -368,25 +368,25 @@ def _csv_text(*rows):
     return "emotion,pixels,Usage\n" + "".join(f"{','.join(row)}\n" for row in rows)
 
 
-def test_csv_columns_are_matched_by_name(tmp_path):
-    """icml_face_data.csv, Kaggle's other download, orders its columns 'emotion, Usage, pixels': refused before."""
+@pytest.mark.parametrize(
+    ("header", "row"),
+    [
+        ("emotion, Usage, pixels", "5,PrivateTest,{}"),  # icml_face_data.csv, Kaggle's other download: refused before
+        (",emotion,pixels,Usage,note,", "0,5,{},PrivateTest,x,"),  # pandas' index, a spreadsheet's empty columns
+    ],
+)
+def test_csv_columns_are_matched_by_name_and_others_ignored(tmp_path, header, row):
     img = synthetic_face(5, 0)
-    path = tmp_path / "icml_face_data.csv"
-    path.write_text(f"emotion, Usage, pixels\n5,PrivateTest,{pixels_str(img)}\n")
+    path = tmp_path / "fer2013.csv"
+    path.write_text(f"{header}\n{row.format(pixels_str(img))}\n")
     data = load_csv(path, progress=False)
     np.testing.assert_array_equal(data.images[0], img)
     assert data.labels.tolist() == [5] and data.splits.tolist() == [2]
 
 
-def test_csv_other_columns_are_ignored(tmp_path):
-    """pandas' to_csv writes its index as a first, unnamed column; a spreadsheet, empty ones: all were refused."""
-    img = synthetic_face(2, 0)
+def test_csv_column_twice_is_refused(tmp_path):
     path = tmp_path / "fer2013.csv"
-    path.write_text(f",emotion,pixels,Usage,note,\n0,2,{pixels_str(img)},PublicTest,x,\n")
-    data = load_csv(path, progress=False)
-    np.testing.assert_array_equal(data.images[0], img)
-    assert data.labels.tolist() == [2] and data.splits.tolist() == [1]
-    path.write_text(f"emotion,pixels,Usage,emotion\n0,{pixels_str(img)},Training,1\n")
+    path.write_text(f"emotion,pixels,Usage,emotion\n0,{pixels_str(synthetic_face(0, 0))},Training,1\n")
     with pytest.raises(DataError, match=re.escape(f"{path}:1: the column 'emotion' appears twice")):
         load_csv(path, progress=False)
 
