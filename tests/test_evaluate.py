@@ -216,6 +216,8 @@ def test_evaluate_checkpoint_and_ensemble(trained_run, synthetic_cache, tmp_path
     assert "report_json" not in alone
     with pytest.raises(ValueError, match=r"best\.pt and .*slim\.pt: ensemble members made from the same trained"):
         evaluate_checkpoints([ck, slim], synthetic_cache, split="PrivateTest", tta="flip", device="cpu")
+    with pytest.raises(ValueError, match=r"best\.pt and .*slim\.pt: candidates made from the same trained weights"):
+        select_ensemble([ck, slim], synthetic_cache, device="cpu")
     with pytest.raises(ValueError, match="ensemble member given twice"):
         evaluate_checkpoints([ck, trained_run / "." / "best.pt"], synthetic_cache, device="cpu")
     copy = tmp_path / "copy.pt"

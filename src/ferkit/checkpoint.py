@@ -131,16 +131,6 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def trained_weights(path: str | Path) -> str | None:
-    """Which trained weights a model file holds, as :func:`weights_digest`: a checkpoint's (EMA when present), an
-    ONNX export's as its metadata records them (None when it records none)."""
-    if Path(path).suffix.lower() != ".onnx":
-        return weights_digest(model_from_checkpoint(path, finite=False)[0])
-    from .export import read_metadata
-
-    return read_metadata(path).get("weights_digest")
-
-
 def run_name(path: str | Path, state: dict[str, Any]) -> str:
     """What a checkpoint is called in reports and the API: a run's ``best.pt`` by its run (the folder its config
     wrote to, wherever the file lies now; ``last.pt`` as ``<run>/last``), any other file by its name."""

@@ -324,12 +324,14 @@ def _probabilities(
     limit: int,
     cache: str | Path | None = None,
     progress: bool = True,
+    what: str = "ensemble member",
 ) -> tuple[np.ndarray, list[tuple[str, dict[str, np.ndarray]]], bool, np.ndarray]:
     """The labels of ``split`` (``limit`` of them when that is fewer), for each model in turn its name and
     probabilities per TTA mode (with a progress bar: ten-crop views of a large model take minutes on a CPU),
     whether the images are a subset of the split, and which are copies of Training images. With a ``cache``
     folder, each model's probabilities are kept there under the SHA-256 of its file and of the images, and reused
     (see :data:`CACHE_VERSION`; writing an entry deletes that model's entries of older versions)."""
+    from .checkpoint import weights_digest
     from .data import load_dataset
 
     if cache is not None:
@@ -348,8 +350,11 @@ def _probabilities(
     cached = [_read_cached(path, modes, len(images)) for path in paths]
     if missing := next((p for p, c in zip(paths, cached, strict=True) if p is not None and c is None), None):
         check_writable(missing)  # before any model runs; a cache that holds every entry may be read-only
+    weights = []  # the trained weights each model holds: two files of one model's are refused as two ``what``s
     for k, (ck, digest, key, path, probs) in enumerate(zip(checkpoints, digests, keys, paths, cached, strict=True), 1):
         model, name = load_for_evaluation(ck)
+        weights.append(model.backend.trained_weights() if isinstance(model, OnnxModule) else weights_digest(model))
+        refuse_same_weights(checkpoints[:k], weights, what)
         if probs is None:
             label = f"{split} {k}/{len(checkpoints)} {ck}" if progress else None
             narrower = TTA_MODES[: max(map(TTA_MODES.index, modes)) + 1]  # free with the widest mode's views
@@ -469,17 +474,13 @@ def evaluate_tta(
 
 
 def _distinct_models(checkpoints: Sequence[str | Path], what: str) -> list[str]:
-    """The digests of ``checkpoints`` (fileio.model_digest), refusing one file given twice or one model in
-    several files (copies, or exports of one run's weights): it would count several times in an ensemble."""
-    from .checkpoint import trained_weights
-
+    """The digests of ``checkpoints`` (fileio.model_digest), refusing one file given twice or copied: it would
+    count several times in an ensemble (:func:`_probabilities` refuses exports of one run's weights as it loads)."""
     refuse_repeats(checkpoints, what)
     digests = [model_digest(c) for c in checkpoints]
     if len(set(digests)) < len(digests):
         twice = [str(c) for c, d in zip(checkpoints, digests, strict=True) if digests.count(d) > 1]
         raise ValueError(f"{' and '.join(twice)}: one model in several files (it would count several times)")
-    if len(checkpoints) > 1:
-        refuse_same_weights(checkpoints, [trained_weights(c) for c in checkpoints], what)
     return digests
 
 
@@ -547,7 +548,7 @@ def select_ensemble(
         raise ValueError(f"give 1 to {MAX_CANDIDATES} candidate models (got {len(checkpoints)})")
     _distinct_models(checkpoints, "candidate")  # it would be ranked as two models
     labels, per_model, _, _ = _probabilities(
-        checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache, progress
+        checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache, progress, "candidate"
     )
     probs = [p for _, p in per_model]
     rows = rank_ensembles(probs, labels, max_size)[:top]
