@@ -20,6 +20,17 @@ from ferkit.config import TrainConfig
 from ferkit.data import CLASSES, SPLITS, FERData, save_cache
 
 
+@pytest.fixture(autouse=True)
+def _pillow_limit():
+    """Pillow's process-wide decompression-bomb limit, put back as each test found it (ferkit raises it for a
+    max_pixels above its default)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = limit
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Keep the suite light: a long training run shares this machine."""

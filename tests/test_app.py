@@ -335,15 +335,17 @@ def tiny_png() -> bytes:
 def test_timeout_is_504_and_frees_the_worker(tiny_png):
     from fastapi.testclient import TestClient
 
-    slow = SlowRecognizer(delay=1.0)
+    slow = SlowRecognizer(delay=5.0)
     with TestClient(create_app(slow, ui=False, timeout_s=0.2)) as c:
         t0 = time.monotonic()
         error = check_error(c.post(PREDICT, files={"file": ("a.png", tiny_png)}), 504)
-        assert "longer than" in error and time.monotonic() - t0 < 0.9
-        assert slow.finished.wait(5)
+        assert "longer than" in error and time.monotonic() - t0 < 4  # not after the job: at its timeout
+        assert slow.finished.wait(10)
         slow.delay = 0.0
-        time.sleep(0.1)  # the finished thread hands its recognizer back to the event loop
-        assert c.post(PREDICT, files={"file": ("a.png", tiny_png)}).status_code == 200
+        deadline = time.monotonic() + 10  # the finished thread hands its recognizer back to the event loop
+        while (status := c.post(PREDICT, files={"file": ("a.png", tiny_png)}).status_code) != 200:
+            assert status == 503 and time.monotonic() < deadline, status
+            time.sleep(0.05)
 
 
 @pytest.mark.parametrize("max_queue,queue_timeout_s", [(0, 10.0), (4, 0.2)])
@@ -407,7 +409,8 @@ def test_slow_upload_is_408(tiny_png):
     app = create_app(SlowRecognizer(0), ui=False, upload_timeout_s=0.3)
     status, body, seconds = _post_in_chunks(app, chunks, stall_s=5)
     assert status == 408 and body["error"] == "upload too slow: not received within 0.3 s" and seconds < 3
-    status, body, _ = _post_in_chunks(app, chunks, stall_s=0.05)  # a little slow but in time
+    app = create_app(SlowRecognizer(0), ui=False, upload_timeout_s=3)
+    status, body, _ = _post_in_chunks(app, chunks, stall_s=0.05)  # a little slow but in time, however busy the CPU
     assert status == 200 and body["faces"] == []
 
 
@@ -692,7 +695,7 @@ def test_text_is_415_not_400():
     from ferkit.app import ServiceError, decode_image
 
     with pytest.raises(ServiceError) as e:
-        decode_image(b"hello, this is plain text and no image", 10**8)
+        decode_image(b"hello, this is plain text and no image", 10**6)
     assert e.value.status == 415
 
 

@@ -44,7 +44,8 @@ def write_y4m(image: Path, out: Path, frames: int = 10) -> Path:
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def site(tmp_path_factory):
+    """A running server and a browser, shared by the module's tests; each test opens a page of its own."""
     camera = write_y4m(ASSETS_DIR / "faces_group.jpg", tmp_path_factory.mktemp("camera") / "faces.y4m")
     with running_server("--log-level", "warning") as url, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(
@@ -61,13 +62,23 @@ def page(tmp_path_factory):
             ],
         )
         try:
-            context = browser.new_context(viewport={"width": 1280, "height": 900}, permissions=["camera"])
-            page = context.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(url + "/", wait_until="domcontentloaded")
-            yield page
+            yield browser, url
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(site):
+    """A fresh page of the app: one test's tab or photo no longer carries over to the next."""
+    browser, url = site
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, permissions=["camera"])
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url + "/", wait_until="domcontentloaded")
+        yield page
+    finally:
+        context.close()
 
 
 def test_header_shows_model(page):
@@ -117,9 +128,6 @@ def test_a_bad_upload_is_named_as_the_api_names_it(page, tmp_path):
     """Gradio decoded the upload before ferkit saw it and showed its own internal error (with server paths)."""
     fake = tmp_path / "notes.jpg"
     fake.write_text("these are notes, not a photo")
-    remove = page.locator("#ferkit-photo").get_by_role("button", name="Remove Image")
-    if remove.count():  # an earlier test's photo: an empty input takes the upload as a new one
-        remove.click()
     page.locator("#ferkit-photo input[type=file]").set_input_files(str(fake))
     sync_api.expect(page.locator("#ferkit-summary")).to_contain_text("Not an image file", timeout=TIMEOUT_MS)
     assert page.get_by_text("Could not preprocess").count() == 0

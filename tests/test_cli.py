@@ -464,6 +464,9 @@ def test_an_ensemble_or_a_sibling_does_not_overwrite_a_models_reports(trained_ru
     assert cli.main(["evaluate", str(run / "best.pt"), str(other), *data]) == 0
     assert cli.main(["evaluate", str(run / "last.pt"), str(run / "best.pt"), *data]) == 0
     assert len(list(run.glob("eval_ensemble_*"))) == 2
+    reports = {p: (p / "PrivateTest.json").read_bytes() for p in run.glob("eval_ensemble_*")}
+    assert cli.main(["evaluate", str(run / "best.pt"), "--ensemble", str(other), *data]) == 0  # the README's form
+    assert {p: (p / "PrivateTest.json").read_bytes() for p in run.glob("eval_ensemble_*")} == reports  # the same
     assert cli.main(["evaluate", str(run / "last.pt"), *data]) == 0  # a sibling file: a folder of its own
     assert (run / "eval" / "PrivateTest.json").read_bytes() == single
     assert (run / "eval_last_pt" / "PrivateTest.json").is_file()

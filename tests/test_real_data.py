@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,7 @@ def test_training_learns(real_run):
 
 
 def test_resume_and_evaluate(real_run, real_cache, tmp_path):
+    real_run = shutil.copytree(real_run, tmp_path / "run")  # the module's run stays as the other tests read it
     try:  # half of a third epoch: enough to show that it continues where it stopped
         result = train(_real_config(real_cache, real_run, epochs=3, max_steps=250), resume=True)
     finally:
@@ -139,7 +141,7 @@ def test_resume_and_evaluate(real_run, real_cache, tmp_path):
     assert "resumed from" in (real_run / "train.log").read_text()
 
     res = evaluate_checkpoints(
-        [real_run / "best.pt"], real_cache, split="PrivateTest", out=tmp_path, device="cpu", limit=1000
+        [real_run / "best.pt"], real_cache, split="PrivateTest", out=tmp_path / "eval", device="cpu", limit=1000
     )
     n = res["n"]
     cm = np.array(res["confusion_matrix"])
@@ -155,8 +157,8 @@ def test_resume_and_evaluate(real_run, real_cache, tmp_path):
         f1s.append(rep[c]["f1-score"])
     assert res["macro_f1"] == pytest.approx(np.mean(f1s))
     assert 0.6 < res["macro_auc"] <= 1.0
-    assert (tmp_path / "PrivateTest_limit1000.json").is_file()  # a subset, named as one
-    assert (tmp_path / "PrivateTest_limit1000_confusion.png").is_file()
+    assert (tmp_path / "eval" / "PrivateTest_limit1000.json").is_file()  # a subset, named as one
+    assert (tmp_path / "eval" / "PrivateTest_limit1000_confusion.png").is_file()
 
 
 @pytest.mark.parametrize("name", ["inference_speed", "face_detection", "crop_margin", "train_throughput", "load_app"])
