@@ -114,12 +114,17 @@ def test_cutmix(seed):
 
 
 def test_mixup_and_cutmix_both_on():
+    """Both on: each batch is one or the other, chosen at random (pixels copied, or blended)."""
     x, y = _batch(8), torch.arange(8)
-    lams = []
+    kinds = set()
     for seed in range(10):
-        _, _, _, lam = mix(x, y, replace(OFF, mixup=0.4, cutmix=1.0), _gen(seed), np.random.default_rng(seed))
-        lams.append(lam)
-    assert all(0 <= v <= 1 for v in lams)
+        xo, _, yb, lam = mix(x, y, replace(OFF, mixup=0.4, cutmix=1.0), _gen(seed), np.random.default_rng(seed))
+        assert 0 <= lam <= 1
+        copied = bool(((xo == x) | (xo == x[yb])).all())  # CutMix: every pixel one of the two images'
+        if not copied:
+            torch.testing.assert_close(xo, lam * x + (1 - lam) * x[yb])  # mixup
+        kinds.add("cutmix" if copied else "mixup")
+    assert kinds == {"cutmix", "mixup"}
 
 
 # ---------------------------------------------------------------- class weights
