@@ -710,7 +710,8 @@ def _add_predict(sub: Any) -> None:
         description="Detect every face and score the 7 emotions. A bad input is reported and "
         "the rest still processed; the exit code is 1 if any input failed.",
     )
-    p.add_argument("paths", nargs="*", help="images, folders (searched recursively) and video files")
+    p.add_argument("paths", nargs="*", help="images, folders (searched recursively) and video files; - for an image "
+                   "on standard input")  # fmt: skip
     p.add_argument("--webcam", type=_count(0), metavar="N", help="read camera N instead of files (Ctrl-C stops)")
     p.add_argument(
         "--model",

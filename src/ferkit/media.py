@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -271,16 +272,18 @@ def _predict_files(
             name = _unique_name(f"{path.stem}_annotated.mp4", used)
             yield from _predict_video(recognizer, path, every, out_dir, name, fallback, progress)
             continue
+        stdin = str(path) == "-"  # an image on standard input (`cat photo.jpg | ferkit predict -`)
         try:
-            rgb = load_image(path, recognizer.max_pixels)
+            rgb = load_image(sys.stdin.buffer if stdin else path, recognizer.max_pixels)
             faces = recognizer.predict(rgb, whole_image_fallback=fallback)
         except (ImageError, OSError) as e:
             yield Record(str(path), error=str(e))
             continue
         yield Record(str(path), faces)
         if out_dir is not None:
+            stem = "stdin" if stdin else path.stem
             try:
-                _save_annotated(rgb, faces, out_dir / _unique_name(f"{path.stem}_annotated.png", used))
+                _save_annotated(rgb, faces, out_dir / _unique_name(f"{stem}_annotated.png", used))
             except OSError as e:  # the faces are reported above; only the picture is missing
                 yield Record(str(path), error=f"annotated image not written: {e}")
 
