@@ -178,7 +178,7 @@ def test_ddp_processes_share_the_teacher_targets(tmp_path):
     with np.load(tmp_path / "ddp" / "teacher_probs.npz") as d, np.load(tmp_path / "one" / "teacher_probs.npz") as o:
         assert d["probs"].shape == (48, len(CLASSES)) and (d["key"] == o["key"]).all()
         np.testing.assert_allclose(d["probs"], o["probs"], atol=1e-6)
-    assert "on 24 images x 2 (flip) in each of 2 processes" in (tmp_path / "ddp" / "train.log").read_text()
+    assert "on 48 images x 2 (flip), a share in each of 2 processes" in (tmp_path / "ddp" / "train.log").read_text()
 
 
 @pytest.mark.slow

@@ -117,8 +117,8 @@ def cached_teacher_probs(
             i + 1,
             len(teachers),
             name,
-            len(shard),
-            f" in each of {world} processes" if world > 1 else "",
+            len(images),
+            f", a share in each of {world} processes" if world > 1 else "",
             time.perf_counter() - t0,
         )
     probs /= len(teachers)
