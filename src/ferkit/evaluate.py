@@ -353,8 +353,9 @@ def _probabilities(
     weights = []  # the trained weights each model holds: two files of one model's are refused as two ``what``s
     for k, (ck, digest, key, path, probs) in enumerate(zip(checkpoints, digests, keys, paths, cached, strict=True), 1):
         model, name = load_for_evaluation(ck)
-        weights.append(model.backend.trained_weights() if isinstance(model, OnnxModule) else weights_digest(model))
-        refuse_same_weights(checkpoints[:k], weights, what)
+        if len(checkpoints) > 1:
+            weights.append(model.backend.trained_weights() if isinstance(model, OnnxModule) else weights_digest(model))
+            refuse_same_weights(checkpoints[:k], weights, what)
         if probs is None:
             label = f"{split} {k}/{len(checkpoints)} {ck}" if progress else None
             narrower = TTA_MODES[: max(map(TTA_MODES.index, modes)) + 1]  # free with the widest mode's views
