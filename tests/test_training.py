@@ -300,11 +300,14 @@ def test_a_run_that_fails_to_start_leaves_no_run_folder(tmp_path, synthetic_cach
             train(tiny_config(tmp_path / "no-data.npz", out))
 
 
-def test_max_steps_stops_mid_epoch(tmp_path, synthetic_cache):
+def test_max_steps_stops_mid_epoch(tmp_path, synthetic_cache, capsys):
+    """...and the progress bar counts the last step (break left it one batch short: 1/4)."""
     out = tmp_path / "run"
-    result = train(tiny_config(synthetic_cache, out, epochs=5, max_steps=STEPS_PER_EPOCH + 2))
+    result = train(tiny_config(synthetic_cache, out, epochs=5, max_steps=STEPS_PER_EPOCH + 2, progress=True))
     assert result["step"] == STEPS_PER_EPOCH + 2
     assert [r["step"] for r in _metrics(out)] == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2]
+    last_bar = capsys.readouterr().err.split("epoch 2/5")[-1]
+    assert f" 2/{STEPS_PER_EPOCH} " in last_bar and "lr=" in last_bar
 
 
 # ---------------------------------------------------------------- plateau and early stopping

@@ -534,8 +534,7 @@ def _train_epoch(
     if cfg.progress and rank == 0:
         from tqdm import tqdm
 
-        desc = f"epoch {epoch + 1}/{cfg.epochs}"
-        batches = bar = tqdm(batches, total=steps, desc=desc, unit="batch", dynamic_ncols=True)
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True)
     for i, idx in enumerate(batches):
         idx = idx.to(device, non_blocking=True)
         x = augmented_batch(x_train, idx, aug, g)
@@ -549,14 +548,17 @@ def _train_epoch(
         seen += len(idx)
         loss_sum += loss.detach() * len(idx)
         correct += mixed_correct(logits, ya, yb, lam)
-        if bar is not None and (i % 10 == 0 or i == steps - 1):
-            bar.set_postfix(
-                loss=f"{loss_sum.item() / seen:.3f}",
-                acc=f"{correct.item() / seen:.3f}",
-                lr=f"{lr:.2e}",
-                img_s=f"{seen * world / (time.perf_counter() - t0):.0f}",
-            )
-        if cfg.max_steps and run.state["step"] >= cfg.max_steps:
+        last = bool(cfg.max_steps) and run.state["step"] >= cfg.max_steps
+        if bar is not None:  # counted here, not by wrapping the batches: that left max_steps' last one out
+            bar.update()
+            if i % 10 == 0 or i == steps - 1 or last:
+                bar.set_postfix(
+                    loss=f"{loss_sum.item() / seen:.3f}",
+                    acc=f"{correct.item() / seen:.3f}",
+                    lr=f"{lr:.2e}",
+                    img_s=f"{seen * world / (time.perf_counter() - t0):.0f}",
+                )
+        if last:
             break
     if bar is not None:
         bar.close()
