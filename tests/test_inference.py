@@ -351,7 +351,7 @@ def test_palette_images_load(tmp_path):
     np.testing.assert_array_equal(out[idx != 0], np.asarray(pal.convert("RGB"))[idx != 0])
 
 
-def test_16_bit_images_load(tmp_path):
+def test_16_bit_images_load(tmp_path, rec):
     gray8 = np.asarray(Image.open(CANVAS).convert("L"))
     gray16 = gray8.astype(np.uint16) * 257  # full 16-bit range
     Image.fromarray(gray16).save(tmp_path / "g16.png")
@@ -361,8 +361,11 @@ def test_16_bit_images_load(tmp_path):
     np.testing.assert_array_equal(out, np.repeat(gray8[..., None], 3, axis=2))
     np.testing.assert_array_equal(load_image(gray16), out)  # a uint16 array too
     dark = gray16 // 512  # at most 127 of 65,535: black, in either byte order, not 8-bit values up to 127
-    with pytest.warns(UserWarning, match=r"a uint16 array whose pixels are all 0-255 .* a\.astype\(np\.uint8\)"):
+    with pytest.warns(UserWarning, match=r"a uint16 array whose pixels are all 0-255 .* a\.astype\(np\.uint8\)") as w:
         assert load_image(dark).max() == 0  # an 8-bit image given as uint16, as likely: the caller is told
+    with pytest.warns(UserWarning, match="uint16 array") as through:
+        rec.predict(dark)
+    assert {Path(x.filename).name for x in [*w, *through]} == {"test_inference.py"}  # the user's line, not ferkit's
     big_endian = dark.astype(">u2")  # 16-bit big-endian TIFFs (Pillow's I;16B) come as such arrays
     Image.fromarray(big_endian).save(tmp_path / "g16b.tif")
     with warnings.catch_warnings():

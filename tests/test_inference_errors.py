@@ -53,8 +53,9 @@ def rec() -> EmotionRecognizer:
 
 def test_onnx_models_that_are_not_emotion_models_are_refused_at_load(tmp_path):
     ok = onnx_model(tmp_path / "ok.onnx", ["N", 1, 48, 48], len(CLASSES))
-    with pytest.warns(UserWarning, match=r"ok\.onnx: no class names in its metadata; read in FER-2013's order"):
+    with pytest.warns(UserWarning, match=r"ok\.onnx: no class names in its metadata; read in FER-2013's order") as w:
         assert EmotionRecognizer(ok, threads=1).classes == CLASSES  # the test model itself is fine
+    assert w[0].filename == __file__  # the line that loaded it, not ferkit's
     cases = {
         "wrong.onnx": (["N", 3, 224, 224], 7, True, r"input \(N, 3, 224, 224\), expected \(N, 1, 48, 48\)"),
         "fixed_batch.onnx": ([1, 1, 48, 48], 7, True, r"input \(1, 1, 48, 48\), expected \(N, 1, 48, 48\)"),

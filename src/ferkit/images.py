@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from .config import MAX_PIXELS
 from .fileio import broken_link
+from .runtime import warn_caller
 
 MAX_UNIT_OVERSHOOT = 2.0  # a float array's pixels up to this are 0-1 values (a 0-255 image this dark is black)
 MAX_8BIT_OVERSHOOT = 1023  # a float/int array's pixels up to this are 0-255 values (overshoot clipped); above: 16-bit
@@ -58,8 +58,8 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             h, w = src.shape[:2]
             raise ImageTooLargeError(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
         if src.dtype.kind == "u" and src.dtype.itemsize == 2 and 0 < src.max(initial=0) <= 255:
-            warnings.warn("a uint16 array whose pixels are all 0-255 is read as 16-bit, nearly black: if they are "
-                          "8-bit values, pass a.astype(np.uint8)", stacklevel=2)  # fmt: skip
+            warn_caller("a uint16 array whose pixels are all 0-255 is read as 16-bit, nearly black: if they are "
+                        "8-bit values, pass a.astype(np.uint8)")  # fmt: skip
         return _array_to_rgb(src)
     if isinstance(src, io.TextIOBase):
         raise ImageError("a file opened in text mode: open it in binary mode ('rb')")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from .images import (  # noqa: F401 - re-exported: decoding images is part of th
     NotAnImageError,
     load_image,
 )
-from .runtime import check_count, cpu_session
+from .runtime import check_count, cpu_session, warn_caller
 
 
 @dataclass
@@ -64,8 +63,7 @@ class OnnxBackend:
         self.input = self.session.get_inputs()[0].name
         self._check(path, len(self.info.get("classes", CLASSES)))
         if "classes" not in self.info:  # a model trained on the Kaggle folders in another order would be misread
-            warnings.warn(f"{path}: no class names in its metadata; read in FER-2013's order ({', '.join(CLASSES)})",
-                          stacklevel=2)  # fmt: skip
+            warn_caller(f"{path}: no class names in its metadata; read in FER-2013's order ({', '.join(CLASSES)})")
 
     def _check(self, path: str | Path, n_classes: int) -> None:
         """Refuse a model that does not map float (N, 1, 48, 48) images to ``n_classes`` probabilities."""

@@ -4,6 +4,9 @@ detector, and the torch device of training and evaluation."""
 from __future__ import annotations
 
 import numbers
+import os
+import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +22,15 @@ def check_count(name: str, value: object, none_means: str = "") -> None:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         allowed = f" (None: {none_means})" if none_means else ""
         raise ValueError(f"{name} must be a whole number of at least 1{allowed}, got {value!r}")
+
+
+def warn_caller(message: str) -> None:
+    """Warn (a UserWarning) at the first caller outside ferkit, the user's line that led to it, wherever in
+    ferkit it arose (Python 3.11's warnings.warn has no ``skip_file_prefixes``)."""
+    package, frame, level = os.path.dirname(__file__) + os.sep, sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level + 1)
 
 
 def cpu_session(path: str | Path, threads: int | None, what: str, arena: bool = True, spin: bool = True) -> Any:
