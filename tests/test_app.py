@@ -25,6 +25,7 @@ from appserver import running_server  # noqa: E402
 import ferkit.app  # noqa: E402
 from ferkit.app import ASSETS_DIR, AppSettings, create_app  # noqa: E402
 from ferkit.data import CLASSES  # noqa: E402
+from ferkit.inference import EmotionRecognizer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -430,7 +431,6 @@ def test_an_ensemble_serves_its_mean(tmp_path):
     from helpers_inference import make_checkpoint
 
     from ferkit.export import export_onnx
-    from ferkit.inference import EmotionRecognizer
 
     a = export_onnx(make_checkpoint(tmp_path / "a.pt", seed=0), tmp_path / "a.onnx")
     b = export_onnx(make_checkpoint(tmp_path / "b.pt", seed=1), tmp_path / "b.onnx")
@@ -449,7 +449,6 @@ def test_the_server_takes_predict_s_recognizer_options(tmp_path):
     """--tta, --margin and --min-face reach the server's recognizers: its answers equal the API's."""
     from fastapi.testclient import TestClient
 
-    from ferkit.inference import EmotionRecognizer
 
     photo = ASSETS_DIR / "astronaut.jpg"
     options = dict(tta="none", margin=0.25, min_face=100)
@@ -528,7 +527,6 @@ def test_recognizer_defaults_agree_in_the_cli_the_app_and_the_python_api(command
     import inspect
 
     from ferkit.cli import build_parser
-    from ferkit.inference import EmotionRecognizer
 
     args = build_parser().parse_args([command])
     api = inspect.signature(EmotionRecognizer).parameters
@@ -614,7 +612,6 @@ def test_a_given_recognizer_is_described_by_its_own_settings():
     """create_app(recognizer) reported AppSettings' TTA, detector and smallest face, not the recognizer's."""
     from fastapi.testclient import TestClient
 
-    from ferkit.inference import EmotionRecognizer
 
     rec = EmotionRecognizer(tta="none", detector="haar", min_face=100, threads=1)
     with TestClient(create_app(rec)) as c:
@@ -628,7 +625,6 @@ def test_a_given_recognizers_pixel_limit_is_the_servers():
     """create_app(EmotionRecognizer(max_pixels=...)) answered an image between the two limits with a 500."""
     from fastapi.testclient import TestClient
 
-    from ferkit.inference import EmotionRecognizer
 
     rec = EmotionRecognizer(tta="none", max_pixels=10_000, threads=1)
     png = io.BytesIO()
@@ -644,6 +640,8 @@ def test_an_app_made_from_python_lets_pillow_open_what_its_limit_allows(monkeypa
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the process-wide limit, restored
     create_app(max_pixels=300_000_000, max_concurrency=1, threads=1, ui=False)
     assert Image.MAX_IMAGE_PIXELS == 300_000_000
+    create_app(EmotionRecognizer(max_pixels=400_000_000, threads=1), ui=False)  # a recognizer's own limit
+    assert Image.MAX_IMAGE_PIXELS == 400_000_000
 
 
 def test_the_ui_says_when_the_recorded_accuracy_was_measured_with_another_tta():

@@ -114,6 +114,7 @@ class RecognizerService:
             raise ValueError("RecognizerService needs at least one recognizer")
         self.recognizers = list(recognizers)
         self.settings = settings or AppSettings()
+        let_pillow_open(self.settings.max_pixels)  # Gradio decodes the UI's uploads with Pillow, before ferkit does
         self._free = list(self.recognizers)
         self._slots: anyio.Semaphore | None = None  # created in the event loop on first use
         self._waiting = 0
@@ -137,7 +138,6 @@ class RecognizerService:
                 "min_face": r.min_face,
                 "max_pixels": r.max_pixels,
             }
-            let_pillow_open(r.max_pixels)  # Gradio decodes the UI's uploads with Pillow, before ferkit sees them
             return cls(recs, dataclasses.replace(settings, **own))
         threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.max_concurrency)
         recs = [
@@ -152,7 +152,6 @@ class RecognizerService:
             )
             for _ in range(settings.max_concurrency)
         ]
-        let_pillow_open(settings.max_pixels)
         return cls(recs, settings)
 
     @property
