@@ -449,7 +449,6 @@ def test_the_server_takes_predict_s_recognizer_options(tmp_path):
     """--tta, --margin and --min-face reach the server's recognizers: its answers equal the API's."""
     from fastapi.testclient import TestClient
 
-
     photo = ASSETS_DIR / "astronaut.jpg"
     options = dict(tta="none", margin=0.25, min_face=100)
     with TestClient(create_app(ui=False, max_concurrency=1, threads=1, **options)) as c:
@@ -612,7 +611,6 @@ def test_a_given_recognizer_is_described_by_its_own_settings():
     """create_app(recognizer) reported AppSettings' TTA, detector and smallest face, not the recognizer's."""
     from fastapi.testclient import TestClient
 
-
     rec = EmotionRecognizer(tta="none", detector="haar", min_face=100, threads=1)
     with TestClient(create_app(rec)) as c:
         assert c.get("/api/v1/model").json()["tta"] == "none"
@@ -624,7 +622,6 @@ def test_a_given_recognizer_is_described_by_its_own_settings():
 def test_a_given_recognizers_pixel_limit_is_the_servers():
     """create_app(EmotionRecognizer(max_pixels=...)) answered an image between the two limits with a 500."""
     from fastapi.testclient import TestClient
-
 
     rec = EmotionRecognizer(tta="none", max_pixels=10_000, threads=1)
     png = io.BytesIO()

@@ -728,6 +728,15 @@ def test_a_video_named_with_another_suffix_is_read_as_a_video(capsys, video, tmp
     assert tmp_path / "camcorder.MTS" in expand_paths([tmp_path])
 
 
+def test_a_file_that_is_no_video_is_told_without_opencv_warnings(capfd, tmp_path):
+    """Probing a .dat of other bytes as a video printed FFmpeg's '[ WARN:0@0.349] ... Unable to read codec
+    parameters' above the table (OpenCV logs to the process's stderr, which capfd sees)."""
+    data = tmp_path / "x.dat"
+    data.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    code, out, err = run(capfd, data, "--format", "jsonl")
+    assert code == 1 and "not an image file" in jsonl(out)[0]["error"] and "WARN" not in err
+
+
 def test_hidden_files_in_a_model_folder_are_not_models(capsys, good, tmp_path):
     """macOS's ._x.onnx beside x.onnx was loaded, and failed as 'not a loadable ONNX model'."""
     from ferkit.fileio import model_files

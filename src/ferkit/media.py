@@ -5,6 +5,7 @@ One bad input never stops a batch: it becomes a record with an ``error`` naming 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -79,6 +80,19 @@ def _search(folder: Path, skip: str | Path | None) -> Iterator[Path]:
     yield from (Path(e.filename) for e in unreadable if e.filename is not None and Path(e.filename) != folder)
 
 
+@contextlib.contextmanager
+def _opencv_quiet() -> Iterator[None]:
+    """OpenCV's log without its warnings (errors still shown) for the time of the block."""
+    import cv2
+
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
 def _fps(cap: Any) -> float:
     """The frame rate an opened ``cv2.VideoCapture`` reports, or 30 where the container gives none."""
     import cv2
@@ -110,12 +124,8 @@ class VideoFrames:
             if not cap.isOpened():
                 raise ImageError(f"{self.source}: cannot open as a video file (not a video, or an MP4/MOV cut short)")
             return cap
-        level = cv2.utils.logging.getLogLevel()  # OpenCV warns of each backend that found no such camera
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-        try:
+        with _opencv_quiet():  # OpenCV warns of each backend that found no such camera
             cap = cv2.VideoCapture(self.source)
-        finally:
-            cv2.utils.logging.setLogLevel(level)
         if not cap.isOpened():
             raise ImageError(f"camera {self.source}: cannot open (no such camera, or no access to it)")
         return cap
@@ -190,11 +200,12 @@ def _unlisted_video(path: Path) -> bool:
         pass
     except Exception:  # an image Pillow will not open (too large, say), or no file: reported as an image
         return False
-    cap = cv2.VideoCapture(str(path))
-    try:
-        return cap.isOpened() and cap.grab() and cap.grab()
-    finally:
-        cap.release()
+    with _opencv_quiet():  # a file that is no video is a question answered here, not FFmpeg's warning
+        cap = cv2.VideoCapture(str(path))
+        try:
+            return cap.isOpened() and cap.grab() and cap.grab()
+        finally:
+            cap.release()
 
 
 def _unique_name(name: str, used: set[str]) -> str:
