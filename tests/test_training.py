@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
 import warnings
@@ -298,6 +299,17 @@ def test_a_run_that_fails_to_start_leaves_no_run_folder(tmp_path, synthetic_cach
     for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         with pytest.raises(ValueError, match=re.escape(f"--out {out}: {tmp_path / 'afile'} is a file, not a folder")):
             train(tiny_config(tmp_path / "no-data.npz", out))
+
+
+def test_a_finished_run_hands_its_log_back_to_the_application(tmp_path, synthetic_cache, caplog):
+    """The run's own handlers (train.log, the console) go with it; the log kept propagate=False, so an
+    application's handlers never saw ferkit.train's messages after a run."""
+    train(tiny_config(synthetic_cache, tmp_path / "run", epochs=1))
+    log = logging.getLogger("ferkit.train")
+    assert (log.handlers, log.propagate, log.level) == ([], True, logging.NOTSET)
+    with caplog.at_level(logging.INFO):
+        log.info("after the run")
+    assert "after the run" in caplog.text
 
 
 def test_max_steps_stops_mid_epoch(tmp_path, synthetic_cache, capsys):

@@ -214,16 +214,19 @@ def _setup_distributed(device_name: str) -> tuple[int, int, int]:
 
 
 def _close_log() -> None:
-    """Close the log's handlers (a previous run's train.log) and remove them."""
+    """Close the log's handlers (a previous run's train.log) and remove them; between runs the log is an
+    ordinary one again, passing its messages to the application's handlers."""
     for h in log.handlers:
         h.close()
     log.handlers.clear()
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
 
 
 def _setup_logging(out: Path, rank: int) -> None:
     """The run's log to ``out/train.log`` and the console on rank 0, nowhere on the others."""
-    log.setLevel(logging.INFO)
     _close_log()
+    log.setLevel(logging.INFO)
     log.propagate = False
     if rank == 0:
         for h in (logging.FileHandler(out / "train.log"), logging.StreamHandler()):
