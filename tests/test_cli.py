@@ -350,11 +350,29 @@ def test_bad_option_values_are_usage_errors(argv, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_bad_value_is_named_where_it_was_given(tmp_path, synthetic_cache, capsys):
+    """`--config small.yaml --lr=-1` blamed the file ('small.yaml: lr: -1.0 is outside (0, inf)'), and without
+    --config the prefix was 'config:'; a bad value of the file is the file's, one given over it is not refused."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lr: -1\n")
+    base = ["train", "--data", str(synthetic_cache), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    for extra, message in [
+        (["--config", str(recipe)], f"{recipe}: lr: -1.0 is outside (0, inf)"),
+        (["--config", str(tmp_path / "recipe.yaml"), "--lr=-2"], "--lr: -2.0 is outside (0, inf)"),
+        (["--lr=-2"], "--lr: -2.0 is outside (0, inf)"),
+        (["--label-smoothing", "2"], "--label-smoothing: 2.0 is outside [0, 1)"),
+    ]:
+        assert cli.main([*base, *extra]) == 2
+        assert capsys.readouterr().err.endswith(f"ferkit train: error: {message}\n"), extra
+    argv = [*base, "--config", str(recipe), "--lr", "0.05", "--epochs", "1", "--batch-size", "16"]
+    assert cli.main([*argv, "--train-limit", "32", "--no-progress", "--no-evaluate"]) == 0
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ("{depth: 3}", "model ferkit_small: no option 'depth'; it takes width, dropout, pre_size"),
-        ("{num_classes: 3}", "config: model_kwargs: num_classes cannot be set: FER-2013 has 7 classes, 1 channel"),
+        ("{num_classes: 3}", "--model-kwargs: num_classes cannot be set: FER-2013 has 7 classes, 1 channel"),
         ("{width: 0}", "model ferkit_small: width must be positive, got 0"),
         ("{pre_size: 0}", "model ferkit_small: pre_size must be a whole number of pixels or null, got 0"),
         ("{pre_size: '64'}", "model ferkit_small: pre_size must be a whole number of pixels or null, got '64'"),

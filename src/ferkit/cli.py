@@ -176,7 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"no run to resume in {own.parent} (no config.yaml or last.pt there); give --data to start one"
         )
     else:
-        cfg = TrainConfig.from_dict(overrides)
+        cfg = TrainConfig.from_dict(overrides, options=overrides)
     if not cfg.data:
         raise ValueError("--data is required (or set `data:` in the --config file)")
     result = train(cfg, resume=args.resume)

@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,7 +205,7 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Read a YAML file of fields (unknown keys are an error) and apply ``overrides``."""
-        return cls.from_dict({**_read_mapping(path), **overrides}, source=str(path))
+        return cls.from_dict({**_read_mapping(path), **overrides}, source=str(path), options=overrides)
 
     @classmethod
     def of_run(cls, run_dir: str | Path, sources: Sequence[str], **overrides: Any) -> tuple[TrainConfig, list[str]]:
@@ -214,10 +214,12 @@ class TrainConfig:
         path, values = run_options(run_dir, sources)
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in values.items() if k in names}
-        return cls.from_dict({**known, **overrides}, source=str(path)), sorted(set(values) - names)
+        return cls.from_dict({**known, **overrides}, source=str(path), options=overrides), sorted(set(values) - names)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+    def from_dict(cls, values: dict[str, Any], source: str = "config", options: Collection[str] = ()) -> TrainConfig:
+        """The config of ``values`` (from ``source``: a file's name); a bad value of a field in ``options``
+        came from the command line and is named as its option (``--lr: ...``), not as the file's."""
         names = {f.name for f in dataclasses.fields(cls)}
         if unknown := sorted(map(str, set(values) - names)):
             said = ", ".join(k + did_you_mean(k, sorted(names)) for k in unknown)
@@ -225,6 +227,9 @@ class TrainConfig:
         try:
             return cls(**values)
         except ValueError as e:
+            field, _, why = str(e).partition(": ")  # __post_init__'s messages begin with the field's name
+            if field in options:
+                raise ValueError(f"--{field.replace('_', '-')}: {why}") from e
             raise ValueError(f"{source}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
