@@ -31,7 +31,7 @@ from ferkit.export import (
     undo_class_weights,
     with_metrics,
 )
-from ferkit.fileio import REPORT_KEYS, model_digest
+from ferkit.fileio import REPORT_KEYS, model_digest, staging_folder
 from ferkit.inference import EmotionRecognizer
 
 
@@ -223,6 +223,32 @@ def test_cli_export_with_report_check_and_int8(tmp_path, exported, synthetic_cac
     assert f"wrote {fp16}" in stdout
     assert read_metadata(fp16)["precision"] == "float16" and "accuracy" not in read_metadata(fp16)
     assert read_metadata(fp16)["name"] == "m_fp16"
+
+
+def test_an_interrupted_export_leaves_the_earlier_set_whole(tmp_path, exported, synthetic_cache, monkeypatch, capsys):
+    """Ctrl-C during the int8 calibration of a second export left the new m.onnx beside the old m_int8.onnx (each
+    file was put in place as it was made); now all are made in a hidden folder first, then put in place."""
+    out = tmp_path / "m.onnx"
+    argv = ["export", "-o", str(out), "--int8", "--fp16", "--data", str(synthetic_cache)]
+    assert main([*argv[:1], str(exported["pt"]), *argv[1:]]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["m.onnx", "m_fp16.onnx", "m_int8.onnx"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ferkit.export.quantize_int8", interrupted)
+    assert main([*argv[:1], str(make_checkpoint(tmp_path / "other" / "b.pt", seed=1)), *argv[1:]]) == 130
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m_fp16.onnx", "m_int8.onnx", "other"]
+    capsys.readouterr()
+
+
+def test_staging_folders_are_hidden_beside_their_file(tmp_path):
+    """A process killed while exporting left a visible tmpXXXXXXXX/ of model copies beside the outputs."""
+    with staging_folder(tmp_path / "m.onnx") as folder:
+        assert folder.parent == tmp_path and folder.name.startswith(".m.onnx.") and folder.name.endswith(".tmp")
+    assert not folder.exists()
 
 
 def test_cli_export_onnx_with_report_changes_only_the_metadata(tmp_path, exported, capsys):

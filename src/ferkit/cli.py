@@ -13,7 +13,6 @@ import os
 import shlex
 import signal
 import sys
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -358,15 +357,16 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
     """``export CHECKPOINT.pt``: its ONNX file (with ``metrics``), checked against torch, and its fp16/int8 copies."""
     from .data import load_dataset
     from .export import convert_fp16, export_onnx, max_abs_diff, quantize_int8
-    from .fileio import check_writable
+    from .fileio import check_writable, staging_folder
 
     if correction := _correction(args):
         raise ValueError(f"{correction} takes an exported .onnx: export the checkpoint first")
     if args.int8 and not args.data:
         raise ValueError("--int8 needs --data: int8 is calibrated on FER-2013 Training faces (random images ruin it)")
     out = Path(args.out)
-    copies = {"_fp16": args.fp16, "_int8": args.int8}
-    for path in [out, *(out.with_name(out.stem + suffix + ".onnx") for suffix, wanted in copies.items() if wanted)]:
+    wanted = {"_fp16": args.fp16, "_int8": args.int8}
+    copies = {suffix: out.with_name(out.stem + suffix + ".onnx") for suffix, want in wanted.items() if want}
+    for path in [out, *copies.values()]:
         check_writable(path)  # before the export and the calibration run: they failed after
     size = (64, IMAGE_SIZE, IMAGE_SIZE)
     images = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)  # for --check alone
@@ -376,8 +376,8 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
             raise ValueError(f"{args.data}: no Training images to check and calibrate on")
     sample = images[np.random.default_rng(0).permutation(len(images))[:512]]
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # checked before it takes OUT's place
-        staged = export_onnx(args.checkpoint, Path(tmp) / out.name, metrics)
+    with staging_folder(out) as tmp:  # all files made and checked, then put in place together: never a mixed set
+        staged = export_onnx(args.checkpoint, tmp / out.name, metrics)
         if args.check or args.int8:
             diff = max_abs_diff(staged, args.checkpoint, sample)
             print(f"max |onnx - torch| on {len(sample)} images: {diff:.2e}")
@@ -385,14 +385,15 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
                 raise ValueError(f"{args.checkpoint}: its ONNX export's probabilities differ from its own by "
                                  f"{diff:.2e}, over {CHECK_TOLERANCE:g}: the export is wrong (an operator computed "
                                  f"otherwise?); {out} not written")  # fmt: skip
-        staged.replace(out)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
-    if args.fp16:
-        half = convert_fp16(out, out.with_name(out.stem + "_fp16.onnx"))
-        print(f"wrote {half} ({half.stat().st_size / 1e6:.2f} MB)")
-    if args.int8:
-        q = quantize_int8(out, out.with_name(out.stem + "_int8.onnx"), sample)
-        print(f"wrote {q} ({q.stat().st_size / 1e6:.2f} MB)")
+        made = [(staged, out)]
+        if args.fp16:
+            made.append((convert_fp16(staged, tmp / copies["_fp16"].name), copies["_fp16"]))
+        if args.int8:
+            made.append((quantize_int8(staged, tmp / copies["_int8"].name, sample), copies["_int8"]))
+        for file, final in made:
+            file.replace(final)
+    for _, final in made:
+        print(f"wrote {final} ({final.stat().st_size / 1e6:.2f} MB)")
 
 
 def _print_records(records: Iterable[Record], fmt: str, classes: Sequence[str]) -> bool:

@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import math
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,15 @@ import torch.nn as nn
 from .checkpoint import model_from_checkpoint, weights_digest
 from .config import IMAGE_SIZE
 from .data import model_input
-from .fileio import atomic_write, not_a_file, parse_model_metadata, read_model_report, refuse_folder, refuse_input
+from .fileio import (
+    atomic_write,
+    not_a_file,
+    parse_model_metadata,
+    read_model_report,
+    refuse_folder,
+    refuse_input,
+    staging_folder,
+)
 
 PREPROCESSING = (
     "RGB -> grayscale (ITU-R 601 luma), a square face crop (the detector's box widened by ferkit's --margin) "
@@ -225,8 +232,8 @@ def export_onnx(
     model, state = model_from_checkpoint(checkpoint)
     net = nn.Sequential(model, nn.Softmax(dim=1)).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_path = Path(tmp) / out.name
+    with staging_folder(out) as tmp:
+        tmp_path = tmp / out.name
         with _quiet_exporter():
             torch.onnx.export(
                 net,
@@ -285,14 +292,14 @@ def quantize_int8(onnx_path: str | Path, out: str | Path, calibration: np.ndarra
             return next(self.batches, None)
 
     out = Path(out)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        pre = Path(tmp) / "pre.onnx"
+    with staging_folder(out) as tmp:
+        pre = tmp / "pre.onnx"
         quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
         import onnx
 
         # the final softmax stays in float: quantized, probabilities would come in steps of 1/255
         softmax = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Softmax"]
-        staged = Path(tmp) / out.name
+        staged = tmp / out.name
         quantize_static(
             str(pre),
             str(staged),
@@ -319,8 +326,8 @@ def convert_fp16(onnx_path: str | Path, out: str | Path) -> Path:
     info = read_metadata(model)
     half = convert_float_to_float16(model, keep_io_types=True)
     out = Path(out)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        staged = Path(tmp) / out.name
+    with staging_folder(out) as tmp:
+        staged = tmp / out.name
         onnx.save(half, str(staged))
         _set_metadata(staged, {**_without_metrics(info), "precision": "float16"})
         staged.replace(out)

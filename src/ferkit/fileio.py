@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import secrets
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -98,6 +99,15 @@ def model_files(*models: str | os.PathLike[str]) -> list[Path]:
             raise FileNotFoundError(f"{path}: no .onnx model in this folder")
         out += found
     return out
+
+
+@contextlib.contextmanager
+def staging_folder(path: str | Path) -> Iterator[Path]:
+    """A hidden temp folder beside ``path`` (``.NAME.<random>.tmp``) to build files in before they take their
+    places; removed with what is left in it (a killed process leaves it hidden, not beside the outputs)."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as tmp:
+        yield Path(tmp)
 
 
 def _open_temp(path: Path) -> tuple[Path, int]:
