@@ -25,10 +25,10 @@ from ferkit.checkpoint import (
 )
 from ferkit.config import TrainConfig
 from ferkit.data import CLASSES, FERData, load_cache, save_cache
-from ferkit.fileio import atomic_write
+from ferkit.fileio import atomic_write, exclusive_folder
 from ferkit.models import build_model
 from ferkit.runtime import resolve_device
-from ferkit.training import amp_dtype, batch_indices, lr_factor, make_optimizer, train
+from ferkit.training import RUN_IN_PROGRESS, amp_dtype, batch_indices, lr_factor, make_optimizer, train
 
 STEPS_PER_EPOCH = 4  # tiny_config: train_limit 64 / batch 16
 
@@ -299,6 +299,24 @@ def test_a_run_that_fails_to_start_leaves_no_run_folder(tmp_path, synthetic_cach
     for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         with pytest.raises(ValueError, match=re.escape(f"--out {out}: {tmp_path / 'afile'} is a file, not a folder")):
             train(tiny_config(tmp_path / "no-data.npz", out))
+
+
+def test_two_trainings_never_share_a_run_folder(tmp_path, synthetic_cache):
+    """A scheduler's --resume while the old job still ran: both trained, wrote last.pt and logged every epoch
+    twice, and each swept the other's half-written files (every .*.tmp, a user's own too). A lock on the
+    folder (flock, gone with its process) refuses the second before it touches anything."""
+    out = tmp_path / "run"
+    train(tiny_config(synthetic_cache, out, epochs=1))
+    (out / ".notes.tmp").write_text("mine")
+    stale = out / ".last.pt.0123456789abcdef.tmp"  # atomic_write's, from a killed process
+    stale.write_bytes(b"half")
+    log = (out / "train.log").read_text()
+    refused = pytest.raises(RuntimeError, match="another training is writing to this folder")
+    with exclusive_folder(out, RUN_IN_PROGRESS), refused:  # as the run still going holds it
+        train(tiny_config(synthetic_cache, out, epochs=2), resume=True)
+    assert stale.exists() and (out / "train.log").read_text() == log
+    assert train(tiny_config(synthetic_cache, out, epochs=2), resume=True)["epoch"] == 2
+    assert not stale.exists() and (out / ".notes.tmp").read_text() == "mine"
 
 
 def test_a_finished_run_hands_its_log_back_to_the_application(tmp_path, synthetic_cache, caplog):
@@ -585,6 +603,8 @@ def test_config_yaml(tmp_path):
     cfg = TrainConfig.from_yaml(path, lr=0.2)
     assert (cfg.epochs, cfg.model_kwargs, cfg.lr) == (3, {"width": 0.5}, 0.2)
     assert TrainConfig().model_kwargs is not TrainConfig().model_kwargs  # no shared mutable default
+    with pytest.raises(ValueError, match="out: empty; name the run's folder"):  # it was the working folder
+        TrainConfig(out=" ")
     path.write_text("epochs: 3\nepoch: 4\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}: unknown config field(s) epoch (did you mean 'epochs'?)")):
         TrainConfig.from_yaml(path)
@@ -1108,7 +1128,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_is_an_interrupt(tmp_path):
 def test_a_new_start_clears_what_a_killed_write_left(tmp_path, synthetic_cache):
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (out / ".last.pt.0123456789abcdef.tmp").write_bytes(b"half a checkpoint")
     train(tiny_config(synthetic_cache, out, epochs=1))
     assert not list(out.glob(".*.tmp"))
 

@@ -201,6 +201,8 @@ class TrainConfig:
             raise ValueError(f"model_kwargs: {' and '.join(fixed)} cannot be set: FER-2013 has 7 classes, 1 channel")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if not self.out.strip():  # Path("") is the working folder: the run's files would land among the user's
+            raise ValueError("out: empty; name the run's folder (a new one, or '.' to mean this one)")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:

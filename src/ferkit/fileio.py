@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Callable, Iterator
@@ -101,6 +102,15 @@ def model_files(*models: str | os.PathLike[str]) -> list[Path]:
     return out
 
 
+TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")  # the temp files of atomic_write: .NAME.<16 hex>.tmp
+
+
+def stale_temp_files(folder: str | Path) -> list[Path]:
+    """The temp files :func:`atomic_write` left in ``folder`` when its process was killed (no other files:
+    a user's own ``.notes.tmp`` is not one)."""
+    return [p for p in Path(folder).glob(".*.tmp") if TEMP_NAME.fullmatch(p.name) and p.is_file()]
+
+
 @contextlib.contextmanager
 def staging_folder(path: str | Path) -> Iterator[Path]:
     """A hidden temp folder beside ``path`` (``.NAME.<random>.tmp``) to build files in before they take their
@@ -108,6 +118,26 @@ def staging_folder(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as tmp:
         yield Path(tmp)
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (flock, released when the process ends, even killed) for the block;
+    another process that holds it already is a RuntimeError naming ``what`` (no lock where flock is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{folder}: {what}") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _open_temp(path: Path) -> tuple[Path, int]:

@@ -32,11 +32,15 @@ from .config import IMAGE_SIZE, RESUMABLE_CHANGES, TrainConfig
 from .data import CLASSES, load_dataset
 from .distill import distill_loss, distill_targets, images_key, is_targets_file
 from .evaluate import predict_proba
-from .fileio import atomic_write, refuse_file
+from .fileio import atomic_write, exclusive_folder, refuse_file, stale_temp_files
 from .models import FOREIGN_LAYOUTS, build_model
 from .runtime import resolve_device
 
 log = logging.getLogger("ferkit.train")
+RUN_IN_PROGRESS = (
+    "another training is writing to this folder (the run still going, or another started there); stop it "
+    "before resuming, or give another --out"
+)
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -599,7 +603,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     owned = not dist.is_initialized()
     rank, world, local_rank = _setup_distributed(cfg.device)
     try:
-        return _train(cfg, resume, rank, world, local_rank)
+        with contextlib.ExitStack() as held:  # the run folder's lock, while the run lasts
+            return _train(cfg, resume, rank, world, local_rank, held)
     finally:  # a process that exits with the group alive can abort in gloo's threads ("terminate called ...")
         _close_log()  # train.log closed: the next run's messages went into it (the Python API, run after run)
         if owned and dist.is_initialized():
@@ -636,9 +641,10 @@ def _resumable(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
 
 
 def _start(
-    cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: int
+    cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: int, held: contextlib.ExitStack
 ) -> tuple[_Run, tuple[np.ndarray, ...], Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]]:
-    """Check the options, load the data, build (or resume) the run and its teachers' targets."""
+    """Check the options, load the data, build (or resume) the run and its teachers' targets; ``held`` keeps
+    the run folder locked (rank 0) until the run ends."""
     device = resolve_device(cfg.device, local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -657,8 +663,9 @@ def _start(
         )
     new_folder = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # once the options and the data passed
-    if rank == 0:  # what a killed write left (atomic_write's temporary files)
-        for stale in out.glob(".*.tmp"):
+    if rank == 0:
+        held.enter_context(exclusive_folder(out, RUN_IN_PROGRESS))  # before the run's files are touched
+        for stale in stale_temp_files(out):  # what a killed write left
             stale.unlink(missing_ok=True)
     _setup_logging(out, rank)
     try:
@@ -732,8 +739,10 @@ def _report_epoch(out: Path, run: _Run, row: dict[str, Any], improved: bool, tb:
         tb.flush()
 
 
-def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: int) -> dict[str, Any]:
-    run, (x_np, y_np, xv_np, yv_np), targets = _start(cfg, resume, rank, world, local_rank)
+def _train(
+    cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: int, held: contextlib.ExitStack
+) -> dict[str, Any]:
+    run, (x_np, y_np, xv_np, yv_np), targets = _start(cfg, resume, rank, world, local_rank, held)
     out = Path(cfg.out)
     x_train, y_train = torch.from_numpy(x_np).to(run.device), torch.from_numpy(y_np).to(run.device)
     tb = _tensorboard(out) if rank == 0 else None
