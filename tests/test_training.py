@@ -23,6 +23,7 @@ from ferkit.checkpoint import (
     save_checkpoint,
     slim_checkpoint,
 )
+from ferkit.cli import main
 from ferkit.config import TrainConfig
 from ferkit.data import CLASSES, FERData, load_cache, save_cache
 from ferkit.fileio import atomic_write, exclusive_folder
@@ -696,6 +697,21 @@ def test_load_checkpoint_runs_no_code_from_the_file(tmp_path):
     assert not marker.exists()
     # one line, without torch's advice to load it with weights_only=False (which would run its code)
     assert str(e.value) == f"{path}: not a ferkit checkpoint (it holds Python objects, left unread)"
+
+
+def test_a_damaged_checkpoint_is_refused_not_used(tmp_path, capsys):
+    """Bytes overwritten inside a checkpoint (a bad disk, a broken copy) were read as weights without a word:
+    torch.load does not check the zip's CRC-32s. Every command that reads it refuses it now."""
+    path = save_checkpoint(tmp_path / "best.pt", {**_small_state(), "config": {}, "metrics": {}})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 2000] = bytes(2000)
+    path.write_bytes(data)
+    damaged = re.escape(f"{path}: a damaged ferkit checkpoint (") + r"archive/data/\d+ fails its checksum\)"
+    with pytest.raises(CheckpointError, match=damaged):
+        load_checkpoint(path)
+    assert load_checkpoint(path, mmap=True)["model"] == "ferkit_small"  # its config alone is still read
+    assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 2
+    assert re.search(damaged, capsys.readouterr().err) and not (tmp_path / "m.onnx").exists()
 
 
 def test_load_checkpoint_of_an_onnx_file_says_so(tmp_path):

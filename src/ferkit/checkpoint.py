@@ -4,6 +4,7 @@ initial weights (e.g. ImageNet) loaded into a model by name and shape."""
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,24 @@ def _not_torch_zip(path: Path, older_tried: bool = False) -> str | None:
     return "not the zip file torch.save writes" + (", nor in its older format" if older_tried else "")
 
 
+def _damaged_member(path: Path) -> str | None:
+    """What fails its CRC-32 in the zip file of ``path`` (``torch.save``'s), or None: no damage found, or not a
+    zip (torch's own errors tell those)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except zipfile.BadZipFile:
+        return None
+    except Exception as e:  # a member's header wrong, or cut short (zlib or EOF)
+        return f"{type(e).__name__}: {e}"
+    return f"{bad} fails its checksum" if bad else None
+
+
 def _torch_load(path: Path, what: str, error: type[ValueError], mmap: bool = False) -> Any:
     """``torch.load`` with ``weights_only`` (no code runs from the file); its many failures on truncated or
     foreign files raised as one ``error`` naming the file and ``what`` it should have been."""
+    if not mmap and (damage := _damaged_member(path)):  # torch.load does not check: it read damaged weights
+        raise error(f"{path}: a damaged {what} ({damage}); use another copy")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # torch's advice (weights_only=False) would run the file's code: not given
