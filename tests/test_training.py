@@ -320,6 +320,21 @@ def test_two_trainings_never_share_a_run_folder(tmp_path, synthetic_cache):
     assert not stale.exists() and (out / ".notes.tmp").read_text() == "mine"
 
 
+def test_each_start_of_a_run_is_recorded_with_what_a_repeat_needs(tmp_path, synthetic_cache):
+    """A run resumed with more epochs could not be repeated from its config.yaml (which holds the last epochs
+    only), nor bitwise without the torch version and thread count: last.pt keeps each start's. A resume
+    that max_steps leaves nothing to do says so (it printed only 'resumed ... best ...')."""
+    out = tmp_path / "run"
+    train(tiny_config(synthetic_cache, out, epochs=1))
+    train(tiny_config(synthetic_cache, out, epochs=3, max_steps=2 * STEPS_PER_EPOCH), resume=True)
+    starts = load_checkpoint(out / "last.pt")["train_state"]["starts"]
+    assert [(s["epoch"], s["changes"]) for s in starts] == [(0, {}), (1, {"epochs": (1, 3), "max_steps": (0, 8)})]
+    assert starts[1] | {"epoch": 0, "changes": {}} == starts[0]  # the same machine
+    assert (starts[0]["torch"], starts[0]["device"], starts[0]["threads"]) == (torch.__version__, "cpu", 1)
+    train(tiny_config(synthetic_cache, out, epochs=3, max_steps=2 * STEPS_PER_EPOCH), resume=True)
+    assert "max_steps 8 reached: training stops" in (out / "train.log").read_text()
+
+
 def test_a_finished_run_hands_its_log_back_to_the_application(tmp_path, synthetic_cache, caplog):
     """The run's own handlers (train.log, the console) go with it; the log kept propagate=False, so an
     application's handlers never saw ferkit.train's messages after a run."""

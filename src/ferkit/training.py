@@ -677,10 +677,12 @@ def _start(
             (out / "train.log").unlink()
             out.rmdir()
         raise
+    changes: dict[str, tuple[Any, Any]] = {}
     if last is not None:
         run.resume(out / "last.pt", last)
         log.info("resumed from %s at epoch %d", out / "last.pt", run.state["epoch"])
-        for k, (old, new) in _config_changes(last.get("config") or {}, cfg).items():  # the allowed ones, logged now
+        changes = _config_changes(last.get("config") or {}, cfg)  # the allowed ones, logged now
+        for k, (old, new) in changes.items():
             log.info("resuming with %s %r instead of %r", k, new, old)
         if rank == 0:  # what a kill after last.pt's write left unwritten
             _write_metrics(out / "metrics.csv", run.state["history"])
@@ -688,6 +690,16 @@ def _start(
     elif resume:
         log.info("no %s to resume from; starting a new run", out / "last.pt")
     run.state["train_images"] = images
+    run.state.setdefault("starts", []).append(  # what a bitwise repeat needs beyond config.yaml, per (re)start
+        {
+            "epoch": run.state["epoch"],
+            "changes": changes,
+            "torch": str(torch.__version__),  # a TorchVersion: weights_only loading refuses that class
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "processes": world,
+        }
+    )
     if rank == 0:  # the recipe beside the run's logs (once a resume has succeeded), even where no checkpoint is kept
         cfg.to_yaml(out / "config.yaml")
     run.wrap(world)
@@ -706,6 +718,8 @@ def _start(
 def _stopped(cfg: TrainConfig, state: dict[str, Any], rank: int) -> bool:
     """Whether the run is over before its next epoch: ``max_steps`` reached, or early stopping."""
     if cfg.max_steps and state["step"] >= cfg.max_steps:
+        if rank == 0:
+            log.info("max_steps %d reached: training stops (a larger --max-steps goes on)", cfg.max_steps)
         return True
     if cfg.patience and state["bad_epochs"] >= cfg.patience:  # also a resumed run that had stopped
         if rank == 0:
