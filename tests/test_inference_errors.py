@@ -53,6 +53,9 @@ def rec() -> EmotionRecognizer:
 
 def test_onnx_models_that_are_not_emotion_models_are_refused_at_load(tmp_path):
     ok = onnx_model(tmp_path / "ok.onnx", ["N", 1, 48, 48], len(CLASSES))
+    renamed = make_checkpoint(tmp_path / "renamed.onnx")  # ONNX Runtime's words: 'Wire format was corrupt'
+    with pytest.raises(ValueError, match=r"renamed\.onnx: not a loadable ONNX model \(a zip file: a torch checkpoint"):
+        EmotionRecognizer(renamed, threads=1)
     with pytest.warns(UserWarning, match=r"ok\.onnx: no class names in its metadata; read in FER-2013's order") as w:
         assert EmotionRecognizer(ok, threads=1).classes == CLASSES  # the test model itself is fine
     assert w[0].filename == __file__  # the line that loaded it, not ferkit's

@@ -325,13 +325,14 @@ def test_each_start_of_a_run_is_recorded_with_what_a_repeat_needs(tmp_path, synt
     only), nor bitwise without the torch version and thread count: last.pt keeps each start's. A resume
     that max_steps leaves nothing to do says so (it printed only 'resumed ... best ...')."""
     out = tmp_path / "run"
-    train(tiny_config(synthetic_cache, out, epochs=1))
-    train(tiny_config(synthetic_cache, out, epochs=3, max_steps=2 * STEPS_PER_EPOCH), resume=True)
+    train(tiny_config(synthetic_cache, out, epochs=1, warmup_epochs=1.5))
+    assert "warmup_epochs 1.5 is longer than the run (1 epochs)" in (out / "train.log").read_text()
+    train(tiny_config(synthetic_cache, out, epochs=3, max_steps=2 * STEPS_PER_EPOCH, warmup_epochs=1.5), resume=True)
     starts = load_checkpoint(out / "last.pt")["train_state"]["starts"]
     assert [(s["epoch"], s["changes"]) for s in starts] == [(0, {}), (1, {"epochs": (1, 3), "max_steps": (0, 8)})]
     assert starts[1] | {"epoch": 0, "changes": {}} == starts[0]  # the same machine
     assert (starts[0]["torch"], starts[0]["device"], starts[0]["threads"]) == (torch.__version__, "cpu", 1)
-    train(tiny_config(synthetic_cache, out, epochs=3, max_steps=2 * STEPS_PER_EPOCH), resume=True)
+    train(tiny_config(synthetic_cache, out, epochs=3, max_steps=2 * STEPS_PER_EPOCH, warmup_epochs=1.5), resume=True)
     assert "max_steps 8 reached: training stops" in (out / "train.log").read_text()
 
 

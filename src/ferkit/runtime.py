@@ -3,6 +3,7 @@ detector, and the torch device of training and evaluation."""
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import sys
@@ -50,7 +51,11 @@ def cpu_session(path: str | Path, threads: int | None, what: str, arena: bool = 
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
-        raise ValueError(f"{path}: not a loadable {what} ({e})") from e
+        why = str(e)
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # ONNX Runtime says 'Wire format was corrupt'
+                why = "a zip file: a torch checkpoint renamed .onnx?"
+        raise ValueError(f"{path}: not a loadable {what} ({why})") from e
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

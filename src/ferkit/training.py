@@ -659,7 +659,8 @@ def _start(
     if last is not None and last.get("train_state", {}).get("train_images", images) != images:
         raise ValueError(  # its schedule counts steps of an epoch of those images (runs before this check: not)
             f"{out / 'last.pt'}: this run trained on other images ({last['train_state']['train_images']}) than "
-            f"{cfg.data} holds ({images}); --data may change on resuming only to where the same data lies"
+            f"{cfg.data} holds ({images}); --data may change on resuming only to where the same data lies, in the "
+            "same order (the CSV and the image folders list FER-2013 in different orders)"
         )
     new_folder = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # once the options and the data passed
@@ -708,6 +709,9 @@ def _start(
             "training %s on %s (%d processes): %d train / %d PublicTest images, %d steps/epoch",
             *(cfg.model, device, world, len(x_np), len(xv_np), len(x_np) // cfg.batch_size),
         )
+        if cfg.warmup_epochs > cfg.epochs:
+            log.warning("warmup_epochs %g is longer than the run (%d epochs): the LR never reaches --lr %g",
+                        cfg.warmup_epochs, cfg.epochs, cfg.lr)  # fmt: skip
         if (weights := run.criterion.weight) is not None:
             log.info("class weights: %s", {c: round(w, 3) for c, w in zip(CLASSES, weights.tolist(), strict=True)})
         elif cfg.class_weights and cfg.sampler == "balanced":
