@@ -8,7 +8,10 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -21,7 +24,7 @@ from PIL import Image
 from ferkit.cli import main
 from ferkit.data import CLASSES
 from ferkit.inference import ImageError, load_image
-from ferkit.media import _fps, expand_paths
+from ferkit.media import _fps, _mpeg4_fps, expand_paths
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -377,6 +380,29 @@ def test_video_every_nth_frame(capsys, video, tmp_path):
     assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(10 / 4)  # the source's 10 fps: it lasts as long
     assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (256, 256)
     cap.release()
+
+
+def test_an_annotated_video_cut_short_by_a_full_disk_is_reported_not_kept(video, tmp_path):
+    """cv2.VideoWriter.write reports nothing: at a full disk (a file-size limit here; Python ignores SIGXFSZ) the
+    run exited 0 and left a clip_annotated.mp4 without its index, which nothing could play."""
+    out_dir = tmp_path / "annotated"
+    predict = [sys.executable, "-m", "ferkit", "predict", str(video), "--every", "1", "--format", "jsonl"]
+    command = f"ulimit -f 8 && exec {shlex.join([*predict, '--annotate', str(out_dir)])}"  # 8 KiB: some frames
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    *frames, error = jsonl(proc.stdout)
+    assert proc.returncode == 1 and len(frames) == 12, proc.stderr
+    assert re.fullmatch(r"annotated video not written: .*clip_annotated\.mp4: the video writer stored \d+ of 12 "
+                        r"frames \(disk full\?\)", error["error"])  # fmt: skip
+    assert not list(out_dir.iterdir())
+
+
+def test_mpeg4_takes_the_frame_rate_of_any_sampling(tmp_path):
+    """A 1000 fps clip's every third frame (333.33... fps) could not be written: MPEG-4's time base holds at most
+    65535 in its denominator (OpenCV's is fps x 1000)."""
+    for fps in (1000 / 3, 960 / 7, 480 / 7, 30000 / 1001, 240, 0.5, 5000 / 3):
+        writer = cv2.VideoWriter(str(tmp_path / "v.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), _mpeg4_fps(fps), (64, 48))
+        assert writer.isOpened() and _mpeg4_fps(fps) == pytest.approx(fps, rel=1e-3), fps
+        writer.release()
 
 
 def test_annotated_video_that_cannot_be_written_keeps_its_frames(capsys, video, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -299,13 +300,25 @@ def _predict_files(
                 yield Record(str(path), error=f"annotated image not written: {e}")
 
 
+def _mpeg4_fps(fps: float) -> float:
+    """``fps`` rounded as little as lets MPEG-4 hold it: OpenCV gives FFmpeg a time base of 1000 / round(fps x
+    1000), whose reduced denominator must stay under 65536 (1000/3 fps, of a 1000 fps clip's every third frame,
+    could not be written; 333.33 can)."""
+    for digits in (3, 2):
+        rounded = round(fps, digits)
+        if rounded > 0 and Fraction(round(rounded * 1000), 1000).numerator <= 65535:
+            return rounded
+    return float(min(max(1, round(fps)), 65535))
+
+
 class _AnnotatedVideo:
     """Annotated frames written to ``path`` as MP4: into a hidden partial file, renamed when complete."""
 
     def __init__(self, path: Path, fps: float) -> None:
-        self.path, self.fps = path, fps
+        self.path, self.fps = path, _mpeg4_fps(fps)
         self.partial = path.with_name(f".{path.name}.partial.mp4")
         self.writer: Any = None
+        self.frames = 0
 
     def write(self, rgb: np.ndarray) -> bool:
         """Add a frame (RGB); False if the file cannot be opened for writing (nothing is left of it)."""
@@ -318,13 +331,23 @@ class _AnnotatedVideo:
                 self.close()
                 return False
         self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        self.frames += 1
         return True
 
     def finish(self) -> None:
         """Complete the file, if a frame was written; raises OSError if it cannot be put in place."""
         if self.writer is not None:
+            import cv2
+
             self.writer.release()
             self.writer = None
+            # cv2.VideoWriter.write reports nothing: a full disk left a file without its index (unplayable)
+            check = cv2.VideoCapture(str(self.partial))
+            count = int(check.get(cv2.CAP_PROP_FRAME_COUNT)) if check.isOpened() else 0
+            check.release()
+            if count != self.frames:
+                self.partial.unlink(missing_ok=True)
+                raise OSError(f"{self.path}: the video writer stored {count} of {self.frames} frames (disk full?)")
             os.replace(self.partial, self.path)
 
     def close(self) -> None:
