@@ -60,6 +60,7 @@ log = logging.getLogger("ferkit.app")
 ASSETS_DIR = Path(__file__).parent / "assets"
 EXAMPLES = {"four faces": ASSETS_DIR / "faces_group.jpg", "astronaut": ASSETS_DIR / "astronaut.jpg"}  # label: photo
 MAX_FACE_PANELS = 6  # score panels shown in the UI; the summary table lists every face
+STREAM_SECONDS = 300  # a webcam stream's longest session (Gradio's time_limit)
 T = TypeVar("T")
 
 
@@ -742,7 +743,10 @@ def build_ui(service: RecognizerService, rest_api: bool = True) -> Any:
                 concurrency_id="ferkit",
             )
         with gr.Tab("Webcam (live)"):
-            gr.Markdown("Allow the browser to use your camera; frames are analysed about twice a second.")
+            gr.Markdown(
+                "Allow the browser to use your camera; frames are analysed about twice a second, for up to "
+                f"{STREAM_SECONDS // 60} minutes a stream (start it again to go on)."
+            )
             with gr.Row():
                 cam = _photo_input_class()(
                     label="Webcam", sources=["webcam"], streaming=True, height=360, elem_id="ferkit-cam"
@@ -758,10 +762,11 @@ def build_ui(service: RecognizerService, rest_api: bool = True) -> Any:
                 inputs=[cam],
                 outputs=[cam_result, cam_scores],
                 stream_every=0.5,
-                time_limit=300,
-                # a stream holds its Gradio slot for the whole session (up to time_limit): sharing the photos'
-                # slots, two open webcams left photos waiting; webcams have as many slots of their own
-                concurrency_limit=s.max_concurrency,
+                time_limit=STREAM_SECONDS,
+                # a stream holds a Gradio slot for its whole session (up to time_limit), idle or abandoned: sharing
+                # the photos' slots, two open webcams left photos waiting, and as many slots as recognizers, two
+                # clients gone left every webcam waiting 5 minutes. Not counted: the service bounds the inference
+                concurrency_limit=None,
                 concurrency_id="ferkit-webcam",
                 api_name="predict_frame",
                 show_progress="hidden",
