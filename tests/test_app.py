@@ -230,6 +230,17 @@ def test_not_an_image(client, data, name):
     assert "not an image" in error
 
 
+def test_a_video_upload_is_told_apart(client):
+    """A video was 'not an image file (unknown or unsupported format)', as a PDF is; an HEIC photo (an ftyp box
+    too) is no video."""
+    mp4 = b"\x00\x00\x00\x1cftypisom" + bytes(200)
+    error = check_error(post_file(client, mp4, name="clip.mp4", mime="video/mp4"), 415)
+    assert error == "a video (MP4/MOV), not an image: videos are read from files, by `ferkit predict VIDEO` or " \
+                    "ferkit.predict_paths"  # fmt: skip
+    heic = b"\x00\x00\x00\x18ftypheic" + bytes(200)
+    assert check_error(post_file(client, heic, name="photo.heic", mime="image/heic"), 415).startswith("not an image")
+
+
 def test_corrupt_images(client):
     """An image's header, then bytes no decoder reads, is a corrupt image (400): a JPEG's was answered 415."""
     jpeg = (ASSETS_DIR / "astronaut.jpg").read_bytes()

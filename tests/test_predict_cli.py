@@ -88,17 +88,16 @@ def test_the_python_api_reads_folders_and_videos_through_predict_paths(good, vid
     assert [r.frame for r in frames] == [0, 5, 10] and all(r.error is None for r in frames)
 
 
-def test_an_image_on_standard_input(tmp_path):
-    """`cat photo.jpg | ferkit predict -` said "-: no such file"."""
-    import subprocess
-    import sys
-
+def test_an_image_on_standard_input(tmp_path, video):
+    """`cat photo.jpg | ferkit predict -` said "-: no such file"; a video there is told apart from other data."""
     argv = [sys.executable, "-m", "ferkit", "predict", "-", "--format", "jsonl", "--annotate", str(tmp_path)]
     done = subprocess.run(argv, input=ASTRONAUT.read_bytes(), capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     (record,) = jsonl(done.stdout.decode())
     assert record["source"] == "-" and len(record["faces"]) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["stdin_annotated.png"]
+    done = subprocess.run(argv, input=video.read_bytes(), capture_output=True, timeout=300)
+    assert done.returncode == 1 and jsonl(done.stdout.decode())[0]["error"].startswith("a video (MP4/MOV), not an")
 
 
 def test_expand_paths(mixed):

@@ -99,6 +99,9 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except UnidentifiedImageError:
         if claimed := _claimed_format(src, formats):  # its header, then data Pillow's decoder could not read
             raise ImageError(f"{at}corrupt image (a {claimed} header, then unreadable data)") from None
+        if isinstance(src, (bytes, bytearray)) and (video := _video_container(bytes(src[:12]))):  # an upload, stdin
+            raise NotAnImageError(f"a video ({video}), not an image: videos are read from files, by `ferkit predict "
+                                  "VIDEO` or ferkit.predict_paths") from None  # fmt: skip
         raise NotAnImageError(f"{at}not an image file (unknown or unsupported format)") from None
     except Image.DecompressionBombError as e:  # Pillow's own limit, met in Image.open before the check above
         if (m := re.search(r"Image size \((\d+) pixels\)", str(e))) and (n := int(m[1])) > max_pixels:
@@ -108,6 +111,20 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise
     except Exception as e:  # a damaged file makes Pillow's decoders raise most anything (IndexError, RuntimeError...)
         raise ImageError(f"{at}corrupt or truncated image ({e or type(e).__name__})") from None
+
+
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"mif1", b"msf1", b"avif", b"avis")  # images in ftyp boxes
+
+
+def _video_container(head: bytes) -> str | None:
+    """The video container whose signature begins ``head`` (12 bytes or more), or None."""
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide") and head[8:12] not in HEIF_BRANDS:
+        return "MP4/MOV"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "AVI"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "Matroska/WebM"
+    return None
 
 
 def _claimed_format(src: Any, formats: list[str]) -> str | None:

@@ -286,7 +286,7 @@ def _predict_files(
             continue
         stdin = str(path) == "-"  # an image on standard input (`cat photo.jpg | ferkit predict -`)
         try:
-            rgb = load_image(sys.stdin.buffer if stdin else path, recognizer.max_pixels)
+            rgb = load_image(sys.stdin.buffer.read() if stdin else path, recognizer.max_pixels)  # bytes: a video told
             faces = recognizer.predict(rgb, whole_image_fallback=fallback)
         except (ImageError, OSError) as e:
             yield Record(str(path), error=str(e))
