@@ -88,6 +88,17 @@ def test_the_python_api_reads_folders_and_videos_through_predict_paths(good, vid
     assert [r.frame for r in frames] == [0, 5, 10] and all(r.error is None for r in frames)
 
 
+def test_nothing_is_written_to_the_home_folder(tmp_path):
+    """ONNX Runtime wrote a device id and queued usage events in ~/.cache/Microsoft (and looked up its telemetry
+    server from a process that lived a while): ferkit turns its telemetry off unless the user set it."""
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("ORT_DISABLE_TELEMETRY", None)
+    argv = [sys.executable, "-m", "ferkit", "predict", str(ASTRONAUT), "--format", "jsonl"]
+    done = subprocess.run(argv, env=env, capture_output=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0 and len(jsonl(done.stdout.decode())[0]["faces"]) == 1, done.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_image_on_standard_input(tmp_path, video):
     """`cat photo.jpg | ferkit predict -` said "-: no such file"; a video there is told apart from other data."""
     argv = [sys.executable, "-m", "ferkit", "predict", "-", "--format", "jsonl", "--annotate", str(tmp_path)]

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# ONNX Runtime writes a device id and usage events under ~/.cache/Microsoft and, in a process that lives a while
+# (serve, a video), looks up Microsoft's telemetry server: ferkit uses no network. Set before any ferkit module
+# imports onnxruntime; a user's own ORT_DISABLE_TELEMETRY is kept.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 if TYPE_CHECKING:
     from .inference import (
