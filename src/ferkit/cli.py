@@ -867,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         except (ValueError, OSError, ImportError, RuntimeError) as e:
             hint = ""
-            if isinstance(e, ImportError) and e.name in TRAIN_EXTRA:  # torch, onnx, ...: not in a bare install
+            if isinstance(e, ImportError) and e.name in TRAIN_EXTRA and "ferkit[train]" not in str(e):  # bare install
                 hint = " (training, evaluation, export and .pt models need the train extra: "
                 hint += "pip install 'ferkit[train]')"
             print(f"ferkit {args.command}: error: {e}{hint}", file=sys.stderr)
