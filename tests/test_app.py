@@ -748,6 +748,49 @@ def test_the_ui_checks_a_data_url_image_against_the_limits_before_decoding_it(mo
     assert type(cam) is _photo_input_class() and cam.streaming  # the webcam's frames too
 
 
+def test_the_ui_queue_is_bounded_as_the_apis_is():
+    """Gradio's queue had no bound: photos past the recognizers waited there, out of --queue's reach (120 queued
+    13 MiB data: URLs took a server from 1.3 to 4.6 GB). It holds --queue jobs and those being taken up."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    url = "data:image/png;base64," + base64.b64encode(encode(np.full((32, 32, 3), 200, np.uint8))).decode()
+    photo = [{"url": url, "path": None, "meta": {"_type": "gradio.FileData"}}, False]
+    with TestClient(create_app([SlowRecognizer(0.5)], AppSettings(max_queue=1, max_concurrency=1))) as c:
+        answers = [c.post("/gradio_api/call/predict", json={"data": photo}) for _ in range(6)]
+    assert [r.status_code for r in answers].count(503) >= 2
+    assert all("Queue is full" in r.text for r in answers if r.status_code == 503)
+
+
+def test_the_ui_fetches_no_url_a_client_names():
+    """A photo given as an http(s) URL was downloaded by Gradio, whatever its size, before ferkit saw it, and
+    kept an hour: the server fetched what any client named."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(max_concurrency=1, threads=1)) as c:
+        url = {"path": "http://example.com/huge.png", "meta": {"_type": "gradio.FileData"}}
+        answer = _gradio_call(c, "predict", [url, False])
+    assert "images are uploaded to this server, not fetched from URLs" in answer
+
+
+def test_the_space_limits_request_bodies_as_serve_does():
+    """`python app.py` (the Hugging Face Space) had Gradio's limit on uploaded files only: one JSON body of a
+    1 GB data: URL took its process to 6 GB. launch_options gives it serve's body limit and upload timeout."""
+    import gradio as gr
+    from fastapi.testclient import TestClient
+
+    from ferkit.app import build_demo, launch_options
+
+    settings = AppSettings(max_upload_mb=1, max_concurrency=1, threads=1)
+    options = launch_options(settings)
+    app = gr.routes.App.create_app(build_demo(settings), app_kwargs=options["app_kwargs"])
+    with TestClient(app) as c:
+        r = c.post("/gradio_api/call/predict", content=b"{" + b" " * (2 * 2**20) + b"}",
+                   headers={"Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 413 and "over the limit of 1 MiB" in r.text
+
+
 def test_the_ui_says_when_an_upload_is_gone(tmp_path):
     """Gradio deletes uploads after an hour: a page left open answered "[Errno 2] No such file or directory:
     '/tmp/gradio/...'" (a server path) when its checkbox was ticked."""

@@ -363,6 +363,13 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _upload_limits(settings: AppSettings) -> dict[str, Any]:
+    """:class:`UploadLimits`' options for ``settings``: bodies may exceed the image by multipart headers, or by
+    base64 in the UI's JSON (webcam frames); predict() checks the uploaded file itself against max_upload_bytes."""
+    limit = settings.max_upload_bytes * 4 // 3 + 64 * 1024
+    return {"limit": limit, "timeout_s": settings.upload_timeout_s, "shown_limit": settings.max_upload_bytes}
+
+
 def create_app(
     recognizer: EmotionRecognizer | Sequence[EmotionRecognizer] | None = None,
     settings: AppSettings | None = None,
@@ -384,12 +391,7 @@ def create_app(
         f"({', '.join(info['classes'])}). Model: {info['name']}.",
     )
     app.state.service, app.state.settings = service, service.settings
-    # bodies may exceed the image by multipart headers, or by base64 in the UI's JSON (webcam frames);
-    # predict() checks the uploaded file itself against max_upload_bytes exactly
-    body_limit = settings.max_upload_bytes * 4 // 3 + 64 * 1024
-    app.add_middleware(
-        UploadLimits, limit=body_limit, timeout_s=settings.upload_timeout_s, shown_limit=settings.max_upload_bytes
-    )
+    app.add_middleware(UploadLimits, **_upload_limits(settings))
 
     _handle_errors(app)
     _add_api(app, service)
@@ -621,11 +623,19 @@ def _photo_input_class() -> type:
             raise gr.Error("that file was not uploaded to this server")
         return payload.path
 
+    async def async_move_resource_to_block_cache(self: Any, url_or_file_path: Any) -> str | None:
+        # Gradio downloads a client's http(s) URL here, before preprocess, whatever its size, and keeps it an
+        # hour: the server fetching what any client names
+        if isinstance(url_or_file_path, str) and url_or_file_path.lower().startswith(("http://", "https://")):
+            raise gr.Error("images are uploaded to this server, not fetched from URLs")
+        return await gr.Image.async_move_resource_to_block_cache(self, url_or_file_path)
+
     meta = gradio.component_meta
     write_stub = getattr(meta, "create_or_modify_pyi", None)
     meta.create_or_modify_pyi = lambda *args: None
     try:
-        return type("PhotoInput", (gr.Image,), {"is_template": True, "preprocess": preprocess})  # drawn as gr.Image
+        own = {"preprocess": preprocess, "async_move_resource_to_block_cache": async_move_resource_to_block_cache}
+        return type("PhotoInput", (gr.Image,), {"is_template": True, **own})  # drawn as gr.Image
     finally:
         if write_stub is None:
             del meta.create_or_modify_pyi
@@ -773,6 +783,9 @@ def build_ui(service: RecognizerService, rest_api: bool = True) -> Any:
             )
         with gr.Tab("API"):
             gr.Markdown(api_help)
+    # Gradio's queue has no bound of its own: photos past the recognizers waited there, out of --queue's reach
+    # (120 queued 13 MiB data: URLs held 3.4 GB); as many as the service lets wait, and those being taken up
+    demo.queue(max_size=s.max_queue + s.max_concurrency)
     return demo
 
 
@@ -783,6 +796,15 @@ def build_demo(settings: AppSettings | None = None, **options: Any) -> Any:
 
 
 def launch_options(settings: AppSettings | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``demo.launch()`` matching ``settings`` (examples served, upload limit)."""
+    """Keyword arguments for ``demo.launch()`` matching ``settings``: examples served, the upload limit on files
+    and, as ``ferkit serve`` has, on every request's body and its time (Gradio's own limit is on files only: one
+    JSON body of a 1 GB ``data:`` URL took the Space's process to 6 GB)."""
+    from starlette.middleware import Middleware
+
     settings = settings or AppSettings()
-    return {"allowed_paths": [str(ASSETS_DIR)], "max_file_size": settings.max_upload_bytes, "show_error": True}
+    return {
+        "allowed_paths": [str(ASSETS_DIR)],
+        "max_file_size": settings.max_upload_bytes,
+        "show_error": True,
+        "app_kwargs": {"middleware": [Middleware(UploadLimits, **_upload_limits(settings))]},
+    }
