@@ -199,16 +199,17 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise ImageError("array has NaN or infinite pixel values")
     if a.dtype.kind == "u" and a.dtype.itemsize == 2:  # 16-bit, either byte order: scale by the type's range
-        a = (a.astype(np.float64) / 257).round().astype(np.uint8)
+        a = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(a / 257): never a tie, 257 being odd
     elif a.dtype != np.uint8:
-        a_kind, a = a.dtype.kind, a.astype(np.float64)
-        top = a.max(initial=0)
+        # in place, in float32 where that holds the values exactly (float64 copies took 1.5 GB for 40 M pixels)
+        a_kind, a = a.dtype.kind, a.astype(np.result_type(a.dtype, np.float32))
+        top = float(a.max(initial=0))
         if top <= (MAX_UNIT_OVERSHOOT if a_kind == "f" else 1.0):  # a 0-1 float image, some past 1 after resizing
-            a = a * 255
+            a *= 255
         elif top > MAX_8BIT_OVERSHOOT:  # 16-bit values (or any larger range)
-            a = a / (65535.0 if top <= 65535 else top) * 255
+            a *= 255 / (65535.0 if top <= 65535 else top)
         # else 0-255 values, some past 255 after, say, cubic resizing: clipped (they were divided by 65535)
-        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        a = np.clip(np.rint(a, out=a), 0, 255, out=a).astype(np.uint8)
     if a.ndim == 2 or a.shape[2] == 1:
         return np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)
     if a.shape[2] == 4:  # flatten alpha onto white, as for PIL images and files
