@@ -433,6 +433,8 @@ def test_settings_are_validated():
         AppSettings(upload_timeout_s=0)
     with pytest.raises(ValueError, match="max_upload_mb must be a finite number of MiB, got inf"):
         AppSettings(max_upload_mb=float("inf"))  # was an OverflowError traceback from `serve --max-upload-mb inf`
+    with pytest.raises(ValueError, match="max_upload_mb 1e-30 is under one byte"):
+        AppSettings(max_upload_mb=1e-30)  # a limit of 0 bytes: every upload refused
     with pytest.raises(TypeError):
         create_app(SlowRecognizer(0), no_such_option=1)
 

@@ -318,6 +318,8 @@ class AppSettings:
             raise ValueError(f"max_queue must be 0 or more, got {self.max_queue!r}")
         if not math.isfinite(self.max_upload_mb):
             raise ValueError(f"max_upload_mb must be a finite number of MiB, got {self.max_upload_mb!r}")
+        if self.max_upload_bytes < 1:  # 1e-30 MiB: every upload refused
+            raise ValueError(f"max_upload_mb {self.max_upload_mb!r} is under one byte")
 
     @property
     def max_upload_bytes(self) -> int:
