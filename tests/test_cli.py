@@ -177,7 +177,7 @@ def test_train_zero_epochs_computes_only_the_teachers_targets(tmp_path, syntheti
     args = ["train", "--data", str(synthetic_cache), "--out", str(out), "--epochs", "0", "--batch-size", "16"]
     args += ["--teacher", teacher, "--distill-cache", "--device", "cpu", "--progress"]
     assert cli.main(args) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "teacher_probs.npz", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == [".ferkit.lock", "config.yaml", "teacher_probs.npz", "train.log"]
     err = capsys.readouterr().err
     assert "no epoch trained (epochs 0): no checkpoint" in err and f"teacher 1/1 {teacher}: 100%" in err
 

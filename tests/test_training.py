@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import logging
 import math
 import re
@@ -26,7 +27,7 @@ from ferkit.checkpoint import (
 from ferkit.cli import main
 from ferkit.config import TrainConfig
 from ferkit.data import CLASSES, FERData, load_cache, save_cache
-from ferkit.fileio import atomic_write, exclusive_folder
+from ferkit.fileio import LOCK_NAME, atomic_write, exclusive_folder
 from ferkit.models import build_model
 from ferkit.runtime import resolve_device
 from ferkit.training import RUN_IN_PROGRESS, amp_dtype, batch_indices, lr_factor, make_optimizer, train
@@ -51,7 +52,7 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 def test_run_outputs(trained_run):
     for name in ("best.pt", "last.pt", "metrics.csv", "train.log", "config.yaml"):
         assert (trained_run / name).is_file(), name
-    assert not list(trained_run.glob("*.tmp")) and not list(trained_run.glob(".*"))
+    assert not list(trained_run.glob("*.tmp")) and [p.name for p in trained_run.glob(".*")] == [LOCK_NAME]
     config = TrainConfig.from_yaml(trained_run / "config.yaml")
     assert config.to_dict() == torch.load(trained_run / "best.pt", weights_only=False)["config"]
     rows = _metrics(trained_run)
@@ -302,22 +303,37 @@ def test_a_run_that_fails_to_start_leaves_no_run_folder(tmp_path, synthetic_cach
             train(tiny_config(tmp_path / "no-data.npz", out))
 
 
-def test_two_trainings_never_share_a_run_folder(tmp_path, synthetic_cache):
+def test_two_trainings_never_share_a_run_folder(tmp_path, synthetic_cache, monkeypatch):
     """A scheduler's --resume while the old job still ran: both trained, wrote last.pt and logged every epoch
     twice, and each swept the other's half-written files (every .*.tmp, a user's own too). A lock on the
     folder (flock, gone with its process) refuses the second before it touches anything."""
-    out = tmp_path / "run"
+    out, resumable = tmp_path / "run", training._resumable
     train(tiny_config(synthetic_cache, out, epochs=1))
     (out / ".notes.tmp").write_text("mine")
     stale = out / ".last.pt.0123456789abcdef.tmp"  # atomic_write's, from a killed process
     stale.write_bytes(b"half")
     log = (out / "train.log").read_text()
     refused = pytest.raises(RuntimeError, match="another training is writing to this folder")
+    read = []
+    monkeypatch.setattr(training, "_resumable", lambda *args: read.append(args) or resumable(*args))
     with exclusive_folder(out, RUN_IN_PROGRESS), refused:  # as the run still going holds it
         train(tiny_config(synthetic_cache, out, epochs=2), resume=True)
+    assert not read  # refused before its last.pt was read: the old job may write another yet
     assert stale.exists() and (out / "train.log").read_text() == log
     assert train(tiny_config(synthetic_cache, out, epochs=2), resume=True)["epoch"] == 2
     assert not stale.exists() and (out / ".notes.tmp").read_text() == "mine"
+
+
+def test_a_file_system_without_locks_trains_with_a_warning(tmp_path, synthetic_cache, monkeypatch):
+    """flock failing otherwise than by a holder (ENOLCK on some network mounts) stopped every training there."""
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    train(tiny_config(synthetic_cache, tmp_path / "run", epochs=1))
+    assert "its file system takes no locks" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_each_start_of_a_run_is_recorded_with_what_a_repeat_needs(tmp_path, synthetic_cache):
@@ -515,7 +531,7 @@ def test_config_takes_the_ends_of_its_ranges():
 def test_a_diverging_run_stops_and_saves_nothing_of_it(tmp_path, synthetic_cache):
     with pytest.raises(ValueError, match=re.escape("training diverged: train loss nan in epoch 1 (try a lower --lr")):
         train(tiny_config(synthetic_cache, tmp_path / "run", lr=1e30, epochs=3))
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "train.log"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME, "config.yaml", "train.log"]
 
 
 def test_config_takes_yaml_s_exponent_strings_for_a_float(tmp_path):

@@ -120,22 +120,30 @@ def staging_folder(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
 
 
+LOCK_NAME = ".ferkit.lock"  # the file a run folder is locked by (kept: removing a lock file races its takers)
+
+
 @contextlib.contextmanager
-def exclusive_folder(folder: str | Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` (flock, released when the process ends, even killed) for the block;
-    another process that holds it already is a RuntimeError naming ``what`` (no lock where flock is missing)."""
+def exclusive_folder(folder: str | Path, what: str) -> Iterator[bool]:
+    """Hold an exclusive lock on ``folder`` for the block, by flock on its file :data:`LOCK_NAME` (a regular
+    file: NFS takes such locks to its server, so another host sees them; a killed process releases it); another
+    process that holds it already is a RuntimeError naming ``what``. Yields whether it locked: False where the
+    system or its file system takes no locks (Windows, some network mounts)."""
     try:
         import fcntl
     except ImportError:  # Windows
-        yield
+        yield False
         return
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(Path(folder) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RuntimeError(f"{folder}: {what}") from None
-        yield
+        except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
 

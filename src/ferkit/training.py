@@ -32,7 +32,7 @@ from .config import IMAGE_SIZE, RESUMABLE_CHANGES, TrainConfig
 from .data import CLASSES, load_dataset
 from .distill import distill_loss, distill_targets, images_key, is_targets_file
 from .evaluate import predict_proba
-from .fileio import atomic_write, exclusive_folder, refuse_file, stale_temp_files
+from .fileio import LOCK_NAME, atomic_write, exclusive_folder, refuse_file, stale_temp_files
 from .models import FOREIGN_LAYOUTS, build_model
 from .runtime import resolve_device
 
@@ -640,6 +640,12 @@ def _resumable(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
     return last
 
 
+def _lock_run(out: Path, held: contextlib.ExitStack) -> bool:
+    """Lock the run folder ``out`` until ``held`` closes (the run's end): another training there is refused;
+    False where its file system takes no locks."""
+    return held.enter_context(exclusive_folder(out, RUN_IN_PROGRESS))
+
+
 def _start(
     cfg: TrainConfig, resume: bool, rank: int, world: int, local_rank: int, held: contextlib.ExitStack
 ) -> tuple[_Run, tuple[np.ndarray, ...], Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]]:
@@ -653,6 +659,7 @@ def _start(
         torch.backends.cudnn.benchmark = True  # full batches only: every step has the same shapes
     out = Path(cfg.out)
     model = _check_config(cfg, world, device)
+    locked = _lock_run(out, held) if rank == 0 and out.is_dir() else None  # before its last.pt is read
     last = _resumable(cfg, resume)
     x_np, y_np, xv_np, yv_np = _load_splits(cfg, rank)
     images = images_key(x_np)
@@ -665,17 +672,23 @@ def _start(
     new_folder = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # once the options and the data passed
     if rank == 0:
-        held.enter_context(exclusive_folder(out, RUN_IN_PROGRESS))  # before the run's files are touched
+        if locked is None:  # a folder made now, or by another process since this one looked
+            locked = _lock_run(out, held)
+            if last is None and any((out / name).exists() for name in ("last.pt", "best.pt")):
+                raise RuntimeError(f"{out}: {RUN_IN_PROGRESS}")
         for stale in stale_temp_files(out):  # what a killed write left
             stale.unlink(missing_ok=True)
     _setup_logging(out, rank)
+    if locked is False:
+        log.warning("%s: its file system takes no locks: make sure no other training writes there", out)
     try:
         run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size, resuming=last is not None, model=model)
         targets = distill_targets(cfg, device, x_np, out, rank, world)
     except BaseException:  # a model, initial weights or targets that fail: no run folder with only its log left
-        if new_folder and rank == 0 and [p.name for p in out.iterdir()] == ["train.log"]:
+        if new_folder and rank == 0 and {p.name for p in out.iterdir()} - {LOCK_NAME} == {"train.log"}:
             _close_log()
-            (out / "train.log").unlink()
+            for name in ("train.log", LOCK_NAME):
+                (out / name).unlink(missing_ok=True)
             out.rmdir()
         raise
     changes: dict[str, tuple[Any, Any]] = {}
