@@ -742,6 +742,12 @@ def test_a_damaged_checkpoint_is_refused_not_used(tmp_path, capsys):
     with pytest.raises(CheckpointError, match=damaged):
         load_checkpoint(path)
     assert load_checkpoint(path, mmap=True)["model"] == "ferkit_small"  # its config alone is still read
+    torch.serialization.set_crc32_options(False)  # a file that records no CRC-32s (0) is read as before
+    try:
+        unchecked = save_checkpoint(tmp_path / "nocrc.pt", _small_state())
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert load_checkpoint(unchecked)["model"] == "ferkit_small"
     assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 2
     assert re.search(damaged, capsys.readouterr().err) and not (tmp_path / "m.onnx").exists()
 
