@@ -91,7 +91,7 @@ def test_the_python_api_reads_folders_and_videos_through_predict_paths(good, vid
 def test_nothing_is_written_to_the_home_folder(tmp_path):
     """ONNX Runtime wrote a device id and queued usage events in ~/.cache/Microsoft (and looked up its telemetry
     server from a process that lived a while): ferkit turns its telemetry off unless the user set it."""
-    env = {**os.environ, "HOME": str(tmp_path)}
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / ".cache")}  # ORT reads either
     env.pop("ORT_DISABLE_TELEMETRY", None)
     argv = [sys.executable, "-m", "ferkit", "predict", str(ASTRONAUT), "--format", "jsonl"]
     done = subprocess.run(argv, env=env, capture_output=True, timeout=300, cwd=tmp_path)
