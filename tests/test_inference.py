@@ -23,7 +23,16 @@ from ferkit.checkpoint import CheckpointError
 from ferkit.data import CLASSES
 from ferkit.export import PREPROCESSING, _set_metadata, export_onnx, read_metadata
 from ferkit.faces import CenterFaceDetector, HaarDetector, crop_faces
-from ferkit.inference import DEFAULT_MODEL, MAX_PIXELS, EmotionRecognizer, FaceResult, ImageError, annotate, load_image
+from ferkit.inference import (
+    DEFAULT_MODEL,
+    MAX_PIXELS,
+    EmotionRecognizer,
+    FaceResult,
+    ImageError,
+    NotAnImageError,
+    annotate,
+    load_image,
+)
 
 
 @pytest.fixture(scope="module")
@@ -484,6 +493,28 @@ def bad_files(tmp_path) -> dict[str, Path]:
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
     return {name: tmp_path / name for name in files}
+
+
+@pytest.mark.parametrize(
+    "head, video",
+    [
+        (b"\x00\x00\x00\x1cftypisom\x00\x00\x02\x00", True),
+        (b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00", True),
+        (b"\x00\x00\x00\x08wide\x00\x00\x00\x00", True),  # a QuickTime file without ftyp
+        (b"RIFF\x00\x00\x00\x00AVI LIST", True),
+        (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\xf7\x81", True),  # Matroska/WebM's EBML
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", False),  # HEIC photo
+        (b"\x00\x00\x00\x18ftypcrx \x00\x00\x00\x00", False),  # Canon CR3 raw
+        (b"\x00\x00\x00\x20ftypM4A \x00\x00\x00\x00", False),  # audio
+        (b"RIFF\x00\x00\x00\x00WAVEfmt ", False),
+    ],
+)
+def test_video_data_is_told_apart_from_other_data(head, video):
+    """Data (an upload, standard input) of a video said 'not an image file' as any other did; photos and files in
+    the same containers (HEIC, CR3, M4A, WAV) are not called videos."""
+    with pytest.raises(NotAnImageError) as e:
+        load_image(head + bytes(200))
+    assert str(e.value).startswith("a video (") == video, str(e.value)
 
 
 def test_bad_files_raise_image_error_naming_the_file(rec, bad_files):

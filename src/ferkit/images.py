@@ -113,12 +113,15 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"{at}corrupt or truncated image ({e or type(e).__name__})") from None
 
 
-HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"mif1", b"msf1", b"avif", b"avis")  # images in ftyp boxes
+# ISO media brands of videos (an ftyp box also begins HEIC/AVIF photos, CR3 raws, M4A audio: not these)
+VIDEO_BRANDS = (b"isom", b"iso2", b"iso4", b"iso5", b"iso6", b"mp41", b"mp42", b"avc1", b"qt  ", b"M4V ", b"M4VP",
+                b"dash", b"mmp4", b"MSNV", b"f4v ", b"3gp4", b"3gp5", b"3gp6", b"3g2a")  # fmt: skip
+QUICKTIME_ATOMS = (b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")  # a MOV without ftyp begins so
 
 
 def _video_container(head: bytes) -> str | None:
     """The video container whose signature begins ``head`` (12 bytes or more), or None."""
-    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide") and head[8:12] not in HEIF_BRANDS:
+    if (head[4:8] == b"ftyp" and head[8:12] in VIDEO_BRANDS) or head[4:8] in QUICKTIME_ATOMS:
         return "MP4/MOV"
     if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         return "AVI"
