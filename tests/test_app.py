@@ -752,7 +752,7 @@ def test_the_ui_checks_a_data_url_image_against_the_limits_before_decoding_it(mo
 
 def test_the_ui_queue_is_bounded_as_the_apis_is():
     """Gradio's queue had no bound: photos past the recognizers waited there, out of --queue's reach (120 queued
-    13 MiB data: URLs took a server from 1.3 to 4.6 GB). It holds --queue jobs and those being taken up."""
+    13 MiB data: URLs took a server from 1.3 to 4.6 GB). At most --queue jobs wait there, as in the API's."""
     import base64
 
     from fastapi.testclient import TestClient
@@ -761,7 +761,7 @@ def test_the_ui_queue_is_bounded_as_the_apis_is():
     photo = [{"url": url, "path": None, "meta": {"_type": "gradio.FileData"}}, False]
     with TestClient(create_app([SlowRecognizer(0.5)], AppSettings(max_queue=1, max_concurrency=1))) as c:
         answers = [c.post("/gradio_api/call/predict", json={"data": photo}) for _ in range(6)]
-    assert [r.status_code for r in answers].count(503) >= 2
+    assert [r.status_code for r in answers].count(503) >= 4  # one runs, one waits
     assert all("Queue is full" in r.text for r in answers if r.status_code == 503)
 
 

@@ -784,8 +784,9 @@ def build_ui(service: RecognizerService, rest_api: bool = True) -> Any:
         with gr.Tab("API"):
             gr.Markdown(api_help)
     # Gradio's queue has no bound of its own: photos past the recognizers waited there, out of --queue's reach
-    # (120 queued 13 MiB data: URLs held 3.4 GB); as many as the service lets wait, and those being taken up
-    demo.queue(max_size=s.max_queue + s.max_concurrency)
+    # (120 queued 13 MiB data: URLs held 3.4 GB). It counts the jobs not yet started: --queue of them (at least
+    # one, the moment between a job's arrival and its start)
+    demo.queue(max_size=max(1, s.max_queue))
     return demo
 
 
