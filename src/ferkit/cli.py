@@ -164,9 +164,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     own = Path(overrides.get("out", TrainConfig().out)) / "config.yaml"
     if args.config:
-        cfg = TrainConfig.from_yaml(args.config, **overrides)
+        cfg = TrainConfig.from_yaml(args.config, options=overrides, **overrides)
     elif args.resume and (own.is_file() or (own.parent / "last.pt").is_file()):  # the run's own recipe
-        cfg, dropped = TrainConfig.of_run(own.parent, ("last.pt", "config.yaml"), **overrides)
+        cfg, dropped = TrainConfig.of_run(own.parent, ("last.pt", "config.yaml"), options=overrides, **overrides)
         if dropped:
             print(f"ferkit train: {own.parent}: ignoring {', '.join(dropped)} (no longer training options)",
                   file=sys.stderr)  # fmt: skip

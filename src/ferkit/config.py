@@ -205,18 +205,21 @@ class TrainConfig:
             raise ValueError("out: empty; name the run's folder (a new one, or '.' to mean this one)")
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """Read a YAML file of fields (unknown keys are an error) and apply ``overrides``."""
-        return cls.from_dict({**_read_mapping(path), **overrides}, source=str(path), options=overrides)
+    def from_yaml(cls, path: str | Path, options: Collection[str] = (), **overrides: Any) -> TrainConfig:
+        """Read a YAML file of fields (unknown keys are an error) and apply ``overrides``; ``options``: see
+        :meth:`from_dict`."""
+        return cls.from_dict({**_read_mapping(path), **overrides}, source=str(path), options=options)
 
     @classmethod
-    def of_run(cls, run_dir: str | Path, sources: Sequence[str], **overrides: Any) -> tuple[TrainConfig, list[str]]:
+    def of_run(
+        cls, run_dir: str | Path, sources: Sequence[str], options: Collection[str] = (), **overrides: Any
+    ) -> tuple[TrainConfig, list[str]]:
         """The config of the run in ``run_dir`` (see :func:`run_options`) with ``overrides``, and the fields it
         has that this ferkit no longer knows (dropped); a field the run predates takes its default."""
         path, values = run_options(run_dir, sources)
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in values.items() if k in names}
-        return cls.from_dict({**known, **overrides}, source=str(path), options=overrides), sorted(set(values) - names)
+        return cls.from_dict({**known, **overrides}, source=str(path), options=options), sorted(set(values) - names)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config", options: Collection[str] = ()) -> TrainConfig:

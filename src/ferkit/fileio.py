@@ -102,7 +102,8 @@ def model_files(*models: str | os.PathLike[str]) -> list[Path]:
     return out
 
 
-TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")  # the temp files of atomic_write: .NAME.<16 hex>.tmp
+TEMP_TOKEN_BYTES = 8  # atomic_write's temp files: .NAME.<16 hex digits>.tmp
+TEMP_NAME = re.compile(rf"\..+\.[0-9a-f]{{{2 * TEMP_TOKEN_BYTES}}}\.tmp")
 
 
 def stale_temp_files(folder: str | Path) -> list[Path]:
@@ -152,7 +153,7 @@ def _open_temp(path: Path) -> tuple[Path, int]:
     """A new temp file beside ``path`` (its folders made), open for writing; errors name ``path``."""
     if file := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
         raise NotADirectoryError(errno.ENOTDIR, f"{file} is a file, not a folder", str(path))
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(TEMP_TOKEN_BYTES)}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # as open() does: the umask applies

@@ -110,7 +110,7 @@ class TorchBackend:
             import torch
         except ImportError as e:  # a bare install: ONNX Runtime only
             raise ImportError(f"{path}: a .pt checkpoint needs torch (pip install 'ferkit[train]'), or export it "
-                              "to ONNX where torch is", name=e.name) from e  # fmt: skip
+                              f"to ONNX where torch is ({e})", name=e.name) from e  # fmt: skip
 
         from .checkpoint import model_from_checkpoint, run_name
 

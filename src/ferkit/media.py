@@ -302,9 +302,9 @@ def _predict_files(
 
 def _mpeg4_fps(fps: float) -> float:
     """``fps`` rounded as little as lets MPEG-4 hold it: OpenCV gives FFmpeg a time base of 1000 / round(fps x
-    1000), whose reduced denominator must stay under 65536 (1000/3 fps, of a 1000 fps clip's every third frame,
-    could not be written; 333.33 can)."""
-    for digits in (3, 2):
+    1000), whose denominator once reduced (the numerator of fps as a fraction of 1000) must stay under 65536
+    (1000/3 fps, of a 1000 fps clip's every third frame, could not be written; 333.33 can)."""
+    for digits in (3, 2, 1):
         rounded = round(fps, digits)
         if rounded > 0 and Fraction(round(rounded * 1000), 1000).numerator <= 65535:
             return rounded
