@@ -242,6 +242,10 @@ def test_an_interrupted_export_leaves_the_earlier_set_whole(tmp_path, exported, 
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m_fp16.onnx", "m_int8.onnx", "other"]
     capsys.readouterr()
+    monkeypatch.undo()
+    assert main(["export", str(exported["pt"]), "-o", str(out), "--fp16"]) == 0  # the int8 copy is left as it was
+    assert capsys.readouterr().err == f"ferkit export: note: {tmp_path / 'm_int8.onnx'} is an earlier export's, " \
+                                      "not rewritten (without --int8)\n"  # fmt: skip
 
 
 def test_staging_folders_are_hidden_beside_their_file(tmp_path):

@@ -376,7 +376,7 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
             raise ValueError(f"{args.data}: no Training images to check and calibrate on")
     sample = images[np.random.default_rng(0).permutation(len(images))[:512]]
     out.parent.mkdir(parents=True, exist_ok=True)
-    with staging_folder(out) as tmp:  # all files made and checked, then put in place together: never a mixed set
+    with staging_folder(out) as tmp:  # all files made and checked first, then renamed into place one after another
         staged = export_onnx(args.checkpoint, tmp / out.name, metrics)
         if args.check or args.int8:
             diff = max_abs_diff(staged, args.checkpoint, sample)
@@ -394,6 +394,10 @@ def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> Non
             file.replace(final)
     for _, final in made:
         print(f"wrote {final} ({final.stat().st_size / 1e6:.2f} MB)")
+    for suffix in wanted.keys() - copies.keys():  # an earlier export's copy, now of other weights than OUT's
+        if (old := out.with_name(out.stem + suffix + ".onnx")).exists():
+            print(f"ferkit export: note: {old} is an earlier export's, not rewritten (without --{suffix[1:]})",
+                  file=sys.stderr)  # fmt: skip
 
 
 def _print_records(records: Iterable[Record], fmt: str, classes: Sequence[str]) -> bool:
