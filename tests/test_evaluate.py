@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -495,8 +496,34 @@ def test_prediction_cache_keeps_nothing_for_a_file_replaced_while_loading(
         return loaded
 
     monkeypatch.setattr(ev, "load_for_evaluation", load_then_replace)
-    evaluate_tta([ck], synthetic_cache, "PrivateTest", modes=("none",), device="cpu", cache=cache)
-    assert not list(cache.glob("*.npz"))  # its probabilities would have been filed under the old file's key
+    with pytest.raises(ValueError, match="model.pt: the file changed while it was evaluated"):  # whose numbers?
+        evaluate_tta([ck], synthetic_cache, "PrivateTest", modes=("none",), device="cpu", cache=cache, out=tmp_path)
+    assert not list(cache.glob("*.npz")) and not list(tmp_path.glob("*.json"))  # the report named the old digest
+
+
+def test_prediction_cache_knows_weights_kept_beside_an_onnx_file(synthetic_cache, tmp_path):
+    """An ONNX model whose weights lie in a .data file beside it (torch's export without external_data=False)
+    was cached under its .onnx file's bytes: other weights put beside it were given the first ones' numbers."""
+    import onnx
+    from helpers_inference import make_checkpoint
+
+    from ferkit.export import export_onnx
+
+    def external(seed: int, folder: Path) -> Path:
+        model = onnx.load(str(export_onnx(make_checkpoint(tmp_path / f"{seed}.pt", seed=seed), tmp_path / "e.onnx")))
+        folder.mkdir()
+        onnx.save_model(model, str(folder / "m.onnx"), save_as_external_data=True, location="m.onnx.data")
+        return folder / "m.onnx"
+
+    a, b = external(0, tmp_path / "a"), external(1, tmp_path / "b")
+    cache = tmp_path / "cache"
+    run = dict(modes=("none",), device="cpu", cache=cache)
+    first = evaluate_tta([a], synthetic_cache, "PrivateTest", **run)["none"]
+    shutil.copy(b.with_suffix(".onnx.data"), a.with_suffix(".onnx.data"))  # a's .onnx file as it was, b's weights
+    second = evaluate_tta([a], synthetic_cache, "PrivateTest", **run)["none"]
+    fresh = evaluate_tta([a], synthetic_cache, "PrivateTest", modes=("none",), device="cpu")["none"]  # no cache
+    assert second["digests"] != first["digests"] and len(list(cache.glob("*.npz"))) == 2
+    assert second["confusion_matrix"] == fresh["confusion_matrix"] != first["confusion_matrix"]
 
 
 def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):

@@ -21,7 +21,6 @@ from .fileio import (
     atomic_write,
     bytes_digest,
     check_writable,
-    file_digest,
     model_digest,
     model_name,
     read_npz,
@@ -325,14 +324,19 @@ def _probabilities(
     cache: str | Path | None = None,
     progress: bool = True,
     what: str = "ensemble member",
+    digests: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, list[tuple[str, dict[str, np.ndarray]]], bool, np.ndarray]:
     """The labels of ``split`` (``limit`` of them when that is fewer), for each model in turn its name and
     probabilities per TTA mode (with a progress bar: ten-crop views of a large model take minutes on a CPU),
-    whether the images are a subset of the split, and which are copies of Training images. With a ``cache``
-    folder, each model's probabilities are kept there under the SHA-256 of its file and of the images, and reused
-    (see :data:`CACHE_VERSION`; writing an entry deletes that model's entries of older versions)."""
+    whether the images are a subset of the split, and which are copies of Training images. ``digests``: the
+    models' (fileio.model_digest: an ONNX file's weights beside it too), taken before; a model whose file changes
+    meanwhile is refused, its numbers being another's. With a ``cache`` folder, each model's probabilities are
+    kept there under its digest and the images', and reused (see :data:`CACHE_VERSION`; writing an entry deletes
+    that model's entries of older versions)."""
     from .checkpoint import weights_digest
     from .data import load_dataset
+
+    digests = list(digests) if digests is not None else [model_digest(ck) for ck in checkpoints]
 
     if cache is not None:
         refuse_file(cache, "--cache")
@@ -344,7 +348,6 @@ def _probabilities(
         raise ValueError(f"{data_path}: no {split} images to evaluate on")
     images_key = bytes_digest(np.ascontiguousarray(images).data)
     per_model = []
-    digests = [None if cache is None else file_digest(ck) for ck in checkpoints]  # the key names what is loaded
     keys = [f"{digest}-{images_key}-{dev.type}" for digest in digests]
     paths = [None if cache is None else Path(cache) / f"{key}-v{CACHE_VERSION}.npz" for key in keys]
     cached = [_read_cached(path, modes, len(images)) for path in paths]
@@ -360,7 +363,10 @@ def _probabilities(
             label = f"{split} {k}/{len(checkpoints)} {ck}" if progress else None
             narrower = TTA_MODES[: max(map(TTA_MODES.index, modes)) + 1]  # free with the widest mode's views
             probs = predict_proba_modes(model.to(dev), images, dev, batch_size, narrower, label)
-            if path is not None and file_digest(ck) == digest:  # not kept if the file changed while loading
+            if model_digest(ck) != digest:  # replaced meanwhile (a best.pt a run rewrites): which was loaded?
+                raise ValueError(f"{ck}: the file changed while it was evaluated (a training still writing it?); "
+                                 "evaluate it again")  # fmt: skip
+            if path is not None:
                 kept = _read_cached(path, (), len(images)) or {}
                 atomic_write(path, lambda f, p=probs, kept=kept: np.savez(f, **{**kept, **p}))
                 for stale in _older_versions(path.parent, key):
@@ -453,7 +459,7 @@ def evaluate_tta(
     if out is not None:
         _refuse_other_models(Path(out), checkpoints, digests)
     labels, per_model, subset, seen = _probabilities(
-        checkpoints, data_path, split, modes, device, batch_size, limit, cache, progress
+        checkpoints, data_path, split, modes, device, batch_size, limit, cache, progress, digests=digests
     )
     names = [name for name, _ in per_model]
     results = {}
@@ -547,9 +553,9 @@ def select_ensemble(
     for :func:`evaluate_tta`, so that candidates already evaluated on PublicTest are not run again."""
     if not 1 <= len(checkpoints) <= MAX_CANDIDATES:
         raise ValueError(f"give 1 to {MAX_CANDIDATES} candidate models (got {len(checkpoints)})")
-    _distinct_models(checkpoints, "candidate")  # it would be ranked as two models
+    digests = _distinct_models(checkpoints, "candidate")  # it would be ranked as two models
     labels, per_model, _, _ = _probabilities(
-        checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache, progress, "candidate"
+        checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache, progress, "candidate", digests
     )
     probs = [p for _, p in per_model]
     rows = rank_ensembles(probs, labels, max_size)[:top]
