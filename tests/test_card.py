@@ -46,6 +46,29 @@ def test_model_card_quotes_the_run_and_its_numbers(trained_run, reports, tmp_pat
     assert all(f"| {c} |" in card for c in head["report"] if c in ("angry", "disgust", "neutral"))
 
 
+def test_the_card_refuses_reports_of_other_images_or_one_row_twice(trained_run, synthetic_cache, reports, tmp_path):
+    """A "PrivateTest" report scored on another data file (PublicTest's labels as PrivateTest's, say) was quoted
+    beside the real ones, and a copied report gave its row twice: reports name the images they scored."""
+    import shutil
+
+    from conftest import synthetic_data
+
+    from ferkit.data import save_cache
+    from ferkit.export import export_onnx
+
+    onnx = export_onnx(trained_run / "best.pt", tmp_path / "my_model.onnx")
+    other = synthetic_data({"Training": 16, "PublicTest": 4, "PrivateTest": 4}, seed=5)  # as many, other pixels
+    save_cache(other, tmp_path / "other.npz")
+    evaluate_tta([onnx], tmp_path / "other.npz", "PrivateTest", tmp_path / "other", ("none",), device="cpu")
+    ours, theirs = (json.loads(p.read_text())["images"] for p in (reports[1], tmp_path / "other/PrivateTest.json"))
+    assert ours != theirs
+    with pytest.raises(ValueError, match=r"other PrivateTest images than another report's"):
+        render_model_card(trained_run, onnx, [reports[0], tmp_path / "other/PrivateTest.json"], "x", "y")
+    copy = shutil.copy(reports[1], tmp_path / "copy.json")
+    with pytest.raises(ValueError, match=r"copy\.json: a second report of PrivateTest with TTA none"):
+        render_model_card(trained_run, onnx, [*reports, copy], "x", "y")
+
+
 def test_model_card_names_the_initial_weights_and_the_teachers(trained_run, synthetic_cache, reports, tmp_path):
     from conftest import tiny_config
 

@@ -20,14 +20,19 @@ RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 def _load(paths: list[Path], model: Path) -> list[dict[str, Any]]:
     """``ferkit evaluate`` reports of the file ``model`` on whole splits, checked: the card and the README
     must not quote a ranking, an ensemble's numbers, another model's or a subset's as this one's."""
-    reports, sizes, digest = [], {}, None
+    reports, first, digest = [], {}, None
     for path in paths:
         r = read_model_report(path, model, digest)
         digest = r["digests"][0]  # checked to be the model's: not computed again for the next report
         if r["limit"]:
             raise ValueError(f"{path}: the report of a {r['n']}-image subset of {r['split']}, not of the whole split")
-        if sizes.setdefault(r["split"], r["n"]) != r["n"]:
-            raise ValueError(f"{path}: {r['n']} {r['split']} images, another report has {sizes[r['split']]}")
+        other = first.setdefault(r["split"], r)
+        if other["n"] != r["n"]:
+            raise ValueError(f"{path}: {r['n']} {r['split']} images, another report has {other['n']}")
+        if r.get("images") and other.get("images") and r["images"] != other["images"]:  # recorded since 2026-11-29
+            raise ValueError(f"{path}: other {r['split']} images than another report's (another data file?)")
+        if any((o["split"], o["tta"]) == (r["split"], r["tta"]) for o in reports):  # a copy: a row twice
+            raise ValueError(f"{path}: a second report of {r['split']} with TTA {r['tta']}")
         reports.append(r)
     return reports
 

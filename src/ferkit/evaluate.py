@@ -325,14 +325,14 @@ def _probabilities(
     progress: bool = True,
     what: str = "ensemble member",
     digests: Sequence[str] | None = None,
-) -> tuple[np.ndarray, list[tuple[str, dict[str, np.ndarray]]], bool, np.ndarray]:
+) -> tuple[np.ndarray, list[tuple[str, dict[str, np.ndarray]]], bool, np.ndarray, str]:
     """The labels of ``split`` (``limit`` of them when that is fewer), for each model in turn its name and
     probabilities per TTA mode (with a progress bar: ten-crop views of a large model take minutes on a CPU),
-    whether the images are a subset of the split, and which are copies of Training images. ``digests``: the
-    models' (fileio.model_digest: an ONNX file's weights beside it too), taken before; a model whose file changes
-    meanwhile is refused, its numbers being another's. With a ``cache`` folder, each model's probabilities are
-    kept there under its digest and the images', and reused (see :data:`CACHE_VERSION`; writing an entry deletes
-    that model's entries of older versions)."""
+    whether the images are a subset of the split, which are copies of Training images, and the images' digest.
+    ``digests``: the models' (fileio.model_digest: an ONNX file's weights beside it too), taken before; a model
+    whose file changes meanwhile is refused, its numbers being another's. With a ``cache`` folder, each model's
+    probabilities are kept there under its digest and the images', and reused (see :data:`CACHE_VERSION`; writing
+    an entry deletes that model's entries of older versions)."""
     from .checkpoint import weights_digest
     from .data import load_dataset
 
@@ -375,7 +375,7 @@ def _probabilities(
         if not all(np.isfinite(p).all() for p in probs.values()):  # sklearn's words: "Input contains NaN."
             raise ValueError(f"{ck}: its probabilities are NaN or infinite on some {split} images (diverged?)")
         per_model.append((name, probs))
-    return labels, per_model, len(labels) < len(every[1]), data.seen_in_training(images)
+    return labels, per_model, len(labels) < len(every[1]), data.seen_in_training(images), images_key
 
 
 def _older_versions(folder: Path, key: str) -> list[Path]:
@@ -416,7 +416,7 @@ def split_probabilities(
     checkpoint: str | Path, data_path: str | Path, split: str, tta: str = "none", device: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray]:
     """One model's probabilities (N, 7) on all of ``split``, and the split's labels."""
-    labels, [(_, probs)], _, _ = _probabilities([checkpoint], data_path, split, [tta], device, 512, 0)
+    labels, [(_, probs)], *_ = _probabilities([checkpoint], data_path, split, [tta], device, 512, 0)
     return probs[tta], labels
 
 
@@ -458,7 +458,7 @@ def evaluate_tta(
     digests = _distinct_models(checkpoints, "ensemble member")  # what a report's numbers are of
     if out is not None:
         _refuse_other_models(Path(out), checkpoints, digests)
-    labels, per_model, subset, seen = _probabilities(
+    labels, per_model, subset, seen, images = _probabilities(
         checkpoints, data_path, split, modes, device, batch_size, limit, cache, progress, digests=digests
     )
     names = [name for name, _ in per_model]
@@ -467,7 +467,7 @@ def evaluate_tta(
         probs = _mean_probs([p for _, p in per_model], mode)
         metrics = {**compute_metrics(labels, probs), "unseen": unseen_metrics(labels, probs, seen)}
         meta = {"model": model_name(names), "checkpoints": [str(c) for c in checkpoints], "digests": digests}
-        meta |= {"split": split, "tta": mode}
+        meta |= {"split": split, "tta": mode, "images": images}  # which images: `ferkit card` compares them
         meta["limit"] = limit if subset else 0  # the report of a subset says so, whatever its file is named
         if out is not None:
             # a subset's report never takes the place of the whole split's
@@ -554,7 +554,7 @@ def select_ensemble(
     if not 1 <= len(checkpoints) <= MAX_CANDIDATES:
         raise ValueError(f"give 1 to {MAX_CANDIDATES} candidate models (got {len(checkpoints)})")
     digests = _distinct_models(checkpoints, "candidate")  # it would be ranked as two models
-    labels, per_model, _, _ = _probabilities(
+    labels, per_model, *_ = _probabilities(
         checkpoints, data_path, "PublicTest", modes, device, batch_size, limit, cache, progress, "candidate", digests
     )
     probs = [p for _, p in per_model]
