@@ -363,6 +363,14 @@ def test_prediction_cache_reuses_a_models_probabilities(trained_run, synthetic_c
     evaluate_tta([best], synthetic_cache, "PrivateTest", modes=("none",), device="cpu", cache=cache)
     assert len(calls) == 5
 
+    # and one holding NaNs (it stopped the run with "best.pt: its probabilities are NaN ... (diverged?)")
+    with np.load(entry) as f:
+        kept = dict(f)
+    kept["none"][0, 0] = np.nan
+    np.savez(entry, **kept)
+    evaluate_tta([best], synthetic_cache, "PrivateTest", modes=("none",), device="cpu", cache=cache)
+    assert len(calls) == 6
+
 
 def test_prediction_cache_keeps_the_narrower_modes_of_the_widest(trained_run, synthetic_cache, tmp_path, monkeypatch):
     """`evaluate --tta flip` kept only flip, so `select-ensemble --tta none flip` ran the model again, although

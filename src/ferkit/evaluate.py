@@ -366,14 +366,14 @@ def _probabilities(
             if model_digest(ck) != digest:  # replaced meanwhile (a best.pt a run rewrites): which was loaded?
                 raise ValueError(f"{ck}: the file changed while it was evaluated (a training still writing it?); "
                                  "evaluate it again")  # fmt: skip
+            if not all(np.isfinite(p).all() for p in probs.values()):  # sklearn's words: "Input contains NaN."
+                raise ValueError(f"{ck}: its probabilities are NaN or infinite on some {split} images (diverged?)")
             if path is not None:
                 kept = _read_cached(path, (), len(images)) or {}
                 atomic_write(path, lambda f, p=probs, kept=kept: np.savez(f, **{**kept, **p}))
                 for stale in _older_versions(path.parent, key):
                     stale.unlink(missing_ok=True)
             probs = {mode: probs[mode] for mode in modes}
-        if not all(np.isfinite(p).all() for p in probs.values()):  # sklearn's words: "Input contains NaN."
-            raise ValueError(f"{ck}: its probabilities are NaN or infinite on some {split} images (diverged?)")
         per_model.append((name, probs))
     return labels, per_model, len(labels) < len(every[1]), data.seen_in_training(images), images_key
 
@@ -391,14 +391,15 @@ def _older_versions(folder: Path, key: str) -> list[Path]:
 
 def _read_cached(path: Path | None, modes: Sequence[str], n: int) -> dict[str, np.ndarray] | None:
     """The probabilities of ``modes`` kept in ``path`` (all it holds when ``modes`` is empty), or None when
-    the file is absent, unreadable or lacks one of them."""
+    the file is absent, unreadable, lacks one of them or holds values no model gives (NaN: the entry, not the
+    model, is damaged; a model's own are refused before they are kept)."""
     if path is None or not path.exists():
         return None
     try:
         kept = read_npz(path, list(modes) or None)
     except ValueError:  # a damaged entry (bad zip, bad deflate stream, ...) is computed again
         return None
-    if any(p.shape != (n, len(CLASSES)) for p in kept.values()):
+    if any(p.shape != (n, len(CLASSES)) or not np.isfinite(p).all() for p in kept.values()):
         return None
     return kept
 
