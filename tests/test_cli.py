@@ -361,6 +361,7 @@ def test_a_bad_value_is_named_where_it_was_given(tmp_path, synthetic_cache, caps
         (["--config", str(tmp_path / "recipe.yaml"), "--lr=-2"], "--lr: -2.0 is outside (0, inf)"),
         (["--lr=-2"], "--lr: -2.0 is outside (0, inf)"),
         (["--label-smoothing", "2"], "--label-smoothing: 2.0 is outside [0, 1)"),
+        (["--threads", "99999"], "--threads: 99999 is outside [0, 1024]"),  # torch crashed (segmentation fault)
     ]:
         assert cli.main([*base, *extra]) == 2
         assert capsys.readouterr().err.endswith(f"ferkit train: error: {message}\n"), extra

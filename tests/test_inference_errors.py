@@ -154,6 +154,7 @@ def test_an_empty_model_list_is_no_model():
         ({"threads": -1}, "threads must be a whole number of at least 1 (None: all cores), got -1"),
         ({"threads": 0}, "threads must be a whole number of at least 1 (None: all cores), got 0"),  # all cores
         ({"threads": 2.5}, "threads must be a whole number of at least 1 (None: all cores), got 2.5"),  # TypeError
+        ({"threads": 99999}, "threads must be at most 1024, got 99999"),  # ONNX Runtime took 16 GB and hung
         ({"margin": "0.1"}, "margin must be between 0 and 1"),  # TypeError '<='
         ({"model": 3}, "model must be a file path or a list of them, got 3"),
         ({"model": ""}, "model must be a file path or a list of them, got ''"),  # loaded the shipped model

@@ -28,6 +28,7 @@ from .config import (
     IMAGE_SIZE,
     MARGIN,
     MAX_PIXELS,
+    MAX_THREADS,
     MIN_FACE,
     RESUMABLE_CHANGES,
     TTA,
@@ -733,7 +734,7 @@ def _add_predict(sub: Any) -> None:
         "--format", default="table", choices=["table", "jsonl", "csv"], help="output format (default: %(default)s)"
     )
     p.add_argument("--annotate", metavar="DIR", help="write annotated images/videos into DIR")
-    p.add_argument("--threads", type=_count(1), help="onnxruntime threads (default: all cores)")
+    p.add_argument("--threads", type=_count(1, MAX_THREADS), help="onnxruntime threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_predict, usage_error=p.error)
 
@@ -797,7 +798,8 @@ def _add_serve(sub: Any) -> None:
         default=d.upload_timeout_s,
         help="seconds to receive an upload (then 408; default: %(default)s)",
     )
-    p.add_argument("--threads", type=_count(1), help="onnxruntime threads per inference (default: cores / concurrency)")
+    threads_help = "onnxruntime threads per inference (default: cores / concurrency)"
+    p.add_argument("--threads", type=_count(1, MAX_THREADS), help=threads_help)
     p.add_argument("--no-ui", action="store_true", help="serve the API only, without the Gradio UI")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

@@ -39,6 +39,7 @@ MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 TTA = "flip"  # the default: ten-crop was 4 PublicTest images better at 5x the model time (README, Results)
 TTA_MODES = ("none", "flip", "crops")  # test-time augmentation per face (crops: ten-crop, 5x flip's model time)
 MIB = 1024 * 1024  # uploads are limited in MiB
+MAX_THREADS = 1024  # more threads than that are a typo (99999: torch crashed, ONNX Runtime took 16 GB and hung)
 # `export --check`: the largest |ONNX - torch| difference of a float32 export's probabilities (measured: 5e-7)
 CHECK_TOLERANCE = 1e-4
 
@@ -164,7 +165,7 @@ class TrainConfig:
     channels_last: bool = _opt(True, "use the channels_last memory format on CUDA")
     compile: bool = _opt(False, "torch.compile the model")
     sync_bn: bool = _opt(False, "under torchrun: synchronise BatchNorm statistics across processes")
-    threads: int = _opt(0, "CPU threads for torch (0 = torch's default)", bounds="[0, inf)")
+    threads: int = _opt(0, "CPU threads for torch (0 = torch's default)", bounds=f"[0, {MAX_THREADS}]")
     train_limit: int = _opt(
         0, "use a fixed random subset of N training images (0 = all); for quick runs and tests", bounds="[0, inf)"
     )

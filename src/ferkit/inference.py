@@ -15,7 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from .config import DEFAULT_MODEL, DETECTOR, IMAGE_SIZE, MARGIN, MIN_FACE, TTA, TTA_MODES, WEIGHTS_DIR  # noqa: F401 - re-exported
+from .config import (  # noqa: F401 - re-exported
+    DEFAULT_MODEL,
+    DETECTOR,
+    IMAGE_SIZE,
+    MARGIN,
+    MAX_THREADS,
+    MIN_FACE,
+    TTA,
+    TTA_MODES,
+    WEIGHTS_DIR,
+)
 from .data import CLASSES, model_input, scores_shape_problem, tta_views
 from .faces import Box, FaceDetector, check_margin, crop_faces, fit_boxes, make_detector
 from .fileio import model_files, model_name, not_a_file, parse_model_metadata, refuse_repeats, refuse_same_weights
@@ -180,7 +190,7 @@ class EmotionRecognizer:
         check_margin(margin)
         check_count("min_face", min_face)
         check_count("max_pixels", max_pixels)
-        check_count("threads", threads, none_means="all cores")  # a torch model with Haar opens no ONNX session
+        check_count("threads", threads, none_means="all cores", maximum=MAX_THREADS)  # a torch model with Haar: no ONNX
         members = model if isinstance(model, (list, tuple)) else [DEFAULT_MODEL if model is None else model]
         if not members:
             raise ValueError("no model given")

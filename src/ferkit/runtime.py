@@ -11,18 +11,22 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import MAX_THREADS
+
 if TYPE_CHECKING:
     import torch
 
 
-def check_count(name: str, value: object, none_means: str = "") -> None:
-    """Refuse anything but a whole number of at least 1 (a bool or a float: refused) as ``name``; ``none_means``: what
-    None stands for, where None is allowed."""
+def check_count(name: str, value: object, none_means: str = "", maximum: int | None = None) -> None:
+    """Refuse anything but a whole number of at least 1 (and at most ``maximum``; a bool or a float: refused) as
+    ``name``; ``none_means``: what None stands for, where None is allowed."""
     if none_means and value is None:
         return
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         allowed = f" (None: {none_means})" if none_means else ""
         raise ValueError(f"{name} must be a whole number of at least 1{allowed}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value!r}")
 
 
 def warn_caller(message: str) -> None:
@@ -42,7 +46,7 @@ def cpu_session(path: str | Path, threads: int | None, what: str, arena: bool = 
     another session (the one that runs next) needs."""
     import onnxruntime as ort
 
-    check_count("threads", threads, none_means="all cores")
+    check_count("threads", threads, none_means="all cores", maximum=MAX_THREADS)
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = arena
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
