@@ -866,6 +866,11 @@ def test_slim_refuses_to_overwrite_its_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"model\.onnx: name the output \*\.pt"):  # a checkpoint under an ONNX name
         slim_checkpoint(last, tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
+    best = save_checkpoint(tmp_path / "best.pt", _small_state())
+    with pytest.raises(ValueError, match=r"last\.pt: a run's checkpoint to resume from"):  # from another file too
+        slim_checkpoint(best, last)
+    assert last.read_bytes() == before
+    assert slim_checkpoint(last, best) == best  # a checkpoint without optimiser state may be replaced
 
 
 def test_cli_slim(tmp_path, capsys):

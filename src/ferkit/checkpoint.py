@@ -3,6 +3,7 @@ initial weights (e.g. ImageNet) loaded into a model by name and shape."""
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import zipfile
 from collections.abc import Callable
@@ -186,6 +187,10 @@ def slim_checkpoint(path: str | Path, out: str | Path, half: bool = False) -> Pa
     refuse_input(out, path, "the checkpoint", "another file for the slimmed one")  # last.pt is what --resume needs
     if Path(out).suffix.lower() not in (".pt", ".pth"):  # `-o model.onnx` wrote a checkpoint under an ONNX name
         raise ValueError(f"{out}: name the output *.pt (`ferkit export` writes ONNX)")
+    if Path(out).is_file():  # another run's last.pt: that run could no longer resume
+        with contextlib.suppress(CheckpointError):
+            if "optimizer" in load_checkpoint(out, mmap=True):
+                raise ValueError(f"{out}: a run's checkpoint to resume from; write the slimmed copy elsewhere")
     state = _model_state(path)
     weights = state.get("ema_state_dict") or state["state_dict"]
     if half:
