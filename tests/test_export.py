@@ -4,6 +4,7 @@ and torch backends, and clear errors for bad model files. One small checkpoint i
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import warnings
@@ -246,6 +247,21 @@ def test_an_interrupted_export_leaves_the_earlier_set_whole(tmp_path, exported, 
     assert main(["export", str(exported["pt"]), "-o", str(out), "--fp16"]) == 0  # the int8 copy is left as it was
     assert capsys.readouterr().err == f"ferkit export: note: {tmp_path / 'm_int8.onnx'} is an earlier export's, " \
                                       "not rewritten (without --int8)\n"  # fmt: skip
+
+
+def test_an_output_name_that_is_not_utf8(tmp_path, exported):
+    """export failed on a file name of other bytes ("surrogates not allowed": the name went into the model's doc
+    string), and slim and evaluate exited 2 after writing, printing it where stdout is strictly UTF-8."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bad\udcff.onnx"  # the byte 0xff of a Latin-1 name, as Python decodes it
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    for command, name in (("export", out), ("slim", out.with_suffix(".pt"))):
+        argv = [sys.executable, "-m", "ferkit", command, str(exported["pt"]), "-o", str(name)]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "wrote " in done.stdout and "bad\\udcff" in done.stdout, done.stderr
+    assert read_metadata(out)["name"] == "bad\udcff"
 
 
 def test_staging_folders_are_hidden_beside_their_file(tmp_path):

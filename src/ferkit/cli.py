@@ -450,8 +450,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.usage_error("give image/video/folder paths, or --webcam N")
     if args.webcam is not None and (args.paths or args.annotate):
         args.usage_error("--webcam reads the camera only: it takes no paths and no --annotate")
-    if isinstance(sys.stdout, io.TextIOWrapper):  # a file name that is not valid UTF-8 is printed escaped
-        sys.stdout.reconfigure(errors="backslashreplace")
     rec = EmotionRecognizer(
         args.model,
         backend=args.backend,
@@ -865,6 +863,9 @@ def _ended(command: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 is printed escaped, every command
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     with _as_a_command():
         try:
             return args.func(args)

@@ -66,7 +66,8 @@ def _save_with_metadata(model: Any, info: dict[str, Any], out: Path) -> None:
     entry = model.metadata_props.add()
     info = {"name": out.stem, **{k: v for k, v in info.items() if k != "name"}, "preprocessing": PREPROCESSING}
     entry.key, entry.value = "ferkit", json.dumps(info)
-    model.doc_string = f"ferkit {info['name']}: {PREPROCESSING}"
+    name = info["name"].encode("utf-8", "backslashreplace").decode()  # a file name not in UTF-8: protobuf's are
+    model.doc_string = f"ferkit {name}: {PREPROCESSING}"
     atomic_write(out, lambda f: f.write(model.SerializeToString()))
 
 
