@@ -510,7 +510,7 @@ def test_lr_factor_unknown():
         ({"label_smoothing": 3}, "label_smoothing: 3.0 is outside [0, 1)"),
         ({"epochs": -1}, "epochs: -1 is outside [0, inf)"),
         ({"mixup": -1}, "mixup: -1.0 is outside [0, inf)"),
-        ({"threads": -2}, "threads: -2 is outside [0, inf)"),
+        ({"threads": -2}, "threads: -2 is outside [0, 1024]"),
         ({"train_limit": -4}, "train_limit: -4 is outside [0, inf)"),
         ({"warmup_epochs": -1}, "warmup_epochs: -1.0 is outside [0, inf)"),
         ({"distill_temperature": 0}, "distill_temperature: 0.0 is outside (0, inf)"),
