@@ -139,12 +139,12 @@ def exclusive_folder(folder: str | Path, what: str) -> Iterator[bool]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             raise RuntimeError(f"{folder}: {what}") from None
         except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
-            yield False
-            return
-        yield True
+            locked = False
+        yield locked  # outside the handlers: the block's own errors are not told as during ENOLCK's
     finally:
         os.close(fd)
 
