@@ -337,14 +337,10 @@ class _AnnotatedVideo:
     def finish(self) -> None:
         """Complete the file, if a frame was written; raises OSError if it cannot be put in place."""
         if self.writer is not None:
-            import cv2
-
             self.writer.release()
             self.writer = None
             # cv2.VideoWriter.write reports nothing: a full disk left a file without its index (unplayable)
-            check = cv2.VideoCapture(str(self.partial))
-            count = int(check.get(cv2.CAP_PROP_FRAME_COUNT)) if check.isOpened() else 0
-            check.release()
+            count, _ = video_info(self.partial)
             if count != self.frames:
                 self.partial.unlink(missing_ok=True)
                 raise OSError(f"{self.path}: the video writer stored {count} of {self.frames} frames (disk full?)")
