@@ -185,6 +185,7 @@ def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
         device="cpu",
         threads=1,
         progress=False,
+        evaluate=False,
     )
     values.update(overrides)
     return TrainConfig.from_dict(values)

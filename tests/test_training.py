@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import json
 import logging
 import math
 import re
@@ -79,6 +80,18 @@ def test_run_outputs(trained_run):
     assert not model.training
     _assert_same_weights(model.state_dict(), last["state_dict"])
     assert model(torch.rand(2, 1, 48, 48)).shape == (2, 7)
+
+
+def test_train_evaluates_its_best_checkpoint_as_the_config_says(tmp_path, synthetic_cache):
+    """``evaluate`` (on by default) is the Python API's too: train() wrote no out/eval, the CLI alone did."""
+    result = train(tiny_config(synthetic_cache, tmp_path / "run", epochs=1, evaluate=True, tta="flip"))
+    report = result["evaluation"]
+    assert report["split"] == "PrivateTest" and report["tta"] == "flip"
+    assert report["checkpoints"] == [str(tmp_path / "run" / "best.pt")]
+    assert Path(report["report_json"]) == tmp_path / "run" / "eval" / "PrivateTest_tta-flip.json"
+    assert json.loads(Path(report["report_json"]).read_text())["accuracy"] == report["accuracy"]
+    assert train(tiny_config(synthetic_cache, tmp_path / "off", epochs=1))["evaluation"] is None
+    assert not (tmp_path / "off" / "eval").exists()
 
 
 def test_training_learns_the_synthetic_task(tmp_path, synthetic_cache):

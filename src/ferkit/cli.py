@@ -180,34 +180,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not cfg.data:
         raise ValueError("--data is required (or set `data:` in the --config file)")
     result = train(cfg, resume=args.resume)
-    if cfg.evaluate and result["history"] and int(os.environ.get("RANK", "0")) == 0:
-        _evaluate([result["best"]], cfg.data, "PrivateTest", Path(cfg.out) / "eval", [cfg.tta], cfg.device,
-                  progress=cfg.progress)  # fmt: skip
+    if result["evaluation"] is not None:
+        _print_reports([result["evaluation"]])
     return 0
 
 
-def _evaluate(
-    checkpoints: list[str],
-    data: str,
-    split: str,
-    out: Path | None,
-    modes: list[str],
-    device: str,
-    limit: int = 0,
-    cache: str | None = None,
-    progress: bool = True,
-) -> None:
-    from .evaluate import evaluate_tta, format_summary
+def _print_reports(reports: Iterable[dict[str, Any]]) -> None:
+    """Each evaluation report's summary, and the file it was written to."""
+    from .evaluate import format_summary
 
-    results = evaluate_tta(checkpoints, data, split, out, modes, device, limit=limit, cache=cache, progress=progress)
-    for tta, result in results.items():
-        print(f"{result['model']} on {split} (TTA: {tta})")
-        print(format_summary(result))
-        if out is not None:
-            print(f"report: {result['report_json']}")
+    for report in reports:
+        print(f"{report['model']} on {report['split']} (TTA: {report['tta']})")
+        print(format_summary(report))
+        if "report_json" in report:
+            print(f"report: {report['report_json']}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_tta
     from .fileio import model_files
 
     checkpoints = model_files(*args.checkpoint, *(args.ensemble or []))
@@ -224,8 +214,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # a file of the installed package (the shipped model) reports into the current folder, not into the package
     home = Path.cwd() if first.resolve().parent == WEIGHTS_DIR.resolve() else first.parent
     out = Path(args.out) if args.out else home / default
-    _evaluate(checkpoints, args.data, args.split, out, args.tta, args.device, args.limit, args.cache,
-              not args.no_progress)  # fmt: skip
+    reports = evaluate_tta(checkpoints, args.data, args.split, out, args.tta, args.device, limit=args.limit,
+                           cache=args.cache, progress=not args.no_progress)  # fmt: skip
+    _print_reports(reports.values())
     return 0
 
 

@@ -31,7 +31,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_init_weights, sav
 from .config import IMAGE_SIZE, RESUMABLE_CHANGES, TrainConfig
 from .data import CLASSES, load_dataset
 from .distill import distill_loss, distill_targets, images_key, is_targets_file
-from .evaluate import predict_proba
+from .evaluate import evaluate_tta, predict_proba
 from .fileio import LOCK_NAME, atomic_write, exclusive_folder, refuse_file, stale_temp_files
 from .models import FOREIGN_LAYOUTS, build_model
 from .runtime import resolve_device
@@ -599,16 +599,25 @@ def _check_resumed_config(path: Path, saved: dict[str, Any], cfg: TrainConfig) -
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train a model as ``cfg`` says; returns the final training state (best accuracy, epochs, paths)."""
+    """Train a model as ``cfg`` says, then (``cfg.evaluate``, on rank 0) evaluate its best.pt on PrivateTest into
+    ``out/eval``; returns the final training state (best accuracy, epochs, paths) with that report as
+    ``"evaluation"`` (None when not evaluated)."""
     owned = not dist.is_initialized()
     rank, world, local_rank = _setup_distributed(cfg.device)
     try:
         with contextlib.ExitStack() as held:  # the run folder's lock, while the run lasts
-            return _train(cfg, resume, rank, world, local_rank, held)
+            result = _train(cfg, resume, rank, world, local_rank, held)
     finally:  # a process that exits with the group alive can abort in gloo's threads ("terminate called ...")
         _close_log()  # train.log closed: the next run's messages went into it (the Python API, run after run)
         if owned and dist.is_initialized():
             dist.destroy_process_group()
+    result["evaluation"] = None
+    if cfg.evaluate and result["history"] and rank == 0:
+        out = Path(cfg.out) / "eval"
+        reports = evaluate_tta([result["best"]], cfg.data, "PrivateTest", out, [cfg.tta], cfg.device,
+                               progress=cfg.progress)  # fmt: skip
+        result["evaluation"] = reports[cfg.tta]
+    return result
 
 
 def _resumable(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
