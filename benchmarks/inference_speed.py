@@ -42,7 +42,7 @@ from _photos import encode_jpeg, paste, plain_canvas
 
 from ferkit.config import TTA_MODES
 from ferkit.data import CLASSES, SPLITS, model_input
-from ferkit.export import convert_fp16, quantize_int8
+from ferkit.export import calibration_sample, convert_fp16, quantize_int8
 from ferkit.faces import crop_faces, make_detector
 from ferkit.inference import DEFAULT_MODEL, EmotionRecognizer, OnnxBackend, TorchBackend, load_image
 
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if float_model is not None:
             backends["onnxruntime fp32"] = OnnxBackend(float_model, threads)
         if quantized := int8_model is None:
-            calib, _ = data.subset(*data.split("Training"), args.calibration, seed=1)
+            calib = calibration_sample(data.split("Training")[0], args.calibration)  # as `ferkit export --int8`
             print(f"quantizing to int8 (calibration: {len(calib)} Training crops) ...", flush=True)
             int8_model = quantize_int8(float_model, Path(tmp) / (float_model.stem + "_int8.onnx"), calib)
         backends["onnxruntime int8"] = OnnxBackend(int8_model, threads)

@@ -50,6 +50,9 @@ def test_prepare_writes_cache(tmp_path, fer_folder, capsys):
     }
     printed = capsys.readouterr()
     assert f"wrote {out}: 49 images" in printed.out and "Training" in printed.out and "warning" not in printed.err
+    assert "img/s" in printed.err or "s/img" in printed.err  # the decoding's progress bar
+    assert cli.main(["prepare", str(fer_folder.root), "-o", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""  # prepare had no --no-progress
     # a folder without test/ is a cache of Training images alone: written, with a warning (it was silent)
     train_only = tmp_path / "train_only"
     shutil.copytree(fer_folder.root / "train", train_only / "train")

@@ -25,7 +25,6 @@ import yaml
 from .config import (
     CHECK_TOLERANCE,
     DETECTOR,
-    IMAGE_SIZE,
     MARGIN,
     MAX_PIXELS,
     MAX_THREADS,
@@ -91,6 +90,10 @@ def _add_evaluation_options(p: argparse.ArgumentParser) -> None:
         "and reuse them (a later ensemble or select-ensemble runs no model twice); clear DIR after changing "
         "ferkit's TTA or preprocessing code",
     )
+    _add_no_progress(p)
+
+
+def _add_no_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -147,7 +150,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    data = prepare(args.src, args.out)
+    data = prepare(args.src, args.out, progress=not args.no_progress)
     counts = data.counts()
     print(f"wrote {args.out}: {len(data)} images")
     for split, c in counts.items():
@@ -335,12 +338,13 @@ def _copy_onnx(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
         from .evaluate import split_probabilities
 
         check_fit_prior(args.checkpoint, args.out)
-        probs, labels = split_probabilities(args.checkpoint, args.data, "PublicTest")
+        probs, labels = split_probabilities(args.checkpoint, args.data, "PublicTest", progress=not args.no_progress)
         out = fit_prior(args.checkpoint, args.out, probs, labels, "PublicTest")
         fitted = read_metadata(out)["prior_fitted"]
         print(f"wrote {out}: {args.checkpoint} with logit offsets {fitted['offsets']} fit on PublicTest")
         return
-    counts = np.bincount(load_dataset(args.data).split("Training")[1], minlength=len(CLASSES))
+    labels = load_dataset(args.data, progress=not args.no_progress).split("Training")[1]
+    counts = np.bincount(labels, minlength=len(CLASSES))
     out = undo_class_weights(args.checkpoint, args.out, counts, args.undo_class_weights)
     print(f"wrote {out}: {args.checkpoint} with its class weights undone (power {args.undo_class_weights})")
 
@@ -348,47 +352,25 @@ def _copy_onnx(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
 def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
     """``export CHECKPOINT.pt``: its ONNX file (with ``metrics``), checked against torch, and its fp16/int8 copies."""
     from .data import load_dataset
-    from .export import convert_fp16, export_onnx, max_abs_diff, quantize_int8
-    from .fileio import check_writable, staging_folder
+    from .export import copy_path, export_all
 
     if correction := _correction(args):
         raise ValueError(f"{correction} takes an exported .onnx: export the checkpoint first")
     if args.int8 and not args.data:
         raise ValueError("--int8 needs --data: int8 is calibrated on FER-2013 Training faces (random images ruin it)")
-    out = Path(args.out)
-    wanted = {"_fp16": args.fp16, "_int8": args.int8}
-    copies = {suffix: out.with_name(out.stem + suffix + ".onnx") for suffix, want in wanted.items() if want}
-    for path in [out, *copies.values()]:
-        check_writable(path)  # before the export and the calibration run: they failed after
-    size = (64, IMAGE_SIZE, IMAGE_SIZE)
-    images = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)  # for --check alone
+    images = None
     if args.data and (args.check or args.int8):  # read before anything is written
-        images, _ = load_dataset(args.data).split("Training")
+        images, _ = load_dataset(args.data, progress=not args.no_progress).split("Training")
         if len(images) == 0:
             raise ValueError(f"{args.data}: no Training images to check and calibrate on")
-    sample = images[np.random.default_rng(0).permutation(len(images))[:512]]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with staging_folder(out) as tmp:  # all files made and checked first, then renamed into place one after another
-        staged = export_onnx(args.checkpoint, tmp / out.name, metrics)
-        if args.check or args.int8:
-            diff = max_abs_diff(staged, args.checkpoint, sample)
-            print(f"max |onnx - torch| on {len(sample)} images: {diff:.2e}")
-            if not diff <= CHECK_TOLERANCE:  # NaN too
-                raise ValueError(f"{args.checkpoint}: its ONNX export's probabilities differ from its own by "
-                                 f"{diff:.2e}, over {CHECK_TOLERANCE:g}: the export is wrong (an operator computed "
-                                 f"otherwise?); {out} not written")  # fmt: skip
-        made = [(staged, out)]
-        if args.fp16:
-            made.append((convert_fp16(staged, tmp / copies["_fp16"].name), copies["_fp16"]))
-        if args.int8:
-            made.append((quantize_int8(staged, tmp / copies["_int8"].name, sample), copies["_int8"]))
-        for file, final in made:
-            file.replace(final)
-    for _, final in made:
+    done = export_all(args.checkpoint, args.out, metrics, images, args.check, args.fp16, args.int8)
+    if done.diff is not None:
+        print(f"max |onnx - torch| on {done.checked} images: {done.diff:.2e}")
+    for final in done.files:
         print(f"wrote {final} ({final.stat().st_size / 1e6:.2f} MB)")
-    for suffix in wanted.keys() - copies.keys():  # an earlier export's copy, now of other weights than OUT's
-        if (old := out.with_name(out.stem + suffix + ".onnx")).exists():
-            print(f"ferkit export: note: {old} is an earlier export's, not rewritten (without --{suffix[1:]})",
+    for precision, wanted in (("fp16", args.fp16), ("int8", args.int8)):
+        if not wanted and (old := copy_path(args.out, precision)).exists():  # of other weights than OUT's now
+            print(f"ferkit export: note: {old} is an earlier export's, not rewritten (without --{precision})",
                   file=sys.stderr)  # fmt: skip
 
 
@@ -520,6 +502,7 @@ def _add_prepare(sub: Any) -> None:
     )
     p.add_argument("src", help="fer2013.csv, or the folder holding train/ and test/")
     p.add_argument("-o", "--out", default="data/fer2013.npz", help="cache file to write (default: %(default)s)")
+    _add_no_progress(p)
     p.set_defaults(func=cmd_prepare)
 
 
@@ -689,6 +672,7 @@ def _add_export(sub: Any) -> None:
         help="FER-2013 data: int8 calibration (needed by --int8), --check images (default: random) and the "
         "class counts of --undo-class-weights, PublicTest of --fit-prior",
     )
+    _add_no_progress(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -724,7 +708,7 @@ def _add_predict(sub: Any) -> None:
     )
     p.add_argument("--annotate", metavar="DIR", help="write annotated images/videos into DIR")
     p.add_argument("--threads", type=_count(1, MAX_THREADS), help="onnxruntime threads (default: all cores)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_no_progress(p)
     p.set_defaults(func=cmd_predict, usage_error=p.error)
 
 

@@ -414,10 +414,15 @@ def _mean_probs(per_model: Sequence[dict[str, np.ndarray]], mode: str) -> np.nda
 
 
 def split_probabilities(
-    checkpoint: str | Path, data_path: str | Path, split: str, tta: str = "none", device: str = "auto"
+    checkpoint: str | Path,
+    data_path: str | Path,
+    split: str,
+    tta: str = "none",
+    device: str = "auto",
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One model's probabilities (N, 7) on all of ``split``, and the split's labels."""
-    labels, [(_, probs)], *_ = _probabilities([checkpoint], data_path, split, [tta], device, 512, 0)
+    labels, [(_, probs)], *_ = _probabilities([checkpoint], data_path, split, [tta], device, 512, 0, progress=progress)
     return probs[tta], labels
 
 

@@ -10,17 +10,18 @@ import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .checkpoint import model_from_checkpoint, weights_digest
-from .config import IMAGE_SIZE
+from .config import CHECK_TOLERANCE, IMAGE_SIZE
 from .data import model_input
 from .fileio import (
     atomic_write,
+    check_writable,
     not_a_file,
     parse_model_metadata,
     read_model_report,
@@ -28,6 +29,7 @@ from .fileio import (
     refuse_input,
     staging_folder,
 )
+from .runtime import cpu_session
 
 PREPROCESSING = (
     "RGB -> grayscale (ITU-R 601 luma), a square face crop (the detector's box widened by ferkit's --margin) "
@@ -265,14 +267,79 @@ def export_onnx(
 
 def max_abs_diff(onnx_path: str | Path, checkpoint: str | Path, images: np.ndarray) -> float:
     """Largest absolute difference between ONNX Runtime and torch probabilities on uint8 ``images``."""
-    import onnxruntime as ort
-
     model, _ = model_from_checkpoint(checkpoint)
     x = model_input(images)
     with torch.no_grad():
         ref = torch.softmax(model(torch.from_numpy(x)), 1).numpy()
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = cpu_session(onnx_path, None, "ONNX model")
     return float(np.abs(sess.run(None, {"image": x})[0] - ref).max())
+
+
+CALIBRATION_IMAGES = 512  # Training faces int8 is calibrated on and --check compares ONNX with torch on
+
+
+def calibration_sample(images: np.ndarray, n: int = CALIBRATION_IMAGES, seed: int = 0) -> np.ndarray:
+    """``n`` of ``images`` (uint8 faces) drawn at random with ``seed``: those an export calibrates int8 on and
+    checks ONNX against torch on (the benchmark of int8 draws them the same way)."""
+    return images[np.random.default_rng(seed).permutation(len(images))[:n]]
+
+
+def copy_path(out: str | Path, precision: str) -> Path:
+    """Where an export to ``out`` writes its ``fp16`` or ``int8`` copy: ``OUT_fp16.onnx``, ``OUT_int8.onnx``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_{precision}.onnx")
+
+
+class Exported(NamedTuple):
+    """What :func:`export_all` wrote (``out`` first), and its check: the largest |ONNX - torch| difference of
+    the probabilities (None: not checked) on ``checked`` images."""
+
+    files: list[Path]
+    diff: float | None
+    checked: int
+
+
+def export_all(
+    checkpoint: str | Path,
+    out: str | Path,
+    metrics: dict[str, Any] | None = None,
+    images: np.ndarray | None = None,
+    check: bool = False,
+    fp16: bool = False,
+    int8: bool = False,
+) -> Exported:
+    """Export ``checkpoint`` to ``out`` and, as asked, its ``fp16`` and ``int8`` copies beside it
+    (:func:`copy_path`): all made in a staging folder, then put in place together (a failure or Ctrl-C leaves
+    the old set whole). ``check`` (and ``int8``) compares ONNX with torch on a :func:`calibration_sample` of
+    ``images`` (uint8 Training faces; random pixels when None, which int8 refuses: they ruin its calibration),
+    a difference over CHECK_TOLERANCE an error."""
+    out = Path(out)
+    if int8 and images is None:
+        raise ValueError("int8 needs Training faces (--data): it is calibrated on them (random images ruin it)")
+    if images is not None and len(images) == 0:
+        raise ValueError("no Training images to check and calibrate on")
+    finals = [out, *(copy_path(out, p) for p, want in (("fp16", fp16), ("int8", int8)) if want)]
+    for path in finals:
+        check_writable(path)  # before the export and the calibration run: they failed after
+    if images is None:
+        images = np.random.default_rng(0).integers(0, 256, (64, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    sample, diff = calibration_sample(images), None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staging_folder(out) as tmp:
+        staged = [export_onnx(checkpoint, tmp / out.name, metrics)]
+        if check or int8:
+            diff = max_abs_diff(staged[0], checkpoint, sample)
+            if not diff <= CHECK_TOLERANCE:  # NaN too
+                raise ValueError(f"{checkpoint}: its ONNX export's probabilities differ from its own by {diff:.2e}, "
+                                 f"over {CHECK_TOLERANCE:g} (on {len(sample)} images): the export is wrong (an "
+                                 f"operator computed otherwise?); {out} not written")  # fmt: skip
+        if fp16:
+            staged.append(convert_fp16(staged[0], tmp / copy_path(out, "fp16").name))
+        if int8:
+            staged.append(quantize_int8(staged[0], tmp / copy_path(out, "int8").name, sample))
+        for file, final in zip(staged, finals, strict=True):
+            file.replace(final)
+    return Exported(finals, diff, len(sample) if diff is not None else 0)
 
 
 def quantize_int8(onnx_path: str | Path, out: str | Path, calibration: np.ndarray) -> Path:
