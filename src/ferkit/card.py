@@ -69,7 +69,7 @@ def per_class_table(r: dict[str, Any]) -> str:
 
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
-    with open(run_dir / "metrics.csv", newline="") as f:
+    with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{run_dir / 'metrics.csv'}: no epochs recorded")
@@ -251,7 +251,7 @@ Reference to beat: {REFERENCE}.
 def readme_with_results(readme: Path, reports: list[Path], model: Path) -> str:
     """``readme``'s text with the block between the results markers replaced by a table of ``reports`` (of the
     model file ``model``, labelled by its stem)."""
-    text = readme.read_text()
+    text = readme.read_text(encoding="utf-8")
     block = f"{RESULTS_START}\n{results_table(_load(reports, model), model.stem)}\n{RESULTS_END}"
     pattern = re.compile(re.escape(RESULTS_START) + ".*?" + re.escape(RESULTS_END), re.S)
     if not pattern.search(text):

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from .config import CENTERFACE, DETECTOR, IMAGE_SIZE, MARGIN, MIN_FACE  # noqa: F401 - faces.DETECTOR etc. stay importable
+from .config import CENTERFACE, IMAGE_SIZE, MARGIN, MIN_FACE
 from .fileio import not_a_file
 from .runtime import check_count, cpu_session
 

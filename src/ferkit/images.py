@@ -23,6 +23,10 @@ MAX_8BIT_OVERSHOOT = 1023  # a float/int array's pixels up to this are 0-255 val
 FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF", "AVIF")
 # files read as images (a folder's search; files given by name are read whatever they are called)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif")
+VIDEO_EXTENSIONS = {
+    *(".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"),
+    *(".mts", ".m2ts", ".ogv", ".vob"),  # camcorders' AVCHD, Ogg, DVD
+}
 
 ImageInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | Any  # Any: a PIL image
 ACCEPTED = "a path, bytes, a binary file object, a numpy array or a PIL image"

@@ -24,13 +24,13 @@ from .config import (  # noqa: F401 - re-exported
     MIN_FACE,
     TTA,
     TTA_MODES,
-    WEIGHTS_DIR,
 )
 from .data import CLASSES, model_input, scores_shape_problem, tta_views
 from .faces import Box, FaceDetector, check_margin, crop_faces, fit_boxes, make_detector
 from .fileio import model_files, model_name, not_a_file, parse_model_metadata, refuse_repeats, refuse_same_weights
 from .images import (  # noqa: F401 - re-exported: decoding images is part of the inference API
     MAX_PIXELS,
+    VIDEO_EXTENSIONS,
     ImageError,
     ImageInput,
     ImageTooLargeError,
@@ -250,8 +250,6 @@ class EmotionRecognizer:
         try:
             rgb = load_image(image, self.max_pixels)
         except ImageError as e:
-            from .media import VIDEO_EXTENSIONS
-
             path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None  # os.path's never raise
             video = path is not None and os.path.isfile(path) and Path(path).suffix.lower() in VIDEO_EXTENSIONS
             if path is not None and (os.path.isdir(path) or video):

@@ -20,14 +20,10 @@ from typing import Any
 import numpy as np
 
 from .fileio import atomic_write, check_writable, visible_files
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .inference import EmotionRecognizer, FaceResult, ImageError, annotate, load_image
 from .runtime import check_count
 
-VIDEO_EXTENSIONS = {
-    *(".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"),
-    *(".mts", ".m2ts", ".ogv", ".vob"),  # camcorders' AVCHD, Ogg, DVD
-}
 ANNOTATED_NAME = re.compile(r".+_annotated(_\d+)?\.(png|mp4)")  # what --annotate writes (see _unique_name)
 # ffmpeg's own log lines ("moov atom not found") would repeat the errors ferkit reports, naming the file;
 # OpenCV reads this when its ffmpeg backend starts, so it is set before any video is opened.
