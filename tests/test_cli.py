@@ -509,7 +509,7 @@ def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temp_file(tmp_path):
         "    f.write(b'half a cache')\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    f.write(b'never')\n"
-        "ferkit.data.prepare = lambda src, out: atomic_write(out, write)\n"
+        "ferkit.data.prepare = lambda src, out, progress: atomic_write(out, write)\n"
         "cli.main(['prepare', sys.argv[1], '-o', sys.argv[1] + '/fer.npz'])\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -384,6 +385,20 @@ def test_max_steps_stops_mid_epoch(tmp_path, synthetic_cache, capsys):
     assert [r["step"] for r in _metrics(out)] == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2]
     last_bar = capsys.readouterr().err.split("epoch 2/5")[-1]
     assert f" 2/{STEPS_PER_EPOCH} " in last_bar and "lr=" in last_bar
+
+
+def test_a_progress_bar_into_a_log_file_redraws_seldom(tmp_path, synthetic_cache, capsys, monkeypatch):
+    """Into a file or pipe (a nohup log), the epoch bar drew every 0.1 s: thousands of lines an epoch."""
+    batch = training.augmented_batch
+
+    def slow(*args, **kwargs):  # a step that takes longer than a terminal's redraw interval
+        time.sleep(0.15)
+        return batch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "augmented_batch", slow)
+    train(tiny_config(synthetic_cache, tmp_path / "run", epochs=1, progress=True))
+    draws = capsys.readouterr().err.count("epoch 1/1")
+    assert 1 <= draws <= 3, draws  # its start and its end (a draw at each of the 4 steps before)
 
 
 # ---------------------------------------------------------------- plateau and early stopping

@@ -21,6 +21,7 @@ import numpy as np
 from .config import IMAGE_SIZE, TTA_MODES
 from .fileio import atomic_write, broken_link, check_writable, read_npz, refuse_input, visible_files
 from .images import IMAGE_EXTENSIONS
+from .runtime import progress_bar
 
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 SPLITS: tuple[str, ...] = ("Training", "PublicTest", "PrivateTest")
@@ -218,11 +219,7 @@ def _decode_all(files: list[Path], desc: str, progress: bool) -> np.ndarray:
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         it = pool.map(decode, files, chunksize=256)
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, total=len(files), desc=desc, unit="img")
-        decoded = list(it)
+        decoded = list(progress_bar(it, enabled=progress, total=len(files), desc=desc, unit="img"))
     if bad := [str(e) for e in decoded if isinstance(e, DataError)]:
         if len(bad) == 1:
             raise DataError(bad[0])
@@ -347,10 +344,7 @@ def load_csv(path: str | Path, progress: bool = True) -> FERData:
         raise DataError(f"{path}:{line}: {problem}")
     header = [h.strip().lower() for h in fields]
     column = [header.index(c) for c in CSV_HEADER]  # other columns (an index pandas wrote, say) are ignored
-    if progress:
-        from tqdm import tqdm
-
-        rows = tqdm(rows, desc=f"parsing {path.name}", unit="row")
+    rows = progress_bar(rows, enabled=progress, desc=f"parsing {path.name}", unit="row")
     for line, row in rows:
         where = f"{path}:{line}"
         if len(row) != len(header):

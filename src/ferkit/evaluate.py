@@ -28,7 +28,7 @@ from .fileio import (
     refuse_repeats,
     refuse_same_weights,
 )
-from .runtime import resolve_device
+from .runtime import progress_bar, resolve_device
 
 # Part of every prediction cache entry's name: raise it when a change to the code (TTA views, preprocessing)
 # changes the probabilities a model file gives, so that older entries are no longer read.
@@ -93,11 +93,7 @@ def predict_proba_modes(
     model.eval()
     out: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
     starts = range(0, len(images), batch_size)
-    if progress is not None:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc=progress, unit="batch", dynamic_ncols=True)
-    for i in starts:
+    for i in progress_bar(starts, enabled=progress is not None, desc=progress, unit="batch"):
         views = tta_views(model_input(images[i : i + batch_size]), widest)
         probs = [F.softmax(model(torch.from_numpy(v).to(device)).float(), dim=1) for v in views]
         picks = {"none": [0], "flip": [0, len(views) // 2], "crops": range(len(views))}

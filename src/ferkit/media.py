@@ -22,7 +22,7 @@ import numpy as np
 from .fileio import atomic_write, check_writable, visible_files
 from .images import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .inference import EmotionRecognizer, FaceResult, ImageError, annotate, load_image
-from .runtime import check_count
+from .runtime import check_count, progress_bar
 
 ANNOTATED_NAME = re.compile(r".+_annotated(_\d+)?\.(png|mp4)")  # what --annotate writes (see _unique_name)
 # ffmpeg's own log lines ("moov atom not found") would repeat the errors ferkit reports, naming the file;
@@ -266,11 +266,9 @@ def _predict_files(
     fallback: bool,
     progress: bool,
 ) -> Iterator[Record]:
-    from tqdm import tqdm
-
     # the inputs in the output folder: an annotated picture named as one would replace it, unread
     used = {p.name for p in files if out_dir is not None and p.parent.resolve() == out_dir.resolve()}
-    for path in tqdm(files, desc="predicting", unit="file", disable=not progress or len(files) < 2):
+    for path in progress_bar(files, enabled=progress and len(files) > 1, desc="predicting", unit="file"):
         if path.is_dir():
             readable = os.access(path, os.R_OK | os.X_OK)
             yield Record(str(path), error=f"{path}: " + ("no images or videos in this folder" if readable else
@@ -359,12 +357,10 @@ def _predict_video(
     fallback: bool,
     progress: bool,
 ) -> Iterator[Record]:
-    from tqdm import tqdm
-
     total, fps = video_info(path)
     video = _AnnotatedVideo(out_dir / out_name, fps / every) if out_dir is not None else None
     decoded = VideoFrames(str(path), every)
-    bar = tqdm(total=-(-total // every) if total else None, desc=path.name, unit="frame", disable=not progress)
+    bar = progress_bar(total=-(-total // every) if total else None, enabled=progress, desc=path.name, unit="frame")
     frames = 0
     try:
         for index, t, rgb in decoded:

@@ -11,10 +11,11 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import MAX_THREADS
+from .config import MAX_THREADS, PROGRESS_LOG_INTERVAL_S
 
 if TYPE_CHECKING:
     import torch
+    from tqdm import tqdm
 
 
 def check_count(name: str, value: object, none_means: str = "", maximum: int | None = None) -> None:
@@ -36,6 +37,17 @@ def warn_caller(message: str) -> None:
     while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level + 1)
+
+
+def progress_bar(iterable: Any = None, *, enabled: bool = True, **options: Any) -> tqdm:
+    """A tqdm bar on stderr (``enabled=False``: nothing drawn, its methods do nothing) with ``options``
+    (desc, total, unit, ...). Into a file or pipe (a nohup log, CI) it redraws every PROGRESS_LOG_INTERVAL_S
+    seconds, not ten times a second: an epoch wrote thousands of lines to the log."""
+    from tqdm import tqdm
+
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    options.setdefault("mininterval", 0.1 if tty else PROGRESS_LOG_INTERVAL_S)
+    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **options)
 
 
 def cpu_session(path: str | Path, threads: int | None, what: str, arena: bool = True, spin: bool = True) -> Any:

@@ -34,7 +34,7 @@ from .distill import distill_loss, distill_targets, images_key, is_targets_file
 from .evaluate import evaluate_tta, predict_proba
 from .fileio import LOCK_NAME, atomic_write, exclusive_folder, refuse_file, stale_temp_files
 from .models import FOREIGN_LAYOUTS, build_model
-from .runtime import resolve_device
+from .runtime import progress_bar, resolve_device
 
 log = logging.getLogger("ferkit.train")
 RUN_IN_PROGRESS = (
@@ -539,9 +539,7 @@ def _train_epoch(
     batches = batch_indices(len(x_train), cfg.batch_size, cfg.seed, epoch, run.sampler_w, rank, world)
     bar = None
     if cfg.progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True)
+        bar = progress_bar(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
     for i, idx in enumerate(batches):
         idx = idx.to(device, non_blocking=True)
         x = augmented_batch(x_train, idx, aug, g)
@@ -564,6 +562,7 @@ def _train_epoch(
                     acc=f"{correct.item() / seen:.3f}",
                     lr=f"{lr:.2e}",
                     img_s=f"{seen * world / (time.perf_counter() - t0):.0f}",
+                    refresh=False,  # shown at the bar's next draw: a draw of its own each time filled logs
                 )
         if last:
             break
