@@ -215,12 +215,15 @@ def test_bad_inputs_are_reported_and_the_rest_processed(capsys, mixed):
 
 
 def test_table_output(capsys, mixed):
-    code, out, _ = run(capsys, mixed)
+    """The table on stdout, each input's error on stderr (they were rows of the table)."""
+    code, out, err = run(capsys, mixed)
     assert code == 1
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["source", "frame", "face"]
-    assert sum("ERROR:" in line for line in lines) == 3
-    assert any("truncated.jpg" in line and "ERROR:" in line and "corrupt" in line for line in lines)
+    assert "error" not in out.lower()
+    errors = err.splitlines()
+    assert len(errors) == 3 and all(line.startswith("ferkit predict: error: ") for line in errors)
+    assert any("truncated.jpg" in line and "corrupt" in line for line in errors)
     assert any("noise.bmp" in line and "no face found" in line for line in lines)
     assert sum("canvas.png" in line for line in lines) == 3
 

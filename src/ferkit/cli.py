@@ -399,8 +399,8 @@ def _print_records(records: Iterable[Record], fmt: str, classes: Sequence[str]) 
         where = [r.source, frame, "" if r.time_s is None else f"{r.time_s:.3f}"]
         if writer and not r.faces:  # one row with the face columns blank, for an error or no face
             writer.writerow([*where, *[""] * len(face_columns), r.error or ""])
-        elif r.error is not None:
-            print(f"{r.source:<40} {frame!s:>6}  ERROR: {r.error}")
+        elif r.error is not None:  # to stderr, as other tools' (`predict photos/ > table.txt` showed none)
+            print(f"ferkit predict: error: {r.error}", file=sys.stderr, flush=True)
         elif not r.faces:
             print(f"{r.source:<40} {frame!s:>6} {'-':>4}  no face found")
         for i, f in enumerate(r.faces):  # none when r.error is set
