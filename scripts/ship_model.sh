@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make a finished training run the shipped model, with every number regenerated from its evaluation:
-#   [INT8=1] [UNDO=POWER] [FIT=1] [DATA=CACHE] [FERKIT=CMD] bash scripts/ship_model.sh RUN_DIR "TRAINING COMMAND" ["HARDWARE"]
+#   [INT8=1] [UNDO=POWER] [FIT=1] [DATA=CACHE] [FERKIT=CMD] bash scripts/ship_model.sh RUN_DIR "TRAINING COMMAND" "HARDWARE"
 # 1. exports RUN_DIR/best.pt to ONNX (checked against torch), with INT8=1 quantizes it (static int8), with
 #    UNDO=POWER (the run's class_weight_power) divides its class weights out (`--undo-class-weights`), and with
 #    FIT=1 fits one logit offset per class on PublicTest (`--fit-prior`: right for a distilled run too);
@@ -11,7 +11,7 @@
 # 4. regenerates MODEL_CARD.md and the README results table from the JSON.
 # Then point DEFAULT_MODEL in src/ferkit/config.py at the new file.
 set -euo pipefail
-RUN=${1:?run folder}; CMD=${2:?training command}; HW=${3:-"2-core x86_64 CPU"}
+RUN=${1:?run folder}; CMD=${2:?training command}; HW=${3:?hardware it was trained on}
 RUN=$(CDPATH='' cd -- "$RUN" && pwd)  # the paths given are the caller's; the outputs go to the project's folders
 if [ -n "${DATA:-}" ]; then DATA=$(CDPATH='' cd -- "$(dirname "$DATA")" && pwd)/$(basename "$DATA"); fi
 cd "$(dirname "$0")/.."

@@ -114,7 +114,7 @@ def test_ship_model_that_fails_leaves_nothing_behind(trained_run, synthetic_cach
     run = shutil.copytree(trained_run, tmp_path / "damaged_run")
     (run / "best.pt").write_bytes(b"not a checkpoint")
     env = {**os.environ, "FERKIT": str(Path(sys.executable).with_name("ferkit")), "DATA": str(synthetic_cache)}
-    argv = ["bash", "scripts/ship_model.sh", str(run), "ferkit train --tiny"]
+    argv = ["bash", "scripts/ship_model.sh", str(run), "ferkit train --tiny", "a test machine"]
     done = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "best.pt: not a readable ferkit checkpoint" in done.stderr
     assert not (project / "reports").exists() or not any((project / "reports").iterdir())

@@ -599,7 +599,7 @@ def _add_card(sub: Any) -> None:
     p.add_argument("--onnx", required=True, help="the shipped ONNX file")
     p.add_argument("--reports", nargs="+", required=True, help="evaluation JSON files, the headline first")
     p.add_argument("--command", dest="train_command", required=True, help="the training command, quoted in the card")
-    p.add_argument("--hardware", default="2-core x86_64 CPU", help="where it was trained")
+    p.add_argument("--hardware", required=True, help="where it was trained (e.g. '1x H100 80GB'), quoted in the card")
     p.add_argument("--out", default="MODEL_CARD.md", help="card to write (default: %(default)s)")
     p.add_argument("--readme", help="README whose results block to regenerate")
     p.set_defaults(func=cmd_card)
