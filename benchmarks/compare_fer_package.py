@@ -34,7 +34,7 @@ from _common import (
     write_report,
 )
 
-from ferkit.data import CLASSES, model_input
+from ferkit.data import CLASSES, model_input, stratified_subset
 from ferkit.inference import DEFAULT_MODEL, OnnxBackend
 
 FER_VENV = ROOT / ".venv-fer"
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"{args.model} is int8: --no-int8 would leave no ferkit row")
 
     data = load_fer(args.data)
-    crops, labels = data.subset(*data.split("PrivateTest"), args.limit)
+    crops, labels = stratified_subset(*data.split("PrivateTest"), args.limit)
     rows = []
     with tempfile.TemporaryDirectory(prefix="ferkit-vs-fer-") as tmp:
         tmp = Path(tmp)
@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         name = "ferkit " + args.model.stem
         models = [(name, "ONNX Runtime fp32", float_model)] if float_model is not None else []
         if int8_model is None and not args.no_int8:
-            from ferkit.export import quantize_int8
+            from ferkit.export import calibration_sample, quantize_int8
 
-            calib, _ = data.subset(*data.split("Training"), args.calibration, seed=1)
+            calib = calibration_sample(data.split("Training")[0], args.calibration)  # as `ferkit export --int8`
             int8_model = quantize_int8(float_model, tmp / f"{float_model.stem}_int8.onnx", calib)
         if int8_model is not None and not args.no_int8:
             models.append((name, "ONNX Runtime int8", int8_model))

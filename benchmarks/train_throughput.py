@@ -33,7 +33,7 @@ from _common import (
 )
 
 from ferkit.config import IMAGE_SIZE, TrainConfig
-from ferkit.data import CLASSES
+from ferkit.data import CLASSES, stratified_subset
 from ferkit.models import build_model, describe
 from ferkit.runtime import resolve_device
 from ferkit.training import (
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = load_fer(args.data)
     x_np, y_np = data.split("Training")
-    x_np, y_np = data.subset(x_np, y_np, args.train_limit)
+    x_np, y_np = stratified_subset(x_np, y_np, args.train_limit)
     need = max(args.steps, args.warmup_steps) * args.batch_size
     if len(x_np) < need:
         sys.exit(f"--steps {args.steps} x --batch-size {args.batch_size} = {need} images > {len(x_np)} in the subset")

@@ -141,7 +141,19 @@ def test_the_card_quotes_only_reports_of_its_model(trained_run, synthetic_cache,
     # the card and the README are both checked before either is written
     readme = tmp_path / "README.md"
     readme.write_text("no markers\n")
-    argv = ["card", "--run", str(trained_run), "--onnx", str(onnx), "--reports", *map(str, reports), "--command", "x", "--hardware", "y"]
+    argv = [
+        "card",
+        "--run",
+        str(trained_run),
+        "--onnx",
+        str(onnx),
+        "--reports",
+        *map(str, reports),
+        "--command",
+        "x",
+        "--hardware",
+        "y",
+    ]
     assert main([*argv, "--out", str(tmp_path / "CARD.md"), "--readme", str(readme)]) == 2
     assert "no <!-- results:start -->" in capsys.readouterr().err and not (tmp_path / "CARD.md").exists()
 

@@ -454,7 +454,19 @@ def test_an_output_path_that_is_a_folder_is_an_error(tmp_path, fer_csv, capsys):
 def test_card_keeps_its_own_name_in_errors_and_reads_reports_carefully(trained_run, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{'accuracy': 1}")
-    argv = ["card", "--run", str(trained_run), "--onnx", "m.onnx", "--reports", str(bad), "--command", "ferkit train", "--hardware", "a CPU"]
+    argv = [
+        "card",
+        "--run",
+        str(trained_run),
+        "--onnx",
+        "m.onnx",
+        "--reports",
+        str(bad),
+        "--command",
+        "ferkit train",
+        "--hardware",
+        "a CPU",
+    ]
     assert cli.main(argv + ["--out", str(tmp_path / "CARD.md")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ferkit card: error:") and "bad.json: not a valid JSON file" in err

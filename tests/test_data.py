@@ -28,6 +28,7 @@ from ferkit.data import (
     load_folder,
     prepare,
     save_cache,
+    stratified_subset,
 )
 
 
@@ -650,21 +651,21 @@ def test_split_subset_counts():
     assert x.shape == (14, 48, 48) and np.bincount(y).tolist() == [2] * 7
     with pytest.raises(ValueError, match="unknown split 'Validation'"):
         data.split("Validation")
-    xs, ys = data.subset(*data.split("Training"), n=10, seed=3)
+    xs, ys = stratified_subset(*data.split("Training"), n=10, seed=3)
     assert len(xs) == len(ys) == 10
-    xs2, ys2 = data.subset(*data.split("Training"), n=10, seed=3)
+    xs2, ys2 = stratified_subset(*data.split("Training"), n=10, seed=3)
     np.testing.assert_array_equal(xs, xs2)
     np.testing.assert_array_equal(ys, ys2)
-    xs3, _ = data.subset(*data.split("Training"), n=10, seed=4)
+    xs3, _ = stratified_subset(*data.split("Training"), n=10, seed=4)
     assert not np.array_equal(xs, xs3)
     # each chosen image is one of the split's, with its own label
     xt, yt = data.split("Training")
     for img, label in zip(xs, ys, strict=True):
         (match,) = np.flatnonzero((xt == img).all(axis=(1, 2)))
         assert yt[match] == label
-    full, _ = data.subset(xt, yt, n=0)
+    full, _ = stratified_subset(xt, yt, n=0)
     assert full is xt
-    assert data.subset(xt, yt, n=1000)[0] is xt
+    assert stratified_subset(xt, yt, n=1000)[0] is xt
     assert sum(data.counts()["Training"].values()) == 28
 
 

@@ -29,7 +29,7 @@ IMAGE_SIZE = 48  # FER-2013's faces, and every model's input: IMAGE_SIZE x IMAGE
 
 # Recognition defaults: `ferkit predict/serve` flags, AppSettings and EmotionRecognizer's arguments.
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # the files shipped inside the package
-# the shipped model: replace this file to upgrade
+# the shipped model (scripts/ship_model.sh copies a run's export into WEIGHTS_DIR; then name it here)
 DEFAULT_MODEL = WEIGHTS_DIR / "ferkit_vgg_ba_light_s7_e110_int8_prior.onnx"
 CENTERFACE = WEIGHTS_DIR / "centerface.onnx"  # the shipped face detector
 MIN_FACE = 48  # smallest face side in pixels that the detector reports
@@ -43,6 +43,7 @@ MAX_THREADS = 1024  # more threads than that are a typo (99999: torch crashed, O
 PROGRESS_LOG_INTERVAL_S = 30.0  # a progress bar drawn into a file or pipe (a nohup log) redraws this seldom
 # `export --check`: the largest |ONNX - torch| difference of a float32 export's probabilities (measured: 5e-7)
 CHECK_TOLERANCE = 1e-4
+EVAL_BATCH_SIZE = 512  # faces a model scores at once in evaluation (ten-crop: 10 views each)
 
 
 # what a resumed run may change: where the data, the work and the run folder are, how long it goes on (a cosine

@@ -71,6 +71,20 @@ class DataError(ValueError):
     """Raised when a data file or folder is not valid FER-2013; the message names the file."""
 
 
+def stratified_subset(images: np.ndarray, labels: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed random, stratified subset of ``n`` of ``images`` and their ``labels`` (all of them for 0 or
+    more than there are): each class keeps its share."""
+    if not n or n >= len(labels):
+        return images, labels
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    position = np.empty(len(labels))  # where each image falls within its class, in (0, 1)
+    for c in np.unique(labels):
+        members = perm[labels[perm] == c]
+        position[members] = (np.arange(len(members)) + 0.5) / len(members)
+    idx = np.sort(np.argsort(position, kind="stable")[:n])
+    return images[idx], labels[idx]
+
+
 @dataclass(frozen=True)
 class FERData:
     """All of FER-2013 in memory: ``images`` (N, 48, 48) uint8, ``labels`` (N,) int64 in
@@ -90,18 +104,6 @@ class FERData:
             raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
         mask = self.splits == SPLITS.index(name)
         return self.images[mask], self.labels[mask]
-
-    def subset(self, images: np.ndarray, labels: np.ndarray, n: int, seed: int = 0):
-        """A fixed random, stratified subset of ``n`` of the given images: each class keeps its share."""
-        if not n or n >= len(labels):
-            return images, labels
-        perm = np.random.default_rng(seed).permutation(len(labels))
-        position = np.empty(len(labels))  # where each image falls within its class, in (0, 1)
-        for c in np.unique(labels):
-            members = perm[labels[perm] == c]
-            position[members] = (np.arange(len(members)) + 0.5) / len(members)
-        idx = np.sort(np.argsort(position, kind="stable")[:n])
-        return images[idx], labels[idx]
 
     def seen_in_training(self, images: np.ndarray) -> np.ndarray:
         """Whether each of ``images`` is, pixel for pixel, an image of the Training split: FER-2013's PublicTest

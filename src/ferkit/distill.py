@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import TrainConfig
+from .config import EVAL_BATCH_SIZE, TrainConfig
 from .data import CLASSES
 from .evaluate import load_for_evaluation, predict_proba_modes
 from .fileio import atomic_write, bytes_digest, file_digest, not_a_file, read_npz
@@ -110,7 +110,9 @@ def cached_teacher_probs(
         t0 = time.perf_counter()
         label = f"teacher {i + 1}/{len(teachers)} {name}" if cfg.progress and rank == 0 else None  # minutes on a CPU
         tempered = _Tempered(t, cfg.distill_temperature)
-        p = predict_proba_modes(tempered, shard, device, batch_size=512, modes=("flip",), progress=label)["flip"]
+        p = predict_proba_modes(tempered, shard, device, batch_size=EVAL_BATCH_SIZE, modes=("flip",), progress=label)[
+            "flip"
+        ]
         probs += torch.from_numpy(p).to(device)
         log.info(
             "teacher targets %d/%d: %s on %d images x 2 (flip)%s, %.0f s",

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import TTA_MODES
-from .data import CLASSES, model_input, tta_views
+from .config import EVAL_BATCH_SIZE, TTA_MODES
+from .data import CLASSES, model_input, stratified_subset, tta_views
 from .fileio import (
     atomic_write,
     bytes_digest,
@@ -66,7 +66,11 @@ def load_for_evaluation(path: str | Path) -> tuple[nn.Module, str]:
 
 
 def predict_proba(
-    model: nn.Module, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 256, tta: str = "none"
+    model: nn.Module,
+    images: np.ndarray,
+    device: torch.device | str = "cpu",
+    batch_size: int = EVAL_BATCH_SIZE,
+    tta: str = "none",
 ) -> np.ndarray:
     """Class probabilities (N, 7) for uint8 images (N, 48, 48), averaged over TTA views."""
     return predict_proba_modes(model, images, device, batch_size, (tta,))[tta]
@@ -77,7 +81,7 @@ def predict_proba_modes(
     model: nn.Module,
     images: np.ndarray,
     device: torch.device | str = "cpu",
-    batch_size: int = 256,
+    batch_size: int = EVAL_BATCH_SIZE,
     modes: Sequence[str] = ("none",),
     progress: str | None = None,
 ) -> dict[str, np.ndarray]:
@@ -339,7 +343,7 @@ def _probabilities(
     dev = resolve_device(device)
     data = load_dataset(data_path, progress=progress)
     every = data.split(split)
-    images, labels = data.subset(*every, limit)
+    images, labels = stratified_subset(*every, limit)
     if len(images) == 0:
         raise ValueError(f"{data_path}: no {split} images to evaluate on")
     images_key = bytes_digest(np.ascontiguousarray(images).data)
@@ -418,7 +422,9 @@ def split_probabilities(
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One model's probabilities (N, 7) on all of ``split``, and the split's labels."""
-    labels, [(_, probs)], *_ = _probabilities([checkpoint], data_path, split, [tta], device, 512, 0, progress=progress)
+    labels, [(_, probs)], *_ = _probabilities(
+        [checkpoint], data_path, split, [tta], device, EVAL_BATCH_SIZE, 0, progress=progress
+    )
     return probs[tta], labels
 
 
@@ -429,7 +435,7 @@ def evaluate_checkpoints(
     out: str | Path | None = None,
     tta: str = "none",
     device: str = "auto",
-    batch_size: int = 512,
+    batch_size: int = EVAL_BATCH_SIZE,
     limit: int = 0,
 ) -> dict[str, Any]:
     """Evaluate one checkpoint (``.pt``, or an exported ``.onnx`` model), or an ensemble (mean of
@@ -447,7 +453,7 @@ def evaluate_tta(
     out: str | Path | None = None,
     modes: Sequence[str] = ("none",),
     device: str = "auto",
-    batch_size: int = 512,
+    batch_size: int = EVAL_BATCH_SIZE,
     limit: int = 0,
     cache: str | Path | None = None,
     progress: bool = True,
@@ -544,7 +550,7 @@ def select_ensemble(
     max_size: int = 0,
     top: int = 10,
     device: str = "auto",
-    batch_size: int = 512,
+    batch_size: int = EVAL_BATCH_SIZE,
     limit: int = 0,
     cache: str | Path | None = None,
     progress: bool = True,

@@ -28,8 +28,8 @@ import torch.nn as nn
 
 from .augment import PRESETS, AugmentConfig, augment, class_weights, mix, sample_weights
 from .checkpoint import CheckpointError, load_checkpoint, load_init_weights, save_checkpoint
-from .config import IMAGE_SIZE, RESUMABLE_CHANGES, TrainConfig
-from .data import CLASSES, load_dataset
+from .config import EVAL_BATCH_SIZE, IMAGE_SIZE, RESUMABLE_CHANGES, TrainConfig
+from .data import CLASSES, load_dataset, stratified_subset
 from .distill import distill_loss, distill_targets, images_key, is_targets_file
 from .evaluate import evaluate_tta, predict_proba
 from .fileio import LOCK_NAME, atomic_write, exclusive_folder, refuse_file, stale_temp_files
@@ -283,8 +283,8 @@ def _check_config(cfg: TrainConfig, world: int, device: torch.device) -> nn.Modu
 def _load_splits(cfg: TrainConfig, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Training and PublicTest images and labels (subsets when ``train_limit``/``val_limit`` say so)."""
     data = load_dataset(cfg.data, progress=cfg.progress and rank == 0)
-    x, y = data.subset(*data.split("Training"), cfg.train_limit)
-    xv, yv = data.subset(*data.split("PublicTest"), cfg.val_limit)
+    x, y = stratified_subset(*data.split("Training"), cfg.train_limit)
+    xv, yv = stratified_subset(*data.split("PublicTest"), cfg.val_limit)
     if len(xv) == 0:
         raise ValueError(f"{cfg.data}: no PublicTest images; they are needed to select the best epoch")
     if len(x) == 0:
@@ -456,7 +456,7 @@ class _Run:
     def validate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         """PublicTest loss and accuracy of the EMA weights (or the model's without EMA)."""
         probs = predict_proba(
-            self.ema.module if self.ema is not None else self.model, x, device=self.device, batch_size=512
+            self.ema.module if self.ema is not None else self.model, x, device=self.device, batch_size=EVAL_BATCH_SIZE
         )
         return float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean()), float((probs.argmax(1) == y).mean())
 
