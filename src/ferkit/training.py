@@ -659,12 +659,7 @@ def _start(
 ) -> tuple[_Run, tuple[np.ndarray, ...], Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]]:
     """Check the options, load the data, build (or resume) the run and its teachers' targets; ``held`` keeps
     the run folder locked (rank 0) until the run ends."""
-    device = resolve_device(cfg.device, local_rank)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
-        torch.backends.cudnn.benchmark = True  # full batches only: every step has the same shapes
+    device = _use_device(cfg, local_rank)
     out = Path(cfg.out)
     model = _check_config(cfg, world, device)
     locked = _lock_run(out, held) if rank == 0 and out.is_dir() else None  # before its last.pt is read
@@ -680,12 +675,7 @@ def _start(
     new_folder = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # once the options and the data passed
     if rank == 0:
-        if locked is None:  # a folder made now, or by another process since this one looked
-            locked = _lock_run(out, held)
-            if last is None and any((out / name).exists() for name in ("last.pt", "best.pt")):
-                raise RuntimeError(f"{out}: {RUN_IN_PROGRESS}")
-        for stale in stale_temp_files(out):  # what a killed write left
-            stale.unlink(missing_ok=True)
+        locked = _take_run_folder(out, locked, last is not None, held)
     _setup_logging(out, rank)
     if locked is False:
         log.warning("%s: its file system takes no locks: make sure no other training writes there", out)
@@ -693,23 +683,11 @@ def _start(
         run = _Run(cfg, device, world, y_np, len(x_np) // cfg.batch_size, resuming=last is not None, model=model)
         targets = distill_targets(cfg, device, x_np, out, rank, world)
     except BaseException:  # a model, initial weights or targets that fail: no run folder with only its log left
-        if new_folder and rank == 0 and {p.name for p in out.iterdir()} - {LOCK_NAME} == {"train.log"}:
-            _close_log()
-            for name in ("train.log", LOCK_NAME):
-                (out / name).unlink(missing_ok=True)
-            out.rmdir()
+        if new_folder and rank == 0:
+            _remove_failed_start(out)
         raise
-    changes: dict[str, tuple[Any, Any]] = {}
-    if last is not None:
-        run.resume(out / "last.pt", last)
-        log.info("resumed from %s at epoch %d", out / "last.pt", run.state["epoch"])
-        changes = _config_changes(last.get("config") or {}, cfg)  # the allowed ones, logged now
-        for k, (old, new) in changes.items():
-            log.info("resuming with %s %r instead of %r", k, new, old)
-        if rank == 0:  # what a kill after last.pt's write left unwritten
-            _write_metrics(out / "metrics.csv", run.state["history"])
-            run.repair_best(out)
-    elif resume:
+    changes = _resume(run, cfg, last, rank) if last is not None else {}
+    if last is None and resume:
         log.info("no %s to resume from; starting a new run", out / "last.pt")
     run.state["train_images"] = images
     run.state.setdefault("starts", []).append(  # what a bitwise repeat needs beyond config.yaml, per (re)start
@@ -726,18 +704,70 @@ def _start(
         cfg.to_yaml(out / "config.yaml")
     run.wrap(world)
     if run.state["epoch"] == 0 and rank == 0:
-        log.info(
-            "training %s on %s (%d processes): %d train / %d PublicTest images, %d steps/epoch",
-            *(cfg.model, device, world, len(x_np), len(xv_np), len(x_np) // cfg.batch_size),
-        )
-        if cfg.warmup_epochs > cfg.epochs:
-            log.warning("warmup_epochs %g is longer than the run (%d epochs): the LR never reaches --lr %g",
-                        cfg.warmup_epochs, cfg.epochs, cfg.lr)  # fmt: skip
-        if (weights := run.criterion.weight) is not None:
-            log.info("class weights: %s", {c: round(w, 3) for c, w in zip(CLASSES, weights.tolist(), strict=True)})
-        elif cfg.class_weights and cfg.sampler == "balanced":
-            log.info("class weights: none (the balanced sampler shows every class equally often)")
+        _log_new_run(run, device, world, len(x_np), len(xv_np))
     return run, (x_np, y_np, xv_np, yv_np), targets
+
+
+def _use_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    """This process's torch device (``cfg.device``, the local GPU under torchrun), and ``cfg.threads``."""
+    device = resolve_device(cfg.device, local_rank)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
+        torch.backends.cudnn.benchmark = True  # full batches only: every step has the same shapes
+    return device
+
+
+def _take_run_folder(out: Path, locked: bool | None, resuming: bool, held: contextlib.ExitStack) -> bool:
+    """Lock the run folder ``out`` (rank 0) if that was not done before it existed, and sweep what a killed write
+    left; returns whether it is locked (False: its file system takes no locks)."""
+    if locked is None:  # a folder made now, or by another process since this one looked
+        locked = _lock_run(out, held)
+        if not resuming and any((out / name).exists() for name in ("last.pt", "best.pt")):
+            raise RuntimeError(f"{out}: {RUN_IN_PROGRESS}")
+    for stale in stale_temp_files(out):
+        stale.unlink(missing_ok=True)
+    return locked
+
+
+def _remove_failed_start(out: Path) -> None:
+    """Remove the run folder ``out`` that a start which failed made, if it holds only its log and lock file."""
+    if {p.name for p in out.iterdir()} - {LOCK_NAME} == {"train.log"}:
+        _close_log()
+        for name in ("train.log", LOCK_NAME):
+            (out / name).unlink(missing_ok=True)
+        out.rmdir()
+
+
+def _resume(run: _Run, cfg: TrainConfig, last: dict[str, Any], rank: int) -> dict[str, tuple[Any, Any]]:
+    """Continue ``run`` from its ``last`` checkpoint; returns the settings changed since (RESUMABLE_CHANGES)."""
+    out = Path(cfg.out)
+    run.resume(out / "last.pt", last)
+    log.info("resumed from %s at epoch %d", out / "last.pt", run.state["epoch"])
+    changes = _config_changes(last.get("config") or {}, cfg)  # the allowed ones, logged now
+    for k, (old, new) in changes.items():
+        log.info("resuming with %s %r instead of %r", k, new, old)
+    if rank == 0:  # what a kill after last.pt's write left unwritten
+        _write_metrics(out / "metrics.csv", run.state["history"])
+        run.repair_best(out)
+    return changes
+
+
+def _log_new_run(run: _Run, device: torch.device, world: int, n_train: int, n_val: int) -> None:
+    """What a new run trains, and the settings worth a look (a warm-up longer than the run, the class weights)."""
+    cfg = run.cfg
+    log.info(
+        "training %s on %s (%d processes): %d train / %d PublicTest images, %d steps/epoch",
+        *(cfg.model, device, world, n_train, n_val, n_train // cfg.batch_size),
+    )
+    if cfg.warmup_epochs > cfg.epochs:
+        log.warning("warmup_epochs %g is longer than the run (%d epochs): the LR never reaches --lr %g",
+                    cfg.warmup_epochs, cfg.epochs, cfg.lr)  # fmt: skip
+    if (weights := run.criterion.weight) is not None:
+        log.info("class weights: %s", {c: round(w, 3) for c, w in zip(CLASSES, weights.tolist(), strict=True)})
+    elif cfg.class_weights and cfg.sampler == "balanced":
+        log.info("class weights: none (the balanced sampler shows every class equally often)")
 
 
 def _stopped(cfg: TrainConfig, state: dict[str, Any], rank: int) -> bool:
