@@ -310,7 +310,7 @@ class AppSettings:
     upload_timeout_s: float = 60.0  # longest time to receive a request's body before 408 (slow clients)
     threads: int | None = None  # onnxruntime threads per recognizer (default: CPU cores / max_concurrency)
     min_face: int = MIN_FACE  # smallest face side in pixels that the detector reports
-    detector: str = DETECTOR  # centerface, haar, a YuNet .onnx file or a Haar .xml cascade
+    detector: str = DETECTOR  # centerface, haar, a CenterFace or YuNet .onnx file or a Haar .xml cascade
     margin: float = MARGIN  # crop margin around each face box, as a fraction of its side
     tta: str = TTA  # none, flip (each face with its mirror) or crops (ten-crop)
     ui: bool = True  # mount the Gradio UI at /

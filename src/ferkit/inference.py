@@ -163,9 +163,9 @@ class EmotionRecognizer:
     ``model``: an ``.onnx`` export or a ``.pt`` checkpoint (default: the shipped model), or a list of them
     to average as an ensemble; a folder stands for the ``.onnx`` files in it (``models/``: the kept ensemble).
     ``backend``: ``auto`` (by file type), ``onnx`` or ``torch``. ``detector``: ``centerface``
-    (default, the shipped CNN), ``haar`` (OpenCV's cascade), a YuNet ``.onnx`` path, a Haar ``.xml`` path or
-    any object with ``detect(rgb)``. ``min_face``: smallest face side found, in
-    pixels (48, the model's input, by default; smaller ones cost detection time). ``margin``: crop margin.
+    (default, the shipped CNN), ``haar`` (OpenCV's cascade), a CenterFace or YuNet ``.onnx`` path, a Haar
+    ``.xml`` path or any object with ``detect(rgb)``. ``min_face``: smallest face side found, in pixels (48,
+    the model's input, by default; smaller ones cost detection time). ``margin``: crop margin.
     ``tta``: ``flip`` averages each face and its mirror image (the default), ``none`` is faster, ``crops``
     (ten-crop) runs the model on ten views, five times flip's work.
     ``threads``: ONNX Runtime's threads, for each ONNX model and for CenterFace (default: all cores); a torch
