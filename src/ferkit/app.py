@@ -43,7 +43,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .config import MIB, AppSettings
+from .config import HOST, MIB, PORT, AppSettings
 from .images import let_pillow_open
 from .inference import (
     EmotionRecognizer,
@@ -513,9 +513,7 @@ def banner(app: FastAPI, host: str, port: int) -> str:
     )
 
 
-def serve(
-    settings: AppSettings | None = None, host: str = "127.0.0.1", port: int = 7860, log_level: str = "info"
-) -> None:
+def serve(settings: AppSettings | None = None, host: str = HOST, port: int = PORT, log_level: str = "info") -> None:
     """Run the app with uvicorn until interrupted (``ferkit serve``), on a socket bound before the banner
     names it (a port in use is an error of ours, not a banner and then uvicorn's)."""
     import uvicorn

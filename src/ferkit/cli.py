@@ -25,13 +25,16 @@ import yaml
 from .config import (
     CHECK_TOLERANCE,
     DETECTOR,
+    HOST,
     MARGIN,
     MAX_PIXELS,
     MAX_THREADS,
     MIN_FACE,
+    PORT,
     RESUMABLE_CHANGES,
     TTA,
     TTA_MODES,
+    VIDEO_EVERY,
     WEIGHTS_DIR,
     AppSettings,
     TrainConfig,
@@ -701,7 +704,9 @@ def _add_predict(sub: Any) -> None:
         "--backend", default="auto", choices=["auto", "onnx", "torch"], help="inference runtime (default: %(default)s)"
     )
     _add_image_options(p)
-    p.add_argument("--every", type=_count(1), default=10, help="video: use every N-th frame (default: %(default)s)")
+    p.add_argument(
+        "--every", type=_count(1), default=VIDEO_EVERY, help="video: use every N-th frame (default: %(default)s)"
+    )
     p.add_argument("--fallback", action="store_true", help="when no face is found, classify the whole image")
     p.add_argument(
         "--format", default="table", choices=["table", "jsonl", "csv"], help="output format (default: %(default)s)"
@@ -719,8 +724,8 @@ def _add_serve(sub: Any) -> None:
         description="Serve the Gradio UI and the JSON API (POST /api/v1/predict, GET /api/v1/model, GET /healthz, "
         "/docs) with uvicorn. Needs the app extra: pip install 'ferkit[app]'.",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: %(default)s)")
-    p.add_argument("--port", type=_count(1, 65535), default=7860, help="port (default: %(default)s)")
+    p.add_argument("--host", default=HOST, help="address to listen on; 0.0.0.0 for all (default: %(default)s)")
+    p.add_argument("--port", type=_count(1, 65535), default=PORT, help="port (default: %(default)s)")
     p.add_argument(
         "--model",
         action="append",

@@ -39,6 +39,8 @@ MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 TTA = "flip"  # the default: ten-crop was 4 PublicTest images better at 5x the model time (README, Results)
 TTA_MODES = ("none", "flip", "crops")  # test-time augmentation per face (crops: ten-crop, 5x flip's model time)
 MIB = 1024 * 1024  # uploads are limited in MiB
+VIDEO_EVERY = 10  # a video's every N-th frame is recognized (predict --every, predict_paths)
+HOST, PORT = "127.0.0.1", 7860  # where `ferkit serve` listens: this machine only, unless told
 MAX_THREADS = 1024  # more threads than that are a typo (99999: torch crashed, ONNX Runtime took 16 GB and hung)
 PROGRESS_LOG_INTERVAL_S = 30.0  # a progress bar drawn into a file or pipe (a nohup log) redraws this seldom
 # `export --check`: the largest |ONNX - torch| difference of a float32 export's probabilities (measured: 5e-7)

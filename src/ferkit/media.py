@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import VIDEO_EVERY
 from .fileio import atomic_write, check_writable, visible_files
 from .images import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .inference import EmotionRecognizer, FaceResult, ImageError, annotate, load_image
@@ -244,7 +245,7 @@ def _save_annotated(rgb: np.ndarray, faces: list[FaceResult], path: Path) -> Non
 def predict_paths(
     recognizer: EmotionRecognizer,
     paths: str | Path | Sequence[str | Path],
-    every: int = 10,
+    every: int = VIDEO_EVERY,
     annotate_dir: str | Path | None = None,
     fallback: bool = False,
     progress: bool = True,
