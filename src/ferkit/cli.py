@@ -35,7 +35,6 @@ from .config import (
     TTA,
     TTA_MODES,
     VIDEO_EVERY,
-    WEIGHTS_DIR,
     AppSettings,
     TrainConfig,
 )
@@ -203,23 +202,11 @@ def _print_reports(reports: Iterable[dict[str, Any]]) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_tta
+    from .evaluate import evaluate_tta, report_folder
     from .fileio import model_files
 
     checkpoints = model_files(*args.checkpoint, *(args.ensemble or []))
-    first = Path(checkpoints[0])
-    # a run's best.pt reports into eval/; any other file into its own folder (m.pt and m.onnx side by side:
-    # eval_m_pt/ and eval_m_onnx/); an ensemble into one named for its members (in any order), never another's
-    if len(checkpoints) > 1:
-        from .fileio import bytes_digest
-
-        members = sorted(str(Path(c).resolve()) for c in checkpoints)
-        default = "eval_ensemble_" + bytes_digest("\n".join(members).encode())[:8]
-    else:
-        default = "eval" if first.name == "best.pt" else "eval_" + first.name.replace(".", "_")
-    # a file of the installed package (the shipped model) reports into the current folder, not into the package
-    home = Path.cwd() if first.resolve().parent == WEIGHTS_DIR.resolve() else first.parent
-    out = Path(args.out) if args.out else home / default
+    out = Path(args.out) if args.out else report_folder(checkpoints)
     reports = evaluate_tta(checkpoints, args.data, args.split, out, args.tta, args.device, limit=args.limit,
                            cache=args.cache, progress=not args.no_progress)  # fmt: skip
     _print_reports(reports.values())

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import EVAL_BATCH_SIZE, TTA_MODES
+from .config import EVAL_BATCH_SIZE, TTA_MODES, WEIGHTS_DIR
 from .data import CLASSES, model_input, stratified_subset, tta_views
 from .fileio import (
     atomic_write,
@@ -444,6 +444,21 @@ def evaluate_checkpoints(
     Writes ``{split}[_limit{N}][_tta-{mode}].json`` with confusion-matrix/ROC PNGs (and the training curves of a
     single checkpoint's run when its ``metrics.csv`` is beside it) into ``out``."""
     return evaluate_tta(checkpoints, data_path, split, out, (tta,), device, batch_size, limit)[tta]
+
+
+def report_folder(models: Sequence[str | Path]) -> Path:
+    """Where ``ferkit evaluate`` writes the reports of ``models`` without ``--out``: a run's best.pt into its
+    ``eval/``; any other file into its own folder beside it (m.pt and m.onnx: ``eval_m_pt/``, ``eval_m_onnx/``);
+    an ensemble into one named for its members, in any order (never another ensemble's). A file of the installed
+    package (the shipped model) reports into the current folder, not into the package."""
+    first = Path(models[0])
+    if len(models) > 1:
+        members = sorted(str(Path(m).resolve()) for m in models)
+        name = "eval_ensemble_" + bytes_digest("\n".join(members).encode())[:8]
+    else:
+        name = "eval" if first.name == "best.pt" else "eval_" + first.name.replace(".", "_")
+    home = Path.cwd() if first.resolve().parent == WEIGHTS_DIR.resolve() else first.parent
+    return home / name
 
 
 def evaluate_tta(

@@ -11,7 +11,7 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -298,7 +298,7 @@ def parse_model_metadata(text: str | None, source: str | Path) -> dict[str, Any]
     return info
 
 
-def refuse_repeats(paths: Any, what: str) -> None:
+def refuse_repeats(paths: Iterable[str | Path], what: str) -> None:
     """Refuse one file given twice (it would count double: an ensemble's member, a card's report), however its
     path is written."""
     seen: dict[Path, Any] = {}
@@ -308,7 +308,7 @@ def refuse_repeats(paths: Any, what: str) -> None:
         seen[Path(path).resolve()] = path
 
 
-def refuse_same_weights(paths: Any, digests: Any, what: str) -> None:
+def refuse_same_weights(paths: Sequence[str | Path], digests: Sequence[str | None], what: str) -> None:
     """Refuse two files made from one run's trained weights (``digests``: checkpoint.weights_digest, None where
     a file records none), e.g. a checkpoint and its ONNX export: as ensemble members it would count twice."""
     seen: dict[str, Any] = {}

@@ -8,7 +8,7 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 import numpy as np
 
@@ -28,7 +28,10 @@ VIDEO_EXTENSIONS = {
     *(".mts", ".m2ts", ".ogv", ".vob"),  # camcorders' AVCHD, Ogg, DVD
 }
 
-ImageInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | Any  # Any: a PIL image
+if TYPE_CHECKING:
+    from PIL import Image
+
+ImageInput = Union[str, os.PathLike, bytes, BinaryIO, np.ndarray, "Image.Image"]  # PIL is imported when decoding
 ACCEPTED = "a path, bytes, a binary file object, a numpy array or a PIL image"
 
 
@@ -44,7 +47,7 @@ class ImageTooLargeError(ImageError):
     """The image has more pixels than allowed (checked from its header, before decoding)."""
 
 
-def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_image(src: ImageInput, max_pixels: float = MAX_PIXELS) -> np.ndarray:
     """Decode a path, bytes, file object, PIL image or array into an RGB uint8 array (H, W, 3).
     Arrays are taken as RGB or gray: convert OpenCV's BGR first (``cv2.cvtColor(a, cv2.COLOR_BGR2RGB)``).
 
