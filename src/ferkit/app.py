@@ -647,16 +647,58 @@ def build_ui(service: RecognizerService, rest_api: bool = True) -> Any:
     (``ferkit serve``), which its API tab then documents."""
     import gradio as gr
 
+    with gr.Blocks(
+        title="ferkit: facial expression recognition", analytics_enabled=False, delete_cache=(1800, 3600)
+    ) as demo:
+        gr.Markdown(_header(service), elem_id="ferkit-header")
+        with gr.Tab("Photo"):
+            _photo_tab(gr, service)
+        with gr.Tab("Webcam (live)"):
+            _webcam_tab(gr, service)
+        with gr.Tab("API"):
+            gr.Markdown(_api_help(service.settings, rest_api))
+    # Gradio's queue has no bound of its own: photos past the recognizers waited there, out of --queue's reach
+    # (120 queued 13 MiB data: URLs held 3.4 GB). It counts the jobs not yet started: --queue of them (at least
+    # one, the moment between a job's arrival and its start)
+    demo.queue(max_size=max(1, service.settings.max_queue))
+    return demo
+
+
+def _header(service: RecognizerService) -> str:
+    """The page's title and what it runs: the model, its accuracy, the face detector."""
     info, s = service.model_info, service.settings
+    return (
+        "# ferkit: facial expression recognition\n"
+        f"Finds every face in a photo and scores 7 emotions ({', '.join(info['classes'])}). "
+        f"Model **{info['name']}** ({info['backend']}), FER-2013 PrivateTest accuracy "
+        f"{_accuracy_text(info)}. Faces are found by {_detector_text(s.detector)}: faces "
+        f"of {s.min_face} px or more."
+    )
+
+
+def _api_help(s: AppSettings, rest_api: bool) -> str:
+    """The API tab: how to call the JSON API served beside the UI, or where to get one."""
+    if not rest_api:
+        return (
+            "This page serves the UI alone. `ferkit serve` serves it together with a JSON API "
+            "(`POST /api/v1/predict` with the image as multipart field `file`) and its documentation at `/docs`."
+        )
+    return (
+        "The same model answers HTTP requests (`SERVER` is this page's address, e.g. http://127.0.0.1:7860):\n\n"
+        '```bash\ncurl -F file=@photo.jpg "$SERVER/api/v1/predict"\n'
+        'curl -F file=@photo.jpg "$SERVER/api/v1/predict?fallback=true"  # no face: the whole image\n```\n\n'
+        "Answer: `{faces: [{box, emotion, confidence, scores, whole_image}], width, height, model, elapsed_ms}`. "
+        f"Limits: uploads up to {s.max_upload_mb:g} MiB, images up to {s.max_pixels:,} pixels. "
+        "Interactive documentation: [/docs](/docs) (its page loads Swagger UI from a CDN)."
+    )
+
+
+def _photo_tab(gr: Any, service: RecognizerService) -> None:
+    """A photo (upload, webcam snapshot, clipboard or an example) in; the annotated image, a summary and a
+    panel of scores per face out."""
+    n_classes = len(service.model_info["classes"])
     examples = {label: path for label, path in EXAMPLES.items() if path.is_file()}
     panels_off = [gr.update(visible=False, value=None) for _ in range(MAX_FACE_PANELS)]
-
-    def panel_updates(faces: list[FaceResult]) -> list[Any]:
-        ups = [
-            gr.update(visible=True, value=dict(f.scores), label=f"Face {i}: {f.emotion} {f.confidence:.0%}")
-            for i, f in enumerate(faces[:MAX_FACE_PANELS], 1)
-        ]
-        return ups + panels_off[len(ups) :]
 
     async def on_photo(path: str | bytes | None, fallback: bool) -> list[Any]:
         if not path:
@@ -665,7 +707,64 @@ def build_ui(service: RecognizerService, rest_api: bool = True) -> Any:
             a = await service.analyse(path, fallback=fallback, annotated=True)
         except ServiceError as e:  # said where the result goes, and kept there (a toast vanishes)
             return [None, f"**{e.message[:1].upper() + e.message[1:]}**", *panels_off]
-        return [a.annotated, _summary(a), *panel_updates(a.faces)]
+        shown = [
+            gr.update(visible=True, value=dict(f.scores), label=f"Face {i}: {f.emotion} {f.confidence:.0%}")
+            for i, f in enumerate(a.faces[:MAX_FACE_PANELS], 1)
+        ]
+        return [a.annotated, _summary(a), *shown, *panels_off[len(shown) :]]
+
+    with gr.Row():
+        with gr.Column():
+            photo = _photo_input_class()(
+                label="Photo",
+                type="filepath",
+                image_mode=None,
+                height=420,
+                sources=["upload", "webcam", "clipboard"],
+                elem_id="ferkit-photo",
+            )
+            fallback = gr.Checkbox(label="If no face is found, classify the whole image", value=False)
+            button = gr.Button("Detect emotions", variant="primary")
+            gr.Examples(
+                [[str(p)] for p in examples.values()],
+                inputs=photo,
+                label="Examples: click one",
+                example_labels=list(examples),
+            )
+        with gr.Column():
+            result = gr.Image(
+                label="Faces found",
+                type="numpy",
+                interactive=False,
+                height=420,
+                format="jpeg",
+                elem_id="ferkit-result",
+            )
+            summary = gr.Markdown(elem_id="ferkit-summary")
+    with gr.Row(equal_height=True):
+        panels = [
+            gr.Label(
+                num_top_classes=n_classes,
+                visible=False,
+                label=f"Face {i}",
+                elem_id=f"ferkit-face-{i}",
+                min_width=200,
+            )
+            for i in range(1, MAX_FACE_PANELS + 1)
+        ]
+    gr.on(
+        [photo.change, fallback.change, button.click],
+        on_photo,
+        inputs=[photo, fallback],
+        outputs=[result, summary, *panels],
+        api_name="predict",
+        concurrency_limit=service.settings.max_concurrency,
+        concurrency_id="ferkit",
+    )
+
+
+def _webcam_tab(gr: Any, service: RecognizerService) -> None:
+    """The camera streamed, about two frames a second: each annotated, and the largest face's scores."""
 
     async def on_frame(frame: str | bytes | None) -> tuple[Any, Any]:
         if frame is None:
@@ -679,113 +778,32 @@ def build_ui(service: RecognizerService, rest_api: bool = True) -> Any:
         face = max(a.faces, key=lambda f: f.box[2] * f.box[3])
         return a.annotated, gr.update(value=dict(face.scores), label=f"Largest face: {face.emotion}")
 
-    header = (
-        "# ferkit: facial expression recognition\n"
-        f"Finds every face in a photo and scores 7 emotions ({', '.join(info['classes'])}). "
-        f"Model **{info['name']}** ({info['backend']}), FER-2013 PrivateTest accuracy "
-        f"{_accuracy_text(info)}. Faces are found by {_detector_text(s.detector)}: faces "
-        f"of {s.min_face} px or more."
+    gr.Markdown(
+        "Allow the browser to use your camera; frames are analysed about twice a second, for up to "
+        f"{STREAM_SECONDS // 60} minutes a stream (start it again to go on)."
     )
-    api_help = (
-        "The same model answers HTTP requests (`SERVER` is this page's address, e.g. http://127.0.0.1:7860):\n\n"
-        '```bash\ncurl -F file=@photo.jpg "$SERVER/api/v1/predict"\n'
-        'curl -F file=@photo.jpg "$SERVER/api/v1/predict?fallback=true"  # no face: the whole image\n```\n\n'
-        "Answer: `{faces: [{box, emotion, confidence, scores, whole_image}], width, height, model, elapsed_ms}`. "
-        f"Limits: uploads up to {s.max_upload_mb:g} MiB, images up to {s.max_pixels:,} pixels. "
-        "Interactive documentation: [/docs](/docs) (its page loads Swagger UI from a CDN)."
-        if rest_api
-        else "This page serves the UI alone. `ferkit serve` serves it together with a JSON API "
-        "(`POST /api/v1/predict` with the image as multipart field `file`) and its documentation at `/docs`."
+    with gr.Row():
+        cam = _photo_input_class()(label="Webcam", sources=["webcam"], streaming=True, height=360, elem_id="ferkit-cam")
+        cam_result = gr.Image(
+            label="Live result", interactive=False, format="jpeg", height=360, elem_id="ferkit-cam-result"
+        )
+        cam_scores = gr.Label(
+            num_top_classes=len(service.model_info["classes"]), label="Largest face", elem_id="ferkit-cam-scores"
+        )
+    cam.stream(
+        on_frame,
+        inputs=[cam],
+        outputs=[cam_result, cam_scores],
+        stream_every=0.5,
+        time_limit=STREAM_SECONDS,
+        # a stream holds a Gradio slot for its whole session (up to time_limit), idle or abandoned: sharing
+        # the photos' slots, two open webcams left photos waiting, and as many slots as recognizers, two
+        # clients gone left every webcam waiting 5 minutes. Not counted: the service bounds the inference
+        concurrency_limit=None,
+        concurrency_id="ferkit-webcam",
+        api_name="predict_frame",
+        show_progress="hidden",
     )
-    with gr.Blocks(
-        title="ferkit: facial expression recognition", analytics_enabled=False, delete_cache=(1800, 3600)
-    ) as demo:
-        gr.Markdown(header, elem_id="ferkit-header")
-        with gr.Tab("Photo"):
-            with gr.Row():
-                with gr.Column():
-                    photo = _photo_input_class()(
-                        label="Photo",
-                        type="filepath",
-                        image_mode=None,
-                        height=420,
-                        sources=["upload", "webcam", "clipboard"],
-                        elem_id="ferkit-photo",
-                    )
-                    fallback = gr.Checkbox(label="If no face is found, classify the whole image", value=False)
-                    button = gr.Button("Detect emotions", variant="primary")
-                    gr.Examples(
-                        [[str(p)] for p in examples.values()],
-                        inputs=photo,
-                        label="Examples: click one",
-                        example_labels=list(examples),
-                    )
-                with gr.Column():
-                    result = gr.Image(
-                        label="Faces found",
-                        type="numpy",
-                        interactive=False,
-                        height=420,
-                        format="jpeg",
-                        elem_id="ferkit-result",
-                    )
-                    summary = gr.Markdown(elem_id="ferkit-summary")
-            with gr.Row(equal_height=True):
-                panels = [
-                    gr.Label(
-                        num_top_classes=len(info["classes"]),
-                        visible=False,
-                        label=f"Face {i}",
-                        elem_id=f"ferkit-face-{i}",
-                        min_width=200,
-                    )
-                    for i in range(1, MAX_FACE_PANELS + 1)
-                ]
-            gr.on(
-                [photo.change, fallback.change, button.click],
-                on_photo,
-                inputs=[photo, fallback],
-                outputs=[result, summary, *panels],
-                api_name="predict",
-                concurrency_limit=s.max_concurrency,
-                concurrency_id="ferkit",
-            )
-        with gr.Tab("Webcam (live)"):
-            gr.Markdown(
-                "Allow the browser to use your camera; frames are analysed about twice a second, for up to "
-                f"{STREAM_SECONDS // 60} minutes a stream (start it again to go on)."
-            )
-            with gr.Row():
-                cam = _photo_input_class()(
-                    label="Webcam", sources=["webcam"], streaming=True, height=360, elem_id="ferkit-cam"
-                )
-                cam_result = gr.Image(
-                    label="Live result", interactive=False, format="jpeg", height=360, elem_id="ferkit-cam-result"
-                )
-                cam_scores = gr.Label(
-                    num_top_classes=len(info["classes"]), label="Largest face", elem_id="ferkit-cam-scores"
-                )
-            cam.stream(
-                on_frame,
-                inputs=[cam],
-                outputs=[cam_result, cam_scores],
-                stream_every=0.5,
-                time_limit=STREAM_SECONDS,
-                # a stream holds a Gradio slot for its whole session (up to time_limit), idle or abandoned: sharing
-                # the photos' slots, two open webcams left photos waiting, and as many slots as recognizers, two
-                # clients gone left every webcam waiting 5 minutes. Not counted: the service bounds the inference
-                concurrency_limit=None,
-                concurrency_id="ferkit-webcam",
-                api_name="predict_frame",
-                show_progress="hidden",
-            )
-        with gr.Tab("API"):
-            gr.Markdown(api_help)
-    # Gradio's queue has no bound of its own: photos past the recognizers waited there, out of --queue's reach
-    # (120 queued 13 MiB data: URLs held 3.4 GB). It counts the jobs not yet started: --queue of them (at least
-    # one, the moment between a job's arrival and its start)
-    demo.queue(max_size=max(1, s.max_queue))
-    return demo
 
 
 def build_demo(settings: AppSettings | None = None, **options: Any) -> Any:
