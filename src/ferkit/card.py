@@ -12,7 +12,8 @@ from .data import CLASSES, SPLIT_SIZES
 from .fileio import read_model_report
 
 REFERENCE = (
-    "Keras ResNet50V2 (the seed): 65.2% validation accuracy, weighted F1 0.65, disgust F1 0.51, surprise F1 0.77"
+    "Keras ResNet50V2 (the seed, as the project's brief reports it; not run here): 65.2% validation accuracy, "
+    "weighted F1 0.65, disgust F1 0.51, surprise F1 0.77"
 )
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -237,7 +238,8 @@ Per class ({name}, TTA `{head["tta"]}`):
 Reference to beat: {REFERENCE}.
 
 ## Limitations
-- FER-2013 faces are low-resolution web images with label noise (human accuracy is about 65±5%);
+- FER-2013 faces are low-resolution web images with label noise (human accuracy is about 65±5%: Goodfellow et al. 2013,
+  "Challenges in Representation Learning");
   per-class quality differs a lot (see the table): disgust is rare (1.5% of the data).
 - {_copies(head)}
 - Faces are found by the bundled CenterFace detector (trained on WIDER FACE), from 48 px by default
