@@ -603,3 +603,18 @@ def test_evaluating_the_shipped_model_writes_nothing_into_the_package(synthetic_
     assert sorted(WEIGHTS_DIR.iterdir()) == before
     folder = "eval_" + DEFAULT_MODEL.name.replace(".", "_")
     assert (tmp_path / folder / "PublicTest_limit14.json").is_file()
+
+
+def test_every_command_that_writes_takes_o_for_its_output():
+    """-o was prepare's, slim's and export's; train, evaluate, select-ensemble and card took only --out."""
+    parser = cli.build_parser()
+    for argv in (
+        ["prepare", "src"],
+        ["train"],
+        ["evaluate", "m.onnx", "--data", "d.npz"],
+        ["select-ensemble", "a.onnx", "b.onnx", "--data", "d.npz"],
+        ["card", "--run", "r", "--onnx", "m.onnx", "--reports", "r.json", "--command", "c", "--hardware", "h"],
+        ["slim", "last.pt"],
+        ["export", "best.pt"],
+    ):
+        assert parser.parse_args([*argv, "-o", "OUT"]).out == "OUT", argv

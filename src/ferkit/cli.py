@@ -133,20 +133,20 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     """One ``--option`` per :class:`TrainConfig` field, with its help text; defaults come from the config."""
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flags = [*(["-o"] if f.name == "out" else []), "--" + f.name.replace("_", "-")]  # -o as every command's
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         bounds = f"; in {f.metadata['bounds']}" if "bounds" in f.metadata else ""
         help_ = f"{f.metadata['help']} (default: {default!r}{bounds})"
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif f.type in ("dict", dict):
-            p.add_argument(flag, type=_yaml_mapping, metavar="YAML", **kw)
+            p.add_argument(*flags, type=_yaml_mapping, metavar="YAML", **kw)
         elif f.type in ("list", list):
-            p.add_argument(flag, nargs="*", **kw)
+            p.add_argument(*flags, nargs="*", **kw)
         else:
             typ = {"int": int, "float": float, "str": str}[str(f.type)]
-            p.add_argument(flag, type=typ, choices=f.metadata.get("choices"), **kw)
+            p.add_argument(*flags, type=typ, choices=f.metadata.get("choices"), **kw)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -543,6 +543,7 @@ def _add_evaluate(sub: Any) -> None:
         help="test-time augmentation mode(s), each reported separately (default: none)",
     )
     p.add_argument(
+        "-o",
         "--out",
         help="report folder (default beside the model: eval/ for a best.pt, eval_NAME_onnx/ for NAME.onnx and "
         "likewise for any other file, eval_ensemble_HASH/ for several, named for the set of them; in the current "
@@ -569,7 +570,7 @@ def _add_select_ensemble(sub: Any) -> None:
     p.add_argument("--tta", nargs="+", default=["none"], choices=TTA_MODES, help="TTA modes to try (default: none)")
     p.add_argument("--max-size", type=_count(0), default=0, help="largest ensemble to consider (0 = all candidates)")
     p.add_argument("--top", type=_count(1), default=10, help="rows to print and save (default: %(default)s)")
-    p.add_argument("--out", help="JSON file for the ranking")
+    p.add_argument("-o", "--out", help="JSON file for the ranking")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument(
         "--limit", type=_count(0), default=0, help="use a fixed random subset of N PublicTest images (0 = all)"
@@ -590,7 +591,7 @@ def _add_card(sub: Any) -> None:
     p.add_argument("--reports", nargs="+", required=True, help="evaluation JSON files, the headline first")
     p.add_argument("--command", dest="train_command", required=True, help="the training command, quoted in the card")
     p.add_argument("--hardware", required=True, help="where it was trained (e.g. '1x H100 80GB'), quoted in the card")
-    p.add_argument("--out", default="MODEL_CARD.md", help="card to write (default: %(default)s)")
+    p.add_argument("-o", "--out", default="MODEL_CARD.md", help="card to write (default: %(default)s)")
     p.add_argument("--readme", help="README whose results block to regenerate")
     p.set_defaults(func=cmd_card)
 
