@@ -618,3 +618,14 @@ def test_every_command_that_writes_takes_o_for_its_output():
         ["export", "best.pt"],
     ):
         assert parser.parse_args([*argv, "-o", "OUT"]).out == "OUT", argv
+
+
+def test_threads_0_is_the_default_for_every_command():
+    """train --threads 0 meant torch's default; predict and serve refused 0."""
+    parser = cli.build_parser()
+    assert parser.parse_args(["predict", "a.jpg", "--threads", "0"]).threads is None
+    assert parser.parse_args(["serve", "--threads", "0"]).threads is None
+    assert parser.parse_args(["serve", "--threads", "3"]).threads == 3
+    assert parser.parse_args(["train", "--threads", "0"]).threads == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["predict", "a.jpg", "--threads", "-1"])

@@ -80,7 +80,15 @@ def _positive(text: str) -> float:
     return value
 
 
-_positive.__name__ = "number"  # argparse then says "invalid number value: 'x'"
+_positive.__name__ = "number"
+
+
+def _threads(text: str) -> int | None:
+    """An argparse type: a thread count, 0 for the default (None), as ``train --threads 0`` means."""
+    return _count(0, MAX_THREADS)(text) or None
+
+
+_threads.__name__ = "number"  # argparse then says "invalid number value: 'x'"
 
 
 def _add_evaluation_options(p: argparse.ArgumentParser) -> None:
@@ -700,7 +708,7 @@ def _add_predict(sub: Any) -> None:
         "--format", default="table", choices=["table", "jsonl", "csv"], help="output format (default: %(default)s)"
     )
     p.add_argument("--annotate", metavar="DIR", help="write annotated images/videos into DIR")
-    p.add_argument("--threads", type=_count(1, MAX_THREADS), help="onnxruntime threads (default: all cores)")
+    p.add_argument("--threads", type=_threads, help="onnxruntime threads (default, or 0: all cores)")
     _add_no_progress(p)
     p.set_defaults(func=cmd_predict, usage_error=p.error)
 
@@ -764,8 +772,8 @@ def _add_serve(sub: Any) -> None:
         default=d.upload_timeout_s,
         help="seconds to receive an upload (then 408; default: %(default)s)",
     )
-    threads_help = "onnxruntime threads per inference (default: cores / concurrency)"
-    p.add_argument("--threads", type=_count(1, MAX_THREADS), help=threads_help)
+    threads_help = "onnxruntime threads per inference (default, or 0: cores / concurrency)"
+    p.add_argument("--threads", type=_threads, help=threads_help)
     p.add_argument("--no-ui", action="store_true", help="serve the API only, without the Gradio UI")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
