@@ -629,3 +629,13 @@ def test_threads_0_is_the_default_for_every_command():
     assert parser.parse_args(["train", "--threads", "0"]).threads == 0
     with pytest.raises(SystemExit):
         parser.parse_args(["predict", "a.jpg", "--threads", "-1"])
+
+
+def test_an_unknown_option_is_named_by_its_command(capsys):
+    """It was reported by the top-level parser: 'ferkit: error:' under ferkit's usage, not the command's."""
+    for argv in (["predict", "a.jpg", "--bogus"], ["train", "--data", "d.npz", "--bogus", "1"]):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2
+        assert f"ferkit {argv[0]}: error: unrecognized arguments: --bogus" in err and f"usage: ferkit {argv[0]}" in err

@@ -489,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_predict(sub)
     _add_serve(sub)
+    for command in sub.choices.values():  # a command's own usage errors name it and show its usage
+        command.set_defaults(usage_error=command.error)
     return parser
 
 
@@ -710,7 +712,7 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("--annotate", metavar="DIR", help="write annotated images/videos into DIR")
     p.add_argument("--threads", type=_threads, help="onnxruntime threads (default, or 0: all cores)")
     _add_no_progress(p)
-    p.set_defaults(func=cmd_predict, usage_error=p.error)
+    p.set_defaults(func=cmd_predict)
 
 
 def _add_serve(sub: Any) -> None:
@@ -838,7 +840,9 @@ def _ended(command: str, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said by the command's parser: the top-level one said "ferkit: error:" with ferkit's usage
+        args.usage_error(f"unrecognized arguments: {' '.join(unknown)}")
     for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 is printed escaped, every command
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
