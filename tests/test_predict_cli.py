@@ -451,10 +451,21 @@ def test_annotated_video_that_cannot_be_written_keeps_its_frames(capsys, video, 
 
 
 def test_a_camera_that_gives_no_frame_is_reported(capsys, monkeypatch):
-    monkeypatch.setattr("ferkit.media.VideoFrames", lambda source, every: iter(()))
+    monkeypatch.setattr("ferkit.media.VideoFrames", lambda source, every, live: iter(()))
     code, out, _ = run(capsys, "--webcam", "3", "--format", "jsonl")
     assert code == 1
     assert jsonl(out) == [{"source": "webcam:3", "error": "camera 3: opened, but gave no frame"}]
+
+
+def test_webcam_takes_a_device_path_or_a_stream_url(capsys, video):
+    """--webcam took a camera number only: no /dev/video2, no rtsp:// or http:// stream. A video file read as a
+    live source stands in for a stream: its frames are timed by the clock, under the source as given."""
+    code, out, _ = run(capsys, "--webcam", video, "--every", "4", "--format", "jsonl")
+    records = jsonl(out)
+    assert code == 0 and [r["frame"] for r in records] == [0, 4, 8]
+    assert {r["source"] for r in records} == {f"webcam:{video}"} and all(len(r["faces"]) == 1 for r in records)
+    assert main(["predict", "--webcam", "rtsp://127.0.0.1:9/none", "--no-progress"]) == 2  # nothing listens
+    assert "error: rtsp://127.0.0.1:9/none: cannot open (no such camera or stream" in capsys.readouterr().err
 
 
 class FakeCapture:
@@ -518,7 +529,10 @@ def test_a_camera_that_cannot_open_is_one_line_without_a_table_header(capfd):
     """No table header before the error, and none of OpenCV's warnings ("[ WARN:0@0.372] global cap_v4l.cpp")."""
     assert main(["predict", "--webcam", "63", "--no-progress"]) == 2  # no machine here has 64 cameras
     out, err = capfd.readouterr()
-    assert out == "" and err == "ferkit predict: error: camera 63: cannot open (no such camera, or no access to it)\n"
+    assert (
+        out == ""
+        and err == "ferkit predict: error: camera 63: cannot open (no such camera or stream, or no access to it)\n"
+    )
 
 
 @pytest.mark.parametrize("reported, fps", [(15.0, 15.0), (0.0, 30.0), (float("nan"), 30.0)])
@@ -625,7 +639,7 @@ def test_usage_errors_exit_2(capsys, good, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        ([], "give image/video/folder paths, or --webcam N"),
+        ([], "give image/video/folder paths, or --webcam N|PATH|URL"),
         (["a.jpg", "--every", "0"], "argument --every: must be at least 1, got 0"),
         (["a.jpg", "--min-face", "0"], "argument --min-face: must be at least 1, got 0"),
         (["a.jpg", "--max-pixels", "0"], "argument --max-pixels: must be at least 1, got 0"),

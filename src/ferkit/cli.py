@@ -83,6 +83,15 @@ def _positive(text: str) -> float:
 _positive.__name__ = "number"
 
 
+def _camera(text: str) -> int | str:
+    """An argparse type: a camera number (digits; at least 0: OpenCV crashed on -1), else a device path or a
+    stream URL, kept as text."""
+    return _count(0)(text) if text.lstrip("-").isdigit() else text
+
+
+_camera.__name__ = "camera"
+
+
 def _threads(text: str) -> int | None:
     """An argparse type: a thread count, 0 for the default (None), as ``train --threads 0`` means."""
     return _count(0, MAX_THREADS)(text) or None
@@ -418,7 +427,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .media import predict_camera, predict_paths
 
     if args.webcam is None and not args.paths:
-        args.usage_error("give image/video/folder paths, or --webcam N")
+        args.usage_error("give image/video/folder paths, or --webcam N|PATH|URL")
     if args.webcam is not None and (args.paths or args.annotate):
         args.usage_error("--webcam reads the camera only: it takes no paths and no --annotate")
     rec = EmotionRecognizer(
@@ -692,7 +701,13 @@ def _add_predict(sub: Any) -> None:
     )
     p.add_argument("paths", nargs="*", help="images, folders (searched recursively) and video files; - for an image "
                    "on standard input")  # fmt: skip
-    p.add_argument("--webcam", type=_count(0), metavar="N", help="read camera N instead of files (Ctrl-C stops)")
+    p.add_argument(
+        "--webcam",
+        type=_camera,
+        metavar="N|PATH|URL",
+        help="read a camera instead of files: its number, a device path (/dev/video2) or a stream URL "
+        "(rtsp://..., http://...); Ctrl-C stops",
+    )
     p.add_argument(
         "--model",
         action="append",

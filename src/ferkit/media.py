@@ -105,17 +105,19 @@ class VideoFrames:
 
     A file's time is the frame's own timestamp (so that a phone's variable-frame-rate video does not drift)
     from its first frame's, or the last time plus the last gap where the container gives none or no later one
-    (raw H.264, an MPEG stream's last frame, an AVI's B-frames); a camera's is the time since its first frame.
+    (raw H.264, an MPEG stream's last frame, an AVI's B-frames); a ``live`` source's (a camera: its number, a
+    device path or a stream URL such as ``rtsp://...``; a number is live) is the time since its first frame.
     ``end`` is when the last frame decoded ends, in the same time."""
 
-    def __init__(self, source: str | int, every: int = 1) -> None:
+    def __init__(self, source: str | int, every: int = 1, live: bool | None = None) -> None:
         check_count("every", every)
         self.source, self.every, self.decoded, self.end = source, every, 0, 0.0
+        self.live = isinstance(source, int) if live is None else live
 
     def _open(self) -> Any:
         import cv2
 
-        if not isinstance(self.source, int):
+        if not self.live:
             if not os.access(self.source, os.R_OK):  # OpenCV would try every backend, and log each
                 raise ImageError(f"{self.source}: permission denied")
             cap = cv2.VideoCapture(self.source)
@@ -125,7 +127,7 @@ class VideoFrames:
         with _opencv_quiet():  # OpenCV warns of each backend that found no such camera
             cap = cv2.VideoCapture(self.source)
         if not cap.isOpened():
-            raise ImageError(f"camera {self.source}: cannot open (no such camera, or no access to it)")
+            raise ImageError(f"{_camera_name(self.source)}: cannot open (no such camera or stream, or no access to it)")
         return cap
 
     def __iter__(self) -> Iterator[tuple[int, float, np.ndarray]]:
@@ -138,7 +140,7 @@ class VideoFrames:
             while cap.grab():
                 index = self.decoded
                 self.decoded += 1
-                if isinstance(self.source, int):
+                if self.live:
                     now = time.monotonic()
                     start = now if start is None else start
                     t = now - start
@@ -160,16 +162,22 @@ class VideoFrames:
 
 
 def predict_camera(
-    recognizer: EmotionRecognizer, camera: int, every: int = 1, fallback: bool = False
+    recognizer: EmotionRecognizer, camera: int | str, every: int = 1, fallback: bool = False
 ) -> Iterator[Record]:
-    """One :class:`Record` per ``every``-th frame of camera number ``camera``, until it stops; an error
-    record when it opens but gives no frame (a camera in use elsewhere, or a device that is not a camera)."""
+    """One :class:`Record` per ``every``-th frame of ``camera`` (its number, a device path such as
+    ``/dev/video2`` or a stream URL such as ``rtsp://host/stream``), until it stops; an error record when it
+    opens but gives no frame (a camera in use elsewhere, or a device that is not a camera)."""
     source, frames = f"webcam:{camera}", 0
-    for index, t, rgb in VideoFrames(camera, every):
+    for index, t, rgb in VideoFrames(camera, every, live=True):
         frames += 1
         yield Record(source, recognizer.predict(rgb, whole_image_fallback=fallback), frame=index, time_s=t)
     if frames == 0:
-        yield Record(source, error=f"camera {camera}: opened, but gave no frame")
+        yield Record(source, error=f"{_camera_name(camera)}: opened, but gave no frame")
+
+
+def _camera_name(camera: int | str) -> str:
+    """How errors name a live source: ``camera 0``, or the path or URL as given."""
+    return f"camera {camera}" if isinstance(camera, int) else str(camera)
 
 
 def video_info(path: str | Path) -> tuple[int, float]:
