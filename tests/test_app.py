@@ -314,8 +314,10 @@ def test_every_setting_is_a_serve_flag_with_its_default(monkeypatch):
     got = {}
     monkeypatch.setattr("ferkit.app.serve", lambda settings, **where: got.update(settings=settings, **where))
     argv = ["serve", "--concurrency", "3", "--queue", "5", "--queue-timeout", "2", "--timeout", "7", "--no-ui"]
+    argv += ["--keep-files", "120"]
     assert main(argv + ["--upload-timeout", "9", "--threads", "1", "--max-upload-mb", "4", "--model", "a.onnx"]) == 0
     expected = dict(max_concurrency=3, max_queue=5, queue_timeout_s=2, timeout_s=7, upload_timeout_s=9, threads=1)
+    expected |= dict(keep_files_s=120)
     assert got["settings"] == AppSettings(model="a.onnx", ui=False, max_upload_mb=4, **expected)
 
 
@@ -433,6 +435,8 @@ def test_settings_are_validated():
         AppSettings(upload_timeout_s=0)
     with pytest.raises(ValueError, match="max_upload_mb must be a finite number of MiB, got inf"):
         AppSettings(max_upload_mb=float("inf"))  # was an OverflowError traceback from `serve --max-upload-mb inf`
+    with pytest.raises(ValueError, match="keep_files_s must be a finite number of seconds, got inf"):
+        AppSettings(keep_files_s=float("inf"))
     with pytest.raises(ValueError, match="max_upload_mb 1e-30 is under one byte"):
         AppSettings(max_upload_mb=1e-30)  # a limit of 0 bytes: every upload refused
     with pytest.raises(TypeError):
@@ -527,6 +531,16 @@ def test_webcam_streams_do_not_take_the_photos_slots():
     fns = {f.api_name: f for f in demo.fns.values()}
     assert fns["predict"].concurrency_id != fns["predict_frame"].concurrency_id
     assert (fns["predict"].concurrency_limit, fns["predict_frame"].concurrency_limit) == (2, None)
+
+
+def test_the_ui_keeps_uploaded_photos_only_as_long_as_the_settings_say():
+    """Gradio's cache of the UI's uploads and results (photos of faces) was emptied of files an hour old."""
+    from ferkit.app import RecognizerService, build_ui
+
+    for keep, expected in ((None, (300, 600)), (45.5, (23, 46))):
+        settings = AppSettings() if keep is None else AppSettings(keep_files_s=keep)
+        demo = build_ui(RecognizerService.from_settings(settings, recognizer=SlowRecognizer(0)))
+        assert demo.delete_cache == expected
 
 
 def test_upload_limits_are_shown_without_rounding_to_zero():

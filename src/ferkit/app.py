@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import socket
 import threading
@@ -220,7 +221,7 @@ class RecognizerService:
 
         def job(rec: EmotionRecognizer) -> tuple[tuple[int, ...], list[FaceResult], np.ndarray | None]:
             data = image
-            if isinstance(data, (str, Path)):  # an upload of the UI's: Gradio deletes them after an hour
+            if isinstance(data, (str, Path)):  # an upload of the UI's: deleted after settings.keep_files_s
                 try:
                     size = os.path.getsize(data)
                     if size > limit:
@@ -648,7 +649,9 @@ def build_ui(service: RecognizerService, rest_api: bool = True) -> Any:
     import gradio as gr
 
     with gr.Blocks(
-        title="ferkit: facial expression recognition", analytics_enabled=False, delete_cache=(1800, 3600)
+        title="ferkit: facial expression recognition",
+        analytics_enabled=False,
+        delete_cache=_delete_cache(service.settings.keep_files_s),
     ) as demo:
         gr.Markdown(_header(service), elem_id="ferkit-header")
         with gr.Tab("Photo"):
@@ -662,6 +665,13 @@ def build_ui(service: RecognizerService, rest_api: bool = True) -> Any:
     # one, the moment between a job's arrival and its start)
     demo.queue(max_size=max(1, service.settings.max_queue))
     return demo
+
+
+def _delete_cache(keep_s: float) -> tuple[int, int]:
+    """Gradio's ``delete_cache``: every (at most) half of ``keep_s``, delete the UI's files older than ``keep_s``
+    (ferkit kept them an hour)."""
+    keep = max(1, math.ceil(keep_s))
+    return max(1, keep // 2), keep
 
 
 def _header(service: RecognizerService) -> str:

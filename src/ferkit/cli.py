@@ -789,6 +789,14 @@ def _add_serve(sub: Any) -> None:
         default=d.upload_timeout_s,
         help="seconds to receive an upload (then 408; default: %(default)s)",
     )
+    p.add_argument(
+        "--keep-files",
+        dest="keep_files_s",
+        metavar="S",
+        type=_positive,
+        default=d.keep_files_s,
+        help="seconds the UI's uploaded photos and results stay on the server (default: %(default)s)",
+    )
     threads_help = "onnxruntime threads per inference (default, or 0: cores / concurrency)"
     p.add_argument("--threads", type=_threads, help=threads_help)
     p.add_argument("--no-ui", action="store_true", help="serve the API only, without the Gradio UI")

@@ -310,6 +310,7 @@ class AppSettings:
     queue_timeout_s: float = 10.0  # longest wait for a free recognizer before 503
     timeout_s: float = 30.0  # longest decode + detect + classify of one image before 504
     upload_timeout_s: float = 60.0  # longest time to receive a request's body before 408 (slow clients)
+    keep_files_s: float = 600.0  # the UI's uploads and results (faces: personal data) are deleted after this long
     threads: int | None = None  # onnxruntime threads per recognizer (default: CPU cores / max_concurrency)
     min_face: int = MIN_FACE  # smallest face side in pixels that the detector reports
     detector: str = DETECTOR  # centerface, haar, a CenterFace or YuNet .onnx file or a Haar .xml cascade
@@ -319,11 +320,13 @@ class AppSettings:
 
     def __post_init__(self) -> None:
         positive = ("max_upload_mb", "max_pixels", "max_concurrency", "min_face")
-        for name in (*positive, "queue_timeout_s", "timeout_s", "upload_timeout_s"):
+        for name in (*positive, "queue_timeout_s", "timeout_s", "upload_timeout_s", "keep_files_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be 0 or more, got {self.max_queue!r}")
+        if not math.isfinite(self.keep_files_s):
+            raise ValueError(f"keep_files_s must be a finite number of seconds, got {self.keep_files_s!r}")
         if not math.isfinite(self.max_upload_mb):
             raise ValueError(f"max_upload_mb must be a finite number of MiB, got {self.max_upload_mb!r}")
         if self.max_upload_bytes < 1:  # 1e-30 MiB: every upload refused
