@@ -749,54 +749,18 @@ def _add_serve(sub: Any) -> None:
         "--max-upload-mb", type=_positive, default=d.max_upload_mb, help="largest upload in MiB (default: %(default)s)"
     )
     _add_image_options(p)
-    p.add_argument(
-        "--concurrency",
-        dest="max_concurrency",
-        metavar="N",
-        type=_count(1),
-        default=d.max_concurrency,
-        help="inferences at once (default: %(default)s)",
-    )
-    p.add_argument(
-        "--queue",
-        dest="max_queue",
-        metavar="N",
-        type=_count(0),
-        default=d.max_queue,
-        help="requests that may wait; more get 503 (default: %(default)s)",
-    )
-    p.add_argument(
-        "--queue-timeout",
-        dest="queue_timeout_s",
-        metavar="S",
-        type=_positive,
-        default=d.queue_timeout_s,
-        help="seconds a request may wait (then 503; default: %(default)s)",
-    )
-    p.add_argument(
-        "--timeout",
-        dest="timeout_s",
-        metavar="S",
-        type=_positive,
-        default=d.timeout_s,
-        help="seconds one inference may take (then 504; default: %(default)s)",
-    )
-    p.add_argument(
-        "--upload-timeout",
-        dest="upload_timeout_s",
-        metavar="S",
-        type=_positive,
-        default=d.upload_timeout_s,
-        help="seconds to receive an upload (then 408; default: %(default)s)",
-    )
-    p.add_argument(
-        "--keep-files",
-        dest="keep_files_s",
-        metavar="S",
-        type=_positive,
-        default=d.keep_files_s,
-        help="seconds the UI's uploaded photos and results stay on the server (default: %(default)s)",
-    )
+    limits = [  # flag, the AppSettings field it sets, its type and metavar, help
+        ("--concurrency", "max_concurrency", _count(1), "N", "inferences at once"),
+        ("--queue", "max_queue", _count(0), "N", "requests that may wait; more get 503"),
+        ("--queue-timeout", "queue_timeout_s", _positive, "S", "seconds a request may wait, then 503"),
+        ("--timeout", "timeout_s", _positive, "S", "seconds one inference may take, then 504"),
+        ("--upload-timeout", "upload_timeout_s", _positive, "S", "seconds to receive an upload, then 408"),
+        ("--keep-files", "keep_files_s", _positive, "S", "seconds the UI's uploaded photos and results stay"),
+    ]
+    for flag, dest, typ, metavar, help_ in limits:
+        default = getattr(d, dest)
+        help_ += f" (default: {default:g})"
+        p.add_argument(flag, dest=dest, metavar=metavar, type=typ, default=default, help=help_)
     threads_help = "onnxruntime threads per inference (default, or 0: cores / concurrency)"
     p.add_argument("--threads", type=_threads, help=threads_help)
     p.add_argument("--no-ui", action="store_true", help="serve the API only, without the Gradio UI")
