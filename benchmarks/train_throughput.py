@@ -95,6 +95,7 @@ def make_config(args, out: Path) -> TrainConfig:
         train_limit=args.train_limit,
         val_limit=args.batch_size,  # the end-of-epoch evaluation is not timed; keep it short anyway
         progress=False,
+        evaluate=False,  # no PrivateTest report after each timed loop
         patience=0,
         threads=args.threads,
         device=args.device,

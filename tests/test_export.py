@@ -584,3 +584,13 @@ def test_a_model_s_digest_is_its_graph_and_weights(tmp_path, exported):
     digest = model_digest(exported["onnx"])
     assert model_digest(tmp_path / "outside.onnx") == model_digest(tmp_path / "stamped.onnx") == digest
     assert model_digest(exported["int8"]) != digest
+
+
+def test_export_checks_its_outputs_before_reading_the_data(tmp_path, exported, capsys, monkeypatch):
+    """The data (minutes of decoding for a CSV or image folders) was read before OUT was found unwritable."""
+    (tmp_path / "m.onnx").mkdir()
+    read = []
+    monkeypatch.setattr("ferkit.data.load_dataset", lambda *a, **k: read.append(a))
+    argv = ["export", str(exported["pt"]), "-o", str(tmp_path / "m.onnx"), "--int8", "--data", "d.npz"]
+    assert main(argv) == 2
+    assert "m.onnx: is a folder" in capsys.readouterr().err and read == []

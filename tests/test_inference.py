@@ -608,3 +608,14 @@ def test_files_load_image_opens_are_closed(tmp_path):
         assert load_image(gif).shape == (64, 64, 3)
         gc.collect()
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_the_public_api_s_type_hints_resolve_at_run_time():
+    """ImageInput named PIL's Image only for type checkers: typing.get_type_hints (typeguard, pydantic, autodoc)
+    raised NameError on load_image and EmotionRecognizer.predict."""
+    import typing
+
+    from PIL import Image
+
+    for function, name in ((load_image, "src"), (EmotionRecognizer.predict, "image"), (annotate, "image")):
+        assert Image.Image in typing.get_args(typing.get_type_hints(function)[name])

@@ -448,6 +448,11 @@ def test_annotated_video_that_cannot_be_written_keeps_its_frames(capsys, video, 
     assert code == 1 and [r["frame"] for r in frames] == [0, 4, 8]
     assert error["error"] == f"annotated video not written: {out_dir / 'clip_annotated.mp4'}: disk full"
     assert not list(out_dir.iterdir())  # nor its partial file
+    _, _, err = run(capsys, video, "--every", "4", "--annotate", out_dir)  # the table's stderr names the input too
+    assert (
+        err
+        == f"ferkit predict: error: {video}: annotated video not written: {out_dir / 'clip_annotated.mp4'}: disk full\n"
+    )
 
 
 def test_a_camera_that_gives_no_frame_is_reported(capsys, monkeypatch):

@@ -93,6 +93,13 @@ def test_train_evaluates_its_best_checkpoint_as_the_config_says(tmp_path, synthe
     assert json.loads(Path(report["report_json"]).read_text())["accuracy"] == report["accuracy"]
     assert train(tiny_config(synthetic_cache, tmp_path / "off", epochs=1))["evaluation"] is None
     assert not (tmp_path / "off" / "eval").exists()
+    assert train(tiny_config(synthetic_cache, tmp_path / "none", epochs=0, evaluate=True))["evaluation"] is None
+    # data without PrivateTest: refused before the training (it trained, then failed the evaluation)
+    no_test = save_cache(synthetic_data({"Training": 16, "PublicTest": 4, "PrivateTest": 0}), tmp_path / "n.npz")
+    with pytest.raises(ValueError, match="no PrivateTest images for the final evaluation"):
+        train(tiny_config(no_test, tmp_path / "no_test", evaluate=True))
+    assert not (tmp_path / "no_test").exists()
+    assert train(tiny_config(no_test, tmp_path / "no_test", epochs=1))["evaluation"] is None  # --no-evaluate
 
 
 def test_training_learns_the_synthetic_task(tmp_path, synthetic_cache):

@@ -359,12 +359,13 @@ def _copy_onnx(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
 def _export_checkpoint(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
     """``export CHECKPOINT.pt``: its ONNX file (with ``metrics``), checked against torch, and its fp16/int8 copies."""
     from .data import load_dataset
-    from .export import copy_path, export_all
+    from .export import check_outputs, copy_path, export_all
 
     if correction := _correction(args):
         raise ValueError(f"{correction} takes an exported .onnx: export the checkpoint first")
     if args.int8 and not args.data:
         raise ValueError("--int8 needs --data: int8 is calibrated on FER-2013 Training faces (random images ruin it)")
+    check_outputs(args.out, args.fp16, args.int8)  # before minutes of decoding the data
     images = None
     if args.data and (args.check or args.int8):  # read before anything is written
         images, _ = load_dataset(args.data, progress=not args.no_progress).split("Training")
@@ -407,7 +408,9 @@ def _print_records(records: Iterable[Record], fmt: str, classes: Sequence[str]) 
         if writer and not r.faces:  # one row with the face columns blank, for an error or no face
             writer.writerow([*where, *[""] * len(face_columns), r.error or ""])
         elif r.error is not None:  # to stderr, as other tools' (`predict photos/ > table.txt` showed none)
-            print(f"ferkit predict: error: {r.error}", file=sys.stderr, flush=True)
+            where = r.source + ("" if r.frame is None else f" frame {r.frame}")
+            said = r.error if r.error.startswith(r.source) else f"{where}: {r.error}"  # "annotated video not written"
+            print(f"ferkit predict: error: {said}", file=sys.stderr, flush=True)
         elif not r.faces:
             print(f"{r.source:<40} {frame!s:>6} {'-':>4}  no face found")
         for i, f in enumerate(r.faces):  # none when r.error is set

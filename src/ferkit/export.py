@@ -299,6 +299,15 @@ class Exported(NamedTuple):
     checked: int
 
 
+def check_outputs(out: str | Path, fp16: bool = False, int8: bool = False) -> list[Path]:
+    """The files :func:`export_all` would write (``out`` first), each checked to be writable."""
+    out = Path(out)
+    finals = [out, *(copy_path(out, p) for p, want in (("fp16", fp16), ("int8", int8)) if want)]
+    for path in finals:
+        check_writable(path)
+    return finals
+
+
 def export_all(
     checkpoint: str | Path,
     out: str | Path,
@@ -309,18 +318,17 @@ def export_all(
     int8: bool = False,
 ) -> Exported:
     """Export ``checkpoint`` to ``out`` and, as asked, its ``fp16`` and ``int8`` copies beside it
-    (:func:`copy_path`): all made in a staging folder, then put in place together (a failure or Ctrl-C leaves
-    the old set whole). ``check`` (and ``int8``) compares ONNX with torch on a :func:`calibration_sample` of
-    ``images`` (uint8 Training faces; random pixels when None, which int8 refuses: they ruin its calibration),
-    a difference over CHECK_TOLERANCE an error."""
+    (:func:`copy_path`): all made and checked in a staging folder, then renamed into place one after another
+    (a failure or Ctrl-C before that leaves the old set whole; an older copy not asked for is left as it is).
+    ``check`` (and ``int8``) compares ONNX with torch on a :func:`calibration_sample` of ``images`` (uint8
+    Training faces; random pixels when None, which int8 refuses: they ruin its calibration), a difference over
+    CHECK_TOLERANCE an error."""
     out = Path(out)
     if int8 and images is None:
         raise ValueError("int8 needs Training faces (--data): it is calibrated on them (random images ruin it)")
     if images is not None and len(images) == 0:
         raise ValueError("no Training images to check and calibrate on")
-    finals = [out, *(copy_path(out, p) for p, want in (("fp16", fp16), ("int8", int8)) if want)]
-    for path in finals:
-        check_writable(path)  # before the export and the calibration run: they failed after
+    finals = check_outputs(out, fp16, int8)  # before the export and the calibration run: they failed after
     if images is None:
         images = np.random.default_rng(0).integers(0, 256, (64, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     sample, diff = calibration_sample(images), None

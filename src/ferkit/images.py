@@ -8,9 +8,10 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Union
+from typing import Any, BinaryIO
 
 import numpy as np
+from PIL import Image
 
 from .config import MAX_PIXELS
 from .fileio import broken_link
@@ -28,10 +29,7 @@ VIDEO_EXTENSIONS = {
     *(".mts", ".m2ts", ".ogv", ".vob"),  # camcorders' AVCHD, Ogg, DVD
 }
 
-if TYPE_CHECKING:
-    from PIL import Image
-
-ImageInput = Union[str, os.PathLike, bytes, BinaryIO, np.ndarray, "Image.Image"]  # PIL is imported when decoding
+ImageInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | Image.Image
 ACCEPTED = "a path, bytes, a binary file object, a numpy array or a PIL image"
 
 
@@ -56,7 +54,7 @@ def load_image(src: ImageInput, max_pixels: float = MAX_PIXELS) -> np.ndarray:
     decompression-bomb limit raises that limit, process-wide: :func:`let_pillow_open`). Float and integer arrays
     are read by their range: up to 1 (floats: up to 2) as 0-1, up to 1023 as 0-255 (clipped), beyond as 16-bit;
     uint16 as 16-bit."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps, UnidentifiedImageError
 
     if not isinstance(src, (str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image)) and not hasattr(src, "read"):
         raise ImageError(f"cannot read an image from {type(src).__name__}: pass {ACCEPTED}")
@@ -139,8 +137,6 @@ def _video_container(head: bytes) -> str | None:
 
 def _claimed_format(src: Any, formats: list[str]) -> str | None:
     """The format among ``formats`` whose signature begins the bytes or file ``src``, or None."""
-    from PIL import Image
-
     if isinstance(src, (bytes, bytearray)):
         head = bytes(src[:16])
     elif isinstance(src, (str, os.PathLike)):
@@ -156,8 +152,6 @@ def let_pillow_open(max_pixels: int) -> None:
     (:data:`MAX_PIXELS`) where it is lower: :func:`load_image` refuses larger images itself, from their header,
     and Pillow's limit (179 M pixels, with a warning from 89 M) stopped a larger ``max_pixels`` first. The default
     leaves it as it is (an application may have lowered it)."""
-    from PIL import Image
-
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > max(Image.MAX_IMAGE_PIXELS, MAX_PIXELS):
         Image.MAX_IMAGE_PIXELS = max_pixels
 
@@ -183,8 +177,6 @@ def _check_file(path: Path, name: str) -> None:
 def _pil_to_rgb(im: Any, from_file: bool = False) -> np.ndarray:
     """RGB uint8 of a PIL image; ``from_file``: its 32-bit integer pixels (mode I) are 8-bit values when none
     is over 255, else 16-bit ones up to 65535 (an array's rule would scale 300-1023 as 8-bit, clipped)."""
-    from PIL import Image
-
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # I;16*: uint16 arrays, scaled by the 16-bit range
         a = np.asarray(im)
         if im.mode == "I" and from_file and a.min(initial=0) >= 0 and 255 < a.max(initial=0) <= 65535:

@@ -45,8 +45,8 @@ def progress_bar(iterable: Any = None, *, enabled: bool = True, **options: Any) 
     seconds, not ten times a second: an epoch wrote thousands of lines to the log."""
     from tqdm import tqdm
 
-    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-    options.setdefault("mininterval", 0.1 if tty else PROGRESS_LOG_INTERVAL_S)
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):  # tqdm's monitor draws every maxinterval too
+        options = {"mininterval": PROGRESS_LOG_INTERVAL_S, "maxinterval": PROGRESS_LOG_INTERVAL_S, **options}
     return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **options)
 
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 from .augment import PRESETS, AugmentConfig, augment, class_weights, mix, sample_weights
 from .checkpoint import CheckpointError, load_checkpoint, load_init_weights, save_checkpoint
 from .config import EVAL_BATCH_SIZE, IMAGE_SIZE, RESUMABLE_CHANGES, TrainConfig
-from .data import CLASSES, load_dataset, stratified_subset
+from .data import CLASSES, SPLITS, load_dataset, stratified_subset
 from .distill import distill_loss, distill_targets, images_key, is_targets_file
 from .evaluate import evaluate_tta, predict_proba
 from .fileio import LOCK_NAME, atomic_write, exclusive_folder, refuse_file, stale_temp_files
@@ -291,6 +291,8 @@ def _load_splits(cfg: TrainConfig, rank: int) -> tuple[np.ndarray, np.ndarray, n
         raise ValueError(f"{cfg.data}: no Training images to train on")
     if len(x) < cfg.batch_size:
         raise ValueError(f"{cfg.data}: {len(x)} Training images, fewer than one batch of {cfg.batch_size}")
+    if cfg.evaluate and not (data.splits == SPLITS.index("PrivateTest")).any():  # before the training, not after
+        raise ValueError(f"{cfg.data}: no PrivateTest images for the final evaluation (--no-evaluate: none)")
     return x, y, xv, yv
 
 
@@ -600,7 +602,8 @@ def _check_resumed_config(path: Path, saved: dict[str, Any], cfg: TrainConfig) -
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train a model as ``cfg`` says, then (``cfg.evaluate``, on rank 0) evaluate its best.pt on PrivateTest into
     ``out/eval``; returns the final training state (best accuracy, epochs, paths) with that report as
-    ``"evaluation"`` (None when not evaluated)."""
+    ``"evaluation"`` (None when not evaluated: no epoch trained, or another rank). An error of the evaluation
+    propagates; the run's checkpoints are written by then."""
     owned = not dist.is_initialized()
     rank, world, local_rank = _setup_distributed(cfg.device)
     try:
