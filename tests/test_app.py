@@ -25,7 +25,7 @@ from appserver import running_server  # noqa: E402
 import ferkit.app  # noqa: E402
 from ferkit.app import ASSETS_DIR, AppSettings, create_app  # noqa: E402
 from ferkit.data import CLASSES  # noqa: E402
-from ferkit.inference import EmotionRecognizer  # noqa: E402
+from ferkit.inference import EmotionRecognizer, FaceResult  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -808,7 +808,7 @@ def test_the_space_limits_request_bodies_as_serve_does():
 
 
 def test_the_ui_says_when_an_upload_is_gone(tmp_path):
-    """Gradio deletes uploads after an hour: a page left open answered "[Errno 2] No such file or directory:
+    """Gradio deletes uploads (after --keep-files): a page left open answered "[Errno 2] No such file or directory:
     '/tmp/gradio/...'" (a server path) when its checkbox was ticked."""
     from fastapi.testclient import TestClient
 
@@ -818,7 +818,7 @@ def test_the_ui_says_when_an_upload_is_gone(tmp_path):
         Path(uploaded).unlink()
         for path in (uploaded, str(Path(uploaded).parent)):  # gone, or a folder
             summary = json.loads(_gradio_call(c, "predict", [{"path": path}, True]).split("data: ", 1)[1])[1]
-            assert summary == "**That upload is no longer on the server: upload the image again**"
+            assert summary == "⚠️ **That upload is no longer on the server: upload the image again**"
 
 
 def test_openapi_operation_ids_are_unique_and_a_text_field_is_not_a_file(client):
@@ -839,3 +839,17 @@ def test_the_space_alone_does_not_point_to_an_api_it_does_not_serve():
     text = " ".join(str(b.value) for b in demo.blocks.values() if type(b).__name__ == "Markdown")
     assert "This page serves the UI alone. `ferkit serve` serves it together with a JSON API" in text
     assert "[/docs](/docs)" not in text
+
+
+def test_the_summary_says_first_what_the_face_panels_leave_out():
+    """ "Scores are shown for the first 6 faces." came after a table of every face, out of sight; the whole image
+    of a fallback was a panel titled "Face 1"."""
+    from ferkit.app import MAX_FACE_PANELS, Analysis, _face_name, _summary
+
+    faces = [FaceResult((i * 60, 0, 50, 50), "happy", 0.9, {}) for i in range(MAX_FACE_PANELS + 2)]
+    text = _summary(Analysis(faces=faces, width=600, height=50, elapsed_ms=12.0, annotated=None))
+    head, table = text.split("\n\n", 1)
+    assert f"faces {MAX_FACE_PANELS + 1}–{MAX_FACE_PANELS + 2}: their top emotion in this table" in head
+    assert table.count("| happy |") == MAX_FACE_PANELS + 2
+    whole = FaceResult((0, 0, 600, 50), "neutral", 0.4, {}, whole_image=True)
+    assert (_face_name(whole, 1), _face_name(faces[0], 1)) == ("Whole image", "Face 1")

@@ -576,6 +576,19 @@ def test_annotate_draws_on_a_copy(rec):
         annotate(ASTRONAUT, faces, max_pixels=1000)
 
 
+def test_annotate_labels_every_box_where_it_can_be_seen():
+    """A box of the whole image (--fallback) had its label drawn below the image, unseen; numbered, each label
+    leads with the face's number, as the web app's table and panels name the faces."""
+    gray = np.full((120, 200, 3), 128, np.uint8)
+    whole = FaceResult((0, 0, 200, 120), "neutral", 0.4, {}, whole_image=True)
+    inside = annotate(gray, [whole])[3:14, 3:60]  # the label's green band, inside the box's top
+    assert (inside == (0, 200, 0)).all(axis=2).mean() > 0.3
+    faces = [FaceResult((10, 40, 50, 50), "happy", 0.9, {}), FaceResult((120, 40, 50, 50), "sad", 0.8, {})]
+    plain, numbered = annotate(gray, faces), annotate(gray, faces, numbered=True)
+    band = (slice(10, 40), slice(10, 120))  # above the first box: "1: happy 90%" is wider than "happy 90%"
+    assert (numbered[band] == (0, 200, 0)).all(axis=2).sum() > (plain[band] == (0, 200, 0)).all(axis=2).sum()
+
+
 @pytest.mark.parametrize("margin", [0.0, 0.4])
 def test_the_margin_reaches_the_crop(margin):
     rec = EmotionRecognizer(threads=1, margin=margin)

@@ -233,7 +233,7 @@ class RecognizerService:
                 raise ServiceError(413, f"image is {_mb(len(data))}, over the upload limit of {_mb(limit)}")
             rgb = decode_image(data, self.settings.max_pixels)
             faces = rec.predict(rgb, whole_image_fallback=fallback)
-            return rgb.shape, faces, annotate(rgb, faces) if annotated else None
+            return rgb.shape, faces, annotate(rgb, faces, numbered=True) if annotated else None
 
         shape, faces, picture = await self.run(job)
         return Analysis(faces, shape[1], shape[0], (time.perf_counter() - t0) * 1000, picture)
@@ -496,7 +496,7 @@ def _mount_ui(app: FastAPI, service: RecognizerService) -> FastAPI:
         allowed_paths=[str(ASSETS_DIR)],
         show_error=True,
         max_file_size=service.settings.max_upload_bytes,
-        footer_links=["api"],
+        footer_links=["gradio", "settings"],  # not Gradio's "Use via API": the API tab documents ferkit's own
     )
     # Gradio refuses a client's file path that it did not receive as an upload only once the demo has
     # "launched", which a mounted demo never does: without this, a request naming /etc/passwd had it copied
@@ -569,6 +569,11 @@ def _detector_text(detector: str) -> str:
     )
 
 
+def _face_name(face: FaceResult, i: int) -> str:
+    """How the UI names a face: by its number, as drawn on its box; a fallback's is the whole image."""
+    return "Whole image" if face.whole_image else f"Face {i}"
+
+
 def _summary(a: Analysis) -> str:
     if not a.faces:
         return (
@@ -583,8 +588,10 @@ def _summary(a: Analysis) -> str:
     rows += [
         f"| {i} | {f.emotion} | {f.confidence:.0%} | {', '.join(map(str, f.box))} |" for i, f in enumerate(a.faces, 1)
     ]
-    more = f"\n\nScores are shown for the first {MAX_FACE_PANELS} faces." if n > MAX_FACE_PANELS else ""
-    return head + "\n\n" + "\n".join(rows) + more
+    if n > MAX_FACE_PANELS:  # said before the table, whose length hid it
+        head += (f". Below: the 7 scores of faces 1–{MAX_FACE_PANELS}; faces {MAX_FACE_PANELS + 1}–{n}: their top "
+                 "emotion in this table (all scores of every face: the API tab)")  # fmt: skip
+    return head + "\n\n" + "\n".join(rows)
 
 
 def _data_url_bytes(url: str) -> bytes:
@@ -694,9 +701,10 @@ def _api_help(s: AppSettings, rest_api: bool) -> str:
             "(`POST /api/v1/predict` with the image as multipart field `file`) and its documentation at `/docs`."
         )
     return (
-        "The same model answers HTTP requests (`SERVER` is this page's address, e.g. http://127.0.0.1:7860):\n\n"
-        '```bash\ncurl -F file=@photo.jpg "$SERVER/api/v1/predict"\n'
-        'curl -F file=@photo.jpg "$SERVER/api/v1/predict?fallback=true"  # no face: the whole image\n```\n\n'
+        "The same model answers HTTP requests:\n\n"
+        "```bash\nSERVER=http://127.0.0.1:7860  # this page's address, as the browser shows it\n"
+        'curl -F file=@photo.jpg "${SERVER%/}/api/v1/predict"\n'
+        'curl -F file=@photo.jpg "${SERVER%/}/api/v1/predict?fallback=true"  # no face: the whole image\n```\n\n'
         "Answer: `{faces: [{box, emotion, confidence, scores, whole_image}], width, height, model, elapsed_ms}`. "
         f"Limits: uploads up to {s.max_upload_mb:g} MiB, images up to {s.max_pixels:,} pixels. "
         "Interactive documentation: [/docs](/docs) (its page loads Swagger UI from a CDN)."
@@ -716,9 +724,9 @@ def _photo_tab(gr: Any, service: RecognizerService) -> None:
         try:
             a = await service.analyse(path, fallback=fallback, annotated=True)
         except ServiceError as e:  # said where the result goes, and kept there (a toast vanishes)
-            return [None, f"**{e.message[:1].upper() + e.message[1:]}**", *panels_off]
+            return [None, f"⚠️ **{e.message[:1].upper() + e.message[1:]}**", *panels_off]
         shown = [
-            gr.update(visible=True, value=dict(f.scores), label=f"Face {i}: {f.emotion} {f.confidence:.0%}")
+            gr.update(visible=True, value=dict(f.scores), label=f"{_face_name(f, i)}: {f.emotion} {f.confidence:.0%}")
             for i, f in enumerate(a.faces[:MAX_FACE_PANELS], 1)
         ]
         return [a.annotated, _summary(a), *shown, *panels_off[len(shown) :]]
@@ -748,6 +756,7 @@ def _photo_tab(gr: Any, service: RecognizerService) -> None:
                 interactive=False,
                 height=420,
                 format="jpeg",
+                buttons=["download", "fullscreen"],  # not "share": it works on Hugging Face Spaces only
                 elem_id="ferkit-result",
             )
             summary = gr.Markdown(elem_id="ferkit-summary")

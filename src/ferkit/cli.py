@@ -671,8 +671,8 @@ def _add_export(sub: Any) -> None:
         type=float,
         metavar="POWER",
         help="(an .onnx input) multiply its probabilities by the Training class counts of --data to the POWER: "
-        "with the run's class_weight_power this divides out the class weights it was trained with (exactly for "
-        "a run without a teacher; a distilled run is over-corrected: use --fit-prior)",
+        "with the run's class_weight_power (1 after --sampler balanced) this divides out the class weights it was "
+        "trained with (exactly for a run without a teacher; a distilled run is over-corrected: use --fit-prior)",
     )
     p.add_argument(
         "--fit-prior",

@@ -262,23 +262,31 @@ class EmotionRecognizer:
         return self._results(boxes, self.classify_crops(crop_faces(rgb, boxes, margin=self.margin)))
 
 
-def annotate(image: ImageInput, faces: list[FaceResult], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def annotate(
+    image: ImageInput, faces: list[FaceResult], max_pixels: int = MAX_PIXELS, numbered: bool = False
+) -> np.ndarray:
     """An RGB copy of ``image`` (anything :meth:`EmotionRecognizer.predict` takes, read as it reads it; a stream
     that cannot be read twice: ``rgb = load_image(stream)``, then ``predict(rgb)`` and ``annotate(rgb, faces)``)
-    with every face boxed and labelled with its top emotion and confidence; ``max_pixels`` limits what is
-    decoded (an array is decoded already)."""
+    with every face boxed and labelled with its top emotion and confidence (``numbered``: led by its number
+    from 1, ``2: happy 90%``, as the web app lists the faces); ``max_pixels`` limits what is decoded (an array
+    is decoded already)."""
     import cv2
 
     limit = math.inf if isinstance(image, np.ndarray) else max_pixels  # predict's own limit may be higher
     out = np.array(load_image(image, limit), dtype=np.uint8, order="C")  # a copy: load_image may return its input
     thickness = max(1, round(max(out.shape[:2]) / 400))
     font_scale = max(0.4, max(out.shape[:2]) / 1200)
-    for f in faces:
+    for i, f in enumerate(faces, 1):
         x, y, w, h = f.box
         cv2.rectangle(out, (x, y), (x + w, y + h), (0, 200, 0), thickness)
-        label = f"{f.emotion} {f.confidence:.0%}"
+        label = f"{i}: " * numbered + f"{f.emotion} {f.confidence:.0%}"
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
-        ty = y - 4 if y - th - base - 4 >= 0 else y + h + th + 4
+        if y - th - base - 4 >= 0:  # above the box
+            ty = y - 4
+        elif y + h + th + base + 4 <= out.shape[0]:  # below it
+            ty = y + h + th + 4
+        else:  # inside its top (a box of the whole image: the label was drawn off the image)
+            ty = y + th + 4
         cv2.rectangle(out, (x, ty - th - base), (x + tw + 4, ty + base), (0, 200, 0), -1)
         cv2.putText(out, label, (x + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thickness, cv2.LINE_AA)
     return out
