@@ -819,6 +819,8 @@ def test_the_ui_says_when_an_upload_is_gone(tmp_path):
         for path in (uploaded, str(Path(uploaded).parent)):  # gone, or a folder
             summary = json.loads(_gradio_call(c, "predict", [{"path": path}, True]).split("data: ", 1)[1])[1]
             assert summary == "⚠️ **That upload is no longer on the server: upload the image again**"
+        answer = json.loads(_gradio_call(c, "predict", [None, False]).split("data: ", 1)[1])  # the button, no photo
+        assert answer[:2] == [None, "Upload a photo, take one with the webcam, paste one, or click an example."]
 
 
 def test_openapi_operation_ids_are_unique_and_a_text_field_is_not_a_file(client):

@@ -569,6 +569,9 @@ def _detector_text(detector: str) -> str:
     )
 
 
+NO_PHOTO = "Upload a photo, take one with the webcam, paste one, or click an example."
+
+
 def _face_name(face: FaceResult, i: int) -> str:
     """How the UI names a face: by its number, as drawn on its box; a fallback's is the whole image."""
     return "Whole image" if face.whole_image else f"Face {i}"
@@ -719,8 +722,8 @@ def _photo_tab(gr: Any, service: RecognizerService) -> None:
     panels_off = [gr.update(visible=False, value=None) for _ in range(MAX_FACE_PANELS)]
 
     async def on_photo(path: str | bytes | None, fallback: bool) -> list[Any]:
-        if not path:
-            return [None, "", *panels_off]
+        if not path:  # the photo removed, or the button clicked without one
+            return [None, NO_PHOTO, *panels_off]
         try:
             a = await service.analyse(path, fallback=fallback, annotated=True)
         except ServiceError as e:  # said where the result goes, and kept there (a toast vanishes)
@@ -777,6 +780,7 @@ def _photo_tab(gr: Any, service: RecognizerService) -> None:
         inputs=[photo, fallback],
         outputs=[result, summary, *panels],
         api_name="predict",
+        scroll_to_output=True,  # on a phone the result is below the photo, out of sight
         concurrency_limit=service.settings.max_concurrency,
         concurrency_id="ferkit",
     )
