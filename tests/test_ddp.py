@@ -231,3 +231,4 @@ def test_ddp_processes_leave_no_process_group_behind(tmp_path):
         if os.path.isdir("/proc/self/task"):
             assert proc.stdout.count("gloo threads: 0") == WORLD, proc.stdout
         assert proc.stdout.count("already holds a run") == refused, proc.stdout
+    assert [p.name for p in (tmp_path / "run" / "eval").glob("*.json")] == ["PrivateTest.json"]  # rank 0's, once
