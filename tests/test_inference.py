@@ -587,6 +587,8 @@ def test_annotate_labels_every_box_where_it_can_be_seen():
     plain, numbered = annotate(gray, faces), annotate(gray, faces, numbered=True)
     band = (slice(10, 40), slice(10, 120))  # above the first box: "1: happy 90%" is wider than "happy 90%"
     assert (numbered[band] == (0, 200, 0)).all(axis=2).sum() > (plain[band] == (0, 200, 0)).all(axis=2).sum()
+    right = annotate(gray, [FaceResult((170, 40, 30, 30), "surprise", 0.9, {})])  # at the right edge
+    assert (right[20:36, 100:170] == (0, 200, 0)).all(axis=2).any()  # its label moved left into the image
 
 
 @pytest.mark.parametrize("margin", [0.0, 0.4])

@@ -770,7 +770,7 @@ def _photo_tab(gr: Any, service: RecognizerService) -> None:
                 visible=False,
                 label=f"Face {i}",
                 elem_id=f"ferkit-face-{i}",
-                min_width=200,
+                min_width=160,  # six in a row at 1280 px (200: five, then one stretched across)
             )
             for i in range(1, MAX_FACE_PANELS + 1)
         ]

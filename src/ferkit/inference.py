@@ -287,6 +287,7 @@ def annotate(
             ty = y + h + th + 4
         else:  # inside its top (a box of the whole image: the label was drawn off the image)
             ty = y + th + 4
-        cv2.rectangle(out, (x, ty - th - base), (x + tw + 4, ty + base), (0, 200, 0), -1)
-        cv2.putText(out, label, (x + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thickness, cv2.LINE_AA)
+        tx = max(0, min(x, out.shape[1] - tw - 4))  # a box at the right edge: its label moved left, not cut off
+        cv2.rectangle(out, (tx, ty - th - base), (tx + tw + 4, ty + base), (0, 200, 0), -1)
+        cv2.putText(out, label, (tx + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thickness, cv2.LINE_AA)
     return out
