@@ -201,3 +201,22 @@ def test_the_loss_names_a_class_missing_from_the_training_subset():
     with pytest.raises(ValueError, match=r"no Training images of disgust, surprise in the 5-image subset \(train_"):
         make_criterion(cfg, np.array([0, 2, 3, 4, 6]), torch.device("cpu"))
     make_criterion(replace(cfg, class_weights=False), np.array([0, 2, 3, 4, 6]), torch.device("cpu"))
+
+
+def test_geometry_spares_a_share_of_the_faces_the_resampling():
+    """Every face was resampled at a sub-pixel offset (blurred) while test faces are sharp: geometry 0 leaves
+    each one exact or exactly mirrored; a share in between; and 1 draws what it always drew."""
+    x = torch.rand(64, 1, 48, 48, generator=torch.Generator().manual_seed(1))
+    medium = replace(PRESETS["medium"], brightness=0, contrast=0, erase=0)
+
+    def sharp(geometry: float) -> int:
+        out = augment(x, replace(medium, geometry=geometry), torch.Generator().manual_seed(0))
+        return sum(
+            torch.allclose(a, b, atol=1e-5) or torch.allclose(a, b.flip(-1), atol=1e-5)
+            for a, b in zip(out, x, strict=True)
+        )
+
+    assert sharp(0.0) == 64 and 16 <= sharp(0.5) <= 48 and sharp(1.0) == 0
+    full = PRESETS["medium"]
+    once, again = (augment(x, replace(full, geometry=1.0), torch.Generator().manual_seed(0)) for _ in range(2))
+    assert torch.equal(once, augment(x, full, torch.Generator().manual_seed(0))) and torch.equal(once, again)

@@ -28,6 +28,7 @@ class AugmentConfig:
     erase: float = 0.25  # probability of erasing one random rectangle
     mixup: float = 0.0  # Beta(a, a) parameter; 0 = off
     cutmix: float = 0.0  # Beta(a, a) parameter; 0 = off
+    geometry: float = 1.0  # probability of the scale/rotate/translate resampling (the rest: only flipped, sharp)
 
 
 PRESETS: dict[str, AugmentConfig] = {
@@ -50,6 +51,11 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Te
         a = _uniform(n, -cfg.rotate, cfg.rotate, g, dev) * (math.pi / 180)
         flip = torch.where(torch.rand(n, generator=g, device=dev) < cfg.flip, -1.0, 1.0)
         t = _uniform(2 * n, -cfg.translate, cfg.translate, g, dev).view(n, 2) * 2
+        if cfg.geometry < 1:  # drawn only then: the random streams of earlier recipes stay as they were
+            # bilinear resampling at a sub-pixel offset blurs a face (test faces are sharp); these are spared it
+            sharp = torch.rand(n, generator=g, device=dev) >= cfg.geometry
+            s, a = torch.where(sharp, 1.0, s), torch.where(sharp, 0.0, a)
+            t = torch.where(sharp.view(n, 1), 0.0, t)
         cos, sin = torch.cos(a) * s, torch.sin(a) * s
         theta = torch.stack(
             [torch.stack([cos * flip, -sin, t[:, 0]], 1), torch.stack([sin * flip, cos, t[:, 1]], 1)], 1

@@ -124,6 +124,12 @@ class TrainConfig:
     augment: str = _opt("medium", "augmentation preset", choices=["none", "light", "medium", "strong"])
     mixup: float = _opt(0.0, "mixup Beta parameter (0 = off)", bounds="[0, inf)")
     cutmix: float = _opt(0.0, "CutMix Beta parameter (0 = off)", bounds="[0, inf)")
+    geometry: float = _opt(
+        1.0,
+        "share of training faces that the preset scales, rotates and shifts (resampled, so blurred a "
+        "little); the others are only flipped, sharp as test faces",
+        bounds="[0, 1]",
+    )
     sam_rho: float = _opt(
         0.0,
         "sharpness-aware minimisation (SAM): radius of the weight perturbation (0 = off, e.g. 0.05); "

@@ -322,7 +322,7 @@ def placed(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Modul
 
 def augmentation(cfg: TrainConfig) -> AugmentConfig:
     """The run's augmentation: its preset, with its mixup and CutMix."""
-    return replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix)
+    return replace(PRESETS[cfg.augment], mixup=cfg.mixup, cutmix=cfg.cutmix, geometry=cfg.geometry)
 
 
 def mixed_correct(logits: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float) -> torch.Tensor:
