@@ -435,8 +435,9 @@ def test_settings_are_validated():
         AppSettings(upload_timeout_s=0)
     with pytest.raises(ValueError, match="max_upload_mb must be a finite number of MiB, got inf"):
         AppSettings(max_upload_mb=float("inf"))  # was an OverflowError traceback from `serve --max-upload-mb inf`
-    with pytest.raises(ValueError, match="keep_files_s must be a finite number of seconds, got inf"):
-        AppSettings(keep_files_s=float("inf"))
+    for keep in (float("inf"), 59.0):  # too short: an upload waiting in the queue, a result not yet fetched, gone
+        with pytest.raises(ValueError, match=f"keep_files_s must be at least 60 seconds and finite, got {keep}"):
+            AppSettings(keep_files_s=keep)
     with pytest.raises(ValueError, match="max_upload_mb 1e-30 is under one byte"):
         AppSettings(max_upload_mb=1e-30)  # a limit of 0 bytes: every upload refused
     with pytest.raises(TypeError):
@@ -537,7 +538,7 @@ def test_the_ui_keeps_uploaded_photos_only_as_long_as_the_settings_say():
     """Gradio's cache of the UI's uploads and results (photos of faces) was emptied of files an hour old."""
     from ferkit.app import RecognizerService, build_ui
 
-    for keep, expected in ((None, (300, 600)), (45.5, (23, 46))):
+    for keep, expected in ((None, (300, 600)), (90.5, (45, 91))):
         settings = AppSettings() if keep is None else AppSettings(keep_files_s=keep)
         demo = build_ui(RecognizerService.from_settings(settings, recognizer=SlowRecognizer(0)))
         assert demo.delete_cache == expected
@@ -851,7 +852,15 @@ def test_the_summary_says_first_what_the_face_panels_leave_out():
     faces = [FaceResult((i * 60, 0, 50, 50), "happy", 0.9, {}) for i in range(MAX_FACE_PANELS + 2)]
     text = _summary(Analysis(faces=faces, width=600, height=50, elapsed_ms=12.0, annotated=None))
     head, table = text.split("\n\n", 1)
-    assert f"faces {MAX_FACE_PANELS + 1}–{MAX_FACE_PANELS + 2}: their top emotion in this table" in head
+    assert f"faces {MAX_FACE_PANELS + 1}–{MAX_FACE_PANELS + 2}: the top emotion in the table (all: the API tab)" in head
     assert table.count("| happy |") == MAX_FACE_PANELS + 2
     whole = FaceResult((0, 0, 600, 50), "neutral", 0.4, {}, whole_image=True)
     assert (_face_name(whole, 1), _face_name(faces[0], 1)) == ("Whole image", "Face 1")
+
+
+def test_the_summary_of_seven_faces_names_the_seventh_and_the_space_s_api():
+    from ferkit.app import MAX_FACE_PANELS, Analysis, _summary
+
+    faces = [FaceResult((i * 60, 0, 50, 50), "happy", 0.9, {}) for i in range(MAX_FACE_PANELS + 1)]
+    text = _summary(Analysis(faces=faces, width=600, height=50, elapsed_ms=12.0), rest_api=False)
+    assert f"; face {MAX_FACE_PANELS + 1}: the top emotion" in text and "the JSON API of `ferkit serve`" in text

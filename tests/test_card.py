@@ -77,12 +77,13 @@ def test_model_card_names_the_initial_weights_and_the_teachers(trained_run, synt
 
     teacher = str(trained_run / "best.pt")
     run = tmp_path / "finetune"
-    train(tiny_config(synthetic_cache, run, epochs=1, init_weights=teacher, teacher=[teacher], distill_cache=True))
+    train(tiny_config(synthetic_cache, run, epochs=1, init_weights=teacher, teacher=[teacher], distill_cache=True,
+                      geometry=0.5))  # fmt: skip
     onnx = export_onnx(run / "best.pt", tmp_path / "my_model.onnx")
     evaluate_tta([onnx], synthetic_cache, "PrivateTest", tmp_path, ("none",), device="cpu")
     card = render_model_card(run, onnx, [tmp_path / "PrivateTest.json"], "ferkit train --y", "a test machine")
     assert f"| init_weights | `{teacher}` |" in card and f"| teacher | `['{teacher}']` |" in card
-    assert "| distill_cache | `True` |" in card
+    assert "| distill_cache | `True` |" in card and "| geometry | `0.5` |" in card  # a recipe's, not shown before
     assert f"Started from the weights in `{teacher}`, whose own training is not counted here." in card
 
 

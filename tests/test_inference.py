@@ -587,6 +587,8 @@ def test_annotate_labels_every_box_where_it_can_be_seen():
     plain, numbered = annotate(gray, faces), annotate(gray, faces, numbered=True)
     band = (slice(10, 40), slice(10, 120))  # above the first box: "1: happy 90%" is wider than "happy 90%"
     assert (numbered[band] == (0, 200, 0)).all(axis=2).sum() > (plain[band] == (0, 200, 0)).all(axis=2).sum()
+    tiny = annotate(gray[:48, :48], [FaceResult((0, 0, 48, 48), "neutral", 0.4, {})], numbered=True)
+    assert not (tiny[2:20, 46] == (0, 200, 0)).all(axis=1).any()  # "1: neutral 40%" fits a 48 px image, smaller
     right = annotate(gray, [FaceResult((170, 40, 30, 30), "surprise", 0.9, {})])  # at the right edge
     assert (right[20:36, 100:170] == (0, 200, 0)).all(axis=2).any()  # its label moved left into the image
 

@@ -460,6 +460,11 @@ def test_a_camera_that_gives_no_frame_is_reported(capsys, monkeypatch):
     code, out, _ = run(capsys, "--webcam", "3", "--format", "jsonl")
     assert code == 1
     assert jsonl(out) == [{"source": "webcam:3", "error": "camera 3: opened, but gave no frame"}]
+    url = "rtsp://admin:s3cret@127.0.0.1:9/live"  # a stream's password is printed nowhere
+    code, out, _ = run(capsys, "--webcam", url, "--format", "jsonl")
+    assert jsonl(out) == [
+        {"source": "webcam:rtsp://127.0.0.1:9/live", "error": "rtsp://127.0.0.1:9/live: opened, but gave no frame"}
+    ]
 
 
 def test_webcam_takes_a_device_path_or_a_stream_url(capsys, video):

@@ -100,6 +100,7 @@ def test_train_evaluates_its_best_checkpoint_as_the_config_says(tmp_path, synthe
         train(tiny_config(no_test, tmp_path / "no_test", evaluate=True))
     assert not (tmp_path / "no_test").exists()
     assert train(tiny_config(no_test, tmp_path / "no_test", epochs=1))["evaluation"] is None  # --no-evaluate
+    assert train(tiny_config(no_test, tmp_path / "targets", epochs=0, evaluate=True))["evaluation"] is None
 
 
 def test_training_learns_the_synthetic_task(tmp_path, synthetic_cache):
@@ -259,6 +260,11 @@ def test_resume_errors_name_the_checkpoint(tmp_path, synthetic_cache):
         with pytest.raises(ValueError, match=f"this run was trained with other settings \\({next(iter(changed))}: "):
             train(tiny_config(synthetic_cache, out, epochs=2, **changed), resume=True)
     assert (out / "config.yaml").read_text() == recipe  # a failed resume leaves the run's recipe alone
+    last = torch.load(out / "last.pt", weights_only=False)  # a run from before --geometry, which its config lacks
+    del last["config"]["geometry"]
+    torch.save(last, out / "last.pt")
+    with pytest.raises(ValueError, match=r"other settings \(geometry: 1.0 -> 0.3\)"):  # it was taken silently
+        train(tiny_config(synthetic_cache, out, epochs=2, geometry=0.3), resume=True)
     (out / "last.pt").write_bytes((out / "best.pt").read_bytes())  # a best.pt has no optimizer state
     with pytest.raises(ValueError, match="last.pt: no optimizer state to resume from"):
         train(tiny_config(synthetic_cache, out, epochs=2), resume=True)

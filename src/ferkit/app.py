@@ -577,7 +577,7 @@ def _face_name(face: FaceResult, i: int) -> str:
     return "Whole image" if face.whole_image else f"Face {i}"
 
 
-def _summary(a: Analysis) -> str:
+def _summary(a: Analysis, rest_api: bool = True) -> str:
     if not a.faces:
         return (
             f"**No face found** in this {a.width}×{a.height} image ({a.elapsed_ms:.0f} ms). Try a larger, "
@@ -592,8 +592,9 @@ def _summary(a: Analysis) -> str:
         f"| {i} | {f.emotion} | {f.confidence:.0%} | {', '.join(map(str, f.box))} |" for i, f in enumerate(a.faces, 1)
     ]
     if n > MAX_FACE_PANELS:  # said before the table, whose length hid it
-        head += (f". Below: the 7 scores of faces 1–{MAX_FACE_PANELS}; faces {MAX_FACE_PANELS + 1}–{n}: their top "
-                 "emotion in this table (all scores of every face: the API tab)")  # fmt: skip
+        rest = f"face {n}" if n == MAX_FACE_PANELS + 1 else f"faces {MAX_FACE_PANELS + 1}–{n}"
+        api = "the API tab" if rest_api else "the JSON API of `ferkit serve`"
+        head += f". Below: the 7 scores of faces 1–{MAX_FACE_PANELS}; {rest}: the top emotion in the table (all: {api})"
     return head + "\n\n" + "\n".join(rows)
 
 
@@ -665,7 +666,7 @@ def build_ui(service: RecognizerService, rest_api: bool = True) -> Any:
     ) as demo:
         gr.Markdown(_header(service), elem_id="ferkit-header")
         with gr.Tab("Photo"):
-            _photo_tab(gr, service)
+            _photo_tab(gr, service, rest_api)
         with gr.Tab("Webcam (live)"):
             _webcam_tab(gr, service)
         with gr.Tab("API"):
@@ -714,7 +715,7 @@ def _api_help(s: AppSettings, rest_api: bool) -> str:
     )
 
 
-def _photo_tab(gr: Any, service: RecognizerService) -> None:
+def _photo_tab(gr: Any, service: RecognizerService, rest_api: bool) -> None:
     """A photo (upload, webcam snapshot, clipboard or an example) in; the annotated image, a summary and a
     panel of scores per face out."""
     n_classes = len(service.model_info["classes"])
@@ -732,7 +733,7 @@ def _photo_tab(gr: Any, service: RecognizerService) -> None:
             gr.update(visible=True, value=dict(f.scores), label=f"{_face_name(f, i)}: {f.emotion} {f.confidence:.0%}")
             for i, f in enumerate(a.faces[:MAX_FACE_PANELS], 1)
         ]
-        return [a.annotated, _summary(a), *shown, *panels_off[len(shown) :]]
+        return [a.annotated, _summary(a, rest_api), *shown, *panels_off[len(shown) :]]
 
     with gr.Row():
         with gr.Column():

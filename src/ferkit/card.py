@@ -141,6 +141,7 @@ def _options_shown(cfg: dict[str, Any]) -> list[str]:
         keys.insert(2, "init_weights")
     if cfg.get("teacher"):
         keys += ["teacher", "distill_alpha", "distill_temperature", "distill_cache"]
+    keys += ["geometry"] if cfg.get("geometry", 1.0) != 1.0 else []
     return keys + [k for k in ("sam_rho", "train_limit", "val_limit") if cfg.get(k)]
 
 

@@ -409,7 +409,7 @@ def _print_records(records: Iterable[Record], fmt: str, classes: Sequence[str]) 
             writer.writerow([*where, *[""] * len(face_columns), r.error or ""])
         elif r.error is not None:  # to stderr, as other tools' (`predict photos/ > table.txt` showed none)
             where = r.source + ("" if r.frame is None else f" frame {r.frame}")
-            said = r.error if r.error.startswith(r.source) else f"{where}: {r.error}"  # "annotated video not written"
+            said = r.error if r.error.startswith(f"{r.source}:") else f"{where}: {r.error}"
             print(f"ferkit predict: error: {said}", file=sys.stderr, flush=True)
         elif not r.faces:
             print(f"{r.source:<40} {frame!s:>6} {'-':>4}  no face found")

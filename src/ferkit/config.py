@@ -331,8 +331,8 @@ class AppSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be 0 or more, got {self.max_queue!r}")
-        if not math.isfinite(self.keep_files_s):
-            raise ValueError(f"keep_files_s must be a finite number of seconds, got {self.keep_files_s!r}")
+        if not 60 <= self.keep_files_s < math.inf:  # a photo waits in the queue, its result is fetched after
+            raise ValueError(f"keep_files_s must be at least 60 seconds and finite, got {self.keep_files_s!r}")
         if not math.isfinite(self.max_upload_mb):
             raise ValueError(f"max_upload_mb must be a finite number of MiB, got {self.max_upload_mb!r}")
         if self.max_upload_bytes < 1:  # 1e-30 MiB: every upload refused

@@ -280,7 +280,12 @@ def annotate(
         x, y, w, h = f.box
         cv2.rectangle(out, (x, y), (x + w, y + h), (0, 200, 0), thickness)
         label = f"{i}: " * numbered + f"{f.emotion} {f.confidence:.0%}"
-        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        scale = font_scale
+        while (size := cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness))[0][0] + 4 > out.shape[1]:
+            if scale < 0.2:  # an image too narrow to write on: the label cut off
+                break
+            scale *= 0.8
+        (tw, th), base = size
         if y - th - base - 4 >= 0:  # above the box
             ty = y - 4
         elif y + h + th + base + 4 <= out.shape[0]:  # below it
@@ -289,5 +294,5 @@ def annotate(
             ty = y + th + 4
         tx = max(0, min(x, out.shape[1] - tw - 4))  # a box at the right edge: its label moved left, not cut off
         cv2.rectangle(out, (tx, ty - th - base), (tx + tw + 4, ty + base), (0, 200, 0), -1)
-        cv2.putText(out, label, (tx + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thickness, cv2.LINE_AA)
+        cv2.putText(out, label, (tx + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness, cv2.LINE_AA)
     return out

@@ -167,7 +167,7 @@ def predict_camera(
     """One :class:`Record` per ``every``-th frame of ``camera`` (its number, a device path such as
     ``/dev/video2`` or a stream URL such as ``rtsp://host/stream``), until it stops; an error record when it
     opens but gives no frame (a camera in use elsewhere, or a device that is not a camera)."""
-    source, frames = f"webcam:{camera}", 0
+    source, frames = f"webcam:{_without_password(camera)}", 0
     for index, t, rgb in VideoFrames(camera, every, live=True):
         frames += 1
         yield Record(source, recognizer.predict(rgb, whole_image_fallback=fallback), frame=index, time_s=t)
@@ -176,8 +176,18 @@ def predict_camera(
 
 
 def _camera_name(camera: int | str) -> str:
-    """How errors name a live source: ``camera 0``, or the path or URL as given."""
-    return f"camera {camera}" if isinstance(camera, int) else str(camera)
+    """How errors name a live source: ``camera 0``, or the path or URL as given (without a password)."""
+    return f"camera {camera}" if isinstance(camera, int) else _without_password(camera)
+
+
+def _without_password(source: int | str) -> str:
+    """``source`` as printed: a stream URL's user and password (``rtsp://admin:secret@host/``) left out."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(str(source))
+    if not url.scheme or "@" not in url.netloc:
+        return str(source)
+    return url._replace(netloc=url.netloc.rpartition("@")[2]).geturl()
 
 
 def video_info(path: str | Path) -> tuple[int, float]:

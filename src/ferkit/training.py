@@ -291,7 +291,7 @@ def _load_splits(cfg: TrainConfig, rank: int) -> tuple[np.ndarray, np.ndarray, n
         raise ValueError(f"{cfg.data}: no Training images to train on")
     if len(x) < cfg.batch_size:
         raise ValueError(f"{cfg.data}: {len(x)} Training images, fewer than one batch of {cfg.batch_size}")
-    if cfg.evaluate and not (data.splits == SPLITS.index("PrivateTest")).any():  # before the training, not after
+    if cfg.evaluate and cfg.epochs and not (data.splits == SPLITS.index("PrivateTest")).any():  # before training
         raise ValueError(f"{cfg.data}: no PrivateTest images for the final evaluation (--no-evaluate: none)")
     return x, y, xv, yv
 
@@ -584,8 +584,10 @@ def _train_epoch(
 
 
 def _config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """The settings of ``cfg`` that differ from a run's ``saved`` config: ``{name: (saved, now)}``."""
+    """The settings of ``cfg`` that differ from a run's ``saved`` config: ``{name: (saved, now)}``. A setting newer
+    than the run, which its config lacks, was trained at its default (``geometry`` 1.0 was every run's before it)."""
     now = cfg.to_dict()
+    saved = {**TrainConfig().to_dict(), **saved}
     return {k: (v, now[k]) for k, v in saved.items() if k in now and v != now[k]}
 
 
