@@ -639,3 +639,13 @@ def test_an_unknown_option_is_named_by_its_command(capsys):
         err = capsys.readouterr().err
         assert stop.value.code == 2
         assert f"ferkit {argv[0]}: error: unrecognized arguments: --bogus" in err and f"usage: ferkit {argv[0]}" in err
+
+
+def test_predict_takes_paths_after_its_options(monkeypatch):
+    """`predict a.jpg --every 2 b.jpg` was "unrecognized arguments: b.jpg" (positionals end at an option)."""
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_predict", lambda args: seen.update(paths=args.paths, every=args.every) or 0)
+    assert cli.main(["predict", "a.jpg", "--every", "2", "b.jpg", "-"]) == 0
+    assert seen == {"paths": ["a.jpg", "b.jpg", "-"], "every": 2}
+    with pytest.raises(SystemExit):  # an unknown option among them is still an error
+        cli.main(["predict", "a.jpg", "--every", "2", "b.jpg", "--bogus"])

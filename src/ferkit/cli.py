@@ -831,6 +831,9 @@ def _ended(command: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
+    if unknown and hasattr(args, "paths") and not any(u.startswith("-") and u != "-" for u in unknown):
+        args.paths += unknown  # paths after an option (`predict a.jpg --every 2 b.jpg`): argparse stops at one
+        unknown = []
     if unknown:  # said by the command's parser: the top-level one said "ferkit: error:" with ferkit's usage
         args.usage_error(f"unrecognized arguments: {' '.join(unknown)}")
     for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 is printed escaped, every command
