@@ -594,3 +594,23 @@ def test_export_checks_its_outputs_before_reading_the_data(tmp_path, exported, c
     argv = ["export", str(exported["pt"]), "-o", str(tmp_path / "m.onnx"), "--int8", "--data", "d.npz"]
     assert main(argv) == 2
     assert "m.onnx: is a folder" in capsys.readouterr().err and read == []
+
+
+def test_a_staging_folder_a_killed_export_left_is_removed_by_a_later_one(tmp_path, exported):
+    """A SIGKILLed export left its hidden .m.onnx.XXXXXXXX.tmp/ (megabytes) beside OUT for good."""
+    import os
+    import time
+
+    from ferkit.fileio import STALE_STAGING_S
+
+    old, young = tmp_path / ".m.onnx.k1ll3d_x.tmp", tmp_path / ".m.onnx.runn1ng_.tmp"  # young: another export's
+    for folder in (old, young):
+        folder.mkdir()
+        (folder / "m.onnx").write_bytes(b"half an export")
+    then = time.time() - STALE_STAGING_S - 60
+    os.utime(old, (then, then))
+    mine = tmp_path / ".mine.onnx.k1ll3d_x.tmp"  # another output's, and a user's file of that shape
+    mine.mkdir()
+    os.utime(mine, (then, then))
+    assert main(["export", str(exported["pt"]), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.onnx", young.name, mine.name])

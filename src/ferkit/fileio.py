@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
 import re
 import secrets
+import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -112,11 +115,21 @@ def stale_temp_files(folder: str | Path) -> list[Path]:
     return [p for p in Path(folder).glob(".*.tmp") if TEMP_NAME.fullmatch(p.name) and p.is_file()]
 
 
+STALE_STAGING_S = 3600  # a staging folder this old is a killed process's (an export takes minutes)
+
+
 @contextlib.contextmanager
 def staging_folder(path: str | Path) -> Iterator[Path]:
     """A hidden temp folder beside ``path`` (``.NAME.<random>.tmp``) to build files in before they take their
-    places; removed with what is left in it (a killed process leaves it hidden, not beside the outputs)."""
+    places; removed with what is left in it. One that a killed process left (SIGKILL, out of memory) is removed
+    by the next one for ``path`` once it is :data:`STALE_STAGING_S` old (a younger one may be another export's)."""
     path = Path(path)
+    ours = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # tempfile's 8 random characters
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale = time.time() - old.lstat().st_mtime > STALE_STAGING_S
+            if ours.fullmatch(old.name) and old.is_dir() and not old.is_symlink() and stale:
+                shutil.rmtree(old)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as tmp:
         yield Path(tmp)
 
