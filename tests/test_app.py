@@ -341,6 +341,20 @@ class SlowRecognizer:
         return []
 
 
+class HeldRecognizer(SlowRecognizer):
+    """A :class:`SlowRecognizer` busy until its ``release`` is set (or 30 s)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.release = threading.Event()
+
+    def predict(self, image, whole_image_fallback=False):
+        self.started.set()
+        self.release.wait(30)
+        self.finished.set()
+        return []
+
+
 @pytest.fixture
 def tiny_png() -> bytes:
     return encode(np.full((32, 32, 3), 200, np.uint8))
@@ -774,8 +788,10 @@ def test_the_ui_queue_is_bounded_as_the_apis_is():
 
     url = "data:image/png;base64," + base64.b64encode(encode(np.full((32, 32, 3), 200, np.uint8))).decode()
     photo = [{"url": url, "path": None, "meta": {"_type": "gradio.FileData"}}, False]
-    with TestClient(create_app([SlowRecognizer(0.5)], AppSettings(max_queue=1, max_concurrency=1))) as c:
+    held = HeldRecognizer()  # busy until all six are sent (a 0.5 s job ended first on a loaded CPU: a third ran)
+    with TestClient(create_app([held], AppSettings(max_queue=1, max_concurrency=1))) as c:
         answers = [c.post("/gradio_api/call/predict", json={"data": photo}) for _ in range(6)]
+        held.release.set()
     assert [r.status_code for r in answers].count(503) >= 4  # one runs, one waits
     assert all("Queue is full" in r.text for r in answers if r.status_code == 503)
 
