@@ -849,7 +849,8 @@ def main(argv: list[str] | None = None) -> int:
             hint = ""
             if isinstance(e, ImportError) and e.name in TRAIN_EXTRA and "ferkit[train]" not in str(e):  # bare install
                 hint = " (training, evaluation, export and .pt models need the train extra: "
-                hint += "pip install 'ferkit[train]')"
+                hint += "pip install 'ferkit[train]'; in a clone, for CPU torch: "
+                hint += "pip install torch==2.13.0 -e '.[train]')"
             print(f"ferkit {args.command}: error: {e}{hint}", file=sys.stderr)
             return _ended(args.command, 2)
         except KeyboardInterrupt:

@@ -119,7 +119,8 @@ class TorchBackend:
         try:
             import torch
         except ImportError as e:  # a bare install: ONNX Runtime only
-            raise ImportError(f"{path}: a .pt checkpoint needs torch (pip install 'ferkit[train]'), or export it "
+            raise ImportError(f"{path}: a .pt checkpoint needs torch (pip install 'ferkit[train]'; in a clone, for CPU "
+                              f"torch: pip install torch==2.13.0 -e '.[train]'), or export it "
                               f"to ONNX where torch is ({e})", name=e.name) from e  # fmt: skip
 
         from .checkpoint import model_from_checkpoint, run_name
