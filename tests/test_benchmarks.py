@@ -38,3 +38,28 @@ def test_a_report_names_the_commit_it_measured():
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     revision = git_revision()
     assert revision is not None and head.startswith(revision.rstrip("+")) and len(revision.rstrip("+")) == 12
+
+
+def test_augment_sharpness_measures_the_blur_of_the_resampling(tmp_path, synthetic_cache):
+    """benchmarks/augment_sharpness.py: the presets' geometry blurs every face (sharpness under the test faces'),
+    half as many resampled blur less, and a share of 0 leaves them as sharp as at test time."""
+    import json
+
+    import augment_sharpness
+
+    argv = [
+        "--data",
+        str(synthetic_cache),
+        "--out-dir",
+        str(tmp_path),
+        "--presets",
+        "light",
+        "--geometry",
+        "1",
+        "0.5",
+        "0",
+    ]
+    augment_sharpness.main([*argv, "--faces", "100", "--threads", "1"])
+    rows = json.loads((tmp_path / "augment_sharpness.json").read_text())["rows"]
+    test, full, half, none = (r["vs_test"] for r in rows)
+    assert test == 1.0 and full < half < none and none == pytest.approx(1.0, abs=1e-4)
