@@ -1110,6 +1110,22 @@ def test_a_targets_file_teaches_as_its_teachers_did(tmp_path, synthetic_cache, t
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "file" / "teacher_probs.npz").exists()
     assert f"distillation targets: {targets}" in (tmp_path / "file" / "train.log").read_text()
+    upper = tmp_path / "TARGETS.NPZ"  # read as a targets file too (it was loaded as a checkpoint, and failed)
+    upper.write_bytes(Path(targets).read_bytes())
+    train(tiny_config(synthetic_cache, tmp_path / "upper", epochs=1, teacher=[str(upper)]))
+    b = load_checkpoint(tmp_path / "upper" / "last.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distillation_options_that_would_do_nothing_or_mislead_are_refused(tmp_path, synthetic_cache):
+    """--distill-cache without a teacher was ignored; a corrupt teacher file was told to be trained or exported."""
+    with pytest.raises(ValueError, match="distill_cache keeps the targets of --teacher models"):
+        train(tiny_config(synthetic_cache, tmp_path / "none", distill_cache=True))
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="distillation teacher: ") as refused:
+        train(tiny_config(synthetic_cache, tmp_path / "broken", teacher=[str(broken)]))
+    assert "train or export it first" not in str(refused.value)
 
 
 def test_a_targets_file_must_fit_the_run(tmp_path, synthetic_cache, trained_run):

@@ -53,7 +53,7 @@ def _targets_key(images: np.ndarray, temperature: float, teachers: Sequence[str]
 
 def is_targets_file(teacher: str) -> bool:
     """Whether a ``teacher`` entry is a targets file (another run's ``teacher_probs.npz``), not a model."""
-    return Path(teacher).suffix == ".npz"
+    return Path(teacher).suffix.lower() == ".npz"
 
 
 def load_targets_file(path: str | Path, images: np.ndarray, temperature: float) -> np.ndarray:
@@ -165,7 +165,8 @@ def distill_targets(
         try:
             teachers.append(load_for_evaluation(t)[0].to(device))
         except (ValueError, OSError) as e:  # a missing or broken file: say it is a teacher the config names
-            raise ValueError(f"distillation teacher: {e} (train or export it first, or change --teacher)") from e
+            hint = " (train or export it first, or change --teacher)" if not Path(t).exists() else ""
+            raise ValueError(f"distillation teacher: {e}{hint}") from e
     if not teachers:
         return lambda idx, x: None
     if cfg.distill_cache:

@@ -267,6 +267,8 @@ def _check_config(cfg: TrainConfig, world: int, device: torch.device) -> nn.Modu
     files = [t for t in cfg.teacher if is_targets_file(t)]
     if files and len(cfg.teacher) > 1:
         raise ValueError(f"teacher: a targets file ({files[0]}) teaches alone, without other teachers")
+    if cfg.distill_cache and not cfg.teacher:  # it was ignored
+        raise ValueError("distill_cache keeps the targets of --teacher models: give them, or leave it out")
     if (cfg.distill_cache or files) and (cfg.mixup or cfg.cutmix):
         raise ValueError("distill_cache or a targets file cannot teach mixed images (mixup/cutmix): its targets "
                          "are per image")  # fmt: skip
