@@ -1032,6 +1032,8 @@ def test_distill_cache_notices_a_retrained_teacher(tmp_path, synthetic_cache, tr
     train(tiny_config(synthetic_cache, out, **{**cfg, "epochs": 2}), resume=True)
     with np.load(out / "teacher_probs.npz") as f:
         assert not np.allclose(f["probs"], first)
+    # said in the log, with or without the cache (a resume took other teachers without a word)
+    assert "the --teacher files changed since this run last started" in (out / "train.log").read_text()
 
 
 def test_a_damaged_targets_cache_is_computed_again(tmp_path, synthetic_cache, trained_run):

@@ -32,7 +32,7 @@ from .config import EVAL_BATCH_SIZE, IMAGE_SIZE, RESUMABLE_CHANGES, TrainConfig
 from .data import CLASSES, SPLITS, load_dataset, stratified_subset
 from .distill import distill_loss, distill_targets, images_key, is_targets_file
 from .evaluate import evaluate_tta, predict_proba
-from .fileio import LOCK_NAME, atomic_write, exclusive_folder, refuse_file, stale_temp_files
+from .fileio import LOCK_NAME, atomic_write, exclusive_folder, file_digest, refuse_file, stale_temp_files
 from .models import FOREIGN_LAYOUTS, build_model
 from .runtime import progress_bar, resolve_device
 
@@ -697,6 +697,10 @@ def _start(
     if last is None and resume:
         log.info("no %s to resume from; starting a new run", out / "last.pt")
     run.state["train_images"] = images
+    teachers = [file_digest(t) for t in cfg.teacher]  # what taught it: a resume may go on with retrained ones
+    if last is not None and run.state.get("teachers", teachers) != teachers:
+        log.warning("the --teacher files changed since this run last started: its next epochs learn other targets")
+    run.state["teachers"] = teachers
     run.state.setdefault("starts", []).append(  # what a bitwise repeat needs beyond config.yaml, per (re)start
         {
             "epoch": run.state["epoch"],
